@@ -1,0 +1,128 @@
+"""The policy model: typed, validated, immutable data that every part shares.
+
+A :class:`Policy` is what a policy file means once it has been loaded and
+validated (see :mod:`egress_agent.policy.load`). ``rules`` renders it into
+nftables, ``proxy`` decides with it, ``agent`` composes them. Nothing here does
+I/O; everything is hashable plain data so that two loads of the same file
+compare equal.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+DEFAULT_PROXY_PORT = 15001
+# The proxy's own addresses. Diverted connections are DNAT-ed to these (not
+# `redirect`-ed), so diversion works even when the pod-facing interface has no
+# address of its own. The agent puts them on the node's loopback interface.
+# 169.254.0.0/16 is link-local (RFC 3927): never routed off the node.
+DEFAULT_PROXY_ADDRESS_V4 = ipaddress.IPv4Address("169.254.99.1")
+DEFAULT_PROXY_ADDRESS_V6 = ipaddress.IPv6Address("fd65:6772:6573::1")
+# Packet mark on the proxy's upstream sockets; the rules never divert it.
+DEFAULT_UPSTREAM_MARK = 0x6567
+
+
+class Action(enum.Enum):
+    """What the proxy does with a diverted connection."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+@dataclass(frozen=True, kw_only=True, order=True)
+class PortRange:
+    """An inclusive TCP port range; a single port has first == last."""
+
+    first: int
+    last: int
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.first <= port <= self.last
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Workload:
+    """A named source of traffic: addresses, optionally bound to interfaces.
+
+    When ``interfaces`` is set, a packet carries this identity only if it
+    arrived on one of them: another pod cannot claim it by spoofing an address.
+    """
+
+    name: str
+    cidrs: tuple[IPNetwork, ...]
+    interfaces: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class InterceptRule:
+    """Which traffic is diverted to the proxy at all (the kernel's decision)."""
+
+    index: int
+    sources: tuple[str, ...]
+    ports: tuple[PortRange, ...] = ()  # empty: every TCP port
+    except_cidrs: tuple[IPNetwork, ...] = ()
+    to_cidrs: tuple[IPNetwork, ...] = ()  # empty: any destination
+
+
+@dataclass(frozen=True, kw_only=True)
+class EgressRule:
+    """What the proxy lets through; the first matching rule wins.
+
+    A rule matches when every field it sets matches: ``sources`` (None = any
+    workload), ``hosts`` (TLS SNI or HTTP Host), ``cidrs`` and ``ports`` of the
+    original destination.
+    """
+
+    name: str
+    action: Action
+    sources: tuple[str, ...] | None = None
+    hosts: tuple[str, ...] = ()
+    cidrs: tuple[IPNetwork, ...] = ()
+    ports: tuple[PortRange, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxySettings:
+    port: int = DEFAULT_PROXY_PORT
+    address_v4: ipaddress.IPv4Address = DEFAULT_PROXY_ADDRESS_V4
+    address_v6: ipaddress.IPv6Address = DEFAULT_PROXY_ADDRESS_V6
+    upstream_mark: int = DEFAULT_UPSTREAM_MARK
+    # Caps on reading the first bytes (TLS ClientHello, HTTP request head).
+    peek_bytes: int = 16384
+    peek_timeout: float = 5.0
+    connect_timeout: float = 10.0
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    version: int
+    proxy: ProxySettings
+    workloads: tuple[Workload, ...]
+    intercept: tuple[InterceptRule, ...]
+    egress: tuple[EgressRule, ...]
+    default: Action
+    source_name: str = field(default="<policy>", compare=False)
+
+    def workload(self, name: str) -> Workload:
+        for w in self.workloads:
+            if w.name == name:
+                return w
+        raise KeyError(name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verdict:
+    """The proxy's decision for one connection, with the rule that made it."""
+
+    action: Action
+    rule: str  # an egress rule's name, or "default"
+    workload: str | None
