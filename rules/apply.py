@@ -1,0 +1,139 @@
+"""Apply a rendered ruleset to the kernel through libnftables, and read it back.
+
+The one module in ``rules`` with a side effect. Every change is one
+``json_cmd`` transaction, so the kernel holds either the old table or the new
+one, never a mix. Only ``table inet egress_agent`` is ever touched.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from egress_agent.rules.render import FAMILY, TABLE, Json, render_teardown
+
+
+class NftablesError(Exception):
+    """libnftables refused a command; carries what it said."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TableSummary:
+    """What the kernel holds for the agent's table, in comparable form."""
+
+    chains: tuple[str, ...]
+    sets: tuple[str, ...]
+    rules: tuple[tuple[str, str], ...]  # (chain, comment) in kernel order
+
+
+def _nft(*, dry_run: bool = False, json_output: bool = False) -> Any:
+    try:
+        import nftables  # Debian's python3-nftables; seen through --system-site-packages
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise NftablesError(
+            "the nftables Python bindings are missing: install Debian's python3-nftables "
+            "and use a virtualenv made with --system-site-packages (./run setup does both)"
+        ) from exc
+    nft = nftables.Nftables()
+    nft.set_json_output(json_output)
+    nft.set_handle_output(False)
+    if dry_run:
+        nft.set_dry_run(True)
+    return nft
+
+
+def _run(doc: Json, *, dry_run: bool = False, json_output: bool = False) -> str:
+    nft = _nft(dry_run=dry_run, json_output=json_output)
+    rc, output, error = nft.json_cmd(doc)
+    if rc != 0:
+        hint = ""
+        if "Operation not permitted" in (error or ""):
+            hint = " (nftables needs CAP_NET_ADMIN: run as root)"
+        raise NftablesError(f"nftables refused the change (rc={rc}): {error.strip()}{hint}")
+    if isinstance(output, str):
+        return output
+    return json.dumps(output)
+
+
+def apply_ruleset(doc: Json) -> None:
+    """Replace the agent's table with ``doc`` in one transaction."""
+    _run(doc)
+
+
+def check_ruleset(doc: Json) -> None:
+    """Ask libnftables whether ``doc`` would apply (dry run; changes nothing)."""
+    _run(doc, dry_run=True)
+
+
+def remove_table() -> None:
+    """Delete the agent's table if present; nothing else."""
+    _run(render_teardown())
+
+
+def read_table() -> Json | None:
+    """The kernel's view of the agent's table as libnftables JSON, or None if absent."""
+    nft = _nft(json_output=True)
+    rc, output, error = nft.json_cmd(
+        {"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]}
+    )
+    if rc != 0:
+        if "No such file or directory" in (error or ""):
+            return None
+        raise NftablesError(f"cannot read table {FAMILY} {TABLE}: {error.strip()}")
+    parsed: Json = json.loads(output) if isinstance(output, str) else output
+    return parsed
+
+
+def summarize_table(listing: Json) -> TableSummary:
+    """Chains, sets and rule comments of a ``list table`` answer, in order."""
+    chains: list[str] = []
+    sets: list[str] = []
+    rules: list[tuple[str, str]] = []
+    for item in listing.get("nftables", []):
+        if "chain" in item:
+            chains.append(item["chain"]["name"])
+        elif "set" in item:
+            sets.append(item["set"]["name"])
+        elif "rule" in item:
+            rules.append((item["rule"]["chain"], item["rule"].get("comment", "")))
+    return TableSummary(chains=tuple(chains), sets=tuple(sorted(sets)), rules=tuple(rules))
+
+
+def summarize_document(doc: Json) -> TableSummary:
+    """The same summary for a rendered document, to compare with the kernel."""
+    chains: list[str] = []
+    sets: list[str] = []
+    rules: list[tuple[str, str]] = []
+    for cmd in doc.get("nftables", []):
+        added = cmd.get("add")
+        if not added:
+            continue
+        if "chain" in added:
+            chains.append(added["chain"]["name"])
+        elif "set" in added:
+            sets.append(added["set"]["name"])
+        elif "rule" in added:
+            rules.append((added["rule"]["chain"], added["rule"].get("comment", "")))
+    return TableSummary(chains=tuple(chains), sets=tuple(sorted(sets)), rules=tuple(rules))
+
+
+def verify_applied(doc: Json) -> list[str]:
+    """Differences between the rendered document and what the kernel holds
+    (empty when they agree)."""
+    listing = read_table()
+    if listing is None:
+        return [f"table {FAMILY} {TABLE} is missing"]
+    want = summarize_document(doc)
+    have = summarize_table(listing)
+    problems = []
+    if set(want.chains) != set(have.chains):
+        problems.append(f"chains differ: want {sorted(want.chains)}, kernel has {sorted(have.chains)}")
+    if want.sets != have.sets:
+        problems.append(f"sets differ: want {list(want.sets)}, kernel has {list(have.sets)}")
+    for chain in want.chains:
+        w = [c for ch, c in want.rules if ch == chain]
+        h = [c for ch, c in have.rules if ch == chain]
+        if w != h:
+            problems.append(f"chain {chain}: want rules {w}, kernel has {h}")
+    return problems

@@ -1,0 +1,306 @@
+"""Render a policy into one nftables JSON document for ``table inet egress_agent``.
+
+A pure function: the same policy always gives the same document (golden-tested).
+The document replaces the table whole in one transaction: add (so that the
+delete also works on the first run), delete, add again with everything in it.
+
+What the ruleset does (``nft list table inet egress_agent`` shows the same):
+
+* ``prerouting`` (nat, before kube-proxy's dstnat) diverts forwarded traffic
+  of workloads; ``output`` (nat) does the same for locally generated traffic.
+  Diverting is a DNAT to the proxy's own address and port, not ``redirect``:
+  redirect rewrites to the ingress interface's primary address and drops the
+  packet when that interface has none (pod-facing veths often have none).
+* Traffic already addressed to the proxy and the proxy's own upstream
+  connections (they carry ``upstream_mark``) are never diverted: no loops.
+* ``input`` refuses connections to the proxy port that were not diverted
+  (``ct status dnat`` unset), so nobody can use the proxy directly.
+* ``forward`` refuses anything DNAT-ed to the proxy that would leave the node,
+  should the proxy's address be missing: diverted traffic fails closed.
+
+Identity follows :func:`egress_agent.policy.decide.identify`: longest prefix
+wins. nftables interval sets cannot hold overlapping elements, and a rule for a
+broad workload would otherwise also catch a more specific workload's
+addresses, so each workload's set holds its CIDRs minus the more specific CIDRs
+of other workloads (:func:`identity_networks`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from egress_agent.policy.model import IPNetwork, Policy, PortRange, Workload
+
+TABLE = "egress_agent"
+FAMILY = "inet"
+# Before the usual dstnat priority (-100) so the original destination is seen
+# before other NAT (kube-proxy, Docker) rewrites it.
+NAT_PRIORITY = -110
+FILTER_PRIORITY = 0
+
+Json = dict[str, Any]
+
+
+def render_ruleset(policy: Policy) -> Json:
+    """The whole nftables document that makes the kernel divert as ``policy`` says."""
+    cmds: list[Json] = [{"metainfo": {"json_schema_version": 1}}]
+    table = {"family": FAMILY, "name": TABLE}
+    cmds += [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
+
+    sets: list[Json] = []
+    nat_rules: list[tuple[Json, bool]] = []  # (rule, applies to locally generated traffic)
+    identities = identity_networks(policy)
+    for w_index, workload in enumerate(policy.workloads):
+        v4, v6 = identities[workload.name]
+        sets.append(_set(f"wl{w_index}_v4", "ipv4_addr", _prefix_elems(v4)))
+        sets.append(_set(f"wl{w_index}_v6", "ipv6_addr", _prefix_elems(v6)))
+
+    w_index_by_name = {w.name: i for i, w in enumerate(policy.workloads)}
+    for rule in policy.intercept:
+        i = rule.index
+        to4, to6 = _split(rule.to_cidrs)
+        ex4, ex6 = _split(rule.except_cidrs)
+        if rule.ports:
+            sets.append(_set(f"ic{i}_ports", "inet_service", _port_elems(rule.ports)))
+        for fam, to, ex in (("ip", to4, ex4), ("ip6", to6, ex6)):
+            suffix = "v4" if fam == "ip" else "v6"
+            if rule.to_cidrs and not to:
+                continue  # destinations restricted to the other family only
+            if to:
+                sets.append(_set(f"ic{i}_to_{suffix}", _addr_type(fam), _prefix_elems(to)))
+            if ex:
+                sets.append(_set(f"ic{i}_except_{suffix}", _addr_type(fam), _prefix_elems(ex)))
+            for source in rule.sources:
+                workload = policy.workload(source)
+                w = w_index_by_name[source]
+                if not identities[source][0 if fam == "ip" else 1]:
+                    continue
+                exprs: list[Json] = []
+                if workload.interfaces:
+                    exprs.append(_match(_meta("iifname"), {"set": list(workload.interfaces)}))
+                exprs.append(_match(_payload(fam, "saddr"), f"@wl{w}_{suffix}"))
+                if to:
+                    exprs.append(_match(_payload(fam, "daddr"), f"@ic{i}_to_{suffix}"))
+                if ex:
+                    exprs.append(_match(_payload(fam, "daddr"), f"@ic{i}_except_{suffix}", op="!="))
+                if rule.ports:
+                    exprs.append(_match(_payload("tcp", "dport"), f"@ic{i}_ports"))
+                else:
+                    exprs.append(_match(_meta("l4proto"), "tcp"))
+                exprs.append({"counter": None})
+                exprs.append(_divert(policy, fam))
+                comment = f"intercept[{i}] from {source}"
+                nat_rules.append((_rule_body(exprs, comment), not workload.interfaces))
+
+    cmds += [{"add": {"set": s}} for s in sets]
+
+    chains = [
+        _chain("prerouting", "nat", "prerouting", NAT_PRIORITY),
+        _chain("output", "nat", "output", NAT_PRIORITY),
+        _chain("input", "filter", "input", FILTER_PRIORITY),
+        _chain("forward", "filter", "forward", FILTER_PRIORITY),
+    ]
+    cmds += [{"add": {"chain": c}} for c in chains]
+
+    rules: list[Json] = []
+    # Never divert what is already addressed to the proxy (a loop), in either hook.
+    for chain in ("prerouting", "output"):
+        for fam in ("ip", "ip6"):
+            rules.append(
+                _rule(
+                    chain,
+                    [_match(_payload(fam, "daddr"), _proxy_addr(policy, fam)), {"return": None}],
+                    "traffic to the proxy itself",
+                )
+            )
+    # The proxy's own upstream connections carry the mark: they leave as they are.
+    mark = policy.proxy.upstream_mark
+    rules.append(
+        _rule(
+            "output",
+            [_match({"&": [_meta("mark"), mark]}, mark), {"return": None}],
+            "proxy upstream connections",
+        )
+    )
+    for body, local in nat_rules:
+        rules.append({"chain": "prerouting", **body})
+        if local:
+            # Locally generated traffic has no ingress interface, so workloads
+            # bound to interfaces are matched for forwarded traffic only.
+            rules.append({"chain": "output", **body})
+
+    port = policy.proxy.port
+    for fam in ("ip", "ip6"):
+        to_proxy = [
+            _match(_payload(fam, "daddr"), _proxy_addr(policy, fam)),
+            _match(_payload("tcp", "dport"), port),
+        ]
+        rules.append(
+            _rule(
+                "input",
+                [*to_proxy, _match({"ct": {"key": "status"}}, "dnat", op="in"), {"accept": None}],
+                "diverted connections reach the proxy",
+            )
+        )
+        rules.append(
+            _rule(
+                "input",
+                [*to_proxy, {"counter": None}, {"reject": {"type": "tcp reset"}}],
+                "direct connections to the proxy port are refused",
+            )
+        )
+        rules.append(
+            _rule(
+                "forward",
+                [*to_proxy, {"counter": None}, {"reject": {"type": "tcp reset"}}],
+                "diverted traffic never leaves the node (fail closed)",
+            )
+        )
+    cmds += [{"add": {"rule": _in_table(r)}} for r in rules]
+    return {"nftables": cmds}
+
+
+def render_teardown() -> Json:
+    """Remove the agent's table, and only it; succeeds whether or not it exists."""
+    table = {"family": FAMILY, "name": TABLE}
+    return {
+        "nftables": [
+            {"metainfo": {"json_schema_version": 1}},
+            {"add": {"table": table}},
+            {"delete": {"table": table}},
+        ]
+    }
+
+
+def identity_networks(
+    policy: Policy,
+) -> dict[str, tuple[list[ipaddress.IPv4Network], list[ipaddress.IPv6Network]]]:
+    """Each workload's addresses under longest-prefix identity, as disjoint,
+    collapsed IPv4 and IPv6 network lists."""
+    owned = [(net, w.name) for w in policy.workloads for net in w.cidrs]
+    result: dict[str, tuple[list[ipaddress.IPv4Network], list[ipaddress.IPv6Network]]] = {}
+    for workload in policy.workloads:
+        pieces: list[IPNetwork] = []
+        for net in workload.cidrs:
+            carved = [
+                other
+                for other, owner in owned
+                if owner != workload.name
+                and other.version == net.version
+                and other.prefixlen > net.prefixlen
+                and other.subnet_of(net)  # type: ignore[arg-type]
+            ]
+            pieces.extend(_exclude(net, carved))
+        v4 = [n for n in pieces if isinstance(n, ipaddress.IPv4Network)]
+        v6 = [n for n in pieces if isinstance(n, ipaddress.IPv6Network)]
+        result[workload.name] = (
+            list(ipaddress.collapse_addresses(v4)),
+            list(ipaddress.collapse_addresses(v6)),
+        )
+    return result
+
+
+def _exclude(net: IPNetwork, holes: Sequence[IPNetwork]) -> list[IPNetwork]:
+    remaining: list[IPNetwork] = [net]
+    for hole in holes:
+        next_remaining: list[IPNetwork] = []
+        for piece in remaining:
+            if hole.subnet_of(piece):  # type: ignore[arg-type]
+                next_remaining.extend(piece.address_exclude(hole))  # type: ignore[arg-type]
+            elif piece.subnet_of(hole):  # type: ignore[arg-type]
+                continue
+            else:
+                next_remaining.append(piece)
+        remaining = next_remaining
+    return remaining
+
+
+def _split(
+    nets: Iterable[IPNetwork],
+) -> tuple[list[ipaddress.IPv4Network], list[ipaddress.IPv6Network]]:
+    v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
+    return list(ipaddress.collapse_addresses(v4)), list(ipaddress.collapse_addresses(v6))
+
+
+def _prefix_elems(nets: Iterable[IPNetwork]) -> list[Any]:
+    elems: list[Any] = []
+    for n in nets:
+        if n.prefixlen == n.max_prefixlen:
+            elems.append(str(n.network_address))
+        else:
+            elems.append({"prefix": {"addr": str(n.network_address), "len": n.prefixlen}})
+    return elems
+
+
+def _port_elems(ports: Iterable[PortRange]) -> list[Any]:
+    merged: list[PortRange] = []
+    for r in sorted(ports):
+        if merged and r.first <= merged[-1].last + 1:
+            last = merged[-1]
+            merged[-1] = PortRange(first=last.first, last=max(last.last, r.last))
+        else:
+            merged.append(r)
+    return [r.first if r.first == r.last else {"range": [r.first, r.last]} for r in merged]
+
+
+def _set(name: str, type_: str, elems: list[Any]) -> Json:
+    s: Json = {"family": FAMILY, "table": TABLE, "name": name, "type": type_, "flags": ["interval"]}
+    if elems:
+        s["elem"] = elems
+    return s
+
+
+def _chain(name: str, type_: str, hook: str, prio: int) -> Json:
+    return {
+        "family": FAMILY,
+        "table": TABLE,
+        "name": name,
+        "type": type_,
+        "hook": hook,
+        "prio": prio,
+        "policy": "accept",
+    }
+
+
+def _rule(chain: str, exprs: list[Json], comment: str) -> Json:
+    return {"chain": chain, **_rule_body(exprs, comment)}
+
+
+def _rule_body(exprs: list[Json], comment: str) -> Json:
+    return {"expr": exprs, "comment": comment}
+
+
+def _in_table(rule: Json) -> Json:
+    return {"family": FAMILY, "table": TABLE, **rule}
+
+
+def _match(left: Json, right: Any, *, op: str = "==") -> Json:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _payload(protocol: str, field: str) -> Json:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _meta(key: str) -> Json:
+    return {"meta": {"key": key}}
+
+
+def _addr_type(fam: str) -> str:
+    return "ipv4_addr" if fam == "ip" else "ipv6_addr"
+
+
+def _proxy_addr(policy: Policy, fam: str) -> str:
+    return str(policy.proxy.address_v4 if fam == "ip" else policy.proxy.address_v6)
+
+
+def _divert(policy: Policy, fam: str) -> Json:
+    return {"dnat": {"family": fam, "addr": _proxy_addr(policy, fam), "port": policy.proxy.port}}
+
+
+def workload_sets(policy: Policy) -> dict[str, Workload]:
+    """Set name prefix -> workload, for people reading ``nft list`` output."""
+    return {f"wl{i}": w for i, w in enumerate(policy.workloads)}
