@@ -17,7 +17,6 @@ from __future__ import annotations
 import ipaddress
 
 from egress_agent.policy.model import (
-    Action,
     EgressRule,
     IPAddress,
     IPNetwork,
@@ -39,8 +38,10 @@ def identify(policy: Policy, src: IPAddress, *, interface: str | None = None) ->
     bound: tuple[str, ...] = ()
     for w in policy.workloads:
         for net in w.cidrs:
-            if net.version == src.version and src in net and (
-                best is None or net.prefixlen > best[0]
+            if (
+                net.version == src.version
+                and src in net
+                and (best is None or net.prefixlen > best[0])
             ):
                 best = (net.prefixlen, w.name)
                 bound = w.interfaces
@@ -107,9 +108,7 @@ def needs_server_name(
     for rule in policy.egress:
         if not _matches_without_name(rule, workload=workload, dst=dst, dst_port=dst_port):
             continue
-        if rule.hosts:
-            return True
-        return False
+        return bool(rule.hosts)
     return False
 
 

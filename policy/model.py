@@ -96,7 +96,8 @@ class ProxySettings:
     address_v6: ipaddress.IPv6Address = DEFAULT_PROXY_ADDRESS_V6
     upstream_mark: int = DEFAULT_UPSTREAM_MARK
     # Caps on reading the first bytes (TLS ClientHello, HTTP request head).
-    peek_bytes: int = 16384
+    # Wire bytes: a 16 KiB ClientHello plus its TLS record and handshake headers.
+    peek_bytes: int = 20480
     peek_timeout: float = 5.0
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0

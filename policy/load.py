@@ -1,0 +1,906 @@
+"""Load a policy file into a validated :class:`~egress_agent.policy.model.Policy`.
+
+The agent refuses to start (and a reload keeps the last good policy) unless the
+whole file is valid, so this module's job is to say exactly what is wrong: every
+problem, not just the first, each with file:line:column, the field path
+(``egress[2].to.ports[1]``) and what was expected.
+
+PyYAML's ``safe_load`` throws the positions away and silently keeps the last of
+duplicate keys, so the file is *composed* into a node tree (each node carries its
+start mark) and the tree is walked here against the version 1 schema. Scalars
+are converted with PyYAML's own safe constructor, so ``0x6567`` is an integer
+and ``yes`` a boolean (which is not a port) exactly as YAML 1.1 says.
+
+Nothing in a policy may be written as null: an empty ``from:`` that silently
+meant "any workload" would widen an allow rule. Empty lists are written ``[]``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from egress_agent.policy.model import (
+    Action,
+    EgressRule,
+    InterceptRule,
+    IPAddress,
+    IPNetwork,
+    Policy,
+    PortRange,
+    ProxySettings,
+    Workload,
+)
+
+SUPPORTED_VERSION = 1
+
+# Workload and egress rule names: safe in audit records, nft comments and paths.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_NAME_RULE = "1-63 characters of letters, digits, '.', '_' and '-', starting with a letter or digit"
+_LABEL_RE = re.compile(r"[A-Za-z0-9-]{1,63}")
+_PORT_RANGE_RE = re.compile(r"([0-9]+)-([0-9]+)")
+# Linux refuses interface names of IFNAMSIZ (16) bytes or more, "." and "..",
+# and any '/', ':' or whitespace: dev_valid_name() in net/core/dev.c.
+_IFNAMSIZ = 16
+_CIDR_EXAMPLE = "an IPv4 or IPv6 network like 10.0.0.0/16"
+_PORT_EXAMPLE = 'a port 1-65535 or a range string like "8000-8100"'
+
+_TAG_PREFIX = "tag:yaml.org,2002:"
+_STR = _TAG_PREFIX + "str"
+_INT = _TAG_PREFIX + "int"
+_FLOAT = _TAG_PREFIX + "float"
+_BOOL = _TAG_PREFIX + "bool"
+_NULL = _TAG_PREFIX + "null"
+_MERGE = _TAG_PREFIX + "merge"
+
+_TOP_KEYS = ("version", "proxy", "workloads", "intercept", "egress", "default")
+_PROXY_KEYS = (
+    "port",
+    "address_v4",
+    "address_v6",
+    "upstream_mark",
+    "peek_bytes",
+    "peek_timeout",
+    "connect_timeout",
+    "idle_timeout",
+)
+_WORKLOAD_KEYS = ("cidrs", "interfaces")
+_INTERCEPT_KEYS = ("from", "ports", "except_cidrs", "to_cidrs")
+_EGRESS_KEYS = ("name", "from", "to", "action")
+_TO_KEYS = ("hosts", "cidrs", "ports")
+# What a missing required key should hold, for the message.
+_EXPECTED = {
+    "version": f"the integer {SUPPORTED_VERSION}",
+    "workloads": "a mapping of workload name to {cidrs: [...]}",
+    "default": "allow or deny",
+    "cidrs": "a non-empty list of CIDRs like 10.0.0.0/24",
+    "from": "a non-empty list of workload names",
+    "name": "a rule name",
+    "action": "allow or deny",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    """One thing wrong with a policy, where it is and what was expected.
+
+    ``line`` and ``column`` are 1-based; both are 0 when the problem is the file
+    itself (missing, unreadable). ``path`` is empty for the document as a whole.
+    """
+
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}"
+        if self.path:
+            return f"{where}: {self.path}: {self.message}"
+        return f"{where}: {self.message}"
+
+
+class PolicyError(Exception):
+    """The policy is not valid; ``problems`` holds everything that was found."""
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        super().__init__(self.problems)
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read and validate the policy file at ``path``; raise :class:`PolicyError`."""
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise _file_error(name, "no such file: check the path given with --policy") from None
+    except IsADirectoryError:
+        raise _file_error(name, "this is a directory: give the path of the policy file") from None
+    except PermissionError:
+        raise _file_error(
+            name, "permission denied: make the file readable by the user running the agent"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise _file_error(
+            name, f"not UTF-8 text (byte {exc.start} cannot be decoded): save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise _file_error(name, f"cannot read the file: {exc.strerror or exc}") from None
+    return parse_policy(text, source_name=name)
+
+
+def parse_policy(text: str, *, source_name: str = "<policy>") -> Policy:
+    """Validate policy ``text``; raise :class:`PolicyError` listing every problem."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        raise PolicyError([_syntax_problem(exc, source_name)]) from None
+    except yaml.reader.ReaderError as exc:
+        line, column = _position(text, int(exc.position))
+        message = f"YAML cannot read this character: {exc.reason} (#x{exc.character:04x})"
+        raise PolicyError(
+            [Problem(file=source_name, line=line, column=column, path="", message=message)]
+        ) from None
+    except yaml.YAMLError as exc:  # no position known
+        problem = Problem(file=source_name, line=1, column=1, path="", message=f"YAML: {exc}")
+        raise PolicyError([problem]) from None
+    if root is None or (isinstance(root, ScalarNode) and root.tag == _NULL):
+        message = (
+            "the policy is empty: expected a mapping with at least version, workloads and"
+            " default (see the example in the README)"
+        )
+        raise PolicyError(
+            [Problem(file=source_name, line=1, column=1, path="", message=message)]
+        )
+    reader = _Reader(source_name)
+    policy = reader.policy(root)
+    if reader.problems:
+        raise PolicyError(sorted(reader.problems, key=lambda p: (p.line, p.column)))
+    return policy
+
+
+def _file_error(name: str, message: str) -> PolicyError:
+    return PolicyError([Problem(file=name, line=0, column=0, path="", message=message)])
+
+
+def _syntax_problem(exc: yaml.MarkedYAMLError, source_name: str) -> Problem:
+    mark = exc.problem_mark or exc.context_mark
+    problem = (exc.problem or "cannot parse").removeprefix("but ")
+    message = f"YAML syntax error: {problem}"
+    if exc.context and exc.context_mark is not None:
+        message += f" ({exc.context} at line {exc.context_mark.line + 1})"
+    elif exc.context:
+        message += f" ({exc.context})"
+    line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+    return Problem(file=source_name, line=line, column=column, path="", message=message)
+
+
+def _position(text: str, index: int) -> tuple[int, int]:
+    line = text.count("\n", 0, index) + 1
+    column = index - (text.rfind("\n", 0, index) + 1) + 1
+    return line, column
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class _Reader:
+    """Walks the composed node tree against the schema, collecting problems.
+
+    Each reading method returns the value or None after recording why there is
+    none, so one pass finds every problem; the Policy it builds from the
+    remaining parts is only returned when there were none.
+    """
+
+    def __init__(self, source_name: str) -> None:
+        self.source_name = source_name
+        self.problems: list[Problem] = []
+        # A fresh constructor per load: it caches constructed objects by node.
+        self._constructor = SafeConstructor()
+
+    def problem(self, node: Node, path: str, message: str) -> None:
+        mark = node.start_mark
+        self.problems.append(
+            Problem(
+                file=self.source_name,
+                line=mark.line + 1,
+                column=mark.column + 1,
+                path=path,
+                message=message,
+            )
+        )
+
+    # -- the schema -------------------------------------------------------
+
+    def policy(self, root: Node) -> Policy:
+        top = self.mapping(root, "", what="the policy", allowed=_TOP_KEYS)
+        if top is None:
+            return _EMPTY_POLICY
+        self.require(root, "", top, ("version", "workloads", "default"))
+
+        if "version" in top:
+            self.version(top["version"][1])
+        proxy = ProxySettings()
+        if "proxy" in top:
+            proxy = self.proxy(top["proxy"][1], "proxy")
+        workloads: tuple[Workload, ...] = ()
+        known: dict[str, Workload] | None = {}
+        if "workloads" in top:
+            known = self.workloads(top["workloads"][1], "workloads")
+            workloads = tuple(known.values()) if known is not None else ()
+        intercept: tuple[InterceptRule, ...] = ()
+        if "intercept" in top:
+            intercept = self.intercept(top["intercept"][1], "intercept", known)
+        egress: tuple[EgressRule, ...] = ()
+        if "egress" in top:
+            egress = self.egress(top["egress"][1], "egress", known)
+        default = Action.DENY
+        if "default" in top:
+            default = self.action(top["default"][1], "default") or Action.DENY
+
+        return Policy(
+            version=SUPPORTED_VERSION,
+            proxy=proxy,
+            workloads=workloads,
+            intercept=intercept,
+            egress=egress,
+            default=default,
+            source_name=self.source_name,
+        )
+
+    def version(self, node: Node) -> None:
+        value = self.scalar(node, "version")
+        if value is None:
+            return
+        if type(value) is not int:
+            expected = f"expected the integer {SUPPORTED_VERSION}"
+            self.problem(node, "version", f"{expected}, found {self.describe(node)}")
+        elif value != SUPPORTED_VERSION:
+            self.problem(
+                node,
+                "version",
+                f"unsupported version {value}: this egress-agent reads version"
+                f" {SUPPORTED_VERSION} policies",
+            )
+
+    def proxy(self, node: Node, path: str) -> ProxySettings:
+        fields = self.mapping(node, path, what="proxy settings", allowed=_PROXY_KEYS)
+        defaults = ProxySettings()
+        if fields is None:
+            return defaults
+
+        def value(key: str) -> Node | None:
+            return fields[key][1] if key in fields else None
+
+        def int_field(key: str, low: int, high: int, default: int, *, hex_: bool = False) -> int:
+            n = value(key)
+            if n is None:
+                return default
+            got = self.integer(n, _join(path, key), low=low, high=high, hex_=hex_)
+            return default if got is None else got
+
+        def seconds_field(key: str, high: float, default: float) -> float:
+            n = value(key)
+            if n is None:
+                return default
+            got = self.seconds(n, _join(path, key), high=high)
+            return default if got is None else got
+
+        address_v4 = defaults.address_v4
+        if (n := value("address_v4")) is not None:
+            got = self.address(n, _join(path, "address_v4"), version=4)
+            if isinstance(got, ipaddress.IPv4Address):
+                address_v4 = got
+        address_v6 = defaults.address_v6
+        if (n := value("address_v6")) is not None:
+            got = self.address(n, _join(path, "address_v6"), version=6)
+            if isinstance(got, ipaddress.IPv6Address):
+                address_v6 = got
+        return ProxySettings(
+            port=int_field("port", 1, 65535, defaults.port),
+            address_v4=address_v4,
+            address_v6=address_v6,
+            upstream_mark=int_field(
+                "upstream_mark", 1, 0xFFFFFFFF, defaults.upstream_mark, hex_=True
+            ),
+            peek_bytes=int_field("peek_bytes", 512, 65536, defaults.peek_bytes),
+            peek_timeout=seconds_field("peek_timeout", 60, defaults.peek_timeout),
+            connect_timeout=seconds_field("connect_timeout", 300, defaults.connect_timeout),
+            idle_timeout=seconds_field("idle_timeout", 86400, defaults.idle_timeout),
+        )
+
+    def workloads(self, node: Node, path: str) -> dict[str, Workload] | None:
+        """The workloads by name (also those with invalid contents, so that
+        references to them are not reported twice); None when the section
+        itself is unusable and references cannot be checked."""
+        entries = self.named_entries(node, path, what="workloads (name: {cidrs: [...]})")
+        if entries is None:
+            return None
+        result: dict[str, Workload] = {}
+        owners: dict[IPNetwork, tuple[str, Node]] = {}
+        for name, _key_node, value_node in entries:
+            w_path = _join(path, name)
+            fields = self.mapping(
+                value_node, w_path, what=f"workload {name!r}", allowed=_WORKLOAD_KEYS
+            )
+            cidrs: list[IPNetwork] = []
+            interfaces: tuple[str, ...] = ()
+            if fields is not None:
+                self.require(value_node, w_path, fields, ("cidrs",))
+                if "cidrs" in fields:
+                    c_path = _join(w_path, "cidrs")
+                    items = self.sequence(fields["cidrs"][1], c_path, what="a list of CIDRs")
+                    if items is not None and not items:
+                        self.problem(
+                            fields["cidrs"][1],
+                            c_path,
+                            f"workload {name!r} needs at least one CIDR: a workload is"
+                            " recognised by its source addresses",
+                        )
+                    for i, item in enumerate(items or ()):
+                        net = self.network(item, f"{c_path}[{i}]")
+                        if net is None:
+                            continue
+                        cidrs.append(net)
+                        owner = owners.setdefault(net, (name, item))
+                        if owner[0] != name:
+                            self.problem(
+                                item,
+                                f"{c_path}[{i}]",
+                                f"{net} is also a CIDR of workload {owner[0]!r} (line"
+                                f" {owner[1].start_mark.line + 1}): an address must identify one"
+                                " workload; give this network to only one of them (a longer or"
+                                " shorter prefix may overlap: the longest prefix wins)",
+                            )
+                if "interfaces" in fields:
+                    interfaces = self.interfaces(
+                        fields["interfaces"][1], _join(w_path, "interfaces")
+                    )
+            result[name] = Workload(name=name, cidrs=tuple(cidrs), interfaces=interfaces)
+        return result
+
+    def interfaces(self, node: Node, path: str) -> tuple[str, ...]:
+        items = self.sequence(node, path, what="a list of interface names")
+        names: list[str] = []
+        for i, item in enumerate(items or ()):
+            i_path = f"{path}[{i}]"
+            name = self.text(item, i_path, what="an interface name")
+            if name is None:
+                continue
+            why = _interface_name_problem(name)
+            if why:
+                self.problem(item, i_path, f"{name!r} is not a valid interface name: {why}")
+                continue
+            names.append(name)
+        return tuple(names)
+
+    def intercept(
+        self, node: Node, path: str, known: dict[str, Workload] | None
+    ) -> tuple[InterceptRule, ...]:
+        items = self.sequence(node, path, what="a list of intercept rules ([] for none)")
+        rules: list[InterceptRule] = []
+        for index, item in enumerate(items or ()):
+            r_path = f"{path}[{index}]"
+            fields = self.mapping(item, r_path, what="an intercept rule", allowed=_INTERCEPT_KEYS)
+            if fields is None:
+                continue
+            self.require(item, r_path, fields, ("from",))
+            sources: tuple[str, ...] = ()
+            if "from" in fields:
+                sources = self.sources(fields["from"][1], _join(r_path, "from"), known)
+            ports: tuple[PortRange, ...] = ()
+            if "ports" in fields:
+                ports = self.ports(fields["ports"][1], _join(r_path, "ports"))
+            except_cidrs: tuple[IPNetwork, ...] = ()
+            if "except_cidrs" in fields:
+                except_cidrs = self.networks(
+                    fields["except_cidrs"][1], _join(r_path, "except_cidrs")
+                )
+            to_cidrs: tuple[IPNetwork, ...] = ()
+            if "to_cidrs" in fields:
+                to_cidrs = self.networks(fields["to_cidrs"][1], _join(r_path, "to_cidrs"))
+            rules.append(
+                InterceptRule(
+                    index=index,
+                    sources=sources,
+                    ports=ports,
+                    except_cidrs=except_cidrs,
+                    to_cidrs=to_cidrs,
+                )
+            )
+        return tuple(rules)
+
+    def egress(
+        self, node: Node, path: str, known: dict[str, Workload] | None
+    ) -> tuple[EgressRule, ...]:
+        items = self.sequence(node, path, what="a list of egress rules ([] for none)")
+        rules: list[EgressRule] = []
+        first_by_name: dict[str, Node] = {}
+        for index, item in enumerate(items or ()):
+            r_path = f"{path}[{index}]"
+            fields = self.mapping(item, r_path, what="an egress rule", allowed=_EGRESS_KEYS)
+            if fields is None:
+                continue
+            self.require(item, r_path, fields, ("name", "action"))
+            name = f"#{index}"  # only seen if the rule is invalid
+            if "name" in fields:
+                n_node = fields["name"][1]
+                n_path = _join(r_path, "name")
+                got = self.name(n_node, n_path, what="an egress rule name")
+                if got == "default":
+                    self.problem(
+                        n_node,
+                        n_path,
+                        "'default' is reserved: verdicts made by the default action carry"
+                        " that name; choose another name",
+                    )
+                elif got is not None and got in first_by_name:
+                    first = first_by_name[got]
+                    self.problem(
+                        n_node,
+                        n_path,
+                        f"duplicate egress rule name {got!r}: already used at line"
+                        f" {first.start_mark.line + 1}; names identify rules in the audit"
+                        " log, give each rule its own",
+                    )
+                elif got is not None:
+                    first_by_name[got] = n_node
+                    name = got
+            sources: tuple[str, ...] | None = None
+            if "from" in fields:
+                f_node = fields["from"][1]
+                sources = self.sources(f_node, _join(r_path, "from"), known, empty_hint=True)
+            hosts: tuple[str, ...] = ()
+            cidrs: tuple[IPNetwork, ...] = ()
+            ports: tuple[PortRange, ...] = ()
+            if "to" in fields:
+                t_path = _join(r_path, "to")
+                to = self.mapping(fields["to"][1], t_path, what="a destination", allowed=_TO_KEYS)
+                if to is not None:
+                    if "hosts" in to:
+                        hosts = self.hosts(to["hosts"][1], _join(t_path, "hosts"))
+                    if "cidrs" in to:
+                        cidrs = self.networks(to["cidrs"][1], _join(t_path, "cidrs"))
+                    if "ports" in to:
+                        ports = self.ports(to["ports"][1], _join(t_path, "ports"))
+            action = Action.DENY
+            if "action" in fields:
+                action = self.action(fields["action"][1], _join(r_path, "action")) or Action.DENY
+            rules.append(
+                EgressRule(
+                    name=name, action=action, sources=sources, hosts=hosts, cidrs=cidrs,
+                    ports=ports,
+                )
+            )
+        return tuple(rules)
+
+    # -- field types --------------------------------------------------------
+
+    def sources(
+        self,
+        node: Node,
+        path: str,
+        known: dict[str, Workload] | None,
+        *,
+        empty_hint: bool = False,
+    ) -> tuple[str, ...]:
+        items = self.sequence(node, path, what="a list of workload names")
+        if items is None:
+            return ()
+        if not items:
+            hint = (
+                "; leave out `from` to match traffic from any workload" if empty_hint else ""
+            )
+            self.problem(node, path, f"expected at least one workload name{hint}")
+            return ()
+        names: list[str] = []
+        for i, item in enumerate(items):
+            i_path = f"{path}[{i}]"
+            name = self.text(item, i_path, what="a workload name")
+            if name is None:
+                continue
+            if known is not None and name not in known:
+                existing = ", ".join(sorted(known)) if known else "none are defined"
+                self.problem(
+                    item,
+                    i_path,
+                    f"unknown workload {name!r}{_did_you_mean(name, known)}; workloads:"
+                    f" {existing}",
+                )
+                continue
+            names.append(name)
+        return tuple(names)
+
+    def networks(self, node: Node, path: str) -> tuple[IPNetwork, ...]:
+        items = self.sequence(node, path, what="a list of CIDRs")
+        nets = (self.network(item, f"{path}[{i}]") for i, item in enumerate(items or ()))
+        return tuple(n for n in nets if n is not None)
+
+    def network(self, node: Node, path: str) -> IPNetwork | None:
+        # Take the scalar's text whatever YAML resolved it to: an unquoted IPv6
+        # address such as 1:2:3:4:5:6:7:8 is a YAML 1.1 base-60 integer.
+        text = self.text(node, path, what=_CIDR_EXAMPLE, raw=True)
+        if text is None:
+            return None
+        if "%" in text:
+            self.problem(
+                node, path, f"{text!r} has an IPv6 zone (%...): write the network without it"
+            )
+            return None
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            self.problem(node, path, _network_message(text, exc))
+            return None
+        mapped = net.network_address.ipv4_mapped if net.version == 6 else None
+        if mapped is not None and net.prefixlen >= 96:
+            v4 = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+            self.problem(
+                node,
+                path,
+                f"{text!r} is an IPv4-mapped IPv6 network: policy compares IPv4 traffic"
+                f" by its IPv4 address, write {v4}",
+            )
+            return None
+        return net
+
+    def address(self, node: Node, path: str, *, version: int) -> IPAddress | None:
+        text = self.text(node, path, what=f"an IPv{version} address", raw=True)
+        if text is None:
+            return None
+        example = "169.254.99.1" if version == 4 else '"fd65:6772:6573::1"'
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            addr = None
+        if addr is None or addr.version != version or "%" in text:
+            self.problem(
+                node, path, f"{text!r} is not an IPv{version} address: expected one like {example}"
+            )
+            return None
+        return addr
+
+    def ports(self, node: Node, path: str) -> tuple[PortRange, ...]:
+        items = self.sequence(node, path, what="a list of ports ([] for every port)")
+        result: list[PortRange] = []
+        for i, item in enumerate(items or ()):
+            got = self.port_range(item, f"{path}[{i}]")
+            if got is not None:
+                result.append(got)
+        return tuple(result)
+
+    def port_range(self, node: Node, path: str) -> PortRange | None:
+        if isinstance(node, ScalarNode) and node.tag == _INT and ":" in node.value:
+            self.problem(
+                node,
+                path,
+                f"{node.value} is a YAML 1.1 base-60 number, not a port range: write a range"
+                f' as a string like "8000-8100"',
+            )
+            return None
+        value = self.scalar(node, path, what=_PORT_EXAMPLE)
+        if value is None:
+            return None
+        if type(value) is int:
+            if 1 <= value <= 65535:
+                return PortRange(first=value, last=value)
+            self.problem(node, path, f"port {value} is out of range: expected {_PORT_EXAMPLE}")
+            return None
+        if isinstance(value, str):
+            m = _PORT_RANGE_RE.fullmatch(value)
+            if m is None:
+                self.problem(node, path, f"{value!r} is not a port range: expected {_PORT_EXAMPLE}")
+                return None
+            first, last = int(m[1]), int(m[2])
+            if not (1 <= first <= 65535 and 1 <= last <= 65535):
+                self.problem(
+                    node, path, f"{value!r} is out of range: ports are 1-65535"
+                )
+                return None
+            if first > last:
+                self.problem(
+                    node,
+                    path,
+                    f"{value!r} is not a port range: the first port must not be greater than"
+                    f' the last (write "{last}-{first}")',
+                )
+                return None
+            return PortRange(first=first, last=last)
+        self.problem(node, path, f"expected {_PORT_EXAMPLE}, found {self.describe(node)}")
+        return None
+
+    def hosts(self, node: Node, path: str) -> tuple[str, ...]:
+        items = self.sequence(node, path, what="a list of host names")
+        result: list[str] = []
+        for i, item in enumerate(items or ()):
+            i_path = f"{path}[{i}]"
+            text = self.text(item, i_path, what="a host name like api.example.org")
+            if text is None:
+                continue
+            host, why = _host_pattern(text)
+            if host is None:
+                self.problem(item, i_path, f"{text!r} is not a host name pattern: {why}")
+                continue
+            result.append(host)
+        return tuple(result)
+
+    def action(self, node: Node, path: str) -> Action | None:
+        value = self.scalar(node, path, what="allow or deny")
+        if value is None:
+            return None
+        if isinstance(value, str):
+            for action in Action:
+                if value == action.value:
+                    return action
+        self.problem(node, path, f"expected allow or deny, found {self.describe(node)}")
+        return None
+
+    def name(self, node: Node, path: str, *, what: str) -> str | None:
+        text = self.text(node, path, what=what)
+        if text is None:
+            return None
+        if not _NAME_RE.fullmatch(text):
+            self.problem(node, path, f"{text!r} is not a valid name: expected {_NAME_RULE}")
+            return None
+        return text
+
+    def integer(
+        self, node: Node, path: str, *, low: int, high: int, hex_: bool = False
+    ) -> int | None:
+        bounds = f"{low:#x}-{high:#x}" if hex_ else f"{low}-{high}"
+        value = self.scalar(node, path, what=f"an integer {bounds}")
+        if value is None:
+            return None
+        if type(value) is not int:
+            self.problem(node, path, f"expected an integer {bounds}, found {self.describe(node)}")
+            return None
+        if not low <= value <= high:
+            self.problem(node, path, f"{node.value} is out of range: expected an integer {bounds}")
+            return None
+        return value
+
+    def seconds(self, node: Node, path: str, *, high: float) -> float | None:
+        what = f"a number of seconds greater than 0 and at most {high:g}"
+        value = self.scalar(node, path, what=what)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problem(node, path, f"expected {what}, found {self.describe(node)}")
+            return None
+        seconds = float(value)
+        if not 0 < seconds <= high:  # also refuses NaN
+            self.problem(node, path, f"{node.value} is out of range: expected {what}")
+            return None
+        return seconds
+
+    # -- YAML nodes -----------------------------------------------------------
+
+    def scalar(self, node: Node, path: str, *, what: str = "a value") -> object | None:
+        """The scalar's value, or None (and a problem) for collections, null
+        and values PyYAML cannot construct."""
+        if not isinstance(node, ScalarNode) or node.tag == _NULL:
+            self.problem(node, path, f"expected {what}, found {self.describe(node)}")
+            return None
+        try:
+            # types-PyYAML leaves the constructor untyped.
+            value: object = self._constructor.construct_object(  # type: ignore[no-untyped-call]
+                node, deep=True
+            )
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+            self.problem(node, path, f"cannot read {node.value!r} as {node.tag}: {exc}")
+            return None
+        return value
+
+    def text(self, node: Node, path: str, *, what: str, raw: bool = False) -> str | None:
+        """A string. Unquoted numbers are taken as written (a workload may be
+        called 2048); with ``raw`` so is any other plain scalar, for fields
+        whose parser reports a better message than "found a boolean"."""
+        if isinstance(node, ScalarNode) and node.tag in (_INT, _FLOAT):
+            return str(node.value)
+        if raw and isinstance(node, ScalarNode) and node.tag not in (_NULL, _STR):
+            return str(node.value)
+        value = self.scalar(node, path, what=what)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            self.problem(
+                node, path, f"expected {what}, found {self.describe(node)}; quote it if a string"
+            )
+            return None
+        return value
+
+    def sequence(self, node: Node, path: str, *, what: str) -> list[Node] | None:
+        if not isinstance(node, SequenceNode):
+            self.problem(node, path, f"expected {what}, found {self.describe(node)}")
+            return None
+        items: list[Node] = node.value
+        return items
+
+    def mapping(
+        self, node: Node, path: str, *, what: str, allowed: Sequence[str]
+    ) -> dict[str, tuple[Node, Node]] | None:
+        """A mapping with fixed keys: key -> (key node, value node); unknown
+        keys are reported and left out."""
+        entries = self.entries(node, path, what=f"{what} (a mapping)")
+        if entries is None:
+            return None
+        result: dict[str, tuple[Node, Node]] = {}
+        for key, key_node, value_node in entries:
+            if key not in allowed:
+                self.problem(
+                    key_node,
+                    _join(path, key),
+                    f"unknown key {key!r}{_did_you_mean(key, allowed)}; allowed keys in"
+                    f" {what}: {', '.join(allowed)}",
+                )
+                continue
+            result[key] = (key_node, value_node)
+        return result
+
+    def named_entries(
+        self, node: Node, path: str, *, what: str
+    ) -> list[tuple[str, Node, Node]] | None:
+        """A mapping keyed by names (workloads); invalid names are reported."""
+        entries = self.entries(node, path, what=what)
+        if entries is None:
+            return None
+        result = []
+        for name, key_node, value_node in entries:
+            if _NAME_RE.fullmatch(name):
+                result.append((name, key_node, value_node))
+            else:
+                message = f"{name!r} is not a valid name: expected {_NAME_RULE}"
+                self.problem(key_node, _join(path, name), message)
+        return result
+
+    def entries(self, node: Node, path: str, *, what: str) -> list[tuple[str, Node, Node]] | None:
+        """The (key, key node, value node) of a mapping with string keys, in
+        file order; bad and duplicate keys are reported and left out."""
+        if not isinstance(node, MappingNode):
+            self.problem(node, path, f"expected {what}, found {self.describe(node)}")
+            return None
+        seen: dict[str, Node] = {}
+        result: list[tuple[str, Node, Node]] = []
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE:
+                self.problem(
+                    key_node,
+                    path,
+                    "merge keys (<<) are not supported: write the keys out, or use an"
+                    " alias (*name) for a whole value",
+                )
+                continue
+            key = self.text(key_node, path, what="a key (a string)")
+            if key is None:
+                continue
+            if key in seen:
+                self.problem(
+                    key_node,
+                    _join(path, key),
+                    f"duplicate key {key!r}: already given at line"
+                    f" {seen[key].start_mark.line + 1}; keep only one",
+                )
+                continue
+            seen[key] = key_node
+            result.append((key, key_node, value_node))
+        return result
+
+    def require(
+        self,
+        node: Node,
+        path: str,
+        fields: dict[str, tuple[Node, Node]],
+        required: Sequence[str],
+    ) -> None:
+        for key in required:
+            if key not in fields:
+                self.problem(
+                    node,
+                    _join(path, key),
+                    f"missing required key {key!r}: expected {_EXPECTED[key]}",
+                )
+
+    def describe(self, node: Node) -> str:
+        """What a node is, for "expected X, found Y"."""
+        if isinstance(node, MappingNode):
+            return "a mapping"
+        if isinstance(node, SequenceNode):
+            return "a list"
+        tag = node.tag
+        if tag == _NULL:
+            return "nothing (null)"
+        if tag == _BOOL:
+            return f"the boolean {node.value}"
+        if tag == _INT:
+            return f"the integer {node.value}"
+        if tag == _FLOAT:
+            return f"the number {node.value}"
+        if tag == _STR:
+            return f"the string {node.value!r}"
+        kind = tag.removeprefix(_TAG_PREFIX)
+        return f"{node.value!r} (a YAML {kind})"
+
+
+_EMPTY_POLICY = Policy(
+    version=SUPPORTED_VERSION,
+    proxy=ProxySettings(),
+    workloads=(),
+    intercept=(),
+    egress=(),
+    default=Action.DENY,
+)
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _network_message(text: str, exc: ValueError) -> str:
+    if "has host bits set" in str(exc):
+        loose = ipaddress.ip_network(text, strict=False)
+        address = text.split("/", 1)[0]
+        single = 32 if loose.version == 4 else 128
+        return (
+            f"{text!r} has host bits set: write the network {loose}, or {address}/{single}"
+            " for the one address"
+        )
+    return f"{text!r} is not a valid CIDR: expected {_CIDR_EXAMPLE}"
+
+
+def _interface_name_problem(name: str) -> str | None:
+    if not name:
+        return "it is empty"
+    if len(name.encode()) >= _IFNAMSIZ:
+        return f"Linux interface names are at most {_IFNAMSIZ - 1} bytes"
+    if name in (".", ".."):
+        return "'.' and '..' are not allowed"
+    if any(c in "/:" or c.isspace() for c in name):
+        return "'/', ':' and whitespace are not allowed"
+    return None
+
+
+def _host_pattern(text: str) -> tuple[str | None, str]:
+    """The stored form of a host pattern (lower case, no trailing dot), or
+    None and why it is not one."""
+    if text in ("*", "*."):
+        return None, (
+            "a bare '*' is not allowed: write '*.example.org' for every name below"
+            " example.org, or leave out `hosts` to allow any name"
+        )
+    host = text.lower()
+    if host.endswith("."):
+        host = host[:-1]
+    name = host.removeprefix("*.")
+    if "*" in name:
+        return None, "a wildcard is only allowed as the whole first label, like '*.example.org'"
+    if not name:
+        return None, "it is empty"
+    if len(name) > 253:
+        return None, "a DNS name is at most 253 characters"
+    for label in name.split("."):
+        if not _LABEL_RE.fullmatch(label):
+            if not label:
+                return None, "it has an empty label (two dots in a row, or a leading dot)"
+            if not label.isascii():
+                return None, "write international names in their xn-- (punycode) form"
+            return None, (
+                f"label {label!r} must be 1-63 letters, digits or hyphens"
+                " (a host name, not a URL: no scheme, port or path)"
+            )
+    return host, ""
