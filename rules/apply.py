@@ -128,7 +128,9 @@ def verify_applied(doc: Json) -> list[str]:
     have = summarize_table(listing)
     problems = []
     if set(want.chains) != set(have.chains):
-        problems.append(f"chains differ: want {sorted(want.chains)}, kernel has {sorted(have.chains)}")
+        problems.append(
+            f"chains differ: want {sorted(want.chains)}, kernel has {sorted(have.chains)}"
+        )
     if want.sets != have.sets:
         problems.append(f"sets differ: want {list(want.sets)}, kernel has {list(have.sets)}")
     for chain in want.chains:

@@ -1,0 +1,77 @@
+"""Audit records: exactly one JSON line per connection that reaches the proxy.
+
+Lifecycle: a connection is accepted, decided, and then ends in exactly one
+record whose ``event`` is
+
+* ``closed`` -- it was allowed and relayed until both sides finished (or an
+  idle timeout or a reset ended it; ``error`` then says which),
+* ``denied`` -- the policy refused it; ``rule`` names the rule that did,
+* ``failed`` -- it never got going: bad bytes, no original destination, the
+  upstream refused or timed out; ``error`` says what happened.
+
+Records carry addresses, names, the rule and byte counts, never payload bytes
+or credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import IO, Literal
+
+log = logging.getLogger(__name__)
+
+Event = Literal["closed", "denied", "failed"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditRecord:
+    time: str  # connection start, RFC 3339 UTC
+    event: Event
+    src: str
+    workload: str | None
+    dst: str
+    server_name: str | None
+    protocol: str  # tls | http | tcp
+    rule: str | None
+    verdict: str | None  # allow | deny | None when no decision was reached
+    bytes_up: int  # client -> upstream
+    bytes_down: int  # upstream -> client
+    duration_ms: float
+    error: str | None
+
+
+def rfc3339(ts: float) -> str:
+    frac = f"{ts % 1:.6f}"[1:]
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + frac + "Z"
+
+
+class AuditLog:
+    """Appends records as JSON lines to a file (or stdout), one write per record."""
+
+    def __init__(self, path: str | None) -> None:
+        self._path = path
+        self._stream: IO[str]
+        if path is None or path == "-":
+            self._stream = sys.stdout
+            self._owned = False
+        else:
+            self._stream = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            self._owned = True
+        self.written = 0
+
+    def write(self, record: AuditRecord) -> None:
+        line = json.dumps(asdict(record), separators=(",", ":"))
+        try:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+            self.written += 1
+        except OSError as exc:  # a full disk must not take connections down
+            log.error("cannot write audit record to %s: %s", self._path or "stdout", exc)
+
+    def close(self) -> None:
+        if self._owned:
+            self._stream.close()
