@@ -1,0 +1,169 @@
+"""The ``egress-agent`` command line.
+
+Exit codes: 0 success, 1 a runtime failure (permissions, kernel refused),
+2 bad input (policy file or arguments) -- with every problem printed as
+``file:line:col: field: what was expected``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from egress_agent.policy.decide import decide, identify, should_divert
+from egress_agent.policy.load import PolicyError, load_policy
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="egress-agent",
+        description="Divert chosen workloads' outbound TCP into a local policy proxy.",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run", help="apply the policy on this node and run the proxy until stopped"
+    )
+    run.add_argument("--policy", required=True, help="policy file (YAML)")
+    run.add_argument(
+        "--audit-log", default="-", help="audit records as JSON lines (default: - for stdout)"
+    )
+
+    check = sub.add_parser("check", help="validate a policy file; exit 2 when it is bad")
+    check.add_argument("policy", help="policy file (YAML)")
+    check.add_argument(
+        "--show-rules", action="store_true", help="print the nftables JSON it renders to"
+    )
+    check.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="also ask libnftables whether the ruleset would apply (root; changes nothing)",
+    )
+
+    explain = sub.add_parser(
+        "explain", help="say whether a flow is diverted and what the proxy decides"
+    )
+    explain.add_argument("--policy", required=True)
+    explain.add_argument("--from", dest="src", required=True, help="source address")
+    explain.add_argument(
+        "--to", dest="dst", required=True, help="destination ADDR:PORT or [V6]:PORT"
+    )
+    explain.add_argument("--server-name", help="TLS SNI or HTTP Host the client sends")
+    explain.add_argument("--interface", help="ingress interface (for interface-bound workloads)")
+
+    demo = sub.add_parser("demo", help="run the demo on network namespaces on this machine")
+    demo.add_argument("--keep-going", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="egress-agent: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "check":
+            return _check(args)
+        if args.command == "explain":
+            return _explain(args)
+        if args.command == "demo":
+            from egress_agent.agent.demo import run_demo
+
+            return run_demo()
+    except PolicyError as exc:
+        print(
+            f"egress-agent: the policy is not valid ({len(exc.problems)} problems):",
+            file=sys.stderr,
+        )
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(args.command)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from egress_agent.agent.runner import RunOptions, run_agent
+
+    options = RunOptions(policy_path=args.policy, audit_path=args.audit_log)
+    try:
+        return uvloop.run(run_agent(options))
+    except OSError as exc:
+        logging.getLogger("egress_agent").error("%s", exc)
+        return EXIT_FAILURE
+
+
+def _check(args: argparse.Namespace) -> int:
+    from egress_agent.agent.runner import summary
+    from egress_agent.rules.render import render_ruleset
+
+    policy = load_policy(args.policy)
+    doc = render_ruleset(policy)
+    if args.dry_run:
+        from egress_agent.rules.apply import NftablesError, check_ruleset
+
+        if os.geteuid() != 0:
+            print(
+                "egress-agent: --dry-run needs root (libnftables checks with the kernel)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        try:
+            check_ruleset(doc)
+        except NftablesError as exc:
+            print(f"egress-agent: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    if args.show_rules:
+        print(json.dumps(doc, indent=2))
+    print(f"{args.policy}: ok ({summary(policy)})", file=sys.stderr)
+    return EXIT_OK
+
+
+def _explain(args: argparse.Namespace) -> int:
+    policy = load_policy(args.policy)
+    try:
+        src = ipaddress.ip_address(args.src)
+        host, _, port_text = args.dst.rpartition(":")
+        dst = ipaddress.ip_address(host.strip("[]"))
+        port = int(port_text)
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} out of range")
+    except ValueError as exc:
+        print(
+            f"egress-agent: explain: bad address: {exc} (use --from 10.0.0.5 --to 1.2.3.4:443)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    workload = identify(policy, src, interface=args.interface)
+    diverted = should_divert(policy, src=src, dst=dst, dst_port=port, interface=args.interface)
+    print(f"workload:  {workload or '(none)'}")
+    if not diverted:
+        print("diverted:  no (the kernel sends this flow directly; the proxy never sees it)")
+        return EXIT_OK
+    verdict = decide(
+        policy, workload=workload, dst=dst, dst_port=port, server_name=args.server_name
+    )
+    print("diverted:  yes")
+    print(f"verdict:   {verdict.action.value} (rule {verdict.rule})")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
