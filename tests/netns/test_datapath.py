@@ -30,7 +30,7 @@ OTHER = "exfil.example.net"
 
 POLICY = f"""
 version: 1
-proxy: {{port: 15001, peek_timeout: 1.5, idle_timeout: 30}}
+proxy: {{port: 15001, peek_timeout: 1.5, idle_timeout: 30, connect_timeout: 1}}
 workloads:
   pg-primary: {{cidrs: [198.19.1.2/32, "fd00:19:1::2/128"]}}
   pg-replica: {{cidrs: [198.19.2.2/32, "fd00:19:2::2/128"]}}
@@ -38,7 +38,7 @@ workloads:
   node-local: {{cidrs: [198.18.1.1/32]}}
 intercept:
   - from: [pg-primary]
-    ports: [443, 9000, 9001, 7000]
+    ports: [80, 443, 7000, "9000-9003"]
     except_cidrs: [198.19.0.0/16, "fd00:19::/32"]
   - from: [node-local]
     ports: [9000]
@@ -48,11 +48,11 @@ egress:
     to: {{hosts: [{BLOB}], ports: [443]}}
     action: allow
   - name: tcp-sinks
-    to: {{cidrs: [198.18.0.0/16], ports: [9000, 9001]}}
+    to: {{cidrs: [198.18.0.0/16], ports: ["9000-9003"]}}
     action: allow
   - name: named-echo
     from: [pg-primary]
-    to: {{hosts: [echo.test], ports: [7000]}}
+    to: {{hosts: [echo.test], ports: [7000, 80]}}
     action: allow
 default: deny
 """
@@ -137,7 +137,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             lab,
             "azure",
             name="azure-9000",
-            listen=["198.18.1.2:9000", "198.18.1.2:7000"],
+            listen=["198.18.1.2:9000", "198.18.1.2:7000", "198.18.1.2:80"],
             tls=None,
             log=logs["azure"],
         )
@@ -445,7 +445,7 @@ def test_crash_fails_closed_and_restart_converges(world: World) -> None:
 def test_a_bad_policy_is_refused_with_its_location(world: World, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
-        POLICY.replace("from: [pg-primary]\n    ports: [443", "from: [pg-primery]\n    ports: [443")
+        POLICY.replace("- from: [pg-primary]\n    ports:", "- from: [pg-primery]\n    ports:", 1)
     )
     proc = world.lab.run(
         "node",
@@ -459,3 +459,113 @@ def test_a_bad_policy_is_refused_with_its_location(world: World, tmp_path: Path)
         and "intercept[0].from[0]" in proc.stderr
     )
     assert _ruleset(world) == ""  # nothing was applied
+
+
+def test_real_clients_curl_and_openssl(world: World, agent: AgentProcess) -> None:
+    n_audit = len(world.audit_records())
+    curl = world.lab.run(
+        "pg-primary",
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "--cacert",
+            str(world.ca),
+            f"https://{BLOB}/backups/base.tar",
+        ],
+        check=False,
+    )
+    assert curl.returncode == 0 and "azure-tls" in curl.stdout, curl.stderr
+    plain = world.lab.run(
+        "pg-primary", ["curl", "-sS", "--max-time", "5", "http://echo.test/x"], check=False
+    )
+    assert plain.returncode == 0 and "azure-9000 198.18.1.2:80 saw" in plain.stdout, (
+        plain.stderr,
+        json.dumps(world.audit_records()[-1]),
+    )
+    denied = world.lab.run(
+        "pg-primary",
+        ["curl", "-sS", "--max-time", "5", "--cacert", str(world.ca), f"https://{OTHER}/"],
+        check=False,
+    )
+    assert denied.returncode != 0
+    ossl = world.lab.run(
+        "pg-primary",
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"{BLOB}:443",
+            "-servername",
+            BLOB,
+            "-CAfile",
+            str(world.ca),
+            "-verify_return_error",
+            "-brief",
+        ],
+        check=False,
+        input="",
+        timeout=10,
+    )
+    assert "Verification: OK" in ossl.stderr, ossl.stderr
+    recs = _wait_for_audit(world, n_audit + 4)[n_audit:]
+    assert [(r["event"], r["protocol"], r["server_name"], r["rule"]) for r in recs] == [
+        ("closed", "tls", BLOB, "azure-backups"),
+        ("closed", "http", "echo.test", "named-echo"),
+        ("denied", "tls", OTHER, "default"),
+        ("closed", "tls", BLOB, "azure-backups"),
+    ]
+
+
+def test_upstream_refused_and_connect_timeout_are_reset_and_audited(
+    world: World, agent: AgentProcess
+) -> None:
+    # Nothing listens on elsewhere:9002 (the kernel refuses); 9003 is silently
+    # dropped inside that external host, so the upstream connect times out.
+    world.lab.run(
+        "elsewhere",
+        ["nft", "-f", "-"],
+        input=(
+            "table inet blackhole {\n chain input {\n type filter hook input priority 0;\n"
+            "tcp dport 9003 drop\n }\n}\n"
+        ),
+    )
+    try:
+        n_audit = len(world.audit_records())
+        refused = world.client("pg-primary", "198.18.2.2", 9002)
+        timed_out = world.client("pg-primary", "198.18.2.2", 9003)
+    finally:
+        world.lab.run("elsewhere", ["nft", "delete", "table", "inet", "blackhole"])
+    assert not refused["ok"] and not timed_out["ok"]
+    recs = _wait_for_audit(world, n_audit + 2)[n_audit:]
+    assert recs[0]["event"] == "failed" and "ECONNREFUSED" in recs[0]["error"]
+    assert recs[1]["event"] == "failed" and "timed out after 1s" in recs[1]["error"]
+    assert recs[1]["verdict"] == "allow" and recs[1]["rule"] == "tcp-sinks"
+
+
+def test_idle_connections_are_closed_with_a_record(world: World, tmp_path: Path) -> None:
+    policy = tmp_path / "idle.yaml"
+    policy.write_text(POLICY.replace("idle_timeout: 30", "idle_timeout: 1"))
+    audit = tmp_path / "audit.jsonl"
+    proc = AgentProcess(world.lab, policy=policy, audit=audit, log=tmp_path / "agent.log").start()
+    try:
+        out = world.python(
+            "pg-primary",
+            """
+            import socket, time
+            s = socket.create_connection(("198.18.1.2", 9000), timeout=10)
+            s.sendall(b"hi\\n")
+            t0 = time.monotonic()
+            data = b""
+            while chunk := s.recv(100):   # the reply line, then nothing until the proxy closes
+                data += chunk
+            print(round(time.monotonic() - t0, 1), data.count(b"\\n"))
+            """,
+        )
+    finally:
+        proc.stop()
+    waited, lines = out.split()
+    assert 1.0 <= float(waited) < 5.0 and int(lines) == 1
+    (rec,) = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert rec["event"] == "closed" and "idle for more than 1s" in rec["error"]
