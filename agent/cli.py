@@ -73,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="egress-agent: %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    # pyroute2 logs every netlink message at debug level.
+    logging.getLogger("pyroute2").setLevel(max(logging.INFO, logging.root.level))
     try:
         if args.command == "run":
             return _run(args)

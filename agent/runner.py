@@ -6,6 +6,14 @@ nftables table in one transaction and read it back. Stop (SIGTERM/SIGINT):
 remove the table first so nothing more is diverted, then the addresses, then
 close the proxy; each step runs even if another failed.
 
+Reload (the policy file changed -- noticed through inotify, see ``watch`` --
+or SIGHUP): validate-then-swap. The new file is read, validated and rendered
+completely before anything is touched; a bad file keeps the running policy and
+logs every problem with file:line. A good one replaces the table in one
+transaction and then swaps the proxy's policy for new connections.
+Established connections are not touched: their conntrack NAT bindings survive
+a table replacement, and the proxy keeps relaying them.
+
 A crash (``kill -9``) leaves the table and addresses in place: diverted
 traffic is then refused by the kernel (nothing listens), never sent direct.
 The next start replaces the stale table whole.
@@ -14,26 +22,42 @@ The next start replaces the stale table whole.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
 from dataclasses import dataclass
 
 from egress_agent.agent.addresses import ensure_proxy_addresses, remove_proxy_addresses
-from egress_agent.policy.load import load_policy
+from egress_agent.agent.watch import PolicyFileWatch
+from egress_agent.policy.load import PolicyError, parse_policy, read_policy_text
 from egress_agent.policy.model import Policy
 from egress_agent.proxy.audit import AuditLog
 from egress_agent.proxy.server import ProxyServer
-from egress_agent.rules.apply import apply_ruleset, remove_table, verify_applied
+from egress_agent.rules.apply import NftablesError, apply_ruleset, remove_table, verify_applied
 from egress_agent.rules.render import render_ruleset
 
 log = logging.getLogger(__name__)
+
+# Editors write in several steps (truncate, write, rename): a burst of events
+# becomes one reload this long after its first event.
+RELOAD_DEBOUNCE = 0.2
+# Safety net for file systems without inotify events (e.g. some network mounts).
+POLL_INTERVAL = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
     policy_path: str
     audit_path: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReloadResult:
+    applied: bool
+    generation: int
+    policy_hash: str
+    error: str | None = None
 
 
 def summary(policy: Policy) -> str:
@@ -43,49 +67,179 @@ def summary(policy: Policy) -> str:
     )
 
 
-async def run_agent(options: RunOptions) -> int:
-    if os.geteuid() != 0:
-        log.error("run needs root (CAP_NET_ADMIN for nftables and addresses): try sudo")
-        return 1
-    policy = load_policy(options.policy_path)  # PolicyError reaches the CLI: exit 2
-    doc = render_ruleset(policy)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    audit = AuditLog(options.audit_path)
-    proxy: ProxyServer | None = None
-    try:
+
+class Agent:
+    """The running agent: the policy in force, the proxy, the kernel state."""
+
+    def __init__(self, options: RunOptions) -> None:
+        self.options = options
+        self.path = options.policy_path
+        text = read_policy_text(self.path)  # PolicyError reaches the CLI: exit 2
+        self.policy = parse_policy(text, source_name=self.path)
+        self.policy_hash = content_hash(text)
+        self.generation = 1
+        self.doc = render_ruleset(self.policy)
+        self.audit = AuditLog(options.audit_path)
+        self.proxy: ProxyServer | None = None
+        self.last_reload: ReloadResult | None = None
+        self._reload_lock = asyncio.Lock()
+
+    async def start(self) -> None:
         # pyroute2 drives its own asyncio loop internally: keep it off ours.
-        await asyncio.to_thread(ensure_proxy_addresses, policy.proxy)
-        proxy = ProxyServer(policy=policy, audit=audit)
-        await proxy.start()
-        apply_ruleset(doc)
-        problems = verify_applied(doc)
+        await asyncio.to_thread(ensure_proxy_addresses, self.policy.proxy)
+        self.proxy = ProxyServer(
+            policy=self.policy,
+            audit=self.audit,
+            generation=self.generation,
+            policy_hash=self.policy_hash,
+        )
+        await self.proxy.start()
+        apply_ruleset(self.doc)
+        problems = verify_applied(self.doc)
         if problems:
-            log.error(
-                "the kernel does not hold the ruleset that was applied: %s", "; ".join(problems)
+            raise NftablesError(
+                "the kernel does not hold the ruleset that was applied: " + "; ".join(problems)
             )
-            return 1
-        log.info("ready: policy %s (%s)", options.policy_path, summary(policy))
-        await stop.wait()
-        log.info("stopping: removing table inet egress_agent and the proxy addresses")
-        return 0
-    finally:
+
+    async def reload(self, reason: str) -> ReloadResult:
+        """Validate the file, then apply it as one change; keep the old on any error."""
+        async with self._reload_lock:
+            result = self._reload(reason)
+            self.last_reload = result
+            return result
+
+    def _reload(self, reason: str) -> ReloadResult:
+        try:
+            text = read_policy_text(self.path)
+            digest = content_hash(text)
+            if digest == self.policy_hash:
+                return ReloadResult(applied=False, generation=self.generation, policy_hash=digest)
+            policy = parse_policy(text, source_name=self.path)
+            _check_restart_only_settings(self.policy, policy)
+            doc = render_ruleset(policy)
+        except PolicyError as exc:
+            log.error(
+                "reload (%s): keeping policy generation %d; the new file is not valid:\n  %s",
+                reason,
+                self.generation,
+                "\n  ".join(str(p) for p in exc.problems),
+            )
+            return self._failed(str(exc))
+        except ValueError as exc:
+            log.error("reload (%s): keeping generation %d: %s", reason, self.generation, exc)
+            return self._failed(str(exc))
+        try:
+            apply_ruleset(doc)
+        except NftablesError as exc:
+            log.error("reload (%s): kernel refused the ruleset, old one stays: %s", reason, exc)
+            return self._failed(str(exc))
+        self.generation += 1
+        self.policy, self.policy_hash, self.doc = policy, digest, doc
+        assert self.proxy is not None
+        self.proxy.update_policy(policy, generation=self.generation, policy_hash=digest)
+        log.info(
+            "reloaded (%s): generation %d, sha256 %s (%s)",
+            reason,
+            self.generation,
+            digest,
+            summary(policy),
+        )
+        return ReloadResult(applied=True, generation=self.generation, policy_hash=digest)
+
+    def _failed(self, error: str) -> ReloadResult:
+        return ReloadResult(
+            applied=False, generation=self.generation, policy_hash=self.policy_hash, error=error
+        )
+
+    async def stop(self) -> None:
         for step, action in (
             ("remove nftables table", remove_table),
-            ("remove proxy addresses", lambda: remove_proxy_addresses(policy.proxy)),
+            ("remove proxy addresses", lambda: remove_proxy_addresses(self.policy.proxy)),
         ):
             try:
                 await asyncio.to_thread(action)
             except Exception as exc:
                 log.error("teardown: could not %s: %s", step, exc)
-        if proxy is not None:
+        if self.proxy is not None:
             try:
-                await proxy.close()
+                await self.proxy.close()
             except Exception as exc:
                 log.error("teardown: could not close the proxy: %s", exc)
-        audit.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.audit.close()
+
+
+def _check_restart_only_settings(old: Policy, new: Policy) -> None:
+    keys = ("port", "address_v4", "address_v6")
+    changed = [k for k in keys if getattr(old.proxy, k) != getattr(new.proxy, k)]
+    if changed:
+        raise ValueError(
+            f"proxy.{', proxy.'.join(changed)} changed: the proxy's listening address "
+            "and port apply at start only; restart the agent to change them"
+        )
+
+
+async def run_agent(options: RunOptions) -> int:
+    if os.geteuid() != 0:
+        log.error("run needs root (CAP_NET_ADMIN for nftables and addresses): try sudo")
+        return 1
+    agent = Agent(options)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    pending: list[asyncio.TimerHandle] = []
+    tasks: set[asyncio.Task[ReloadResult]] = set()
+
+    def reload_done(task: asyncio.Task[ReloadResult]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("reload failed unexpectedly", exc_info=task.exception())
+
+    def request_reload(reason: str) -> None:
+        # Coalesce a burst: one reload RELOAD_DEBOUNCE after its first event.
+        if pending:
+            return
+
+        def fire() -> None:
+            pending.clear()
+            task = loop.create_task(agent.reload(reason), name=f"reload ({reason})")
+            tasks.add(task)
+            task.add_done_callback(reload_done)
+
+        pending.append(loop.call_later(RELOAD_DEBOUNCE, fire))
+
+    loop.add_signal_handler(signal.SIGHUP, request_reload, "SIGHUP")
+    watch = PolicyFileWatch(options.policy_path)
+
+    def on_watch() -> None:
+        if watch.changed():
+            request_reload("file changed")
+
+    loop.add_reader(watch.fileno(), on_watch)
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            request_reload("periodic check")
+
+    poller = loop.create_task(poll(), name="policy poll")
+    try:
+        await agent.start()
+        log.info("ready: policy %s (%s)", options.policy_path, summary(agent.policy))
+        await stop.wait()
+        log.info("stopping: removing table inet egress_agent and the proxy addresses")
+        return 0
+    finally:
+        poller.cancel()
+        for handle in pending:
+            handle.cancel()
+        loop.remove_reader(watch.fileno())
+        watch.close()
+        for task in list(tasks):
+            task.cancel()
+        await agent.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

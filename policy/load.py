@@ -122,6 +122,12 @@ class PolicyError(Exception):
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
     """Read and validate the policy file at ``path``; raise :class:`PolicyError`."""
+    return parse_policy(read_policy_text(path), source_name=os.fspath(path))
+
+
+def read_policy_text(path: str | os.PathLike[str]) -> str:
+    """The policy file's text; a file that cannot be read raises :class:`PolicyError`
+    saying what to do."""
     name = os.fspath(path)
     try:
         with open(name, encoding="utf-8") as f:
@@ -140,7 +146,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         ) from None
     except OSError as exc:
         raise _file_error(name, f"cannot read the file: {exc.strerror or exc}") from None
-    return parse_policy(text, source_name=name)
+    return text
 
 
 def parse_policy(text: str, *, source_name: str = "<policy>") -> Policy:

@@ -9,6 +9,9 @@ record whose ``event`` is
 * ``failed`` -- it never got going: bad bytes, no original destination, the
   upstream refused or timed out; ``error`` says what happened.
 
+``policy_generation`` and ``policy_hash`` say which applied policy decided the
+connection: the generation counts successful (re)loads of this agent process.
+
 Records carry addresses, names, the rule and byte counts, never payload bytes
 or credentials.
 """
@@ -42,6 +45,8 @@ class AuditRecord:
     bytes_down: int  # upstream -> client
     duration_ms: float
     error: str | None
+    policy_generation: int  # which applied policy decided it (1 = the first)
+    policy_hash: str  # sha256 of that policy file's text, first 16 hex digits
 
 
 def rfc3339(ts: float) -> str:

@@ -148,6 +148,11 @@ class Connection:
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self.loop = server.loop
+        # The policy in force when the connection arrived decides it, even if
+        # a reload swaps the server's policy while this one is being peeked.
+        self.policy = server.policy
+        self.generation = server.generation
+        self.policy_hash = server.policy_hash
         self.started = time.time()
         self.started_mono = self.loop.time()
         self.last_activity = self.started_mono
@@ -185,7 +190,7 @@ class Connection:
 
     def buffer_client_bytes(self, data: bytes) -> None:
         self.buffer += data
-        if len(self.buffer) >= self.server.policy.proxy.peek_bytes and self.client.transport:
+        if len(self.buffer) >= self.policy.proxy.peek_bytes and self.client.transport:
             self.client.transport.pause_reading()
         self._data_event.set()
 
@@ -198,7 +203,7 @@ class Connection:
         # protocol and name for the audit record from the first bytes only.
         assert self.sniff_buf is not None
         self.sniff_buf += data
-        cap = self.server.policy.proxy.peek_bytes
+        cap = self.policy.proxy.peek_bytes
         try:
             peeked = sniff(bytes(self.sniff_buf))
         except ValueError:
@@ -216,7 +221,7 @@ class Connection:
 
     async def _decide_and_connect(self) -> None:
         assert self.src is not None and self.dst is not None
-        policy = self.server.policy
+        policy = self.policy
         settings = policy.proxy
         if self.server.is_own_endpoint(self.dst):
             self.fail("original destination is the proxy itself (loop refused)")
@@ -390,14 +395,20 @@ class Connection:
             bytes_down=self.bytes_down,
             duration_ms=round((self.loop.time() - self.started_mono) * 1000, 3),
             error=self.error,
+            policy_generation=self.generation,
+            policy_hash=self.policy_hash,
         )
 
 
 class ProxyServer:
     """Listens on the proxy's addresses and serves diverted connections."""
 
-    def __init__(self, *, policy: Policy, audit: AuditLog) -> None:
+    def __init__(
+        self, *, policy: Policy, audit: AuditLog, generation: int = 1, policy_hash: str = ""
+    ) -> None:
         self.policy = policy
+        self.generation = generation
+        self.policy_hash = policy_hash
         self.audit = audit
         self.loop = asyncio.get_running_loop()
         self.tasks = TaskSet()
@@ -423,6 +434,17 @@ class ProxyServer:
             settings.address_v6,
             settings.port,
         )
+
+    def update_policy(self, policy: Policy, *, generation: int, policy_hash: str) -> None:
+        """Swap the policy for new connections; open ones keep theirs.
+
+        The listening addresses and port cannot change here (the caller refuses
+        such a reload); timeouts and caps apply to new connections at once, the
+        idle timeout to all.
+        """
+        self.policy = policy
+        self.generation = generation
+        self.policy_hash = policy_hash
 
     def is_own_endpoint(self, ep: Endpoint) -> bool:
         return (str(ep.address), ep.port) in self._own
