@@ -84,3 +84,11 @@ def remove_proxy_addresses(settings: ProxySettings) -> None:
                     raise OSError(
                         exc.code, f"cannot remove {address} from {LOOPBACK}: {exc}"
                     ) from exc
+
+
+def missing_proxy_addresses(settings: ProxySettings) -> list[IPAddress]:
+    """The proxy addresses that are not on ``lo`` (someone removed them)."""
+    with IPRoute() as ipr:
+        index = _lo_index(ipr)
+        present = {a.get("address") for a in ipr.get_addr(index=index)}
+    return [a for a in (settings.address_v4, settings.address_v6) if str(a) not in present]

@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, parse_address
 from egress_agent.policy.decide import decide, identify, should_divert
 from egress_agent.policy.load import PolicyError, load_policy
 
@@ -38,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--audit-log", default="-", help="audit records as JSON lines (default: - for stdout)"
     )
+    run.add_argument(
+        "--status-address",
+        default=DEFAULT_STATUS_ADDRESS,
+        help=f"loopback HOST:PORT of /status, /healthz, /readyz (default {DEFAULT_STATUS_ADDRESS})",
+    )
+
+    status = sub.add_parser("status", help="show the running agent's state")
+    status.add_argument("--status-address", default=DEFAULT_STATUS_ADDRESS)
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
 
     check = sub.add_parser("check", help="validate a policy file; exit 2 when it is bad")
     check.add_argument("policy", help="policy file (YAML)")
@@ -82,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command == "explain":
             return _explain(args)
+        if args.command == "status":
+            return _status(args)
         if args.command == "demo":
             from egress_agent.agent.demo import run_demo
 
@@ -104,7 +116,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from egress_agent.agent.runner import RunOptions, run_agent
 
-    options = RunOptions(policy_path=args.policy, audit_path=args.audit_log)
+    options = RunOptions(
+        policy_path=args.policy, audit_path=args.audit_log, status_address=args.status_address
+    )
     try:
         return uvloop.run(run_agent(options))
     except OSError as exc:
@@ -136,6 +150,54 @@ def _check(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     print(f"{args.policy}: ok ({summary(policy)})", file=sys.stderr)
     return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    import http.client
+
+    try:
+        host, port = parse_address(args.status_address)
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        conn.request("GET", "/status")
+        snap = json.loads(conn.getresponse().read())
+    except (OSError, ValueError) as exc:
+        print(
+            f"egress-agent: no agent answers on {args.status_address}: {exc} "
+            "(is `egress-agent run` running in this network namespace?)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(snap, indent=2, sort_keys=True))
+        return EXIT_OK
+    pol, last = snap["policy"], snap["last_reload"]
+    print(f"policy:       {pol['path']} generation {pol['generation']} sha256 {pol['hash']}")
+    print(
+        f"              {pol['workloads']} workloads, {pol['intercept_rules']} intercept rules, "
+        f"{pol['egress_rules']} egress rules, default {pol['default']}"
+    )
+    if last is None:
+        print("last reload:  none since start")
+    elif last["error"]:
+        print(f"last reload:  FAILED, still enforcing generation {last['generation']}:")
+        for line in str(last["error"]).splitlines():
+            print(f"                {line}")
+    else:
+        print(f"last reload:  ok (generation {last['generation']})")
+    rules = ", ".join(f"{k} {v}" for k, v in snap["nft_rules_per_chain"].items())
+    print(f"datapath:     {snap['datapath']} ({rules})")
+    print(
+        f"kernel:       {'in sync' if snap['kernel_in_sync'] else 'DRIFTED'}, "
+        f"{snap['drift_repairs']} repairs since start"
+    )
+    print(
+        f"connections:  {snap['connections_open']} open, "
+        f"{snap['audit_records_written']} audit records written"
+    )
+    print(
+        f"ready:        {'yes' if snap['ready'] else 'no: ' + '; '.join(snap['not_ready_because'])}"
+    )
+    return EXIT_OK if snap["ready"] else EXIT_FAILURE
 
 
 def _explain(args: argparse.Namespace) -> int:

@@ -26,9 +26,16 @@ import hashlib
 import logging
 import os
 import signal
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from egress_agent.agent.addresses import ensure_proxy_addresses, remove_proxy_addresses
+from egress_agent.agent.addresses import (
+    ensure_proxy_addresses,
+    missing_proxy_addresses,
+    remove_proxy_addresses,
+)
+from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, StatusServer
 from egress_agent.agent.watch import PolicyFileWatch
 from egress_agent.policy.load import PolicyError, parse_policy, read_policy_text
 from egress_agent.policy.model import Policy
@@ -46,10 +53,15 @@ RELOAD_DEBOUNCE = 0.2
 POLL_INTERVAL = 10.0
 
 
+# How often the kernel state is compared with the desired state (drift repair).
+DRIFT_INTERVAL = 2.0
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
     policy_path: str
     audit_path: str | None
+    status_address: str = DEFAULT_STATUS_ADDRESS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +97,10 @@ class Agent:
         self.audit = AuditLog(options.audit_path)
         self.proxy: ProxyServer | None = None
         self.last_reload: ReloadResult | None = None
+        self.in_sync = False
+        self.drift_problems: list[str] = []
+        self.repairs = 0
+        self.started_at = time.time()
         self._reload_lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -103,6 +119,63 @@ class Agent:
             raise NftablesError(
                 "the kernel does not hold the ruleset that was applied: " + "; ".join(problems)
             )
+        self.in_sync = True
+
+    async def repair_drift(self) -> bool:
+        """Compare the kernel with the desired state; restore what someone
+        removed or changed. Returns whether anything had drifted."""
+        async with self._reload_lock:
+            problems = verify_applied(self.doc)
+            missing = await asyncio.to_thread(missing_proxy_addresses, self.policy.proxy)
+            problems += [f"proxy address {a} missing from lo" for a in missing]
+            self.drift_problems = problems
+            if not problems:
+                self.in_sync = True
+                return False
+            self.in_sync = False
+            log.warning("drift: %s; restoring", "; ".join(problems))
+            if missing:
+                await asyncio.to_thread(ensure_proxy_addresses, self.policy.proxy)
+            apply_ruleset(self.doc)
+            self.repairs += 1
+            self.in_sync = not verify_applied(self.doc)
+            return True
+
+    def snapshot(self) -> dict[str, Any]:
+        """What ``egress-agent status`` shows."""
+        reasons = []
+        if not self.in_sync:
+            reasons.append(
+                "kernel state differs from the policy: " + "; ".join(self.drift_problems)
+            )
+        if self.proxy is None or not self.proxy.listening:
+            reasons.append("proxy not listening")
+        counts: dict[str, int] = {}
+        for cmd in self.doc["nftables"]:
+            rule = cmd.get("add", {}).get("rule")
+            if rule is not None:
+                counts[rule["chain"]] = counts.get(rule["chain"], 0) + 1
+        return {
+            "policy": {
+                "path": self.path,
+                "generation": self.generation,
+                "hash": self.policy_hash,
+                "workloads": len(self.policy.workloads),
+                "intercept_rules": len(self.policy.intercept),
+                "egress_rules": len(self.policy.egress),
+                "default": self.policy.default.value,
+            },
+            "last_reload": asdict(self.last_reload) if self.last_reload else None,
+            "datapath": "nftables",
+            "nft_rules_per_chain": counts,
+            "kernel_in_sync": self.in_sync,
+            "drift_repairs": self.repairs,
+            "connections_open": len(self.proxy.connections) if self.proxy else 0,
+            "audit_records_written": self.audit.written,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "ready": not reasons,
+            "not_ready_because": reasons,
+        }
 
     async def reload(self, reason: str) -> ReloadResult:
         """Validate the file, then apply it as one change; keep the old on any error."""
@@ -225,15 +298,31 @@ async def run_agent(options: RunOptions) -> int:
             await asyncio.sleep(POLL_INTERVAL)
             request_reload("periodic check")
 
+    async def watch_drift() -> None:
+        while True:
+            await asyncio.sleep(DRIFT_INTERVAL)
+            try:
+                await agent.repair_drift()
+            except Exception as exc:  # keep checking; say why this round failed
+                agent.in_sync = False
+                log.error("drift check failed: %s", exc)
+
     poller = loop.create_task(poll(), name="policy poll")
+    status = StatusServer(snapshot=agent.snapshot, address=options.status_address)
+    drift: asyncio.Task[None] | None = None
     try:
+        await status.start()
         await agent.start()
+        drift = loop.create_task(watch_drift(), name="drift repair")
         log.info("ready: policy %s (%s)", options.policy_path, summary(agent.policy))
         await stop.wait()
         log.info("stopping: removing table inet egress_agent and the proxy addresses")
         return 0
     finally:
         poller.cancel()
+        if drift is not None:
+            drift.cancel()
+        await status.close()
         for handle in pending:
             handle.cancel()
         loop.remove_reader(watch.fileno())

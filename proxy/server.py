@@ -416,6 +416,7 @@ class ProxyServer:
         self._servers: list[asyncio.Server] = []
         self._own: set[tuple[str, int]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self.listening = False
 
     async def start(self) -> None:
         settings = self.policy.proxy
@@ -427,6 +428,7 @@ class ProxyServer:
             self._servers.append(server)
             self._own.add((str(address), settings.port))
         self._sweeper = self.tasks.spawn(self._sweep(), name="idle-sweeper")
+        self.listening = True
         log.info(
             "proxy listening on %s:%d and [%s]:%d",
             settings.address_v4,
@@ -459,6 +461,7 @@ class ProxyServer:
                     conn.abort_both(f"idle for more than {idle:g}s")
 
     async def close(self) -> None:
+        self.listening = False
         for server in self._servers:
             server.close()
         for conn in list(self.connections):

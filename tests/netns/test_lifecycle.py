@@ -1,0 +1,164 @@
+"""The running agent's lifecycle: status, readiness, and repair of drift."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from egress_agent.lab.agentproc import AgentProcess
+from egress_agent.lab.netns import Lab
+from egress_agent.lab.servers import start_server
+
+pytestmark = pytest.mark.netns
+
+POLICY = """
+version: 1
+workloads:
+  pod: {cidrs: [198.19.1.2/32]}
+intercept:
+  - from: [pod]
+    ports: [9000]
+egress:
+  - name: sink
+    to: {ports: [9000]}
+    action: allow
+default: deny
+"""
+
+
+class Node:
+    def __init__(self, lab: Lab, work: Path) -> None:
+        self.lab, self.work = lab, work
+        self.policy = work / "policy.yaml"
+        self.policy.write_text(POLICY)
+        self.agent = AgentProcess(
+            lab, policy=self.policy, audit=work / "audit.jsonl", log=work / "agent.log"
+        )
+
+    def cli(self, *args: str) -> tuple[int, str]:
+        proc = self.lab.run(
+            "node", [sys.executable, "-m", "egress_agent.agent.cli", *args], check=False
+        )
+        return proc.returncode, proc.stdout + proc.stderr
+
+    def status(self) -> dict[str, Any]:
+        code, out = self.cli("status", "--json")
+        assert code == 0, out
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    def http(self, path: str) -> tuple[int, str]:
+        out = self.lab.run(
+            "node",
+            ["curl", "-s", "-o", "-", "-w", "\n%{http_code}", f"http://127.0.0.1:15021{path}"],
+        ).stdout
+        body, _, code = out.rpartition("\n")
+        return int(code), body
+
+    def diverted(self) -> bool:
+        """Whether the pod's traffic currently reaches the proxy (audit grows)."""
+        before = len((self.work / "audit.jsonl").read_text().splitlines())
+        out = self.lab.run(
+            "pod",
+            [sys.executable, "-m", "egress_agent.lab.client", "198.18.1.2", "9000"],
+            check=False,
+        ).stdout
+        assert json.loads(out)["ok"]
+        time.sleep(0.2)
+        return len((self.work / "audit.jsonl").read_text().splitlines()) > before
+
+    def wait_until(self, check: Any, limit: float) -> float:
+        t0 = time.monotonic()
+        while not check():
+            assert time.monotonic() - t0 < limit, f"not restored within {limit}s"
+            time.sleep(0.1)
+        return time.monotonic() - t0
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    with Lab() as lab:
+        lab.add_pod("pod", "198.19.1.2", "fd00:19:1::2")
+        lab.add_external("ext", "198.18.1.2", "fd00:18:1::2")
+        start_server(
+            lab,
+            "ext",
+            name="ext",
+            listen=["198.18.1.2:9000"],
+            tls=None,
+            log=tmp_path / "server.jsonl",
+        )
+        n = Node(lab, tmp_path)
+        n.agent.start()
+        try:
+            yield n
+        finally:
+            n.agent.stop()
+
+
+def test_status_and_health_endpoints(node: Node) -> None:
+    snap = node.status()
+    assert snap["policy"]["generation"] == 1 and snap["ready"] and snap["kernel_in_sync"]
+    assert snap["datapath"] == "nftables" and snap["nft_rules_per_chain"]["prerouting"] == 3
+    assert node.http("/healthz")[0] == 200 and node.http("/readyz")[0] == 200
+    code, text = node.cli("status")
+    assert code == 0 and "generation 1" in text and "ready:        yes" in text
+    assert node.http("/nope")[0] == 404
+
+
+def test_a_bad_edit_is_visible_in_status(node: Node) -> None:
+    node.policy.write_text(POLICY.replace("action: allow", "action: alow"))
+    time.sleep(0.8)
+    snap = node.status()
+    assert snap["policy"]["generation"] == 1
+    assert snap["last_reload"]["error"] and "egress[0].action" in snap["last_reload"]["error"]
+    assert f"{node.policy}:" in snap["last_reload"]["error"]
+    code, text = node.cli("status")
+    assert code == 0  # still ready: the last good policy is enforced
+    assert "last reload:  FAILED, still enforcing generation 1" in text and "alow" in text
+    assert node.diverted()  # the old policy is still in force
+
+
+def test_a_deleted_table_is_restored(node: Node) -> None:
+    assert node.diverted()
+    node.lab.run("node", ["nft", "delete", "table", "inet", "egress_agent"])
+    assert not node.diverted()
+    took = node.wait_until(node.diverted, 5.0)
+    assert took < 5.0
+    assert (
+        "drift: table inet egress_agent is missing; restoring"
+        in (node.work / "agent.log").read_text()
+    )
+    assert node.status()["drift_repairs"] >= 1
+
+
+def test_an_edited_chain_and_a_removed_address_are_restored(node: Node) -> None:
+    listing = json.loads(
+        node.lab.run(
+            "node", ["nft", "-j", "-a", "list", "chain", "inet", "egress_agent", "prerouting"]
+        ).stdout
+    )
+    handle = next(
+        i["rule"]["handle"]
+        for i in listing["nftables"]
+        if "rule" in i and i["rule"].get("comment", "").startswith("intercept")
+    )
+    node.lab.run(
+        "node",
+        ["nft", "delete", "rule", "inet", "egress_agent", "prerouting", "handle", str(handle)],
+    )
+    node.lab.run("node", ["ip", "addr", "del", "169.254.99.1/32", "dev", "lo"])
+    node.wait_until(
+        lambda: "169.254.99.1"
+        in node.lab.run("node", ["ip", "-o", "addr", "show", "dev", "lo"]).stdout,
+        5.0,
+    )
+    node.wait_until(node.diverted, 5.0)
+    log = (node.work / "agent.log").read_text()
+    assert "chain prerouting" in log and "proxy address 169.254.99.1 missing from lo" in log
