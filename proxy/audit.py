@@ -22,7 +22,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import IO, Literal
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,9 @@ class AuditRecord:
     policy_hash: str  # sha256 of that policy file's text, first 16 hex digits
 
 
+_FIELD_NAMES = tuple(f.name for f in fields(AuditRecord))
+
+
 def rfc3339(ts: float) -> str:
     frac = f"{ts % 1:.6f}"[1:]
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + frac + "Z"
@@ -69,7 +72,11 @@ class AuditLog:
         self.written = 0
 
     def write(self, record: AuditRecord) -> None:
-        line = json.dumps(asdict(record), separators=(",", ":"))
+        # Fields are flat scalars: a plain dict avoids asdict()'s deep copy,
+        # which showed up as the largest cost per connection in profiles.
+        line = json.dumps(
+            {name: getattr(record, name) for name in _FIELD_NAMES}, separators=(",", ":")
+        )
         try:
             self._stream.write(line + "\n")
             self._stream.flush()

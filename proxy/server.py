@@ -186,7 +186,7 @@ class Connection:
             self.fail(f"no original destination: {exc}")
             return
         self.deciding = True
-        self.server.tasks.spawn(self.run(), name=f"conn {self.src}->{self.dst}")
+        self.server.tasks.spawn(self.run(), name="connection")
 
     def buffer_client_bytes(self, data: bytes) -> None:
         self.buffer += data
@@ -311,7 +311,8 @@ class Connection:
                 if self.dst.address.version == 4
                 else (addr, self.dst.port, 0, 0)
             )
-            await asyncio.wait_for(self.loop.sock_connect(sock, target), timeout)
+            async with asyncio.timeout(timeout):  # no extra Task, unlike wait_for
+                await self.loop.sock_connect(sock, target)
             half = _Half(self, upstream=True)
             await self.loop.create_connection(lambda: half, sock=sock)
         except BaseException:
