@@ -1,0 +1,60 @@
+"""The benchmark runs end to end in its quick mode (1 s runs, 50 idle connections).
+
+No timing thresholds: numbers depend on the machine. What must hold anywhere:
+it completes, measures all three paths with positive numbers, loses no
+connection, the egress-agent audit log has one record per connection made,
+and it leaves no namespace behind.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pyroute2 import netns
+
+pytestmark = pytest.mark.netns
+
+REPO = Path(__file__).resolve().parents[2]
+PATHS = ("direct", "haproxy", "egress-agent")
+
+
+@pytest.mark.timeout(120)
+def test_quick_benchmark_measures_every_path_and_loses_nothing(
+    require_root: None, tmp_path: Path
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--results-dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (result_file,) = tmp_path.glob("*.json")
+    doc = json.loads(result_file.read_text())
+    assert doc["ok"] and doc["problems"] == []
+    assert tuple(doc["paths"]) == PATHS
+    for name, r in doc["paths"].items():
+        assert r["iperf_1"]["ok"] and r["iperf_1"]["gbit_s"] > 0, name
+        assert r["iperf_4"]["ok"] and r["iperf_4"]["gbit_s"] > 0, name
+        assert r["rate"]["ok"] > 0 and r["rate"]["per_second"] > 0, name
+        assert r["rate"]["latency_ms"]["p50"] > 0, name
+        assert r["idle"]["held"] == r["idle"]["attempts"] == 50, name
+        assert all(count == 0 for count in r["lost"].values()), (name, r["lost"])
+        assert r["server"]["accepted"] == r["rate"]["attempts"] + 50, name
+    for name in ("haproxy", "egress-agent"):
+        idle = doc["paths"][name]["idle"]
+        assert idle["rss_kib_before"] > 0 and idle["rss_kib_held"] > 0, name
+    assert doc["paths"]["direct"]["idle"]["rss_kib_before"] is None
+    audit = doc["paths"]["egress-agent"]["audit"]
+    assert audit["ok"] and audit["records"] == audit["expected"] > 0
+    # The table names every path; nothing of the lab is left.
+    for name in PATHS:
+        assert f"{name} " in proc.stdout
+    assert "result: OK" in proc.stdout
+    assert not [ns for ns in netns.listnetns() if ns.startswith(doc["lab_prefix"])]
