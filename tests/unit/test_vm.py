@@ -1,0 +1,481 @@
+"""The VM deployment path (vagrant/, deploy/systemd/), checked without a VM.
+
+No box can be downloaded here and no real service may start, so each piece is
+checked by the tool that owns its format: ``vagrant validate`` for the
+Vagrantfile, ``systemd-analyze verify`` for the unit, and provision.sh in its
+dry-run mode, which writes what it would install under a scratch root and
+prints the commands it would run. Stub ``systemctl``/``apt-get``/``journalctl``
+first on PATH prove that a dry run runs none of them.
+
+provision.sh's real path runs too, in the ``netns`` tier (root): inside a
+private mount namespace with an overlay on /etc and stub systemctl/journalctl,
+so that the machine's /etc and services stay as they are.
+
+Needs Debian's ``vagrant`` and ``vagrant-libvirt`` (``sudo ./run setup``),
+systemd's ``systemd-analyze`` and util-linux's ``unshare``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from egress_agent.agent.cli import _parser
+from egress_agent.policy.load import load_policy
+
+REPO = Path(__file__).resolve().parents[2]
+VAGRANT_DIR = REPO / "vagrant"
+PROVISION = VAGRANT_DIR / "provision.sh"
+DEMO_POLICY = VAGRANT_DIR / "policy.yaml"
+UNIT_SOURCE = REPO / "deploy" / "systemd" / "egress-agent.service"
+
+# Paths on the VM: the repository is synced to /opt/egress-agent.
+VM_AGENT = "/opt/egress-agent/.venv/bin/egress-agent"
+UNIT_PATH = "/etc/systemd/system/egress-agent.service"
+POLICY_PATH = "/etc/egress-agent/policy.yaml"
+CAPABILITIES = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF", "CAP_SYS_ADMIN"}
+
+CHECK_CMD = f"{REPO}/.venv/bin/egress-agent check {POLICY_PATH}"
+FIRST_RUN_COMMANDS = [
+    f"{REPO}/run setup",
+    CHECK_CMD,
+    "systemctl daemon-reload",
+    "systemctl try-restart egress-agent.service",
+    "systemctl enable --now egress-agent.service",
+]
+# Nothing changed: no restart of a running agent.
+AGAIN_COMMANDS = [c for c in FIRST_RUN_COMMANDS if "try-restart" not in c]
+
+
+def _tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: apt-get install {package} (sudo ./run setup does)")
+    return path
+
+
+# --- the unit -------------------------------------------------------------------
+
+
+def _unit_fields(text: str) -> dict[tuple[str, str], list[str]]:
+    """(section, key) -> every value given, in order; enough of systemd's syntax
+    for this file (it uses no line continuations, which is checked)."""
+    fields: dict[tuple[str, str], list[str]] = {}
+    section = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        assert not line.endswith("\\"), f"line continuation in the unit: {line}"
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        fields.setdefault((section, key), []).append(value)
+    return fields
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The unit as installed, except that ExecStart points at this checkout's
+    agent (verify insists that the binary exists). Any output is a failure:
+    verify reports unknown keys and unparsable values as warnings and still
+    exits 0."""
+    analyze = _tool("systemd-analyze", "systemd")
+    agent = Path(sys.executable).with_name("egress-agent")
+    assert agent.is_file(), f"no {agent}: run ./run setup"
+    text = UNIT_SOURCE.read_text()
+    assert text.count(VM_AGENT) == 1
+    unit = tmp_path / "egress-agent.service"
+    unit.write_text(text.replace(VM_AGENT, str(agent)))
+
+    result = subprocess.run(
+        [analyze, "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_unit_says_what_the_service_needs() -> None:
+    fields = _unit_fields(UNIT_SOURCE.read_text())
+
+    def one(section: str, key: str) -> str:
+        values = fields.get((section, key), [])
+        assert len(values) == 1, f"[{section}] {key}: {values}"
+        return values[0]
+
+    exec_start = one("Service", "ExecStart").split()
+    assert exec_start == [
+        VM_AGENT, "run", "--policy", POLICY_PATH,
+        "--audit-log", "/var/log/egress-agent/audit.jsonl",
+    ]  # fmt: skip
+    # The agent's own CLI accepts exactly these arguments.
+    args = _parser().parse_args(exec_start[1:])
+    assert (args.command, args.policy, args.audit_log) == ("run", POLICY_PATH, exec_start[-1])
+    # The audit log lives in the directory systemd creates for the service.
+    assert Path(args.audit_log).parent == Path("/var/log") / one("Service", "LogsDirectory")
+
+    assert one("Service", "Type") == "simple"
+    assert one("Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert one("Service", "Restart") == "on-failure"
+    assert one("Service", "RestartSec") == "2"
+    assert one("Service", "RestartPreventExitStatus") == "2"  # bad policy: permanent
+    assert one("Service", "KillSignal") == "SIGTERM"
+    assert 5 <= int(one("Service", "TimeoutStopSec")) <= 60
+    assert "network-online.target" in one("Unit", "After").split()
+    assert "network-online.target" in one("Unit", "Wants").split()
+    assert one("Install", "WantedBy") == "multi-user.target"
+
+    assert set(one("Service", "CapabilityBoundingSet").split()) == CAPABILITIES
+    assert set(one("Service", "AmbientCapabilities").split()) == CAPABILITIES
+    assert one("Service", "NoNewPrivileges") == "yes"
+    assert one("Service", "ProtectSystem") == "full"
+    assert one("Service", "ProtectHome") == "yes"
+    # bcc compiles against /lib/modules/*/build and mounts bpffs under /sys.
+    assert ("Service", "ProtectKernelModules") not in fields
+    assert ("Service", "ProtectKernelTunables") not in fields
+    assert int(one("Service", "LimitNOFILE")) >= 65536
+    assert ("Service", "User") not in fields  # `run` checks for uid 0
+
+
+# --- the Vagrantfile ------------------------------------------------------------
+
+
+def _vagrant(tmp_path: Path, *args: str, provider: str | None = None) -> str:
+    """Run vagrant offline with its state (~/.vagrant.d, .vagrant) in tmp_path."""
+    vagrant = _tool("vagrant", "vagrant")
+    env = {
+        **os.environ,
+        "VAGRANT_HOME": str(tmp_path / "vagrant.d"),
+        "VAGRANT_DOTFILE_PATH": str(tmp_path / "dot-vagrant"),
+        "VAGRANT_CHECKPOINT_DISABLE": "1",
+    }
+    if provider:
+        env["VAGRANT_DEFAULT_PROVIDER"] = provider
+    result = subprocess.run(
+        [vagrant, *args, "--no-color"],
+        cwd=VAGRANT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
+
+
+def test_vagrantfile_validates(tmp_path: Path) -> None:
+    """Everything but the provider blocks: box, synced folder, provisioner
+    (its script must exist)."""
+    output = _vagrant(tmp_path, "validate", "--ignore-provider")
+    assert "Vagrantfile validated successfully." in output
+
+
+def test_vagrantfile_libvirt_settings_validate(tmp_path: Path) -> None:
+    """The libvirt block too: vagrant-libvirt refuses unknown settings (a typo
+    like ``lv.cpuz``) without a libvirt daemon. VirtualBox's block cannot be
+    checked here: its provider refuses to validate without VBoxManage."""
+    output = _vagrant(tmp_path, "validate", provider="libvirt")
+    assert "Vagrantfile validated successfully." in output
+
+
+def test_vagrantfile_networks_are_the_policys_vm_workload() -> None:
+    text = (VAGRANT_DIR / "Vagrantfile").read_text()
+    pinned = {
+        ipaddress.ip_network(m)
+        for m in re.findall(r'^[A-Z_]+_NETWORK = "([^"]+)"$', text, flags=re.MULTILINE)
+    }
+    assert len(pinned) == 2
+    policy = load_policy(str(DEMO_POLICY))
+    assert set(policy.workload("this-vm").cidrs) == pinned
+    assert 'config.vm.box = "debian/bookworm64"' in text
+
+
+# --- provision.sh in dry-run mode ------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DryRun:
+    root: Path
+    output: str
+
+    @property
+    def commands(self) -> list[str]:
+        return [
+            line.removeprefix("would run: ")
+            for line in self.output.splitlines()
+            if line.startswith("would run: ")
+        ]
+
+    def files(self) -> dict[str, Path]:
+        """Every file under the root, by its path on the target system."""
+        return {"/" + str(p.relative_to(self.root)): p for p in self.root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def stub_bin(tmp_path: Path) -> Path:
+    """systemctl, apt-get and journalctl that only record being called."""
+    bin_dir = tmp_path / "stub-bin"
+    bin_dir.mkdir()
+    for name in ("systemctl", "apt-get", "journalctl"):
+        stub = bin_dir / name
+        stub.write_text(f'#!/bin/sh\necho "{name} $*" >> "{tmp_path}/called"\nexit 1\n')
+        stub.chmod(0o755)
+    return bin_dir
+
+
+def _provision(root: Path, stub_bin: Path, *args: str, env: dict[str, str] | None = None) -> DryRun:
+    result = subprocess.run(
+        ["bash", str(PROVISION), *args],
+        env={
+            **os.environ,
+            "PATH": f"{stub_bin}:{os.environ['PATH']}",
+            "EGRESS_AGENT_REPO": str(REPO),
+            **(env or {}),
+        },
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (stub_bin.parent / "called").exists(), (stub_bin.parent / "called").read_text()
+    return DryRun(root=root, output=result.stdout)
+
+
+def _agent_check(policy: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "egress_agent.agent.cli", "check", str(policy)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+
+
+def test_dry_run_installs_the_unit_and_the_demo_policy(tmp_path: Path, stub_bin: Path) -> None:
+    root = tmp_path / "root"
+    run = _provision(root, stub_bin, "--dry-run", "--root", str(root))
+
+    files = run.files()
+    assert sorted(files) == [POLICY_PATH, UNIT_PATH]
+    assert files[UNIT_PATH].read_bytes() == UNIT_SOURCE.read_bytes()
+    assert files[POLICY_PATH].read_bytes() == DEMO_POLICY.read_bytes()
+    for path in files.values():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+    check = _agent_check(files[POLICY_PATH])
+    assert check.returncode == 0, check.stderr
+    assert "ok (1 workloads" in check.stderr
+
+    assert run.commands == FIRST_RUN_COMMANDS
+
+
+def test_second_dry_run_keeps_an_edited_policy_and_rewrites_nothing(
+    tmp_path: Path, stub_bin: Path
+) -> None:
+    root = tmp_path / "root"
+    _provision(root, stub_bin, "--dry-run", "--root", str(root))
+    policy = root / POLICY_PATH.lstrip("/")
+    unit = root / UNIT_PATH.lstrip("/")
+    edited = policy.read_text().replace("pypi.org, files.pythonhosted.org", "pypi.org")
+    policy.write_text(edited)
+    unit_written = unit.stat().st_mtime_ns
+
+    again = _provision(root, stub_bin, "--dry-run", "--root", str(root))
+
+    assert policy.read_text() == edited
+    assert unit.stat().st_mtime_ns == unit_written
+    assert sorted(again.files()) == [POLICY_PATH, UNIT_PATH]
+    assert f"{POLICY_PATH} exists: kept as it is" in again.output
+    assert again.commands == AGAIN_COMMANDS
+
+
+def test_changed_unit_is_replaced_and_the_agent_restarted(tmp_path: Path, stub_bin: Path) -> None:
+    root = tmp_path / "root"
+    _provision(root, stub_bin, "--dry-run", "--root", str(root))
+    unit = root / UNIT_PATH.lstrip("/")
+    unit.write_text("[Service]\nExecStart=/bin/true\n")  # an older unit
+
+    again = _provision(root, stub_bin, "--dry-run", "--root", str(root))
+
+    assert unit.read_bytes() == UNIT_SOURCE.read_bytes()
+    assert again.commands == FIRST_RUN_COMMANDS
+
+
+def test_provision_root_alone_means_a_dry_run(tmp_path: Path, stub_bin: Path) -> None:
+    root = tmp_path / "root"
+    run = _provision(root, stub_bin, env={"PROVISION_ROOT": str(root)})
+    assert sorted(run.files()) == [POLICY_PATH, UNIT_PATH]
+    assert run.commands == FIRST_RUN_COMMANDS
+
+
+# --- provision.sh for real, in a sandbox (root) ----------------------------------
+#
+# The real path -- root and repository checks, the commands actually run, the
+# refusal of a bad policy, the wait for "ready:" -- runs as root in a private
+# mount namespace where /etc is an overlay whose writes land in the test's
+# folder, /opt is such an overlay too, holding a stand-in repository at
+# /opt/egress-agent (the real policy and unit, a `run` that records being
+# called, an `egress-agent` that is this checkout's), and systemctl/journalctl
+# are stubs that record their arguments. Neither /etc nor any service of the
+# machine is touched. The script runs from a copy outside any checkout, as
+# Vagrant runs it.
+
+SYSTEMCTL_STUB = """#!/bin/sh
+echo "systemctl $*" >> "$STUB_LOG"
+[ "$1" = show ] && echo 5e1f0c0ffee
+exit 0
+"""
+JOURNALCTL_STUB = """#!/bin/sh
+echo "journalctl $*" >> "$STUB_LOG"
+[ -e "$STUB_READY" ] && echo "egress-agent: INFO ready: policy /etc/egress-agent/policy.yaml"
+exit 0
+"""
+
+SANDBOX = r"""
+set -euo pipefail
+mount -t overlay egress-test-opt -o "lowerdir=/opt,upperdir=$T/opt-upper,workdir=$T/opt-work" /opt
+mount -t overlay egress-test-etc -o "lowerdir=/etc,upperdir=$T/etc-upper,workdir=$T/etc-work" /etc
+r=/opt/egress-agent
+mkdir -p "$r/vagrant" "$r/deploy/systemd" "$r/.venv/bin"
+cp "$SRC/vagrant/policy.yaml" "$r/vagrant/"
+cp "$SRC/deploy/systemd/egress-agent.service" "$r/deploy/systemd/"
+printf '#!/bin/sh\necho "run $*" >> "$STUB_LOG"\n' > "$r/run"
+printf '#!/bin/sh\nexec %s -m egress_agent.agent.cli "$@"\n' "$PYTHON" > "$r/.venv/bin/egress-agent"
+chmod +x "$r/run" "$r/.venv/bin/egress-agent"
+cp "$SRC/vagrant/provision.sh" "$T/vagrant-shell"
+PATH="$T/stub-bin:$PATH" exec bash "$T/vagrant-shell"
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RealRun:
+    returncode: int
+    output: str
+    called: list[str]
+    etc: Path  # what the script wrote to /etc
+
+    def written(self) -> list[str]:
+        return sorted(
+            "/etc/" + str(p.relative_to(self.etc)) for p in self.etc.rglob("*") if p.is_file()
+        )
+
+
+def _provision_for_real(
+    tmp_path: Path,
+    *,
+    ready: bool = True,
+    existing_policy: str | None = None,
+    env: dict[str, str] | None = None,
+) -> RealRun:
+    for d in ("etc-upper", "etc-work", "opt-upper", "opt-work", "stub-bin"):
+        (tmp_path / d).mkdir()
+    for name, text in (("systemctl", SYSTEMCTL_STUB), ("journalctl", JOURNALCTL_STUB)):
+        (tmp_path / "stub-bin" / name).write_text(text)
+        (tmp_path / "stub-bin" / name).chmod(0o755)
+    if ready:
+        (tmp_path / "ready").touch()
+    if existing_policy is not None:
+        (tmp_path / "etc-upper" / "egress-agent").mkdir()
+        (tmp_path / "etc-upper" / "egress-agent" / "policy.yaml").write_text(existing_policy)
+    log = tmp_path / "called"
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("PROVISION_", "EGRESS_"))}
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c", SANDBOX],
+        env={
+            **clean_env,
+            "T": str(tmp_path),
+            "SRC": str(REPO),
+            "PYTHON": shlex.quote(sys.executable),
+            "STUB_LOG": str(log),
+            "STUB_READY": str(tmp_path / "ready"),
+            "PROVISION_READY_TIMEOUT": "2",
+            **(env or {}),
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    called = log.read_text().splitlines() if log.exists() else []
+    return RealRun(
+        returncode=result.returncode,
+        output=result.stdout + result.stderr,
+        called=called,
+        etc=tmp_path / "etc-upper",
+    )
+
+
+@pytest.mark.netns
+def test_provisioning_installs_enables_and_waits_for_ready(
+    require_root: None, tmp_path: Path
+) -> None:
+    machine = [Path(UNIT_PATH), Path(POLICY_PATH)]
+    before = [p.stat().st_mtime_ns if p.exists() else None for p in machine]
+    done = _provision_for_real(tmp_path)
+    assert done.returncode == 0, done.output
+    # The machine's own files were not touched.
+    assert [p.stat().st_mtime_ns if p.exists() else None for p in machine] == before
+    assert done.written() == [POLICY_PATH, UNIT_PATH]
+    assert (done.etc / "systemd/system/egress-agent.service").read_bytes() == (
+        REPO / "deploy/systemd/egress-agent.service"
+    ).read_bytes()
+    assert (done.etc / "egress-agent/policy.yaml").read_bytes() == (
+        REPO / "vagrant/policy.yaml"
+    ).read_bytes()
+    assert [c for c in done.called if not c.startswith(("journalctl", "systemctl show"))] == [
+        "run setup",
+        "systemctl daemon-reload",
+        "systemctl try-restart egress-agent.service",
+        "systemctl enable --now egress-agent.service",
+    ]
+    assert "/etc/egress-agent/policy.yaml: ok" in done.output
+    assert "INFO ready:" in done.output
+
+
+@pytest.mark.netns
+def test_a_bad_policy_in_place_stops_before_the_service(require_root: None, tmp_path: Path) -> None:
+    bad = "version: 1\nworkloads: {vm: {cidrs: [10.0.2.15/24]}}\nintercept: []\negress: []\n"
+    done = _provision_for_real(tmp_path, existing_policy=bad)
+    assert done.returncode == 2, done.output
+    assert "policy.yaml:2:" in done.output  # the loader's file:line:col
+    assert "fix it and provision again" in done.output
+    assert done.called == ["run setup"]  # no systemctl at all
+    assert (done.etc / "egress-agent/policy.yaml").read_text() == bad  # kept
+    assert not (done.etc / "systemd").exists()
+
+
+@pytest.mark.netns
+def test_an_agent_that_never_gets_ready_fails_provisioning(
+    require_root: None, tmp_path: Path
+) -> None:
+    done = _provision_for_real(tmp_path, ready=False)
+    assert done.returncode == 1, done.output
+    assert "did not report ready in 2s" in done.output
+    assert "systemctl enable --now egress-agent.service" in done.called
+
+
+@pytest.mark.netns
+def test_a_repository_elsewhere_is_refused(require_root: None, tmp_path: Path) -> None:
+    """The unit runs /opt/egress-agent/.venv/bin/egress-agent: provisioning a
+    checkout elsewhere would enable a service that cannot start."""
+    done = _provision_for_real(tmp_path, env={"EGRESS_AGENT_REPO": str(REPO)})
+    assert done.returncode == 1, done.output
+    assert "put it at /opt/egress-agent" in done.output
+    assert done.called == []
+    assert done.written() == []
