@@ -212,13 +212,14 @@ class Agent:
         self.generation += 1
         self.policy, self.policy_hash, self.doc = policy, digest, doc
         assert self.proxy is not None
-        self.proxy.update_policy(policy, generation=self.generation, policy_hash=digest)
+        closed = self.proxy.update_policy(policy, generation=self.generation, policy_hash=digest)
         log.info(
-            "reloaded (%s): generation %d, sha256 %s (%s)",
+            "reloaded (%s): generation %d, sha256 %s (%s)%s",
             reason,
             self.generation,
             digest,
             summary(policy),
+            f"; closed {closed} open connections it denies" if closed else "",
         )
         return ReloadResult(applied=True, generation=self.generation, policy_hash=digest)
 

@@ -61,7 +61,9 @@ _BOOL = _TAG_PREFIX + "bool"
 _NULL = _TAG_PREFIX + "null"
 _MERGE = _TAG_PREFIX + "merge"
 
-_TOP_KEYS = ("version", "proxy", "workloads", "intercept", "egress", "default")
+_TOP_KEYS = ("version", "proxy", "workloads", "intercept", "egress", "default", "on_reload")
+_ON_RELOAD_KEYS = ("denied_connections",)
+_DENIED_CHOICES = ("keep", "close")
 _PROXY_KEYS = (
     "port",
     "address_v4",
@@ -169,9 +171,7 @@ def parse_policy(text: str, *, source_name: str = "<policy>") -> Policy:
             "the policy is empty: expected a mapping with at least version, workloads and"
             " default (see the example in the README)"
         )
-        raise PolicyError(
-            [Problem(file=source_name, line=1, column=1, path="", message=message)]
-        )
+        raise PolicyError([Problem(file=source_name, line=1, column=1, path="", message=message)])
     reader = _Reader(source_name)
     policy = reader.policy(root)
     if reader.problems:
@@ -258,6 +258,9 @@ class _Reader:
         default = Action.DENY
         if "default" in top:
             default = self.action(top["default"][1], "default") or Action.DENY
+        close_denied = False
+        if "on_reload" in top:
+            close_denied = self.on_reload(top["on_reload"][1], "on_reload")
 
         return Policy(
             version=SUPPORTED_VERSION,
@@ -266,6 +269,7 @@ class _Reader:
             intercept=intercept,
             egress=egress,
             default=default,
+            close_denied_on_reload=close_denied,
             source_name=self.source_name,
         )
 
@@ -489,7 +493,11 @@ class _Reader:
                 action = self.action(fields["action"][1], _join(r_path, "action")) or Action.DENY
             rules.append(
                 EgressRule(
-                    name=name, action=action, sources=sources, hosts=hosts, cidrs=cidrs,
+                    name=name,
+                    action=action,
+                    sources=sources,
+                    hosts=hosts,
+                    cidrs=cidrs,
                     ports=ports,
                 )
             )
@@ -509,9 +517,7 @@ class _Reader:
         if items is None:
             return ()
         if not items:
-            hint = (
-                "; leave out `from` to match traffic from any workload" if empty_hint else ""
-            )
+            hint = "; leave out `from` to match traffic from any workload" if empty_hint else ""
             self.problem(node, path, f"expected at least one workload name{hint}")
             return ()
         names: list[str] = []
@@ -525,8 +531,7 @@ class _Reader:
                 self.problem(
                     item,
                     i_path,
-                    f"unknown workload {name!r}{_did_you_mean(name, known)}; workloads:"
-                    f" {existing}",
+                    f"unknown workload {name!r}{_did_you_mean(name, known)}; workloads: {existing}",
                 )
                 continue
             names.append(name)
@@ -614,9 +619,7 @@ class _Reader:
                 return None
             first, last = int(m[1]), int(m[2])
             if not (1 <= first <= 65535 and 1 <= last <= 65535):
-                self.problem(
-                    node, path, f"{value!r} is out of range: ports are 1-65535"
-                )
+                self.problem(node, path, f"{value!r} is out of range: ports are 1-65535")
                 return None
             if first > last:
                 self.problem(
@@ -644,6 +647,25 @@ class _Reader:
                 continue
             result.append(host)
         return tuple(result)
+
+    def on_reload(self, node: Node, path: str) -> bool:
+        """``on_reload: {denied_connections: keep | close}``; True means close."""
+        fields = self.mapping(node, path, what="reload settings", allowed=_ON_RELOAD_KEYS)
+        if not fields or "denied_connections" not in fields:
+            return False
+        value_node = fields["denied_connections"][1]
+        key_path = _join(path, "denied_connections")
+        value = self.scalar(value_node, key_path, what="keep or close")
+        if value in _DENIED_CHOICES:
+            return value == "close"
+        if value is not None:
+            self.problem(
+                value_node,
+                key_path,
+                f"expected keep (open connections run until they end) or close (connections "
+                f"the new policy denies are closed), found {self.describe(value_node)}",
+            )
+        return False
 
     def action(self, node: Node, path: str) -> Action | None:
         value = self.scalar(node, path, what="allow or deny")

@@ -111,6 +111,9 @@ class Policy:
     intercept: tuple[InterceptRule, ...]
     egress: tuple[EgressRule, ...]
     default: Action
+    # On reload, close open connections the new policy would deny (else they
+    # run until they end).
+    close_denied_on_reload: bool = False
     source_name: str = field(default="<policy>", compare=False)
 
     def workload(self, name: str) -> Workload:

@@ -438,16 +438,39 @@ class ProxyServer:
             settings.port,
         )
 
-    def update_policy(self, policy: Policy, *, generation: int, policy_hash: str) -> None:
-        """Swap the policy for new connections; open ones keep theirs.
+    def update_policy(self, policy: Policy, *, generation: int, policy_hash: str) -> int:
+        """Swap the policy for new connections; returns how many open ones it closed.
 
-        The listening addresses and port cannot change here (the caller refuses
-        such a reload); timeouts and caps apply to new connections at once, the
-        idle timeout to all.
+        Open connections keep running unless the policy says
+        ``on_reload: {denied_connections: close}``: then each relayed
+        connection is decided again under the new policy, and those it denies
+        are reset; their audit record's error names the generation and rule.
+        The listening addresses and port cannot change here (the caller
+        refuses such a reload); timeouts and caps apply to new connections.
         """
         self.policy = policy
         self.generation = generation
         self.policy_hash = policy_hash
+        if not policy.close_denied_on_reload:
+            return 0
+        closed = 0
+        for conn in list(self.connections):
+            if conn.upstream is None or conn.src is None or conn.dst is None:
+                continue  # still being decided, under the policy it arrived with
+            verdict = decide(
+                policy,
+                workload=identify(policy, conn.src.address),
+                dst=conn.dst.address,
+                dst_port=conn.dst.port,
+                server_name=conn.peeked.server_name if conn.peeked else None,
+            )
+            if verdict.action is Action.DENY:
+                conn.abort_both(
+                    f"closed by reload to policy generation {generation}: "
+                    f"rule {verdict.rule} denies it"
+                )
+                closed += 1
+        return closed
 
     def is_own_endpoint(self, ep: Endpoint) -> bool:
         return (str(ep.address), ep.port) in self._own

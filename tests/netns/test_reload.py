@@ -253,3 +253,57 @@ def test_a_long_transfer_survives_ten_reloads(setup: Setup) -> None:
     (rec,) = [r for r in _audit(setup) if r["dst"] == "198.18.1.2:9000"]
     assert rec["event"] == "closed" and rec["error"] is None
     assert rec["bytes_up"] == sent and rec["policy_generation"] == 1
+
+
+@pytest.mark.parametrize("mode", ["keep", "close"])
+def test_open_connections_the_new_policy_denies(setup: Setup, mode: str) -> None:
+    """on_reload.denied_connections: keep lets them run; close resets them and
+    says which reload and rule did it."""
+    policy = setup.work / "policy.yaml"
+    header = f"on_reload: {{denied_connections: {mode}}}\n"
+    policy.write_text(header + policy_text(allow_9001=True))
+    agent = _start(setup, policy)
+    code = """
+    import socket, sys, time
+    s = socket.create_connection(("198.18.1.2", 9001), timeout=5)
+    s.sendall(b"first\\n")
+    s.recv(100)                              # the server's line: relayed
+    print("connected", flush=True)
+    sys.stdin.readline()                     # wait until the policy was reloaded
+    try:
+        s.sendall(b"after reload\\n")
+        print("echo" if s.recv(100) else "eof", flush=True)
+    except OSError as exc:
+        print(type(exc).__name__, flush=True)
+    """
+    try:
+        client = setup.lab.popen(
+            "pod",
+            [sys.executable, "-c", textwrap.dedent(code)],
+            stdin=-1,
+            stdout=-1,
+            stderr=-1,
+            text=True,
+        )
+        assert client.stdout is not None and client.stdin is not None
+        assert client.stdout.readline().strip() == "connected"
+        _rename_over(policy, header + policy_text(allow_9001=False))
+        deadline = time.time() + 3
+        while "generation 2" not in (setup.work / "agent.log").read_text():
+            assert time.time() < deadline, "reload did not happen"
+            time.sleep(0.05)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        outcome = client.stdout.readline().strip()
+        client.wait(10)
+        assert not setup.reachable(9001)  # new connections follow the new policy
+    finally:
+        assert agent.stop() == 0
+    rec = [r for r in _audit(setup) if r["dst"] == "198.18.1.2:9001" and r["verdict"] == "allow"]
+    assert len(rec) == 1
+    if mode == "keep":
+        assert outcome == "echo" and rec[0]["error"] is None
+    else:
+        assert outcome in ("ConnectionResetError", "eof", "BrokenPipeError"), outcome
+        assert rec[0]["error"] == "closed by reload to policy generation 2: rule default denies it"
+        assert "closed 1 open connections it denies" in (setup.work / "agent.log").read_text()

@@ -832,3 +832,19 @@ def test_any_valid_policy_round_trips(
     doc, expected = generated
     text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=flow)
     assert parse_policy(text) == expected
+
+
+@pytest.mark.parametrize(("value", "close"), [("keep", False), ("close", True)])
+def test_on_reload_denied_connections(value: str, close: bool) -> None:
+    text = f"version: 1\nworkloads: {{}}\ndefault: deny\non_reload: {{denied_connections: {value}}}\n"
+    assert parse_policy(text).close_denied_on_reload is close
+    assert parse_policy("version: 1\nworkloads: {}\ndefault: deny\n").close_denied_on_reload is False
+
+
+def test_on_reload_bad_value_names_the_choices() -> None:
+    text = "version: 1\nworkloads: {}\ndefault: deny\non_reload: {denied_connections: drop}\n"
+    with pytest.raises(PolicyError) as err:
+        parse_policy(text, source_name="p.yaml")
+    (problem,) = err.value.problems
+    assert (problem.line, problem.path) == (4, "on_reload.denied_connections")
+    assert "expected keep" in problem.message and "close" in problem.message
