@@ -836,9 +836,10 @@ def test_any_valid_policy_round_trips(
 
 @pytest.mark.parametrize(("value", "close"), [("keep", False), ("close", True)])
 def test_on_reload_denied_connections(value: str, close: bool) -> None:
-    text = f"version: 1\nworkloads: {{}}\ndefault: deny\non_reload: {{denied_connections: {value}}}\n"
+    base = "version: 1\nworkloads: {}\ndefault: deny\n"
+    text = base + f"on_reload: {{denied_connections: {value}}}\n"
     assert parse_policy(text).close_denied_on_reload is close
-    assert parse_policy("version: 1\nworkloads: {}\ndefault: deny\n").close_denied_on_reload is False
+    assert parse_policy(base).close_denied_on_reload is False
 
 
 def test_on_reload_bad_value_names_the_choices() -> None:
