@@ -1,0 +1,844 @@
+"""Pod discovery against a fake API server: list, watch, resume, relist, retry.
+
+The fake serves real-shaped PodList/NamespaceList JSON and, for ``?watch=true``,
+newline-delimited watch events, answering each request from a script that
+also says which query it expects (fieldSelector, resourceVersion, continue).
+What is asserted is what a user of the watcher sees: the snapshot, the
+snapshots handed to ``on_change``, and the requests the API server received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import ipaddress
+import json
+import logging
+import socket
+import threading
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import kubernetes.client
+import pytest
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from egress_agent.agent.kubernetes import (
+    Backoff,
+    KubernetesConfigError,
+    PodInfo,
+    PodWatcher,
+    Selector,
+    Snapshot,
+    make_api,
+    matches,
+    node_name_from_env,
+    pod_info,
+    selected_networks,
+)
+
+NODE = "node-a"
+TINY = Backoff(initial=0.01, cap=0.05)
+# Every wait in these tests is bounded by this many seconds.
+WAIT = 5.0
+
+Json = dict[str, Any]
+Reply = Callable[[Request], Response]
+
+
+# --- Real-shaped API objects ------------------------------------------------------
+
+
+def pod(
+    name: str,
+    *,
+    namespace: str = "db",
+    ips: tuple[str, ...] = (),
+    labels: Mapping[str, str] | None = None,
+    rv: str = "1",
+    host_network: bool = False,
+    phase: str = "Running",
+) -> Json:
+    status: Json = {"phase": phase, "hostIP": "192.0.2.10", "hostIPs": [{"ip": "192.0.2.10"}]}
+    if ips:
+        status["podIP"] = ips[0]
+        status["podIPs"] = [{"ip": ip} for ip in ips]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": f"0c6f3a52-{namespace}-{name}",
+            "labels": dict(labels or {}),
+            "resourceVersion": rv,
+        },
+        "spec": {
+            "nodeName": NODE,
+            "hostNetwork": host_network,
+            "containers": [{"name": "main", "image": "registry.example/app:1"}],
+        },
+        "status": status,
+    }
+
+
+def namespace(name: str, *, labels: Mapping[str, str] | None = None, rv: str = "1") -> Json:
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": name,
+            "uid": f"7d1e-{name}",
+            "labels": {"kubernetes.io/metadata.name": name, **(labels or {})},
+            "resourceVersion": rv,
+        },
+        "spec": {"finalizers": ["kubernetes"]},
+        "status": {"phase": "Active"},
+    }
+
+
+def pod_list(rv: str, *items: Json, cont: str | None = None) -> Json:
+    metadata: Json = {"resourceVersion": rv}
+    if cont:
+        metadata["continue"] = cont
+    return {"apiVersion": "v1", "kind": "PodList", "metadata": metadata, "items": list(items)}
+
+
+def namespace_list(rv: str, *items: Json, cont: str | None = None) -> Json:
+    body = pod_list(rv, *items, cont=cont)
+    body["kind"] = "NamespaceList"
+    return body
+
+
+def event(kind: Literal["ADDED", "MODIFIED", "DELETED"], obj: Json) -> Json:
+    return {"type": kind, "object": obj}
+
+
+def bookmark(rv: str) -> Json:
+    return {
+        "type": "BOOKMARK",
+        "object": {"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": rv}},
+    }
+
+
+def status(code: int, reason: str, message: str) -> Json:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+GONE = status(410, "Expired", "too old resource version: 10 (30)")
+NAMESPACES = namespace_list(
+    "100", namespace("db", labels={"team": "data"}), namespace("web", labels={"team": "front"})
+)
+
+
+# --- The fake API server ----------------------------------------------------------
+
+
+@dataclass
+class Step:
+    reply: Reply
+    expect: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Seen:
+    resource: str
+    verb: str
+    args: Mapping[str, str]
+
+
+@dataclass
+class FakeApiServer:
+    """Answers /api/v1/pods and /api/v1/namespaces from a script per (resource,
+    list|watch). Unscripted lists repeat the resource's last list; unscripted
+    watches stay open with no events until the test ends."""
+
+    httpserver: HTTPServer
+    closing: threading.Event = field(default_factory=threading.Event)
+    seen: list[Seen] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)
+    _steps: dict[tuple[str, str], deque[Step]] = field(default_factory=lambda: defaultdict(deque))
+    _last_list: dict[str, Reply] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._last_list["pods"] = self.body(pod_list("1"))
+        self._last_list["namespaces"] = self.body(NAMESPACES)
+        for resource in ("pods", "namespaces"):
+            self.httpserver.expect_request(f"/api/v1/{resource}").respond_with_handler(
+                functools.partial(self._handle, resource)
+            )
+
+    def on_list(self, resource: str, reply: Reply, **expect: str) -> None:
+        self._steps[(resource, "list")].append(Step(reply, expect))
+
+    def on_watch(self, resource: str, reply: Reply, **expect: str) -> None:
+        self._steps[(resource, "watch")].append(Step(reply, expect))
+
+    def requests(self, resource: str, verb: str) -> list[Mapping[str, str]]:
+        with self._lock:
+            return [s.args for s in self.seen if (s.resource, s.verb) == (resource, verb)]
+
+    def body(self, obj: Json, code: int = 200) -> Reply:
+        def reply(request: Request) -> Response:
+            return Response(json.dumps(obj), status=code, content_type="application/json")
+
+        return reply
+
+    def after(self, gate: threading.Event, reply: Reply) -> Reply:
+        """``reply``, once the test has set ``gate``."""
+
+        def delayed(request: Request) -> Response:
+            gate.wait(WAIT)
+            return reply(request)
+
+        return delayed
+
+    def error(self, code: int, reason: str) -> Reply:
+        return self.body(status(code, reason, f"the test says {reason}"), code)
+
+    def events(
+        self, *items: Json | threading.Event, then: Literal["end", "hold", "drop"] = "end"
+    ) -> Reply:
+        """A watch response: the events, one JSON per line. A threading.Event
+        in ``items`` holds the stream until the test sets it."""
+
+        def body() -> Iterator[bytes]:
+            yield b""  # the API server sends the headers at once, before any event
+            for item in items:
+                if isinstance(item, threading.Event):
+                    item.wait(WAIT)
+                else:
+                    yield (json.dumps(item) + "\n").encode()
+            if then == "hold":
+                self.closing.wait(30)
+            elif then == "drop":
+                raise ConnectionResetError("the test drops the connection")
+
+        def reply(request: Request) -> Response:
+            return Response(body(), status=200, content_type="application/json")
+
+        return reply
+
+    def _handle(self, resource: str, request: Request) -> Response:
+        args = dict(request.args.items())
+        verb = "watch" if args.get("watch", "").lower() == "true" else "list"
+        with self._lock:
+            self.seen.append(Seen(resource, verb, args))
+            steps = self._steps[(resource, verb)]
+            step = steps.popleft() if steps else None
+        if step is None:
+            reply = self._last_list[resource] if verb == "list" else self.events(then="hold")
+        else:
+            wrong = {k: (v, args.get(k)) for k, v in step.expect.items() if args.get(k) != v}
+            if wrong:
+                self.mismatches.append(f"{resource} {verb}: expected, got: {wrong}")
+                return self.error(400, "UnexpectedRequest")(request)
+            reply = step.reply
+        if verb == "list" and step is not None:
+            self._last_list[resource] = reply
+        return reply(request)
+
+
+@pytest.fixture(scope="module")
+def make_httpserver() -> Iterator[HTTPServer]:
+    # Threaded: the pod and namespace watches stay open side by side.
+    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+    server.start()
+    yield server
+    server.clear()
+    server.stop()
+
+
+@pytest.fixture
+def fake(httpserver: HTTPServer) -> Iterator[FakeApiServer]:
+    server = FakeApiServer(httpserver)
+    yield server
+    server.closing.set()
+    assert not server.mismatches, server.mismatches
+    httpserver.check_handler_errors()
+
+
+def api_for(url: str) -> Any:
+    configuration = kubernetes.client.Configuration(host=url)
+    return kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(configuration))
+
+
+@pytest.fixture
+def api(fake: FakeApiServer) -> Any:
+    return api_for(fake.httpserver.url_for("").rstrip("/"))
+
+
+# --- Running the watcher ----------------------------------------------------------
+
+
+def run_async(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    @functools.wraps(test)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 20))
+
+    return wrapper
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"waited {timeout} s for {what}")
+        await asyncio.sleep(0.005)
+
+
+def watch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("egress-agent watch")]
+
+
+@contextlib.asynccontextmanager
+async def running(api: Any) -> AsyncIterator[tuple[PodWatcher, list[Snapshot]]]:
+    """The watcher running as a task; cancelled at the end, and its watch
+    threads must be gone by then."""
+    changes: list[Snapshot] = []
+    watcher = PodWatcher(api, node_name=NODE, on_change=changes.append, backoff=TINY)
+    task = asyncio.get_running_loop().create_task(watcher.run(), name="pod watcher under test")
+    try:
+        yield watcher, changes
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await until(lambda: not watch_threads(), "the watch threads to end", timeout=1.0)
+
+
+async def synced(watcher: PodWatcher, gate: threading.Event | None = None) -> None:
+    """Wait for the first complete sync, then open ``gate``: what the test
+    scripted behind it happens after the first on_change."""
+    await until(lambda: watcher.snapshot().synced, "the first sync")
+    if gate is not None:
+        gate.set()
+
+
+def names(snapshot: Snapshot) -> list[str]:
+    return [f"{p.namespace}/{p.name}" for p in snapshot.pods]
+
+
+def ips(*texts: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    return tuple(ipaddress.ip_address(t) for t in texts)
+
+
+# --- List, then watch ---------------------------------------------------------------
+
+
+@run_async
+async def test_initial_list_fills_the_snapshot_with_this_nodes_pods(
+    fake: FakeApiServer, api: Any
+) -> None:
+    fake.on_list(
+        "pods",
+        fake.body(
+            pod_list(
+                "10",
+                pod("pg-1", ips=("10.1.0.5", "fd00:1::5"), labels={"cnpg.io/cluster": "pg-main"}),
+                pod("agent", namespace="kube-system", ips=("192.0.2.10",), host_network=True),
+                pod("web-1", namespace="web", phase="Pending"),
+            )
+        ),
+        fieldSelector=f"spec.nodeName={NODE}",
+    )
+    fake.on_watch("pods", fake.events(then="hold"), resourceVersion="10")
+    async with running(api) as (watcher, changes):
+        await until(lambda: bool(fake.requests("pods", "watch")), "the pod watch")
+        await until(lambda: watcher.snapshot().synced, "the first sync")
+        snap = watcher.snapshot()
+        assert names(snap) == ["db/pg-1", "kube-system/agent", "web/web-1"]
+        pg = snap.pods[0]
+        assert pg == PodInfo(
+            namespace="db",
+            name="pg-1",
+            uid="0c6f3a52-db-pg-1",
+            labels={"cnpg.io/cluster": "pg-main"},
+            ips=ips("10.1.0.5", "fd00:1::5"),
+            host_network=False,
+            phase="Running",
+        )
+        assert snap.pods[1].host_network
+        assert snap.pods[2].ips == ()
+        assert snap.pods_resource_version == "10"
+        assert snap.namespaces_resource_version == "100"
+        assert dict(snap.labels_of_namespace("db")) == {
+            "kubernetes.io/metadata.name": "db",
+            "team": "data",
+        }
+        assert changes[-1] == snap
+        assert all(c.synced for c in changes), "on_change before both lists were complete"
+        hash(snap)  # plain, frozen data
+    (listed,) = fake.requests("pods", "list")
+    assert listed["fieldSelector"] == f"spec.nodeName={NODE}"
+    watched = fake.requests("pods", "watch")[0]
+    assert watched["fieldSelector"] == f"spec.nodeName={NODE}"
+    assert watched["resourceVersion"] == "10"
+    assert watched["allowWatchBookmarks"].lower() == "true"
+    assert int(watched["timeoutSeconds"]) > 0
+    assert "fieldSelector" not in fake.requests("namespaces", "list")[0]
+
+
+@run_async
+async def test_watch_events_add_update_and_remove_pods(fake: FakeApiServer, api: Any) -> None:
+    fake.on_list("pods", fake.body(pod_list("10", pod("pg-1", rv="9"))))
+    gates = [threading.Event() for _ in range(3)]
+    fake.on_watch(
+        "pods",
+        fake.events(
+            event("ADDED", pod("pg-2", rv="11")),
+            gates[0],
+            event("MODIFIED", pod("pg-2", ips=("10.1.0.6",), rv="12")),
+            gates[1],
+            event("MODIFIED", pod("pg-2", ips=("10.1.0.6",), labels={"role": "replica"}, rv="13")),
+            gates[2],
+            event("DELETED", pod("pg-1", rv="14")),
+            then="hold",
+        ),
+        resourceVersion="10",
+    )
+    async with running(api) as (watcher, changes):
+
+        def pg2() -> PodInfo:
+            return next(p for p in watcher.snapshot().pods if p.name == "pg-2")
+
+        await synced(watcher)
+        await until(lambda: "db/pg-2" in names(watcher.snapshot()), "pg-2 to be added")
+        assert names(watcher.snapshot()) == ["db/pg-1", "db/pg-2"]
+        assert pg2().ips == ()
+        gates[0].set()
+        await until(lambda: pg2().ips == ips("10.1.0.6"), "pg-2's IP")
+        gates[1].set()
+        await until(lambda: pg2().labels == {"role": "replica"}, "pg-2's new labels")
+        gates[2].set()
+        await until(lambda: names(watcher.snapshot()) == ["db/pg-2"], "pg-1 to be deleted")
+        assert watcher.snapshot().pods_resource_version == "14"
+        assert changes[-1] == watcher.snapshot()
+    assert len(fake.requests("pods", "list")) == 1
+
+
+@run_async
+async def test_watch_that_ends_resumes_from_the_last_resource_version(
+    fake: FakeApiServer, api: Any
+) -> None:
+    fake.on_list("pods", fake.body(pod_list("10")))
+    fake.on_watch(
+        "pods",
+        fake.events(
+            event("ADDED", pod("pg-1", rv="12")),
+            event("MODIFIED", pod("pg-1", ips=("10.1.0.5",), rv="13")),
+        ),
+        resourceVersion="10",
+    )
+    fake.on_watch("pods", fake.events(then="hold"), resourceVersion="13")
+    async with running(api) as (watcher, _):
+        await until(lambda: len(fake.requests("pods", "watch")) == 2, "the second watch")
+        assert watcher.snapshot().pods[0].ips == ips("10.1.0.5")
+    assert [w["resourceVersion"] for w in fake.requests("pods", "watch")] == ["10", "13"]
+    assert len(fake.requests("pods", "list")) == 1, "a normal end must not relist"
+
+
+@run_async
+async def test_bookmark_advances_the_resource_version_without_a_change(
+    fake: FakeApiServer, api: Any
+) -> None:
+    fake.on_list("pods", fake.body(pod_list("10", pod("pg-1", ips=("10.1.0.5",)))))
+    fake.on_watch("pods", fake.events(bookmark("50")), resourceVersion="10")
+    fake.on_watch("pods", fake.events(then="hold"), resourceVersion="50")
+    async with running(api) as (watcher, changes):
+        await synced(watcher)
+        await until(lambda: len(fake.requests("pods", "watch")) == 2, "the second watch")
+        assert watcher.snapshot().pods_resource_version == "50"
+        assert len(changes) == 1, "a bookmark changes no pod: no on_change"
+
+
+@pytest.mark.parametrize("how", ["error event", "http status"])
+@run_async
+async def test_gone_relists_from_scratch(fake: FakeApiServer, api: Any, how: str) -> None:
+    fake.on_list("pods", fake.body(pod_list("10", pod("pg-1"), pod("pg-2"))))
+    gate = threading.Event()
+    if how == "error event":
+        gone = fake.events(gate, {"type": "ERROR", "object": GONE})
+    else:
+        gone = fake.after(gate, fake.body(GONE, 410))
+    fake.on_watch("pods", gone, resourceVersion="10")
+    fake.on_list("pods", fake.body(pod_list("30", pod("pg-2"), pod("pg-3"))))
+    fake.on_watch("pods", fake.events(then="hold"), resourceVersion="30")
+    async with running(api) as (watcher, changes):
+        await synced(watcher, gate)
+        await until(lambda: len(fake.requests("pods", "watch")) == 2, "the watch after relist")
+        assert names(watcher.snapshot()) == ["db/pg-2", "db/pg-3"]
+        assert watcher.snapshot().pods_resource_version == "30"
+        assert [names(c) for c in changes] == [["db/pg-1", "db/pg-2"], ["db/pg-2", "db/pg-3"]]
+    assert len(fake.requests("pods", "list")) == 2
+    assert "resourceVersion" not in fake.requests("pods", "list")[1], "relist from scratch"
+
+
+# --- Errors: retry, and never forget the last known state ------------------------
+
+
+@run_async
+async def test_api_errors_and_dropped_connections_keep_the_last_known_pods(
+    fake: FakeApiServer, api: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="egress_agent.agent.kubernetes")
+    fake.on_list("pods", fake.error(500, "InternalError"))
+    fake.on_list("pods", fake.body(pod_list("10", pod("pg-1", ips=("10.1.0.5",)))))
+    gate = threading.Event()
+    fake.on_watch("pods", fake.after(gate, fake.error(500, "InternalError")), resourceVersion="10")
+    fake.on_watch("pods", fake.error(503, "ServiceUnavailable"), resourceVersion="10")
+    fake.on_watch(
+        "pods",
+        fake.events(event("ADDED", pod("pg-2", ips=("10.1.0.6",), rv="11")), then="drop"),
+        resourceVersion="10",
+    )
+    fake.on_watch("pods", fake.events(then="hold"), resourceVersion="11")
+    async with running(api) as (watcher, changes):
+        await synced(watcher, gate)
+        await until(lambda: len(fake.requests("pods", "watch")) == 4, "the watch after the drop")
+        assert names(watcher.snapshot()) == ["db/pg-1", "db/pg-2"]
+        await until(lambda: watcher.last_error is None, "the open watch to clear the error")
+        assert [names(c) for c in changes] == [["db/pg-1"], ["db/pg-1", "db/pg-2"]]
+    assert len(fake.requests("pods", "list")) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("answered 500" in w and "not listed yet" in w for w in warnings), warnings
+    assert any("answered 503" in w and "keeping the last known 1 pods" in w for w in warnings)
+    assert any("ProtocolError" in w for w in warnings), warnings
+
+
+@run_async
+async def test_a_failing_relist_keeps_the_last_known_pods(
+    fake: FakeApiServer, api: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="egress_agent.agent.kubernetes")
+    fake.on_list("pods", fake.body(pod_list("10", pod("pg-1"), pod("pg-2"))))
+    gate = threading.Event()
+    fake.on_watch("pods", fake.after(gate, fake.body(GONE, 410)), resourceVersion="10")
+    fake.on_list("pods", fake.error(500, "InternalError"))
+    fake.on_list("pods", fake.error(403, "Forbidden"))
+    fake.on_list("pods", fake.body(pod_list("40", pod("pg-1"))))
+    fake.on_watch("pods", fake.events(then="hold"), resourceVersion="40")
+    async with running(api) as (watcher, changes):
+        await synced(watcher, gate)
+        await until(lambda: len(fake.requests("pods", "watch")) == 2, "the watch after relist")
+        assert names(watcher.snapshot()) == ["db/pg-1"]
+    # The store went straight from the old list to the new one: never emptied.
+    assert [names(c) for c in changes] == [["db/pg-1", "db/pg-2"], ["db/pg-1"]]
+    assert len(fake.requests("pods", "list")) == 4
+    forbidden = [r.getMessage() for r in caplog.records if "answered 403" in r.getMessage()]
+    assert forbidden, "the 403 was not logged"
+    assert "needs get, list and watch on pods" in forbidden[0]
+    assert "keeping the last known 2 pods" in forbidden[0]
+
+
+@run_async
+async def test_a_watch_that_ends_at_once_is_retried_with_backoff(
+    fake: FakeApiServer, api: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="egress_agent.agent.kubernetes")
+    fake.on_list("pods", fake.body(pod_list("10")))
+    fake.on_watch("pods", fake.events(), resourceVersion="10")
+    fake.on_watch("pods", fake.events(then="hold"), resourceVersion="10")
+    async with running(api):
+        await until(lambda: len(fake.requests("pods", "watch")) == 2, "the second watch")
+    assert any("ended the watch at once" in r.getMessage() for r in caplog.records)
+
+
+@run_async
+async def test_unreachable_api_server_is_retried_and_nothing_is_synced() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api = api_for(f"http://127.0.0.1:{port}")
+    async with running(api) as (watcher, changes):
+        await until(lambda: watcher.last_error is not None, "a connection error")
+        assert "MaxRetryError" in watcher.last_error  # type: ignore[operator]
+        assert not watcher.snapshot().synced
+        assert changes == []
+
+
+@run_async
+async def test_cancel_ends_watches_held_open_at_once(fake: FakeApiServer, api: Any) -> None:
+    loop = asyncio.get_running_loop()
+    async with running(api):
+        await until(lambda: len(watch_threads()) == 2, "both watches to be open")
+        started = loop.time()
+    assert loop.time() - started < 0.5  # `running` also checked the threads have ended
+
+
+# --- Namespaces ------------------------------------------------------------------------
+
+
+@run_async
+async def test_namespace_labels_follow_the_namespace_watch(fake: FakeApiServer, api: Any) -> None:
+    pods = [pod("pg-1", ips=("10.1.0.5",)), pod("web-1", namespace="web", ips=("10.1.0.9",))]
+    fake.on_list("pods", fake.body(pod_list("10", *pods)))
+    fake.on_list("namespaces", fake.body(NAMESPACES))
+    gate = threading.Event()
+    web = namespace("web", labels={"team": "data"}, rv="101")
+    fake.on_watch(
+        "namespaces",
+        fake.events(gate, event("MODIFIED", web), then="hold"),
+        resourceVersion="100",
+    )
+    selector = Selector(namespace_labels={"team": "data"})
+    async with running(api) as (watcher, changes):
+        await synced(watcher, gate)
+        await until(lambda: watcher.snapshot().namespaces_resource_version == "101", "the change")
+        assert selected_networks(selector, watcher.snapshot()) == (
+            ipaddress.ip_network("10.1.0.5/32"),
+            ipaddress.ip_network("10.1.0.9/32"),
+        )
+        assert selected_networks(selector, changes[0]) == (ipaddress.ip_network("10.1.0.5/32"),)
+
+
+@run_async
+async def test_a_list_in_pages_is_read_whole(fake: FakeApiServer, api: Any) -> None:
+    fake.on_list(
+        "namespaces",
+        fake.body(namespace_list("100", namespace("a"), cont="page-2")),
+    )
+    fake.on_list(
+        "namespaces",
+        fake.body(namespace_list("100", namespace("b"))),
+        **{"continue": "page-2"},
+    )
+    fake.on_watch("namespaces", fake.events(then="hold"), resourceVersion="100")
+    async with running(api) as (watcher, _):
+        await until(lambda: watcher.snapshot().synced, "the first sync")
+        assert sorted(watcher.snapshot().namespace_labels) == ["a", "b"]
+        await until(lambda: bool(fake.requests("namespaces", "watch")), "the namespace watch")
+
+
+# --- Selection (pure) ------------------------------------------------------------------
+
+
+PG = PodInfo(
+    namespace="db",
+    name="pg-1",
+    uid="u1",
+    labels={"cnpg.io/cluster": "pg-main", "role": "primary"},
+    ips=ips("10.1.0.5", "fd00:1::5"),
+    phase="Running",
+)
+DB_LABELS = {"kubernetes.io/metadata.name": "db", "team": "data"}
+
+
+def variant(**changes: Any) -> PodInfo:
+    return dataclasses.replace(PG, **changes)
+
+
+@pytest.mark.parametrize(
+    ("selector", "pod_", "ns_labels", "expected"),
+    [
+        pytest.param(Selector(), PG, DB_LABELS, True, id="empty selects every pod"),
+        pytest.param(Selector(namespace="db"), PG, DB_LABELS, True, id="namespace"),
+        pytest.param(Selector(namespace="web"), PG, DB_LABELS, False, id="other namespace"),
+        pytest.param(
+            Selector(labels={"cnpg.io/cluster": "pg-main"}), PG, DB_LABELS, True, id="one label"
+        ),
+        pytest.param(
+            Selector(namespace="db", labels=dict(PG.labels)), PG, DB_LABELS, True, id="all labels"
+        ),
+        pytest.param(
+            Selector(labels={"cnpg.io/cluster": "pg-main", "role": "replica"}),
+            PG,
+            DB_LABELS,
+            False,
+            id="one of two labels differs",
+        ),
+        pytest.param(
+            Selector(labels={"cnpg.io/cluster": "pg-other"}), PG, DB_LABELS, False, id="value"
+        ),
+        pytest.param(
+            Selector(labels={"absent": ""}), PG, DB_LABELS, False, id="empty value is not any"
+        ),
+        pytest.param(
+            Selector(namespace_labels={"team": "data"}), PG, DB_LABELS, True, id="namespace label"
+        ),
+        pytest.param(
+            Selector(namespace_labels={"team": "front"}),
+            PG,
+            DB_LABELS,
+            False,
+            id="namespace label differs",
+        ),
+        pytest.param(
+            Selector(namespace_labels={"team": "data"}),
+            PG,
+            {},
+            False,
+            id="namespace not seen yet",
+        ),
+        pytest.param(
+            Selector(namespace_labels={"kubernetes.io/metadata.name": "db"}),
+            PG,
+            DB_LABELS,
+            True,
+            id="namespace by its name label",
+        ),
+        # The pod is named, and contributes its addresses once they are known.
+        pytest.param(Selector(namespace="db"), variant(ips=()), DB_LABELS, True, id="no IP yet"),
+        pytest.param(
+            Selector(namespace="db"), variant(host_network=True), DB_LABELS, False, id="hostNetwork"
+        ),
+        pytest.param(
+            Selector(), variant(host_network=True), DB_LABELS, False, id="hostNetwork, empty"
+        ),
+        pytest.param(
+            Selector(namespace="db"), variant(phase="Pending"), DB_LABELS, True, id="Pending"
+        ),
+        pytest.param(
+            Selector(namespace="db"), variant(phase="Succeeded"), DB_LABELS, False, id="Succeeded"
+        ),
+        pytest.param(
+            Selector(namespace="db"), variant(phase="Failed"), DB_LABELS, False, id="Failed"
+        ),
+        pytest.param(
+            Selector(namespace="db"), variant(phase="Unknown"), DB_LABELS, True, id="Unknown"
+        ),
+    ],
+)
+def test_matches(
+    selector: Selector, pod_: PodInfo, ns_labels: dict[str, str], expected: bool
+) -> None:
+    assert matches(selector, pod_, ns_labels) is expected
+
+
+def test_selected_networks_are_host_routes_of_matching_pods_only() -> None:
+    snapshot = Snapshot(
+        pods=(
+            PG,
+            variant(name="pg-2", ips=ips("10.1.0.4")),
+            variant(name="pg-3", ips=()),
+            variant(name="old", ips=ips("10.1.0.7"), phase="Succeeded"),
+            variant(name="hostnet", ips=ips("192.0.2.10"), host_network=True),
+            variant(name="other", ips=ips("10.1.0.8"), labels={"app": "other"}),
+        ),
+        namespace_labels={"db": DB_LABELS},
+        pods_resource_version="1",
+        namespaces_resource_version="1",
+        synced=True,
+    )
+    selector = Selector(namespace="db", labels={"cnpg.io/cluster": "pg-main"})
+    assert [str(n) for n in selected_networks(selector, snapshot)] == [
+        "10.1.0.4/32",
+        "10.1.0.5/32",
+        "fd00:1::5/128",
+    ]
+
+
+def test_pods_and_selectors_are_hashable_values() -> None:
+    assert variant(labels={"a": "1", "b": "2"}) == variant(labels={"b": "2", "a": "1"})
+    assert hash(variant(labels={"a": "1", "b": "2"})) == hash(variant(labels={"b": "2", "a": "1"}))
+    assert len({Selector(labels={"a": "1"}), Selector(labels={"a": "1"})}) == 1
+
+
+# --- Reading pods --------------------------------------------------------------------
+
+
+def test_pod_info_reads_podip_of_older_servers_and_skips_bad_addresses() -> None:
+    obj = pod("pg-1")
+    obj["status"]["podIP"] = "10.1.0.5"
+    assert pod_info(obj).ips == ips("10.1.0.5")
+    obj["status"]["podIPs"] = [{"ip": "not-an-ip"}, {"ip": "fd00:1::5"}]
+    assert pod_info(obj).ips == ips("fd00:1::5")
+
+
+def test_pod_info_refuses_an_object_without_namespace() -> None:
+    obj = pod("pg-1")
+    del obj["metadata"]["namespace"]
+    with pytest.raises(ValueError, match=r"metadata\.namespace"):
+        pod_info(obj)
+
+
+@run_async
+async def test_an_unreadable_pod_is_skipped_not_fatal(fake: FakeApiServer, api: Any) -> None:
+    broken = pod("broken")
+    del broken["metadata"]["name"]
+    fake.on_list("pods", fake.body(pod_list("10", broken, pod("pg-1"))))
+    async with running(api) as (watcher, _):
+        await until(lambda: watcher.snapshot().synced, "the first sync")
+        assert names(watcher.snapshot()) == ["db/pg-1"]
+
+
+# --- Configuration -----------------------------------------------------------------------
+
+
+def test_node_name_from_env() -> None:
+    assert node_name_from_env({"NODE_NAME": " node-a\n"}) == "node-a"
+    for env in ({}, {"NODE_NAME": ""}):
+        with pytest.raises(KubernetesConfigError) as info:
+            node_name_from_env(env)
+        message = str(info.value)
+        assert "NODE_NAME is not set" in message
+        assert "fieldPath: spec.nodeName" in message
+
+
+def test_make_api_explains_missing_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(KubernetesConfigError, match="--kubeconfig"):
+        make_api(None)
+    with pytest.raises(KubernetesConfigError, match="no such kubeconfig file"):
+        make_api(str(tmp_path / "missing"))
+    empty = tmp_path / "empty"
+    empty.write_text("apiVersion: v1\nkind: Config\n")
+    with pytest.raises(KubernetesConfigError, match="cannot use this kubeconfig"):
+        make_api(str(empty))
+
+
+def test_make_api_with_a_kubeconfig_reaches_its_server(fake: FakeApiServer, tmp_path: Path) -> None:
+    fake.on_list("pods", fake.body(pod_list("7", pod("pg-1"))))
+    server = fake.httpserver.url_for("").rstrip("/")
+    config = tmp_path / "config"
+    config.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": server}}],
+                "users": [{"name": "u", "user": {"token": "t0ken"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    api = make_api(str(config))
+    pods = api.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={NODE}")
+    assert [p.metadata.name for p in pods.items if p.metadata] == ["pg-1"]
+    (request, _) = fake.httpserver.log[-1]
+    assert request.headers["Authorization"] == "Bearer t0ken"
+
+
+def test_backoff_grows_to_its_cap_with_jitter() -> None:
+    backoff = Backoff(initial=0.5, cap=30.0)
+    assert [backoff.delay(n, rand=lambda: 1.0) for n in range(8)] == [
+        0.5,
+        1.0,
+        2.0,
+        4.0,
+        8.0,
+        16.0,
+        30.0,
+        30.0,
+    ]
+    assert backoff.delay(3, rand=lambda: 0.0) == 2.0
+    assert backoff.delay(10_000, rand=lambda: 0.0) == 15.0
