@@ -8,6 +8,7 @@ one, never a mix. Only ``table inet egress_agent`` is ever touched.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,34 +88,25 @@ def read_table() -> Json | None:
 
 def summarize_table(listing: Json) -> TableSummary:
     """Chains, sets and rule comments of a ``list table`` answer, in order."""
-    chains: list[str] = []
-    sets: list[str] = []
-    rules: list[tuple[str, str]] = []
-    for item in listing.get("nftables", []):
-        if "chain" in item:
-            chains.append(item["chain"]["name"])
-        elif "set" in item:
-            sets.append(item["set"]["name"])
-        elif "rule" in item:
-            rules.append((item["rule"]["chain"], item["rule"].get("comment", "")))
-    return TableSummary(chains=tuple(chains), sets=tuple(sorted(sets)), rules=tuple(rules))
+    return _summarize(item for item in listing.get("nftables", []))
 
 
 def summarize_document(doc: Json) -> TableSummary:
     """The same summary for a rendered document, to compare with the kernel."""
+    return _summarize(cmd["add"] for cmd in doc.get("nftables", []) if "add" in cmd)
+
+
+def _summarize(objects: Iterable[Json]) -> TableSummary:
     chains: list[str] = []
     sets: list[str] = []
     rules: list[tuple[str, str]] = []
-    for cmd in doc.get("nftables", []):
-        added = cmd.get("add")
-        if not added:
-            continue
-        if "chain" in added:
-            chains.append(added["chain"]["name"])
-        elif "set" in added:
-            sets.append(added["set"]["name"])
-        elif "rule" in added:
-            rules.append((added["rule"]["chain"], added["rule"].get("comment", "")))
+    for obj in objects:
+        if "chain" in obj:
+            chains.append(obj["chain"]["name"])
+        elif "set" in obj:
+            sets.append(obj["set"]["name"])
+        elif "rule" in obj:
+            rules.append((obj["rule"]["chain"], obj["rule"].get("comment", "")))
     return TableSummary(chains=tuple(chains), sets=tuple(sorted(sets)), rules=tuple(rules))
 
 

@@ -13,7 +13,6 @@ import pytest
 
 from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
-from egress_agent.lab.servers import start_server
 
 pytestmark = pytest.mark.netns
 
@@ -82,24 +81,13 @@ class Node:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    with Lab() as lab:
-        lab.add_pod("pod", "198.19.1.2", "fd00:19:1::2")
-        lab.add_external("ext", "198.18.1.2", "fd00:18:1::2")
-        start_server(
-            lab,
-            "ext",
-            name="ext",
-            listen=["198.18.1.2:9000"],
-            tls=None,
-            log=tmp_path / "server.jsonl",
-        )
-        n = Node(lab, tmp_path)
-        n.agent.start()
-        try:
-            yield n
-        finally:
-            n.agent.stop()
+def node(pod_and_sink: Lab, tmp_path: Path) -> Iterator[Node]:
+    n = Node(pod_and_sink, tmp_path)
+    n.agent.start()
+    try:
+        yield n
+    finally:
+        n.agent.stop()
 
 
 def test_status_and_health_endpoints(node: Node) -> None:

@@ -10,7 +10,6 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ import pytest
 
 from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
-from egress_agent.lab.servers import start_server
 
 pytestmark = pytest.mark.netns
 
@@ -82,19 +80,8 @@ class Setup:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[Setup]:
-    with Lab() as lab:
-        lab.add_pod("pod", "198.19.1.2", "fd00:19:1::2")
-        lab.add_external("ext", "198.18.1.2", "fd00:18:1::2")
-        start_server(
-            lab,
-            "ext",
-            name="ext",
-            listen=["198.18.1.2:9000", "198.18.1.2:9001"],
-            tls=None,
-            log=tmp_path / "server.jsonl",
-        )
-        yield Setup(lab=lab, work=tmp_path)
+def setup(pod_and_sink: Lab, tmp_path: Path) -> Setup:
+    return Setup(lab=pod_and_sink, work=tmp_path)
 
 
 def _start(setup: Setup, policy: Path) -> AgentProcess:
