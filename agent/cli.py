@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"loopback HOST:PORT of /status, /healthz, /readyz (default {DEFAULT_STATUS_ADDRESS})",
     )
 
+    run.add_argument(
+        "--kubeconfig",
+        help="kubeconfig for pod discovery (default: the in-cluster service account);"
+        " used only when a workload selects pods",
+    )
+
     status = sub.add_parser("status", help="show the running agent's state")
     status.add_argument("--status-address", default=DEFAULT_STATUS_ADDRESS)
     status.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -114,13 +120,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import uvloop
 
+    from egress_agent.agent.kubernetes import KubernetesConfigError
     from egress_agent.agent.runner import RunOptions, run_agent
 
     options = RunOptions(
-        policy_path=args.policy, audit_path=args.audit_log, status_address=args.status_address
+        policy_path=args.policy,
+        audit_path=args.audit_log,
+        status_address=args.status_address,
+        kubeconfig=args.kubeconfig,
     )
     try:
         return uvloop.run(run_agent(options))
+    except KubernetesConfigError as exc:
+        logging.getLogger("egress_agent").error("pod discovery cannot start: %s", exc)
+        return EXIT_BAD_INPUT
     except OSError as exc:
         logging.getLogger("egress_agent").error("%s", exc)
         return EXIT_FAILURE

@@ -35,6 +35,13 @@ from egress_agent.agent.addresses import (
     missing_proxy_addresses,
     remove_proxy_addresses,
 )
+from egress_agent.agent.discovery import resolve, uses_pods
+from egress_agent.agent.kubernetes import (
+    PodWatcher,
+    Snapshot,
+    make_api,
+    node_name_from_env,
+)
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, StatusServer
 from egress_agent.agent.watch import PolicyFileWatch
 from egress_agent.policy.load import PolicyError, parse_policy, read_policy_text
@@ -62,6 +69,12 @@ class RunOptions:
     policy_path: str
     audit_path: str | None
     status_address: str = DEFAULT_STATUS_ADDRESS
+    kubeconfig: str | None = None  # None: in-cluster service account
+
+
+# How long start-up waits for the first list of pods before applying anyway
+# (pod workloads then have no addresses and the agent reports not ready).
+FIRST_SYNC_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,7 +103,12 @@ class Agent:
         self.options = options
         self.path = options.policy_path
         text = read_policy_text(self.path)  # PolicyError reaches the CLI: exit 2
-        self.policy = parse_policy(text, source_name=self.path)
+        # The file's policy, and the one in force: pod workloads resolved to
+        # the addresses discovery last reported.
+        self.source_policy = parse_policy(text, source_name=self.path)
+        self.pods: Snapshot | None = None
+        self.watcher: PodWatcher | None = None
+        self.policy = resolve(self.source_policy, None)
         self.policy_hash = content_hash(text)
         self.generation = 1
         self.doc = render_ruleset(self.policy)
@@ -104,6 +122,10 @@ class Agent:
         self._reload_lock = asyncio.Lock()
 
     async def start(self) -> None:
+        async with self._reload_lock:
+            await self._start()
+
+    async def _start(self) -> None:
         # pyroute2 drives its own asyncio loop internally: keep it off ours.
         await asyncio.to_thread(ensure_proxy_addresses, self.policy.proxy)
         self.proxy = ProxyServer(
@@ -150,6 +172,22 @@ class Agent:
             )
         if self.proxy is None or not self.proxy.listening:
             reasons.append("proxy not listening")
+        discovery: dict[str, Any] | None = None
+        if self.watcher is not None:
+            pods = self.pods
+            if pods is None or not pods.synced:
+                reasons.append("pod discovery has not listed the pods on this node yet")
+            discovery = {
+                "node": self.watcher.node_name,
+                "synced": bool(pods and pods.synced),
+                "pods_on_node": len(pods.pods) if pods else 0,
+                "error": self.watcher.last_error,
+                "addresses": {
+                    w.name: [str(n) for n in w.cidrs]
+                    for w in self.policy.workloads
+                    if w.pods is not None
+                },
+            }
         counts: dict[str, int] = {}
         for cmd in self.doc["nftables"]:
             rule = cmd.get("add", {}).get("rule")
@@ -167,6 +205,7 @@ class Agent:
             },
             "last_reload": asdict(self.last_reload) if self.last_reload else None,
             "datapath": "nftables",
+            "discovery": discovery,
             "nft_rules_per_chain": counts,
             "kernel_in_sync": self.in_sync,
             "drift_repairs": self.repairs,
@@ -190,8 +229,9 @@ class Agent:
             digest = content_hash(text)
             if digest == self.policy_hash:
                 return ReloadResult(applied=False, generation=self.generation, policy_hash=digest)
-            policy = parse_policy(text, source_name=self.path)
-            _check_restart_only_settings(self.policy, policy)
+            source = parse_policy(text, source_name=self.path)
+            _check_restart_only_settings(self.policy, source)
+            policy = resolve(source, self.pods)
             doc = render_ruleset(policy)
         except PolicyError as exc:
             log.error(
@@ -210,6 +250,7 @@ class Agent:
             log.error("reload (%s): kernel refused the ruleset, old one stays: %s", reason, exc)
             return self._failed(str(exc))
         self.generation += 1
+        self.source_policy = source
         self.policy, self.policy_hash, self.doc = policy, digest, doc
         assert self.proxy is not None
         closed = self.proxy.update_policy(policy, generation=self.generation, policy_hash=digest)
@@ -222,6 +263,43 @@ class Agent:
             f"; closed {closed} open connections it denies" if closed else "",
         )
         return ReloadResult(applied=True, generation=self.generation, policy_hash=digest)
+
+    def adopt_pods(self, pods: Snapshot) -> None:
+        """Before start: take discovery's first view into the policy to apply."""
+        self.pods = pods
+        self.policy = resolve(self.source_policy, pods)
+        self.doc = render_ruleset(self.policy)
+
+    async def pods_changed(self, pods: Snapshot) -> None:
+        """Discovery saw pods come, go or change labels: apply the new addresses
+        as one change (nothing happens when the ruleset would be the same)."""
+        async with self._reload_lock:
+            self.pods = pods
+            policy = resolve(self.source_policy, pods)
+            doc = render_ruleset(policy)
+            if doc == self.doc:
+                self.policy = policy
+                return
+            try:
+                apply_ruleset(doc)
+            except NftablesError as exc:
+                log.error("pods changed but the kernel refused the ruleset: %s", exc)
+                return
+            self.generation += 1
+            self.policy, self.doc = policy, doc
+            assert self.proxy is not None
+            closed = self.proxy.update_policy(
+                policy, generation=self.generation, policy_hash=self.policy_hash
+            )
+            counts = ", ".join(
+                f"{w.name} {len(w.cidrs)}" for w in policy.workloads if w.pods is not None
+            )
+            log.info(
+                "pods changed: generation %d (addresses per pod workload: %s)%s",
+                self.generation,
+                counts,
+                f"; closed {closed} open connections it denies" if closed else "",
+            )
 
     def _failed(self, error: str) -> ReloadResult:
         return ReloadResult(
@@ -265,9 +343,9 @@ async def run_agent(options: RunOptions) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     pending: list[asyncio.TimerHandle] = []
-    tasks: set[asyncio.Task[ReloadResult]] = set()
+    tasks: set[asyncio.Task[Any]] = set()
 
-    def reload_done(task: asyncio.Task[ReloadResult]) -> None:
+    def reload_done(task: asyncio.Task[Any]) -> None:
         tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("reload failed unexpectedly", exc_info=task.exception())
@@ -311,8 +389,37 @@ async def run_agent(options: RunOptions) -> int:
     poller = loop.create_task(poll(), name="policy poll")
     status = StatusServer(snapshot=agent.snapshot, address=options.status_address)
     drift: asyncio.Task[None] | None = None
+    discovery: asyncio.Task[None] | None = None
+    first_sync = asyncio.Event()
+    started = False
+
+    def on_pods(pods: Snapshot) -> None:
+        if not started:
+            agent.adopt_pods(pods)
+            first_sync.set()
+            return
+        task = loop.create_task(agent.pods_changed(pods), name="pods changed")
+        tasks.add(task)
+        task.add_done_callback(reload_done)
+
     try:
         await status.start()
+        if uses_pods(agent.source_policy):
+            # Permanent configuration errors (KubernetesConfigError) end the run.
+            api = make_api(options.kubeconfig)
+            agent.watcher = PodWatcher(api, node_name=node_name_from_env(), on_change=on_pods)
+            discovery = loop.create_task(agent.watcher.run(), name="pod discovery")
+            try:
+                await asyncio.wait_for(first_sync.wait(), FIRST_SYNC_TIMEOUT)
+            except TimeoutError:
+                log.error(
+                    "pod discovery: no list of pods after %gs (%s); applying without pod"
+                    " addresses and reporting not ready until it arrives",
+                    FIRST_SYNC_TIMEOUT,
+                    agent.watcher.last_error or "no answer",
+                )
+        # From here on, discovery changes queue behind start-up on the reload lock.
+        started = True
         await agent.start()
         drift = loop.create_task(watch_drift(), name="drift repair")
         log.info("ready: policy %s (%s)", options.policy_path, summary(agent.policy))
@@ -321,8 +428,9 @@ async def run_agent(options: RunOptions) -> int:
         return 0
     finally:
         poller.cancel()
-        if drift is not None:
-            drift.cancel()
+        for task_ in (drift, discovery):
+            if task_ is not None:
+                task_.cancel()
         await status.close()
         for handle in pending:
             handle.cancel()

@@ -34,6 +34,7 @@ from egress_agent.policy.model import (
     InterceptRule,
     IPAddress,
     IPNetwork,
+    PodSelector,
     Policy,
     PortRange,
     ProxySettings,
@@ -74,7 +75,16 @@ _PROXY_KEYS = (
     "connect_timeout",
     "idle_timeout",
 )
-_WORKLOAD_KEYS = ("cidrs", "interfaces")
+_WORKLOAD_KEYS = ("cidrs", "pods", "interfaces")
+_PODS_KEYS = ("namespace", "labels", "namespaceLabels")
+# Kubernetes label syntax: an optional DNS-subdomain prefix and a name of at
+# most 63 characters; values at most 63 characters, possibly empty.
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY_RE = re.compile(
+    r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?" + _LABEL_NAME
+)
+_LABEL_VALUE_RE = re.compile(f"({_LABEL_NAME})?")
+_NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _INTERCEPT_KEYS = ("from", "ports", "except_cidrs", "to_cidrs")
 _EGRESS_KEYS = ("name", "from", "to", "action")
 _TO_KEYS = ("hosts", "cidrs", "ports")
@@ -350,8 +360,19 @@ class _Reader:
             )
             cidrs: list[IPNetwork] = []
             interfaces: tuple[str, ...] = ()
+            pods: PodSelector | None = None
             if fields is not None:
-                self.require(value_node, w_path, fields, ("cidrs",))
+                if "pods" in fields and "cidrs" in fields:
+                    self.problem(
+                        fields["pods"][0],
+                        _join(w_path, "pods"),
+                        f"workload {name!r} has both cidrs and pods: give one of them"
+                        " (addresses, or Kubernetes pods whose addresses the agent discovers)",
+                    )
+                elif "pods" in fields:
+                    pods = self.pod_selector(fields["pods"][1], _join(w_path, "pods"))
+                else:
+                    self.require(value_node, w_path, fields, ("cidrs",))
                 if "cidrs" in fields:
                     c_path = _join(w_path, "cidrs")
                     items = self.sequence(fields["cidrs"][1], c_path, what="a list of CIDRs")
@@ -381,8 +402,75 @@ class _Reader:
                     interfaces = self.interfaces(
                         fields["interfaces"][1], _join(w_path, "interfaces")
                     )
-            result[name] = Workload(name=name, cidrs=tuple(cidrs), interfaces=interfaces)
+            result[name] = Workload(name=name, cidrs=tuple(cidrs), interfaces=interfaces, pods=pods)
         return result
+
+    def pod_selector(self, node: Node, path: str) -> PodSelector | None:
+        fields = self.mapping(node, path, what="a pod selector", allowed=_PODS_KEYS)
+        if fields is None:
+            return None
+        if not fields:
+            self.problem(
+                node,
+                path,
+                "an empty pod selector would select every pod on the node: give a"
+                " namespace, labels or namespaceLabels",
+            )
+            return None
+        namespace = None
+        if "namespace" in fields:
+            n_node = fields["namespace"][1]
+            namespace = self.text(n_node, _join(path, "namespace"), what="a namespace name")
+            if namespace is not None and not _NAMESPACE_RE.fullmatch(namespace):
+                self.problem(
+                    n_node,
+                    _join(path, "namespace"),
+                    f"{namespace!r} is not a namespace name: expected lower-case letters,"
+                    " digits and '-', at most 63 characters",
+                )
+        labels = (
+            self.labels(fields["labels"][1], _join(path, "labels")) if "labels" in fields else ()
+        )
+        ns_labels = (
+            self.labels(fields["namespaceLabels"][1], _join(path, "namespaceLabels"))
+            if "namespaceLabels" in fields
+            else ()
+        )
+        return PodSelector(namespace=namespace, labels=labels, namespace_labels=ns_labels)
+
+    def labels(self, node: Node, path: str) -> tuple[tuple[str, str], ...]:
+        entries = self.entries(node, path, what="labels (a mapping of key: value)")
+        pairs: list[tuple[str, str]] = []
+        for key, key_node, value_node in entries or ():
+            k_path = _join(path, key)
+            if not _LABEL_KEY_RE.fullmatch(key) or len(key.rpartition("/")[2]) > 63:
+                self.problem(
+                    key_node,
+                    k_path,
+                    f"{key!r} is not a label key: expected [prefix/]name, the name at most"
+                    " 63 letters, digits, '-', '_' or '.'",
+                )
+                continue
+            value = self.scalar(value_node, k_path, what="a label value")
+            if not isinstance(value, str):
+                if value is not None:
+                    self.problem(
+                        value_node,
+                        k_path,
+                        f"expected a label value as a string, found {self.describe(value_node)}:"
+                        ' quote it, e.g. "true" or "5"',
+                    )
+                continue
+            if not _LABEL_VALUE_RE.fullmatch(value):
+                self.problem(
+                    value_node,
+                    k_path,
+                    f"{value!r} is not a label value: at most 63 letters, digits, '-', '_'"
+                    " or '.', starting and ending with a letter or digit",
+                )
+                continue
+            pairs.append((key, value))
+        return tuple(sorted(pairs))
 
     def interfaces(self, node: Node, path: str) -> tuple[str, ...]:
         items = self.sequence(node, path, what="a list of interface names")

@@ -49,16 +49,30 @@ class PortRange:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PodSelector:
+    """Kubernetes pods on this node that a workload names: every field set must
+    match (equality-based labels). Label pairs are sorted tuples so the model
+    stays hashable."""
+
+    namespace: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+    namespace_labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class Workload:
     """A named source of traffic: addresses, optionally bound to interfaces.
 
     When ``interfaces`` is set, a packet carries this identity only if it
     arrived on one of them: another pod cannot claim it by spoofing an address.
+    A workload given by ``pods`` has no CIDRs in the file; the agent fills them
+    with the selected pods' addresses as it discovers them (``agent.discovery``).
     """
 
     name: str
     cidrs: tuple[IPNetwork, ...]
     interfaces: tuple[str, ...] = ()
+    pods: PodSelector | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

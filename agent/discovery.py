@@ -1,0 +1,67 @@
+"""From discovered pods to workload addresses: a pure step between the policy
+file and the renderer.
+
+A workload given by ``pods: {namespace, labels, namespaceLabels}`` has no
+addresses in the file; :func:`resolve` fills its ``cidrs`` with the /32 and
+/128 of the pods on this node that the selector names, as the last
+:class:`~egress_agent.agent.kubernetes.Snapshot` shows them. The rendered
+ruleset and the proxy then see an ordinary policy, so identity, diversion and
+decisions work exactly as for static CIDRs.
+
+When two workloads select the same pod, the one listed first in the file keeps
+its addresses (an address identifies one workload); the others are told so in
+the log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from egress_agent.agent.kubernetes import Selector, Snapshot, selected_networks
+from egress_agent.policy.model import IPNetwork, PodSelector, Policy, Workload
+
+log = logging.getLogger(__name__)
+
+
+def uses_pods(policy: Policy) -> bool:
+    return any(w.pods is not None for w in policy.workloads)
+
+
+def selector_of(pods: PodSelector) -> Selector:
+    return Selector(
+        namespace=pods.namespace,
+        labels=dict(pods.labels),
+        namespace_labels=dict(pods.namespace_labels),
+    )
+
+
+def resolve(policy: Policy, snapshot: Snapshot | None) -> Policy:
+    """``policy`` with every pod workload's CIDRs set from ``snapshot`` (none
+    before the first sync)."""
+    if not uses_pods(policy):
+        return policy
+    claimed: dict[IPNetwork, str] = {
+        net: w.name for w in policy.workloads if w.pods is None for net in w.cidrs
+    }
+    workloads: list[Workload] = []
+    for w in policy.workloads:
+        if w.pods is None:
+            workloads.append(w)
+            continue
+        found = selected_networks(selector_of(w.pods), snapshot) if snapshot else ()
+        mine: list[IPNetwork] = []
+        for net in found:
+            owner = claimed.setdefault(net, w.name)
+            if owner != w.name:
+                log.warning(
+                    "pod address %s is selected by workloads %r and %r: it stays with %r",
+                    net.network_address,
+                    owner,
+                    w.name,
+                    owner,
+                )
+                continue
+            mine.append(net)
+        workloads.append(dataclasses.replace(w, cidrs=tuple(mine)))
+    return dataclasses.replace(policy, workloads=tuple(workloads))
