@@ -1,0 +1,290 @@
+"""Pod discovery end to end: a workload named by a pod selector is diverted
+while the pod carries the labels, stops being diverted within seconds of a
+label change, comes back when the labels do, and stays enforced when the API
+server goes away.
+
+The agent runs in the node namespace with ``--kubeconfig`` pointing at the
+fake API server (``egress_agent.lab.fakekube``) on the node's loopback, whose
+pods and namespaces come from a state file the test rewrites. Whether a
+connection was diverted is read from the server's answer (``... saw IP:PORT``):
+the node's address 198.18.1.1 means through the proxy, the pod's 198.19.1.2
+means direct.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from egress_agent.lab.agentproc import AgentProcess
+from egress_agent.lab.fakekube import start_fakekube, write_kubeconfig, write_state
+from egress_agent.lab.netns import Lab
+
+pytestmark = pytest.mark.netns
+
+NODE = "node-a"
+API_PORT = 16443
+POD = "198.19.1.2"
+PROXY_SIDE = "198.18.1.1"  # the node's address towards ext: what the server sees when diverted
+SINK = ("198.18.1.2", 9000)
+SINK_ARGS = (SINK[0], str(SINK[1]))
+
+POLICY = """\
+version: 1
+workloads:
+  pg: {pods: {namespace: db, labels: {app: pg}}}
+intercept:
+  - from: [pg]
+    ports: [9000]
+egress:
+  - name: pg-9000
+    from: [pg]
+    to: {ports: [9000]}
+    action: allow
+default: deny
+"""
+
+# Runs in the pod: connect until the server says it saw WANT (or LIMIT passes),
+# then print one JSON line. "started" first, so that the caller changes the
+# state only once the loop is already polling.
+POLL = """
+import json, socket, sys, time
+host, port, want = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+limit, every = float(sys.argv[4]), float(sys.argv[5])
+print("started", flush=True)
+end, tries = time.time() + limit, 0
+while time.time() < end:
+    tries += 1
+    try:
+        s = socket.create_connection((host, port), timeout=1)
+        local = s.getsockname()[1]
+        s.sendall(b"x\\n")
+        saw = s.recv(200).decode().rsplit(" saw ", 1)[-1].rpartition(":")[0]
+        s.close()
+    except OSError:
+        saw = None
+    if saw == want:
+        print(json.dumps({"at": time.time(), "local": local, "tries": tries}), flush=True)
+        break
+    time.sleep(every)
+else:
+    print(json.dumps({"at": None, "tries": tries}), flush=True)
+"""
+
+# Runs in the pod: N connections, one after the other; prints [{local, saw}].
+PROBE = """
+import json, socket, sys
+out = []
+host, port = sys.argv[1], int(sys.argv[2])
+for _ in range(int(sys.argv[3])):
+    s = socket.create_connection((host, port), timeout=5)
+    local = s.getsockname()[1]
+    s.sendall(b"x\\n")
+    saw = s.recv(200).decode().rsplit(" saw ", 1)[-1].rpartition(":")[0]
+    s.close()
+    out.append({"local": local, "saw": saw})
+print(json.dumps(out))
+"""
+
+
+def state(labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "namespaces": [{"name": "db", "labels": {"team": "data"}}],
+        "pods": [
+            {
+                "namespace": "db",
+                "name": "pg-1",
+                "labels": labels,
+                "nodeName": NODE,
+                "ip": POD,
+                "ip6": "fd00:19:1::2",
+                "hostNetwork": False,
+                "phase": "Running",
+            },
+            # Same labels on another node: never this agent's business.
+            {
+                "namespace": "db",
+                "name": "pg-2",
+                "labels": {"app": "pg"},
+                "nodeName": "node-b",
+                "ip": "198.19.9.2",
+                "phase": "Running",
+            },
+        ],
+    }
+
+
+class DiscoveryAgent(AgentProcess):
+    """``egress-agent run`` with ``--kubeconfig`` and ``NODE_NAME`` set, as the
+    DaemonSet runs it."""
+
+    def __init__(self, lab: Lab, *, kubeconfig: Path, work: Path) -> None:
+        super().__init__(
+            lab, policy=work / "policy.yaml", audit=work / "audit.jsonl", log=work / "agent.log"
+        )
+        self.kubeconfig = kubeconfig
+
+    def start(self, *, timeout: float = 15.0) -> DiscoveryAgent:
+        argv = [
+            sys.executable,
+            "-m",
+            "egress_agent.agent.cli",
+            "run",
+            "--policy",
+            str(self.policy),
+            "--audit-log",
+            str(self.audit),
+            "--kubeconfig",
+            str(self.kubeconfig),
+        ]
+        env = {**os.environ, "NODE_NAME": NODE}
+        with open(self.log, "ab") as out:
+            self.proc = self.lab.popen(
+                self.host, argv, stdout=out, stderr=subprocess.STDOUT, env=env
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_text(errors="replace")
+            if "ready:" in text:
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"egress-agent exited with {self.proc.returncode}:\n{text}")
+            time.sleep(0.05)
+        raise RuntimeError(f"egress-agent not ready after {timeout}s:\n{self.log.read_text()}")
+
+
+class Scene:
+    def __init__(self, lab: Lab, work: Path) -> None:
+        self.lab, self.work = lab, work
+        self.state = work / "state.json"
+        self.audit_path = work / "audit.jsonl"
+
+    def audit(self) -> list[dict[str, Any]]:
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(x) for x in self.audit_path.read_text().splitlines() if x]
+
+    def audit_for(self, local_port: int, timeout: float = 3.0) -> dict[str, Any] | None:
+        """The audit record of the pod's connection from ``local_port`` (written
+        when the proxy has closed it), or None."""
+        src = f"{POD}:{local_port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.audit() if r["src"] == src]
+            if found or time.monotonic() >= deadline:
+                return found[-1] if found else None
+            time.sleep(0.05)
+
+    def probe(self, n: int = 3) -> list[dict[str, Any]]:
+        out = self.lab.run("pod", [sys.executable, "-c", PROBE, *SINK_ARGS, str(n)])
+        result: list[dict[str, Any]] = json.loads(out.stdout)
+        return result
+
+    def flip(self, labels: dict[str, str], want: str, limit: float) -> tuple[float, int]:
+        """Write the state with ``labels`` while the pod polls; seconds from the
+        write until the server first saw ``want``, and that connection's port."""
+        poller = self.lab.popen(
+            "pod",
+            [sys.executable, "-c", POLL, *SINK_ARGS, want, str(limit), "0.02"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert poller.stdout is not None
+        assert poller.stdout.readline().strip() == "started"
+        t0 = time.time()
+        write_state(self.state, state(labels))
+        line = poller.stdout.readline()
+        poller.wait(10)
+        result = json.loads(line)
+        assert result["at"] is not None, f"server never saw {want} within {limit}s of {labels}"
+        return result["at"] - t0, result["local"]
+
+    def status(self) -> dict[str, Any]:
+        out = self.lab.run(
+            "node",
+            [sys.executable, "-m", "egress_agent.agent.cli", "status", "--json"],
+            check=False,
+        )
+        result: dict[str, Any] = json.loads(out.stdout)
+        return result
+
+    def assert_diverted(self, conns: list[dict[str, Any]]) -> None:
+        for conn in conns:
+            assert conn["saw"] == PROXY_SIDE, conn
+            rec = self.audit_for(conn["local"])
+            assert rec is not None, f"no audit record for {conn}"
+            assert rec["workload"] == "pg" and rec["verdict"] == "allow", rec
+            assert rec["dst"] == f"{SINK[0]}:{SINK[1]}", rec
+
+    def assert_direct(self, conns: list[dict[str, Any]]) -> None:
+        for conn in conns:
+            assert conn["saw"] == POD, conn
+        time.sleep(0.3)  # a diverted connection's record would be there by now
+        srcs = {f"{POD}:{c['local']}" for c in conns}
+        assert not [r for r in self.audit() if r["src"] in srcs]
+
+
+def test_pod_selector_follows_labels_and_survives_the_api_server(
+    pod_and_sink: Lab, tmp_path: Path
+) -> None:
+    scene = Scene(pod_and_sink, tmp_path)
+    lab = pod_and_sink
+    write_state(scene.state, state({"app": "pg"}))
+    api = start_fakekube(
+        lab, "node", port=API_PORT, state=scene.state, log=tmp_path / "fakekube.log"
+    )
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{API_PORT}")
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    agent = DiscoveryAgent(lab, kubeconfig=kubeconfig, work=tmp_path).start()
+    windows: dict[str, float] = {}
+    try:
+        # 1. The pod carries app=pg: diverted, audited as workload pg.
+        scene.assert_diverted(scene.probe())
+        status = scene.status()
+        assert status["discovery"]["addresses"] == {"pg": [f"{POD}/32", "fd00:19:1::2/128"]}
+
+        # 2. Labels change to app=other: new connections go direct within 2 s.
+        windows["undivert"], local = scene.flip({"app": "other"}, POD, limit=2.0)
+        assert windows["undivert"] < 2.0
+        scene.assert_direct([{"local": local, "saw": POD}, *scene.probe()])
+
+        # 3. Labels back: diverted again.
+        windows["divert"], local = scene.flip({"app": "pg"}, PROXY_SIDE, limit=5.0)
+        scene.assert_diverted([{"local": local, "saw": PROXY_SIDE}, *scene.probe()])
+
+        # 4. The API server goes away: the last known pods stay enforced, and
+        # status says discovery is failing while the policy is still in force.
+        generation = scene.status()["policy"]["generation"]
+        t0 = time.time()
+        api.terminate()
+        api.wait(5)
+        deadline = time.monotonic() + 10
+        while not (status := scene.status())["discovery"]["error"]:
+            assert time.monotonic() < deadline, f"no discovery error in status: {status}"
+            time.sleep(0.1)
+        windows["error_in_status"] = time.time() - t0
+        scene.assert_diverted(scene.probe())
+        assert status["discovery"]["synced"] is True
+        assert status["discovery"]["addresses"] == {"pg": [f"{POD}/32", "fd00:19:1::2/128"]}
+        assert status["policy"]["generation"] == generation
+        assert status["kernel_in_sync"] is True
+        print(
+            f"\nstatus after the API server stopped: ready={status['ready']} "
+            f"error={status['discovery']['error'][:160]!r}"
+        )
+    finally:
+        assert agent.stop() == 0
+    print(
+        "label -> not diverted: {undivert:.3f}s; label -> diverted: {divert:.3f}s; "
+        "API server stopped -> error in status: {error_in_status:.3f}s".format(**windows)
+    )
+    # The agent's log tells the story too.
+    log = (tmp_path / "agent.log").read_text()
+    assert "pods changed: generation" in log
