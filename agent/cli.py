@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 a runtime failure (permissions, kernel refused),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -76,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--server-name", help="TLS SNI or HTTP Host the client sends")
     explain.add_argument("--interface", help="ingress interface (for interface-bound workloads)")
+    explain.add_argument(
+        "--workload",
+        help="treat the source as a pod of this pods-selected workload (their addresses"
+        " are only known on the node)",
+    )
 
     demo = sub.add_parser("demo", help="run the demo on network namespaces on this machine")
     demo.add_argument("--keep-going", action="store_true", help=argparse.SUPPRESS)
@@ -228,7 +234,29 @@ def _explain(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
+    pod_workloads = [w.name for w in policy.workloads if w.pods is not None]
+    if args.workload is not None:
+        if args.workload not in pod_workloads:
+            print(
+                f"egress-agent: explain: --workload {args.workload!r} is not a pods-selected"
+                f" workload (those are: {', '.join(pod_workloads) or 'none'})",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
+        host = ipaddress.ip_network(src)  # the /32 or /128 discovery would give it
+        policy = dataclasses.replace(
+            policy,
+            workloads=tuple(
+                dataclasses.replace(w, cidrs=(host,)) if w.name == args.workload else w
+                for w in policy.workloads
+            ),
+        )
     workload = identify(policy, src, interface=args.interface)
+    if workload is None and pod_workloads and args.workload is None:
+        print(
+            "note:      pods-selected workloads have no addresses here; add"
+            f" --workload NAME ({', '.join(pod_workloads)}) to explain a pod's flow"
+        )
     diverted = should_divert(policy, src=src, dst=dst, dst_port=port, interface=args.interface)
     print(f"workload:  {workload or '(none)'}")
     if not diverted:

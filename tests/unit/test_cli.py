@@ -1,0 +1,69 @@
+"""The CLI's offline commands: check and explain, as a user runs them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from egress_agent.agent.cli import main
+
+POLICY = """
+version: 1
+workloads:
+  pg-main: {pods: {namespace: db, labels: {cnpg.io/cluster: pg-main}}}
+  vm: {cidrs: [10.0.5.0/24]}
+intercept:
+  - from: [pg-main, vm]
+    ports: [443]
+egress:
+  - name: azure-backups
+    to: {hosts: [pgbackups.blob.core.windows.net], ports: [443]}
+    action: allow
+default: deny
+"""
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    return path
+
+
+def test_explain_a_static_workload(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["explain", "--policy", str(policy), "--from", "10.0.5.9", "--to", "20.60.1.4:443"]
+    assert main([*args, "--server-name", "pgbackups.blob.core.windows.net"]) == 0
+    out = capsys.readouterr().out
+    assert "workload:  vm" in out and "verdict:   allow (rule azure-backups)" in out
+    assert main([*args, "--server-name", "evil.example"]) == 0
+    assert "verdict:   deny (rule default)" in capsys.readouterr().out
+
+
+def test_explain_a_pod_workload_needs_its_name(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["explain", "--policy", str(policy), "--from", "10.244.1.7", "--to", "20.60.1.4:443"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "diverted:  no" in out and "--workload NAME (pg-main)" in out
+    assert main([*args, "--workload", "pg-main"]) == 0
+    out = capsys.readouterr().out
+    assert "workload:  pg-main" in out and "diverted:  yes" in out
+    assert main([*args, "--workload", "vm"]) == 2
+    assert "not a pods-selected workload" in capsys.readouterr().err
+
+
+def test_check_reports_every_problem_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        POLICY.replace("from: [pg-main, vm]", "from: [pg-mian, vm]").replace(
+            "action: allow", "action: alow"
+        )
+    )
+    assert main(["check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:7:" in err and "unknown workload 'pg-mian'" in err
+    assert "egress[0].action" in err and "(2 problems)" in err
