@@ -118,6 +118,7 @@ class Agent:
         self.in_sync = False
         self.drift_problems: list[str] = []
         self.repairs = 0
+        self.reloads = {"applied": 0, "failed": 0}
         self.started_at = time.time()
         self._reload_lock = asyncio.Lock()
 
@@ -262,6 +263,7 @@ class Agent:
             summary(policy),
             f"; closed {closed} open connections it denies" if closed else "",
         )
+        self.reloads["applied"] += 1
         return ReloadResult(applied=True, generation=self.generation, policy_hash=digest)
 
     def adopt_pods(self, pods: Snapshot) -> None:
@@ -302,6 +304,7 @@ class Agent:
             )
 
     def _failed(self, error: str) -> ReloadResult:
+        self.reloads["failed"] += 1
         return ReloadResult(
             applied=False, generation=self.generation, policy_hash=self.policy_hash, error=error
         )
@@ -321,6 +324,79 @@ class Agent:
             except Exception as exc:
                 log.error("teardown: could not close the proxy: %s", exc)
         self.audit.close()
+
+    def metrics(self) -> str:
+        """The agent's counters and gauges in the Prometheus text format."""
+        snap = self.snapshot()
+        last = self.last_reload
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP egress_agent_{name} {help_}")
+            lines.append(f"# TYPE egress_agent_{name} {kind}")
+            lines.extend(f"egress_agent_{name}{labels} {value:g}" for labels, value in samples)
+
+        metric(
+            "policy_generation",
+            "gauge",
+            "Generation of the policy in force.",
+            [("", self.generation)],
+        )
+        metric(
+            "reloads_total",
+            "counter",
+            "Policy reloads by result.",
+            [(f'{{result="{k}"}}', v) for k, v in sorted(self.reloads.items())],
+        )
+        metric(
+            "last_reload_failed",
+            "gauge",
+            "1 when the last reload was refused and an older policy is in force.",
+            [("", 1 if last is not None and last.error else 0)],
+        )
+        metric(
+            "kernel_in_sync",
+            "gauge",
+            "1 when the kernel holds the desired ruleset.",
+            [("", 1 if self.in_sync else 0)],
+        )
+        metric(
+            "drift_repairs_total",
+            "counter",
+            "Times the kernel state was restored.",
+            [("", self.repairs)],
+        )
+        metric(
+            "ready",
+            "gauge",
+            "1 when ready (rules, proxy and discovery in place).",
+            [("", 1 if snap["ready"] else 0)],
+        )
+        metric(
+            "connections_open",
+            "gauge",
+            "Connections the proxy holds.",
+            [("", snap["connections_open"])],
+        )
+        metric(
+            "connections_total",
+            "counter",
+            "Finished connections by audit event and verdict.",
+            [
+                (f'{{event="{e}",verdict="{v}"}}', n)
+                for (e, v), n in sorted(self.audit.by_outcome.items())
+            ],
+        )
+        metric(
+            "bytes_total",
+            "counter",
+            "Bytes relayed by direction (up: client to upstream).",
+            [
+                ('{direction="up"}', self.audit.bytes_up),
+                ('{direction="down"}', self.audit.bytes_down),
+            ],
+        )
+        return "\n".join(lines) + "\n"
 
 
 def _check_restart_only_settings(old: Policy, new: Policy) -> None:
@@ -387,7 +463,9 @@ async def run_agent(options: RunOptions) -> int:
                 log.error("drift check failed: %s", exc)
 
     poller = loop.create_task(poll(), name="policy poll")
-    status = StatusServer(snapshot=agent.snapshot, address=options.status_address)
+    status = StatusServer(
+        snapshot=agent.snapshot, address=options.status_address, metrics=agent.metrics
+    )
     drift: asyncio.Task[None] | None = None
     discovery: asyncio.Task[None] | None = None
     first_sync = asyncio.Event()

@@ -1,9 +1,10 @@
 """The agent's own HTTP endpoint on loopback: status, liveness, readiness.
 
 ``GET /status`` returns the agent's state as JSON (what ``egress-agent
-status`` prints); ``GET /healthz`` answers 200 while the event loop runs;
-``GET /readyz`` answers 200 only when the kernel holds the ruleset of the
-current policy and the proxy is listening, 503 otherwise. It binds to
+status`` prints); ``GET /metrics`` its counters as Prometheus text;
+``GET /healthz`` answers 200 while the event loop runs; ``GET /readyz``
+answers 200 only when the kernel holds the ruleset of the current policy and
+the proxy is listening, 503 otherwise. It binds to
 loopback only: on a node with hostNetwork that is reachable by the kubelet's
 probes and nothing else. A deliberately tiny HTTP/1.0 responder: one request
 per connection, no bodies, so it needs no dependency.
@@ -33,8 +34,15 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 class StatusServer:
-    def __init__(self, *, snapshot: Callable[[], dict[str, Any]], address: str) -> None:
+    def __init__(
+        self,
+        *,
+        snapshot: Callable[[], dict[str, Any]],
+        address: str,
+        metrics: Callable[[], str] | None = None,
+    ) -> None:
         self._snapshot = snapshot
+        self._metrics = metrics
         self._host, self._port = parse_address(address)
         self._server: asyncio.Server | None = None
 
@@ -59,15 +67,23 @@ class StatusServer:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
             parts = request_line.split()
+            content_type = "application/json"
+            body: str | dict[str, Any]
             if len(parts) != 3 or parts[0] != "GET":
-                code, body = 400, {"error": "only GET /status, /healthz, /readyz"}
+                code, body = 400, {"error": "only GET /status, /metrics, /healthz, /readyz"}
+            elif parts[1] == "/metrics" and self._metrics is not None:
+                code, body = 200, self._metrics()
+                content_type = "text/plain; version=0.0.4"
             else:
                 code, body = self._route(parts[1])
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             code, body = 400, {"error": "incomplete request"}
-        payload = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
+        if isinstance(body, str):
+            payload = body.encode()
+        else:
+            payload = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
         writer.write(
-            f"HTTP/1.0 {code} {_REASONS[code]}\r\nContent-Type: application/json\r\n"
+            f"HTTP/1.0 {code} {_REASONS[code]}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
             + payload
         )
@@ -86,4 +102,6 @@ class StatusServer:
             }
         if path == "/status":
             return 200, snap
-        return 404, {"error": f"no such endpoint {path!r}: try /status, /healthz, /readyz"}
+        return 404, {
+            "error": f"no such endpoint {path!r}: try /status, /metrics, /healthz, /readyz"
+        }

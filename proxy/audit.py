@@ -70,8 +70,16 @@ class AuditLog:
             self._stream = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
             self._owned = True
         self.written = 0
+        # Totals for metrics: records by (event, verdict), bytes by direction.
+        self.by_outcome: dict[tuple[str, str], int] = {}
+        self.bytes_up = 0
+        self.bytes_down = 0
 
     def write(self, record: AuditRecord) -> None:
+        outcome = (record.event, record.verdict or "none")
+        self.by_outcome[outcome] = self.by_outcome.get(outcome, 0) + 1
+        self.bytes_up += record.bytes_up
+        self.bytes_down += record.bytes_down
         # Fields are flat scalars: a plain dict avoids asdict()'s deep copy,
         # which showed up as the largest cost per connection in profiles.
         line = json.dumps(

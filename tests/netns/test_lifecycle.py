@@ -150,3 +150,38 @@ def test_an_edited_chain_and_a_removed_address_are_restored(node: Node) -> None:
     node.wait_until(node.diverted, 5.0)
     log = (node.work / "agent.log").read_text()
     assert "chain prerouting" in log and "proxy address 169.254.99.1 missing from lo" in log
+
+
+def _metrics(node: Node) -> dict[str, float]:
+    code, text = node.http("/metrics")
+    assert code == 200
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert line.startswith(("# HELP egress_agent_", "# TYPE egress_agent_")), line
+            continue
+        name, value = line.rsplit(" ", 1)  # exposition format: NAME{LABELS} VALUE
+        values[name] = float(value)
+    return values
+
+
+def test_metrics_count_connections_reloads_and_repairs(node: Node) -> None:
+    before = _metrics(node)
+    assert before["egress_agent_ready"] == 1 and before["egress_agent_policy_generation"] == 1
+    assert node.diverted()
+    time.sleep(0.2)
+    after = _metrics(node)
+    key = 'egress_agent_connections_total{event="closed",verdict="allow"}'
+    assert after[key] == before.get(key, 0) + 1
+    assert after['egress_agent_bytes_total{direction="up"}'] > 0
+    node.policy.write_text(POLICY.replace("action: allow", "action: alow"))
+    time.sleep(0.8)
+    bad = _metrics(node)
+    assert bad["egress_agent_last_reload_failed"] == 1
+    assert bad['egress_agent_reloads_total{result="failed"}'] >= 1
+    node.policy.write_text(POLICY + "# fixed\n")
+    time.sleep(0.8)
+    good = _metrics(node)
+    assert good["egress_agent_last_reload_failed"] == 0
+    assert good['egress_agent_reloads_total{result="applied"}'] == 1
+    assert good["egress_agent_policy_generation"] == 2
