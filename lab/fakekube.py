@@ -46,7 +46,6 @@ import argparse
 import contextlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -60,6 +59,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
+
+from egress_agent.lab.servers import wait_ready
 
 if TYPE_CHECKING:
     from egress_agent.lab.netns import Lab
@@ -572,27 +573,7 @@ def start_fakekube(
     with contextlib.ExitStack() as stack:
         err = stack.enter_context(open(log, "ab")) if log is not None else None
         proc: subprocess.Popen[bytes] = lab.popen(host, argv, stdout=subprocess.PIPE, stderr=err)
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    out = b""
-    deadline = time.monotonic() + timeout
-    while b"\n" not in out:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            proc.kill()
-            raise RuntimeError(f"fakekube in {host}: not ready after {timeout}s")
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        out += chunk
-    line = out.decode(errors="replace").strip()
-    if line != "READY":
-        try:
-            proc.wait(2.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        raise RuntimeError(f"fakekube in {host} did not start (exit {proc.returncode}): {line}")
+    wait_ready(proc, f"fakekube in {host}", timeout)
     return proc
 
 

@@ -401,6 +401,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 StrPath = str | os.PathLike[str]
 
 
+def wait_ready(proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+    """Wait until ``proc`` prints its first line, which must be ``READY``; a
+    process that says anything else (why it cannot start) is reaped and the
+    reason raised."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    out = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in out:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            proc.kill()
+            raise RuntimeError(f"{what}: not ready after {timeout}s")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        out += chunk
+    line = out.decode(errors="replace").strip()
+    if line != "READY":
+        try:
+            proc.wait(2.0)  # it exits by itself after saying why
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise RuntimeError(f"{what} did not start (exit {proc.returncode}): {line or 'no output'}")
+
+
 def start_server(
     lab: Lab,
     host: str,
@@ -422,29 +449,7 @@ def start_server(
     if tls is not None:
         argv += ["--tls", os.fspath(tls[0]), os.fspath(tls[1])]
     proc: subprocess.Popen[bytes] = lab.popen(host, argv, stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    out = b""
-    deadline = time.monotonic() + timeout
-    while b"\n" not in out:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            proc.kill()
-            raise RuntimeError(f"server {name} in {host}: not ready after {timeout}s")
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        out += chunk
-    line = out.decode(errors="replace").strip()
-    if line != "READY":
-        try:
-            proc.wait(2.0)  # it exits by itself after saying why
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        raise RuntimeError(
-            f"server {name} in {host} did not start (exit {proc.returncode}): {line or 'no output'}"
-        )
+    wait_ready(proc, f"server {name} in {host}", timeout)
     return proc
 
 
