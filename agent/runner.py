@@ -48,7 +48,7 @@ from egress_agent.policy.load import PolicyError, parse_policy, read_policy_text
 from egress_agent.policy.model import Policy
 from egress_agent.proxy.audit import AuditLog
 from egress_agent.proxy.server import ProxyServer
-from egress_agent.rules.apply import NftablesError, apply_ruleset, remove_table, verify_applied
+from egress_agent.rules.apply import NftablesError, Table, verify_applied
 from egress_agent.rules.render import render_ruleset
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,8 @@ class Agent:
         self.policy_hash = content_hash(text)
         self.generation = 1
         self.doc = render_ruleset(self.policy)
+        # fail: open makes the table the kernel's to remove when we end.
+        self.table = Table(owned=self.policy.fail_open)
         self.audit = AuditLog(options.audit_path)
         self.proxy: ProxyServer | None = None
         self.last_reload: ReloadResult | None = None
@@ -136,7 +138,7 @@ class Agent:
             policy_hash=self.policy_hash,
         )
         await self.proxy.start()
-        apply_ruleset(self.doc)
+        self.table.apply(self.doc)
         problems = verify_applied(self.doc)
         if problems:
             raise NftablesError(
@@ -159,7 +161,7 @@ class Agent:
             log.warning("drift: %s; restoring", "; ".join(problems))
             if missing:
                 await asyncio.to_thread(ensure_proxy_addresses, self.policy.proxy)
-            apply_ruleset(self.doc)
+            self.table.apply(self.doc)
             self.repairs += 1
             self.in_sync = not verify_applied(self.doc)
             return True
@@ -206,6 +208,7 @@ class Agent:
             },
             "last_reload": asdict(self.last_reload) if self.last_reload else None,
             "datapath": "nftables",
+            "fail": "open" if self.policy.fail_open else "closed",
             "discovery": discovery,
             "nft_rules_per_chain": counts,
             "kernel_in_sync": self.in_sync,
@@ -246,7 +249,7 @@ class Agent:
             log.error("reload (%s): keeping generation %d: %s", reason, self.generation, exc)
             return self._failed(str(exc))
         try:
-            apply_ruleset(doc)
+            self.table.apply(doc)
         except NftablesError as exc:
             log.error("reload (%s): kernel refused the ruleset, old one stays: %s", reason, exc)
             return self._failed(str(exc))
@@ -283,7 +286,7 @@ class Agent:
                 self.policy = policy
                 return
             try:
-                apply_ruleset(doc)
+                self.table.apply(doc)
             except NftablesError as exc:
                 log.error("pods changed but the kernel refused the ruleset: %s", exc)
                 return
@@ -311,7 +314,7 @@ class Agent:
 
     async def stop(self) -> None:
         for step, action in (
-            ("remove nftables table", remove_table),
+            ("remove nftables table", self.table.remove),
             ("remove proxy addresses", lambda: remove_proxy_addresses(self.policy.proxy)),
         ):
             try:
@@ -400,6 +403,11 @@ class Agent:
 
 
 def _check_restart_only_settings(old: Policy, new: Policy) -> None:
+    if old.fail_open != new.fail_open:
+        raise ValueError(
+            f"fail changed to {'open' if new.fail_open else 'closed'}: the failure mode "
+            "applies at start only; restart the agent to change it"
+        )
     keys = ("port", "address_v4", "address_v6")
     changed = [k for k in keys if getattr(old.proxy, k) != getattr(new.proxy, k)]
     if changed:

@@ -62,7 +62,16 @@ _BOOL = _TAG_PREFIX + "bool"
 _NULL = _TAG_PREFIX + "null"
 _MERGE = _TAG_PREFIX + "merge"
 
-_TOP_KEYS = ("version", "proxy", "workloads", "intercept", "egress", "default", "on_reload")
+_TOP_KEYS = (
+    "version",
+    "proxy",
+    "workloads",
+    "intercept",
+    "egress",
+    "default",
+    "on_reload",
+    "fail",
+)
 _ON_RELOAD_KEYS = ("denied_connections",)
 _DENIED_CHOICES = ("keep", "close")
 _PROXY_KEYS = (
@@ -271,6 +280,9 @@ class _Reader:
         close_denied = False
         if "on_reload" in top:
             close_denied = self.on_reload(top["on_reload"][1], "on_reload")
+        fail_open = False
+        if "fail" in top:
+            fail_open = self.fail(top["fail"][1], "fail")
 
         return Policy(
             version=SUPPORTED_VERSION,
@@ -280,6 +292,7 @@ class _Reader:
             egress=egress,
             default=default,
             close_denied_on_reload=close_denied,
+            fail_open=fail_open,
             source_name=self.source_name,
         )
 
@@ -752,6 +765,20 @@ class _Reader:
                 key_path,
                 f"expected keep (open connections run until they end) or close (connections "
                 f"the new policy denies are closed), found {self.describe(value_node)}",
+            )
+        return False
+
+    def fail(self, node: Node, path: str) -> bool:
+        """``fail: closed | open``; True means open."""
+        value = self.scalar(node, path, what="closed or open")
+        if value in ("closed", "open"):
+            return value == "open"
+        if value is not None:
+            self.problem(
+                node,
+                path,
+                "expected closed (diverted traffic is refused while the agent is not running; "
+                f"the default) or open (it goes direct), found {self.describe(node)}",
             )
         return False
 

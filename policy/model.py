@@ -128,6 +128,9 @@ class Policy:
     # On reload, close open connections the new policy would deny (else they
     # run until they end).
     close_denied_on_reload: bool = False
+    # When the agent is not running (crashed, killed), diverted traffic is
+    # refused (False, the default) or goes direct (True): see rules.apply.
+    fail_open: bool = False
     source_name: str = field(default="<policy>", compare=False)
 
     def workload(self, name: str) -> Workload:

@@ -62,6 +62,74 @@ def apply_ruleset(doc: Json) -> None:
     _run(doc)
 
 
+class Table:
+    """Writes the agent's table, in one of the two failure modes a policy picks.
+
+    Fail closed (the default): a plain table, which outlives the agent, so a
+    crashed or killed agent leaves diverted traffic DNAT-ed to a proxy that is
+    not listening: it is refused, never sent direct.
+
+    Fail open: the table carries the ``owner`` flag (Linux 5.12, nftables
+    1.0.1): the kernel binds it to this process's netlink socket and deletes
+    it when the process ends, however it ends, and no other process may change
+    or delete it meanwhile. Without the table nothing is diverted: traffic goes
+    direct. Established flows keep their conntrack NAT binding either way.
+    libnftables 1.0.6 ignores table flags in JSON input, so the owned table is
+    created with a one-line text command; later changes keep the table and
+    replace its contents (flush, delete the chains and sets, add the new ones)
+    in one JSON transaction on the same netlink socket.
+    """
+
+    def __init__(self, *, owned: bool) -> None:
+        self.owned = owned
+        self._nft: Any = _nft() if owned else None
+        self._created = False
+
+    def apply(self, doc: Json) -> None:
+        if not self.owned:
+            _run(doc)
+            return
+        if not self._created:
+            # Replace a plain table a fail-closed run left behind; refused if
+            # another process owns the table.
+            rc, _, error = self._nft.cmd(
+                f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
+                f"add table {FAMILY} {TABLE} {{ flags owner; }}"
+            )
+            if rc != 0:
+                raise NftablesError(
+                    f"cannot create table {FAMILY} {TABLE} owned by this process: "
+                    f"{error.strip()} (is another egress-agent running on this host?)"
+                )
+            self._created = True
+        table = {"family": FAMILY, "name": TABLE}
+        body = doc.get("nftables", [])
+        cmds: list[Json] = [c for c in body if "metainfo" in c]
+        cmds.append({"flush": {"table": table}})
+        listing = read_table()
+        for item in listing["nftables"] if listing else []:
+            for kind in ("chain", "set"):
+                if kind in item:
+                    cmds.append({"delete": {kind: {**table, "name": item[kind]["name"]}}})
+        for cmd in body:
+            if "metainfo" in cmd or "delete" in cmd or ("add" in cmd and "table" in cmd["add"]):
+                continue  # the table itself stays
+            cmds.append(cmd)
+        rc, _, error = self._nft.json_cmd({"nftables": cmds})
+        if rc != 0:
+            raise NftablesError(f"nftables refused the change (rc={rc}): {error.strip()}")
+
+    def remove(self) -> None:
+        if not self.owned:
+            remove_table()
+            return
+        if self._created:
+            rc, _, error = self._nft.cmd(f"delete table {FAMILY} {TABLE}")
+            if rc != 0 and "No such file" not in error:
+                raise NftablesError(f"cannot delete table {FAMILY} {TABLE}: {error.strip()}")
+            self._created = False
+
+
 def check_ruleset(doc: Json) -> None:
     """Ask libnftables whether ``doc`` would apply (dry run; changes nothing)."""
     _run(doc, dry_run=True)
@@ -73,17 +141,42 @@ def remove_table() -> None:
 
 
 def read_table() -> Json | None:
-    """The kernel's view of the agent's table as libnftables JSON, or None if absent."""
+    """The kernel's view of the agent's table as libnftables JSON (its chains,
+    sets and rules), or None if absent.
+
+    Read object by object, never with ``list table`` or ``list ruleset``:
+    libnftables 1.0.6 prints broken JSON for a table with the ``owner`` flag
+    (see :class:`Table`), and only the table object itself carries flags.
+    """
+    text = _nft()
+    rc, output, error = text.cmd(f"list tables {FAMILY}")
+    if rc != 0:
+        raise NftablesError(f"cannot list the nftables tables: {error.strip()}")
+    if f"table {FAMILY} {TABLE}" not in output.splitlines():
+        return None
     nft = _nft(json_output=True)
-    rc, output, error = nft.json_cmd(
-        {"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]}
-    )
+    items: list[Json] = []
+    try:
+        for kind in ("chains", "sets"):
+            for item in _list(nft, f"list {kind} {FAMILY}"):
+                obj = next(iter(item.values()))
+                if item.keys() & {"chain", "set"} and obj.get("table") == TABLE:
+                    items.append(item)
+        for chain in [i["chain"]["name"] for i in items if "chain" in i]:
+            items += [i for i in _list(nft, f"list chain {FAMILY} {TABLE} {chain}") if "rule" in i]
+    except FileNotFoundError:
+        return None  # removed while we read
+    return {"nftables": items}
+
+
+def _list(nft: Any, command: str) -> list[Json]:
+    rc, output, error = nft.cmd(command)
     if rc != 0:
         if "No such file or directory" in (error or ""):
-            return None
-        raise NftablesError(f"cannot read table {FAMILY} {TABLE}: {error.strip()}")
-    parsed: Json = json.loads(output) if isinstance(output, str) else output
-    return parsed
+            raise FileNotFoundError(command)
+        raise NftablesError(f"cannot read table {FAMILY} {TABLE} ({command}): {error.strip()}")
+    items: list[Json] = json.loads(output).get("nftables", []) if output.strip() else []
+    return items
 
 
 def summarize_table(listing: Json) -> TableSummary:

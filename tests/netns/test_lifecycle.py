@@ -185,3 +185,56 @@ def test_metrics_count_connections_reloads_and_repairs(node: Node) -> None:
     assert good["egress_agent_last_reload_failed"] == 0
     assert good['egress_agent_reloads_total{result="applied"}'] == 1
     assert good["egress_agent_policy_generation"] == 2
+
+
+def _tables(node: Node) -> str:
+    return node.lab.run("node", ["nft", "list", "tables"]).stdout
+
+
+def test_fail_open_sends_traffic_direct_once_the_agent_is_gone(
+    pod_and_sink: Lab, tmp_path: Path
+) -> None:
+    n = Node(pod_and_sink, tmp_path)
+    n.policy.write_text(POLICY + "fail: open\n")
+    n.agent.start()
+    try:
+        assert n.diverted()
+        # The table is the agent's own: nobody else may delete or change it.
+        refused = n.lab.run("node", ["nft", "delete", "table", "inet", "egress_agent"], check=False)
+        assert refused.returncode != 0 and "Operation not permitted" in refused.stderr
+        assert n.diverted()
+        # Changing the failure mode needs a restart; the running one stays.
+        n.policy.write_text(POLICY + "fail: closed\n")
+        time.sleep(0.8)
+        error = n.status()["last_reload"]["error"]
+        assert "fail changed to closed" in error and "restart" in error
+        n.agent.kill()
+        # The kernel removed the table with the process: traffic goes direct.
+        assert "egress_agent" not in _tables(n)
+        out = n.lab.run(
+            "pod", [sys.executable, "-m", "egress_agent.lab.client", "198.18.1.2", "9000"]
+        ).stdout
+        assert json.loads(out)["ok"]
+        n.policy.write_text(POLICY + "fail: open\n")
+        n.agent.start()
+        assert n.diverted()
+    finally:
+        assert n.agent.stop() == 0
+    assert "egress_agent" not in _tables(n)
+
+
+def test_a_fail_closed_leftover_is_replaced_by_a_fail_open_start(
+    pod_and_sink: Lab, tmp_path: Path
+) -> None:
+    n = Node(pod_and_sink, tmp_path)
+    n.agent.start()
+    n.agent.kill()  # leaves a plain table behind: fail closed while nothing runs
+    assert "egress_agent" in _tables(n)
+    n.policy.write_text(POLICY + "fail: open\n")
+    n.agent.start()
+    try:
+        assert n.diverted()
+        assert n.status()["fail"] == "open"
+    finally:
+        n.agent.kill()
+    assert "egress_agent" not in _tables(n)

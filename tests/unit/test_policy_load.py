@@ -849,3 +849,22 @@ def test_on_reload_bad_value_names_the_choices() -> None:
     (problem,) = err.value.problems
     assert (problem.line, problem.path) == (4, "on_reload.denied_connections")
     assert "expected keep" in problem.message and "close" in problem.message
+
+
+@pytest.mark.parametrize(("value", "fail_open"), [("open", True), ("closed", False)])
+def test_fail_mode(value: str, fail_open: bool) -> None:
+    base = "version: 1\nworkloads: {}\ndefault: deny\n"
+    assert parse_policy(base + f"fail: {value}\n").fail_open is fail_open
+    assert parse_policy(base).fail_open is False
+
+
+@pytest.mark.parametrize("value", ["opened", "true", "[open]"])
+def test_fail_mode_bad_value_says_what_each_choice_does(value: str) -> None:
+    text = f"version: 1\nworkloads: {{}}\ndefault: deny\nfail: {value}\n"
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(text)
+    (problem,) = exc.value.problems
+    assert (problem.line, problem.path) == (4, "fail")
+    assert "closed" in problem.message and "open" in problem.message
+    if not value.startswith("["):
+        assert "direct" in problem.message  # says what each choice does
