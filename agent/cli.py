@@ -52,6 +52,21 @@ def _parser() -> argparse.ArgumentParser:
         " used only when a workload selects pods",
     )
 
+    run.add_argument(
+        "--no-handover",
+        dest="handover",
+        action="store_false",
+        help="do not take over from an agent already running in this network namespace"
+        " (start fails if one holds the proxy's port), nor hand over to a successor",
+    )
+    run.add_argument(
+        "--after-handover",
+        choices=["exit", "wait"],
+        default="exit",
+        help="once a successor took over and our connections ended: exit (default), or wait"
+        " for SIGTERM (in a DaemonSet, so that the old container is not restarted)",
+    )
+
     status = sub.add_parser("status", help="show the running agent's state")
     status.add_argument("--status-address", default=DEFAULT_STATUS_ADDRESS)
     status.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -134,6 +149,8 @@ def _run(args: argparse.Namespace) -> int:
         audit_path=args.audit_log,
         status_address=args.status_address,
         kubeconfig=args.kubeconfig,
+        handover=args.handover,
+        after_handover=args.after_handover,
     )
     try:
         return uvloop.run(run_agent(options))

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -36,6 +37,13 @@ from egress_agent.agent.addresses import (
     remove_proxy_addresses,
 )
 from egress_agent.agent.discovery import resolve, uses_pods
+from egress_agent.agent.handover import (
+    HandoverError,
+    HandoverServer,
+    Inherited,
+    predecessor_running,
+    request_handover,
+)
 from egress_agent.agent.kubernetes import (
     PodWatcher,
     Snapshot,
@@ -70,6 +78,12 @@ class RunOptions:
     audit_path: str | None
     status_address: str = DEFAULT_STATUS_ADDRESS
     kubeconfig: str | None = None  # None: in-cluster service account
+    # Take over from an agent already running in this network namespace
+    # (agent.handover), and hand over to a successor.
+    handover: bool = True
+    # After handing over and draining: "exit", or "wait" for SIGTERM (in a
+    # DaemonSet, so that the kubelet does not restart the old container).
+    after_handover: str = "exit"
 
 
 # How long start-up waits for the first list of pods before applying anyway
@@ -123,12 +137,17 @@ class Agent:
         self.reloads = {"applied": 0, "failed": 0}
         self.started_at = time.time()
         self._reload_lock = asyncio.Lock()
+        self.handed_over = asyncio.Event()
+        # Set while a successor takes over (and for good once it has): the
+        # kernel state is the successor's to change, not ours to repair.
+        self.handing_over = False
+        self.successor: int | None = None
 
-    async def start(self) -> None:
+    async def start(self, inherited: Inherited | None = None) -> None:
         async with self._reload_lock:
-            await self._start()
+            await self._start(inherited)
 
-    async def _start(self) -> None:
+    async def _start(self, inherited: Inherited | None) -> None:
         # pyroute2 drives its own asyncio loop internally: keep it off ours.
         await asyncio.to_thread(ensure_proxy_addresses, self.policy.proxy)
         self.proxy = ProxyServer(
@@ -137,7 +156,7 @@ class Agent:
             generation=self.generation,
             policy_hash=self.policy_hash,
         )
-        await self.proxy.start()
+        await self.proxy.start(inherited.sockets if inherited else ())
         self.table.apply(self.doc)
         problems = verify_applied(self.doc)
         if problems:
@@ -150,6 +169,8 @@ class Agent:
         """Compare the kernel with the desired state; restore what someone
         removed or changed. Returns whether anything had drifted."""
         async with self._reload_lock:
+            if self.handing_over:
+                return False
             problems = verify_applied(self.doc)
             missing = await asyncio.to_thread(missing_proxy_addresses, self.policy.proxy)
             problems += [f"proxy address {a} missing from lo" for a in missing]
@@ -223,6 +244,8 @@ class Agent:
     async def reload(self, reason: str) -> ReloadResult:
         """Validate the file, then apply it as one change; keep the old on any error."""
         async with self._reload_lock:
+            if self.handing_over:  # the successor applies the file now
+                return self._failed("handed over to a successor")
             result = self._reload(reason)
             self.last_reload = result
             return result
@@ -279,6 +302,8 @@ class Agent:
         """Discovery saw pods come, go or change labels: apply the new addresses
         as one change (nothing happens when the ruleset would be the same)."""
         async with self._reload_lock:
+            if self.handing_over:
+                return
             self.pods = pods
             policy = resolve(self.source_policy, pods)
             doc = render_ruleset(policy)
@@ -312,11 +337,38 @@ class Agent:
             applied=False, generation=self.generation, policy_hash=self.policy_hash, error=error
         )
 
-    async def stop(self) -> None:
+    async def give_listeners(self) -> tuple[list[socket.socket], dict[str, Any]]:
+        """A successor asks for the listening sockets (agent.handover)."""
+        async with self._reload_lock:
+            assert self.proxy is not None
+            self.handing_over = True
+            if self.table.owned:
+                # Only the owning process may change an owned table, and the
+                # kernel removes it with us anyway: the successor installs its own.
+                await asyncio.to_thread(self.table.remove)
+            return self.proxy.listening_sockets(), {"generation": self.generation}
+
+    async def settle_handover(self, confirmed: bool, pid: int) -> None:
+        assert self.proxy is not None
+        if not confirmed:
+            async with self._reload_lock:
+                if self.table.owned:
+                    self.table.apply(self.doc)
+                self.handing_over = False
+            return
+        self.proxy.stop_accepting()
+        self.successor = pid
+        self.handed_over.set()
+
+    async def stop(self, *, teardown: bool = True) -> None:
+        """Close the proxy and the audit log; with ``teardown`` (not after a
+        handover, when the successor owns them) remove the table and addresses."""
         for step, action in (
             ("remove nftables table", self.table.remove),
             ("remove proxy addresses", lambda: remove_proxy_addresses(self.policy.proxy)),
         ):
+            if not teardown:
+                break
             try:
                 await asyncio.to_thread(action)
             except Exception as exc:
@@ -478,6 +530,8 @@ async def run_agent(options: RunOptions) -> int:
     discovery: asyncio.Task[None] | None = None
     first_sync = asyncio.Event()
     started = False
+    handover: HandoverServer | None = None
+    inherited: Inherited | None = None
 
     def on_pods(pods: Snapshot) -> None:
         if not started:
@@ -489,7 +543,11 @@ async def run_agent(options: RunOptions) -> int:
         task.add_done_callback(reload_done)
 
     try:
-        await status.start()
+        # With a predecessor, its status server holds the address until the
+        # handover: ours starts right after it (below).
+        predecessor = options.handover and await asyncio.to_thread(predecessor_running)
+        if not predecessor:
+            await status.start()
         if uses_pods(agent.source_policy):
             # Permanent configuration errors (KubernetesConfigError) end the run.
             api = make_api(options.kubeconfig)
@@ -506,10 +564,28 @@ async def run_agent(options: RunOptions) -> int:
                 )
         # From here on, discovery changes queue behind start-up on the reload lock.
         started = True
-        await agent.start()
+        if predecessor:
+            # Taken as late as possible: the predecessor serves until now.
+            inherited = await _take_over()
+            await status.start(retry_for=5.0)
+        await agent.start(inherited)
         drift = loop.create_task(watch_drift(), name="drift repair")
+        if options.handover:
+            handover = HandoverServer(give=agent.give_listeners, settle=agent.settle_handover)
+            await handover.start()
         log.info("ready: policy %s (%s)", options.policy_path, summary(agent.policy))
-        await stop.wait()
+        waits = [
+            loop.create_task(agent.handed_over.wait(), name="handed over"),
+            loop.create_task(stop.wait(), name="stop"),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        if agent.handed_over.is_set():
+            await _drain(agent, status, stop, options, [poller, drift, discovery])
+            return 0
         log.info("stopping: removing table inet egress_agent and the proxy addresses")
         return 0
     finally:
@@ -524,6 +600,70 @@ async def run_agent(options: RunOptions) -> int:
         watch.close()
         for task in list(tasks):
             task.cancel()
-        await agent.stop()
+        if handover is not None:
+            await handover.close()
+        await agent.stop(teardown=not agent.handed_over.is_set())
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+async def _take_over() -> Inherited | None:
+    try:
+        inherited = await asyncio.to_thread(request_handover)
+    except HandoverError as exc:
+        log.error("%s; starting on fresh sockets", exc)
+        return None
+    if inherited is not None:
+        log.info(
+            "took over %d listening sockets from the agent with pid %d (generation %d)",
+            len(inherited.sockets),
+            inherited.pid,
+            inherited.generation,
+        )
+    return inherited
+
+
+# After a SIGTERM during a drain, connections still open get this long to end.
+DRAIN_GRACE = 20.0
+
+
+async def _drain(
+    agent: Agent,
+    status: StatusServer,
+    stop: asyncio.Event,
+    options: RunOptions,
+    background: list[asyncio.Task[None] | None],
+) -> None:
+    """Handed over: the successor enforces the policy now. Stop every
+    background duty, let the connections we relay end, then exit (or wait
+    for SIGTERM), leaving the kernel state to the successor."""
+    assert agent.proxy is not None
+    for task in background:
+        if task is not None:
+            task.cancel()
+    await status.close()
+    log.info(
+        "handed over to pid %s: no longer accepting; draining %d open connections",
+        agent.successor,
+        len(agent.proxy.connections),
+    )
+    grace_end: float | None = None
+    while agent.proxy.connections:
+        if stop.is_set() and grace_end is None:
+            grace_end = time.monotonic() + DRAIN_GRACE
+            log.info(
+                "stop requested: %d connections get %gs to end",
+                len(agent.proxy.connections),
+                DRAIN_GRACE,
+            )
+        if grace_end is not None and time.monotonic() > grace_end:
+            log.warning(
+                "closing %d connections still open after the grace", len(agent.proxy.connections)
+            )
+            break
+        await asyncio.sleep(0.1)
+    else:
+        log.info("drained: every connection has ended")
+    if options.after_handover == "wait" and not stop.is_set():
+        await stop.wait()
+    log.info("exiting after the handover; the kernel state stays with pid %s", agent.successor)

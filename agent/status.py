@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,9 +48,19 @@ class StatusServer:
         self._host, self._port = parse_address(address)
         self._server: asyncio.Server | None = None
 
-    async def start(self) -> None:
+    async def start(self, *, retry_for: float = 0.0) -> None:
+        """Listen; ``retry_for`` seconds of retries while the address is in use
+        (a predecessor that handed over is closing its own status server)."""
+        deadline = time.monotonic() + retry_for
         try:
-            self._server = await asyncio.start_server(self._handle, self._host, self._port)
+            while True:
+                try:
+                    self._server = await asyncio.start_server(self._handle, self._host, self._port)
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                        raise
+                await asyncio.sleep(0.05)
         except OSError as exc:
             raise OSError(
                 exc.errno,

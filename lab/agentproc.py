@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,13 +18,21 @@ if TYPE_CHECKING:
 
 class AgentProcess:
     def __init__(
-        self, lab: Lab, *, policy: Path, audit: Path, log: Path, host: str = "node"
+        self,
+        lab: Lab,
+        *,
+        policy: Path,
+        audit: Path,
+        log: Path,
+        host: str = "node",
+        args: Sequence[str] = (),
     ) -> None:
         self.lab = lab
         self.policy = policy
         self.audit = audit
         self.log = log
         self.host = host
+        self.args = tuple(args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, timeout: float = 15.0) -> AgentProcess:
@@ -36,6 +45,7 @@ class AgentProcess:
             str(self.policy),
             "--audit-log",
             str(self.audit),
+            *self.args,
         ]
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:

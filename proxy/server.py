@@ -19,10 +19,11 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, cast
 
 from egress_agent.policy.decide import decide, identify, needs_server_name
@@ -419,15 +420,21 @@ class ProxyServer:
         self._sweeper: asyncio.Task[None] | None = None
         self.listening = False
 
-    async def start(self) -> None:
+    async def start(self, inherited: Sequence[socket.socket] = ()) -> None:
+        """Listen on the proxy's addresses: on ``inherited`` sockets that are
+        bound there (a predecessor's, see ``agent.handover``), else on new
+        ones. Inherited sockets that do not fit are closed."""
         settings = self.policy.proxy
+        spare = list(inherited)
         for address in (settings.address_v4, settings.address_v6):
-            sock = _listener(address, settings.port)
+            sock = _take(spare, address, settings.port) or _listener(address, settings.port)
             server = await self.loop.create_server(
                 lambda: Connection(self).client, sock=sock, backlog=4096
             )
             self._servers.append(server)
             self._own.add((str(address), settings.port))
+        for sock in spare:
+            sock.close()
         self._sweeper = self.tasks.spawn(self._sweep(), name="idle-sweeper")
         self.listening = True
         log.info(
@@ -437,6 +444,21 @@ class ProxyServer:
             settings.address_v6,
             settings.port,
         )
+
+    def listening_sockets(self) -> list[socket.socket]:
+        """The listening sockets, for handing over to a successor (the caller
+        sends their descriptors; they stay ours until ``stop_accepting``)."""
+        return [
+            socket.socket(fileno=os.dup(ts.fileno()))
+            for server in self._servers
+            for ts in server.sockets
+        ]
+
+    def stop_accepting(self) -> None:
+        """Stop accepting; connections being relayed go on until they end."""
+        self.listening = False
+        for server in self._servers:
+            server.close()
 
     def update_policy(self, policy: Policy, *, generation: int, policy_hash: str) -> int:
         """Swap the policy for new connections; returns how many open ones it closed.
@@ -497,6 +519,23 @@ class ProxyServer:
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
+
+
+def _take(
+    spare: list[socket.socket], address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int
+) -> socket.socket | None:
+    """Remove and return the listening socket in ``spare`` bound to address:port."""
+    for sock in spare:
+        try:
+            bound = sock.getsockname()
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError:
+            continue
+        if listening and ipaddress.ip_address(bound[0]) == address and bound[1] == port:
+            spare.remove(sock)
+            sock.setblocking(False)
+            return sock
+    return None
 
 
 def _listener(address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> socket.socket:

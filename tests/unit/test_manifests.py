@@ -37,6 +37,7 @@ import pytest
 import yaml
 
 from egress_agent.agent.cli import _parser
+from egress_agent.agent.runner import DRAIN_GRACE
 from egress_agent.agent.status import parse_address
 from egress_agent.policy.load import parse_policy
 from egress_agent.rules.render import render_ruleset
@@ -254,19 +255,24 @@ def test_daemonset_runs_on_every_node_in_the_nodes_network() -> None:
     assert spec["terminationGracePeriodSeconds"] >= unit_timeout
 
 
-def test_rolling_update_does_not_surge() -> None:
-    """Two agents on one node would both need the node's 127.0.0.1:15021 and
-    169.254.99.1:15001 and both own table inet egress_agent: no surge, one
-    node at a time (deploy/kubernetes/README.md describes the window)."""
+def test_rolling_update_surges_and_hands_over() -> None:
+    """The new agent starts next to the old one and takes its listening
+    sockets over (agent.handover): maxUnavailable 0, so a node is never
+    without an agent; no declared host port, so the surge pod is scheduled;
+    the old one waits for its deletion instead of being restarted; and its
+    drain grace fits in the termination grace period."""
     strategy = the("DaemonSet")["spec"]["updateStrategy"]
     assert strategy == {
         "type": "RollingUpdate",
-        "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0},
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
     }
     assert pod_spec()["hostNetwork"] is True
+    assert "ports" not in container()
+    args = agent_args()
+    assert args.handover is True and args.after_handover == "wait"
+    assert pod_spec()["terminationGracePeriodSeconds"] > DRAIN_GRACE
     readme = (BASE / "README.md").read_text()
-    assert "maxUnavailable: 1, maxSurge: 0" in readme
-    assert "not intercepted" in readme
+    assert "maxUnavailable: 0, maxSurge: 1" in readme
 
 
 def test_container_holds_exactly_the_chosen_capabilities() -> None:
@@ -293,10 +299,6 @@ def test_probes_reach_the_status_endpoint_on_loopback() -> None:
         assert http_get.get("scheme", "HTTP") == "HTTP"
         assert (http_get["host"], http_get["port"], http_get["path"]) == (*STATUS, path)
     assert parse_address(agent_args().status_address) == STATUS
-    # With hostNetwork a declared port is a host port: it must be the same number.
-    assert [(p["containerPort"], p.get("hostPort", p["containerPort"])) for p in c["ports"]] == [
-        (STATUS[1], STATUS[1])
-    ]
 
 
 def test_args_parse_with_the_agents_cli() -> None:

@@ -1,0 +1,183 @@
+"""Restarting the agent: a new one takes the listening sockets over from the
+running one (agent.handover); nothing is refused, nothing relayed is cut."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from egress_agent.lab.agentproc import AgentProcess
+from egress_agent.lab.netns import Lab
+
+pytestmark = pytest.mark.netns
+
+POLICY = """
+version: 1
+workloads:
+  pod: {cidrs: [198.19.1.2/32]}
+intercept:
+  - from: [pod]
+    ports: [9000]
+egress:
+  - name: sink
+    to: {ports: [9000]}
+    action: allow
+default: deny
+"""
+
+# Streams to the echoing sink for SECONDS while it is relayed, and verifies
+# every byte came back.
+STREAM = """
+import socket, threading, time
+s = socket.create_connection(("198.18.1.2", 9000), timeout=20)
+got = 0
+def read():
+    global got
+    while data := s.recv(1 << 16):
+        got += len(data)
+reader = threading.Thread(target=read)
+reader.start()
+chunk = bytes(range(256)) * 256
+sent = 0
+end = time.time() + SECONDS
+while time.time() < end:
+    s.sendall(chunk); sent += len(chunk)
+    time.sleep(0.02)
+s.shutdown(socket.SHUT_WR)
+reader.join()
+print(json.dumps({"sent": sent, "got": got}))
+"""
+
+# Opens a new connection every 20 ms for SECONDS; counts what failed.
+PROBE = """
+import socket, time
+ok, failed, errors = 0, 0, []
+end = time.time() + SECONDS
+while time.time() < end:
+    try:
+        with socket.create_connection(("198.18.1.2", 9000), timeout=5) as s:
+            s.sendall(b"probe\\n")
+            if not s.recv(100):
+                raise ConnectionError("closed without an answer")
+        ok += 1
+    except OSError as exc:
+        failed += 1; errors.append(repr(exc))
+    time.sleep(0.02)
+print(json.dumps({"ok": ok, "failed": failed, "errors": errors[:5]}))
+"""
+
+
+def _script(body: str, seconds: float) -> str:
+    return f"import json\nSECONDS = {seconds!r}\n" + textwrap.dedent(body)
+
+
+def _agent(lab: Lab, work: Path, name: str, *args: str) -> AgentProcess:
+    return AgentProcess(
+        lab,
+        policy=work / "policy.yaml",
+        audit=work / "audit.jsonl",
+        log=work / f"{name}.log",
+        args=args,
+    )
+
+
+def _ruleset(lab: Lab) -> str:
+    text = lab.run("node", ["nft", "list", "table", "inet", "egress_agent"]).stdout
+    return re.sub(r"packets \d+ bytes \d+", "packets N bytes N", text)
+
+
+def _tables(lab: Lab) -> str:
+    return lab.run("node", ["nft", "list", "tables"]).stdout
+
+
+def test_a_new_agent_takes_over_without_refusing_or_cutting(
+    pod_and_sink: Lab, tmp_path: Path
+) -> None:
+    lab = pod_and_sink
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    old = _agent(lab, tmp_path, "old").start()
+    ruleset = _ruleset(lab)
+    new = _agent(lab, tmp_path, "new")
+    stream = lab.popen(
+        "pod", [sys.executable, "-c", _script(STREAM, 3.0)], stdout=-1, stderr=-1, text=True
+    )
+    probe = lab.popen(
+        "pod", [sys.executable, "-c", _script(PROBE, 3.0)], stdout=-1, stderr=-1, text=True
+    )
+    try:
+        time.sleep(0.8)
+        new.start()
+        out, err = stream.communicate(timeout=30)
+        assert stream.returncode == 0, err
+        moved = json.loads(out)
+        out, err = probe.communicate(timeout=30)
+        assert probe.returncode == 0, err
+        probed = json.loads(out)
+        # The old agent drained its last connection (the stream) and left.
+        assert old.proc is not None and old.proc.wait(timeout=10) == 0
+        assert _ruleset(lab) == ruleset
+        n = len((tmp_path / "audit.jsonl").read_text().splitlines())
+        out = lab.run(
+            "pod", [sys.executable, "-m", "egress_agent.lab.client", "198.18.1.2", "9000"]
+        ).stdout
+        assert json.loads(out)["ok"]
+        time.sleep(0.2)
+        assert len((tmp_path / "audit.jsonl").read_text().splitlines()) == n + 1  # still diverted
+    finally:
+        for proc in (stream, probe):
+            if proc.poll() is None:
+                proc.kill()
+        new.stop()
+        if old.proc is not None and old.proc.poll() is None:
+            old.kill()
+    # Nothing refused, nothing cut: every byte of the stream came back.
+    assert probed["failed"] == 0 and probed["ok"] > 50, probed
+    assert moved["sent"] > 1_000_000 and moved["got"] >= moved["sent"], moved
+    old_log = (tmp_path / "old.log").read_text()
+    new_log = (tmp_path / "new.log").read_text()
+    assert f"handed over to pid {new.proc.pid}" in old_log  # type: ignore[union-attr]
+    assert "drained: every connection has ended" in old_log
+    assert f"took over 2 listening sockets from the agent with pid {old.proc.pid}" in new_log  # type: ignore[union-attr]
+    # Every connection got exactly one audit record, from one agent or the other.
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert len(records) == probed["ok"] + 2
+    assert len({(r["src"], r["time"]) for r in records}) == len(records)
+    (long,) = [r for r in records if r["bytes_up"] > 1_000_000]
+    assert long["event"] == "closed" and long["bytes_up"] >= moved["sent"]
+    assert "egress_agent" not in _tables(lab)  # the last one stopping removed the table
+
+
+def test_a_fail_open_agent_hands_its_owned_table_over(pod_and_sink: Lab, tmp_path: Path) -> None:
+    lab = pod_and_sink
+    (tmp_path / "policy.yaml").write_text(POLICY + "fail: open\n")
+    old = _agent(lab, tmp_path, "old").start()
+    new = _agent(lab, tmp_path, "new").start()
+    try:
+        assert old.proc is not None and old.proc.wait(timeout=10) == 0  # nothing to drain
+        assert "egress_agent" in _tables(lab)
+        new.kill()  # the table belonged to the new agent: the kernel removes it with it
+        assert "egress_agent" not in _tables(lab)
+    finally:
+        if new.proc is not None and new.proc.poll() is None:
+            new.stop()
+
+
+def test_without_handover_a_second_agent_says_the_ports_are_taken(
+    pod_and_sink: Lab, tmp_path: Path
+) -> None:
+    lab = pod_and_sink
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    first = _agent(lab, tmp_path, "first").start()
+    try:
+        with pytest.raises(RuntimeError) as exc:
+            _agent(lab, tmp_path, "second", "--no-handover").start()
+        assert "already in use" in str(exc.value)  # the first one holds the ports
+        assert first.proc is not None and first.proc.poll() is None  # untouched
+    finally:
+        assert first.stop() == 0
