@@ -10,7 +10,9 @@ decisions work exactly as for static CIDRs.
 
 When two workloads select the same pod, the one listed first in the file keeps
 its addresses (an address identifies one workload); the others are told so in
-the log.
+the log. When two pods list the same address (a terminating pod's address
+given to a new one), it identifies only one of them
+(:func:`~egress_agent.agent.kubernetes.address_owners`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from egress_agent.agent.kubernetes import Selector, Snapshot, selected_networks
+from egress_agent.agent.kubernetes import (
+    Selector,
+    Snapshot,
+    address_conflicts,
+    selected_networks,
+)
 from egress_agent.policy.model import IPNetwork, PodSelector, Policy, Workload
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,8 @@ def resolve(policy: Policy, snapshot: Snapshot | None) -> Policy:
     before the first sync)."""
     if not uses_pods(policy):
         return policy
+    for line in address_conflicts(snapshot) if snapshot else ():
+        log.warning("pod discovery: %s", line)
     claimed: dict[IPNetwork, str] = {
         net: w.name for w in policy.workloads if w.pods is None for net in w.cidrs
     }

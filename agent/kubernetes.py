@@ -130,6 +130,10 @@ class PodInfo:
     ips: tuple[IPAddress, ...] = ()
     host_network: bool = False
     phase: str = "Pending"
+    # metadata.deletionTimestamp is set: the pod is shutting down and its
+    # address may already have been given to a new pod.
+    terminating: bool = False
+    created: str = ""  # metadata.creationTimestamp (RFC 3339, sorts as text)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", _frozen(self.labels))
@@ -204,14 +208,62 @@ def _subset(wanted: Mapping[str, str], have: Mapping[str, str]) -> bool:
     return all(have.get(key) == value for key, value in wanted.items())
 
 
+def address_owners(snapshot: Snapshot) -> dict[IPAddress, PodInfo]:
+    """Which pod each address identifies, when several pods list it.
+
+    The network plugin may give a terminating pod's address to a new pod
+    before the API server has forgotten the old one, so for a while two pods
+    claim one address. The address then belongs to the pod that is not
+    terminating; between two such, to the newer one (the older one's entry is
+    stale); ties go to the first by namespace and name, so every agent
+    decides alike. hostNetwork pods and finished pods claim nothing.
+    """
+    owners: dict[IPAddress, PodInfo] = {}
+    for pod in snapshot.pods:
+        if pod.host_network or pod.phase in TERMINAL_PHASES:
+            continue
+        for ip in pod.ips:
+            held = owners.get(ip)
+            if held is None or _claim(pod) > _claim(held):
+                owners[ip] = pod
+    return owners
+
+
+def _claim(pod: PodInfo) -> tuple[bool, str]:
+    return (not pod.terminating, pod.created)
+
+
+def address_conflicts(snapshot: Snapshot) -> list[str]:
+    """One line per address that several pods list, saying which keeps it."""
+    lines = []
+    for ip, owner in address_owners(snapshot).items():
+        others = [
+            f"{p.namespace}/{p.name}{' (terminating)' if p.terminating else ''}"
+            for p in snapshot.pods
+            if p is not owner
+            and ip in p.ips
+            and not p.host_network
+            and p.phase not in TERMINAL_PHASES
+        ]
+        if others:
+            lines.append(
+                f"address {ip} is listed by {owner.namespace}/{owner.name} and "
+                f"{', '.join(others)}: it identifies {owner.namespace}/{owner.name}"
+            )
+    return lines
+
+
 def selected_networks(selector: Selector, snapshot: Snapshot) -> tuple[IPNetwork, ...]:
     """The host networks (/32, /128) of the pods ``selector`` names: a workload's
-    ``cidrs`` for the renderer. Sorted, IPv4 first, without duplicates."""
+    ``cidrs`` for the renderer. Sorted, IPv4 first, without duplicates. An
+    address several pods list counts only for its owner (:func:`address_owners`)."""
+    owners = address_owners(snapshot)
     addresses = {
         ip
         for pod in snapshot.pods
         if matches(selector, pod, snapshot.labels_of_namespace(pod.namespace))
         for ip in pod.ips
+        if owners.get(ip) is pod
     }
     ordered = sorted(addresses, key=lambda a: (a.version, int(a)))
     return tuple(ipaddress.ip_network(a) for a in ordered)
@@ -245,6 +297,8 @@ def pod_info(obj: Mapping[str, Any]) -> PodInfo:
         ips=tuple(dict.fromkeys(ips)),
         host_network=bool(spec.get("hostNetwork", False)),
         phase=str(status.get("phase") or "Pending"),
+        terminating=bool(metadata.get("deletionTimestamp")),
+        created=str(metadata.get("creationTimestamp") or ""),
     )
 
 

@@ -103,7 +103,12 @@ def pod_object(spec: Mapping[str, Any]) -> Json:
             "namespace": namespace,
             "uid": str(uuid.uuid5(UID_NAMESPACE, f"pod/{namespace}/{name}")),
             "labels": {str(k): str(v) for k, v in (spec.get("labels") or {}).items()},
-            "creationTimestamp": CREATED,
+            "creationTimestamp": str(spec.get("created", CREATED)),
+            **(
+                {"deletionTimestamp": str(spec["deleting"]), "deletionGracePeriodSeconds": 30}
+                if spec.get("deleting")
+                else {}
+            ),
         },
         "spec": {
             "nodeName": node,
@@ -124,7 +129,12 @@ def namespace_object(spec: Mapping[str, Any]) -> Json:
             "name": name,
             "uid": str(uuid.uuid5(UID_NAMESPACE, f"namespace/{name}")),
             "labels": {"kubernetes.io/metadata.name": name, **labels},
-            "creationTimestamp": CREATED,
+            "creationTimestamp": str(spec.get("created", CREATED)),
+            **(
+                {"deletionTimestamp": str(spec["deleting"]), "deletionGracePeriodSeconds": 30}
+                if spec.get("deleting")
+                else {}
+            ),
         },
         "spec": {"finalizers": ["kubernetes"]},
         "status": {"phase": "Active"},

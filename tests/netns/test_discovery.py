@@ -288,3 +288,49 @@ def test_pod_selector_follows_labels_and_survives_the_api_server(
     # The agent's log tells the story too.
     log = (tmp_path / "agent.log").read_text()
     assert "pods changed: generation" in log
+
+
+def test_an_address_reused_while_its_pod_terminates_follows_the_new_pod(
+    pod_and_sink: Lab, tmp_path: Path
+) -> None:
+    """The network plugin gave the terminating pg-1's address to web-1 before
+    pg-1 was gone from the API: the address is web-1's, so its traffic is not
+    taken for pg's."""
+    scene = Scene(pod_and_sink, tmp_path)
+    lab = pod_and_sink
+    reused = state({"app": "pg"})
+    reused["pods"][0].update(created="2026-11-25T09:00:00Z", deleting="2026-11-25T10:00:00Z")
+    web = {
+        "namespace": "db",
+        "name": "web-1",
+        "labels": {"app": "web"},
+        "nodeName": NODE,
+        "ip": POD,
+        "phase": "Running",
+        "created": "2026-11-25T10:00:01Z",
+    }
+    reused["pods"].append(web)
+    write_state(scene.state, reused)
+    start_fakekube(lab, "node", port=API_PORT, state=scene.state, log=tmp_path / "fakekube.log")
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{API_PORT}")
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    agent = DiscoveryAgent(lab, kubeconfig=kubeconfig, work=tmp_path).start()
+    try:
+        scene.assert_direct(scene.probe())
+        # pg-1 keeps its IPv6 address, which nobody else lists.
+        assert scene.status()["discovery"]["addresses"] == {"pg": ["fd00:19:1::2/128"]}
+        # web-1 goes away: the address is pg-1's again (terminating, but alone).
+        reused["pods"].remove(web)
+        write_state(scene.state, reused)
+        deadline = time.monotonic() + 5
+        while scene.status()["discovery"]["addresses"]["pg"] != [f"{POD}/32", "fd00:19:1::2/128"]:
+            assert time.monotonic() < deadline, scene.status()
+            time.sleep(0.1)
+        scene.assert_diverted(scene.probe())
+    finally:
+        assert agent.stop() == 0
+    log = (tmp_path / "agent.log").read_text()
+    assert (
+        f"address {POD} is listed by db/web-1 and db/pg-1 (terminating): it identifies db/web-1"
+        in log
+    )

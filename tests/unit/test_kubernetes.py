@@ -36,6 +36,8 @@ from egress_agent.agent.kubernetes import (
     PodWatcher,
     Selector,
     Snapshot,
+    address_conflicts,
+    address_owners,
     make_api,
     matches,
     node_name_from_env,
@@ -842,3 +844,87 @@ def test_backoff_grows_to_its_cap_with_jitter() -> None:
     ]
     assert backoff.delay(3, rand=lambda: 0.0) == 2.0
     assert backoff.delay(10_000, rand=lambda: 0.0) == 15.0
+
+
+# --- Two pods listing one address ----------------------------------------------------
+
+
+def _snapshot(*pods: PodInfo) -> Snapshot:
+    return Snapshot(
+        pods=pods,
+        namespace_labels={"db": DB_LABELS, "web": {}},
+        pods_resource_version="1",
+        namespaces_resource_version="1",
+        synced=True,
+    )
+
+
+PG_SELECTOR = Selector(namespace="db", labels={"cnpg.io/cluster": "pg-main"})
+WEB = PodInfo(
+    namespace="web",
+    name="web-1",
+    uid="u-web",
+    ips=ips("10.1.0.5"),  # PG's address, given to a new pod
+    phase="Pending",
+    created="2026-11-25T10:00:05Z",
+)
+
+
+@pytest.mark.parametrize(
+    ("pg", "web", "pg_keeps"),
+    [
+        pytest.param(
+            variant(terminating=True, created="2026-11-25T09:00:00Z"),
+            WEB,
+            False,
+            id="terminating pod loses its address to the new pod",
+        ),
+        pytest.param(
+            variant(created="2026-11-25T09:00:00Z"),
+            dataclasses.replace(WEB, terminating=True),
+            True,
+            id="live pod keeps it from a terminating one",
+        ),
+        pytest.param(
+            variant(created="2026-11-25T09:00:00Z"),
+            WEB,
+            False,
+            id="both live: the newer pod's entry wins",
+        ),
+        pytest.param(
+            variant(created="2026-11-25T11:00:00Z"),
+            WEB,
+            True,
+            id="both live, pg newer",
+        ),
+        pytest.param(
+            variant(created="2026-11-25T09:00:00Z"),
+            dataclasses.replace(WEB, phase="Succeeded"),
+            True,
+            id="a finished pod claims nothing",
+        ),
+    ],
+)
+def test_an_address_two_pods_list_identifies_one(pg: PodInfo, web: PodInfo, pg_keeps: bool) -> None:
+    snapshot = _snapshot(pg, web)
+    networks = [str(n) for n in selected_networks(PG_SELECTOR, snapshot)]
+    assert ("10.1.0.5/32" in networks) is pg_keeps
+    assert "fd00:1::5/128" in networks  # the address only pg lists stays its own
+    owner = address_owners(snapshot)[ipaddress.ip_address("10.1.0.5")]
+    assert owner is (pg if pg_keeps else web)
+    conflicts = address_conflicts(snapshot)
+    if web.phase == "Succeeded":
+        assert conflicts == []
+    else:
+        (line,) = conflicts
+        assert line.startswith("address 10.1.0.5 is listed by ")
+        assert line.endswith(f"it identifies {owner.namespace}/{owner.name}")
+
+
+def test_pod_info_reads_deletion_and_creation_timestamps() -> None:
+    obj = pod("pg-1", ips=("10.1.0.5",))
+    assert pod_info(obj).terminating is False
+    obj["metadata"]["deletionTimestamp"] = "2026-11-25T10:00:00Z"
+    obj["metadata"]["creationTimestamp"] = "2026-11-25T09:00:00Z"
+    info = pod_info(obj)
+    assert info.terminating is True and info.created == "2026-11-25T09:00:00Z"
