@@ -190,6 +190,11 @@ class Scene:
     def flip(self, labels: dict[str, str], want: str, limit: float) -> tuple[float, int]:
         """Write the state with ``labels`` while the pod polls; seconds from the
         write until the server first saw ``want``, and that connection's port."""
+        return self.change(state(labels), want, limit)
+
+    def change(self, new_state: dict[str, Any], want: str, limit: float) -> tuple[float, int]:
+        """Write ``new_state`` while the pod polls; seconds from the write until
+        the server first saw ``want``, and that connection's port."""
         poller = self.lab.popen(
             "pod",
             [sys.executable, "-c", POLL, *SINK_ARGS, want, str(limit), "0.02"],
@@ -199,11 +204,11 @@ class Scene:
         assert poller.stdout is not None
         assert poller.stdout.readline().strip() == "started"
         t0 = time.time()
-        write_state(self.state, state(labels))
+        write_state(self.state, new_state)
         line = poller.stdout.readline()
         poller.wait(10)
         result = json.loads(line)
-        assert result["at"] is not None, f"server never saw {want} within {limit}s of {labels}"
+        assert result["at"] is not None, f"server never saw {want} within {limit}s of the change"
         return result["at"] - t0, result["local"]
 
     def status(self) -> dict[str, Any]:
@@ -334,3 +339,32 @@ def test_an_address_reused_while_its_pod_terminates_follows_the_new_pod(
         f"address {POD} is listed by db/web-1 and db/pg-1 (terminating): it identifies db/web-1"
         in log
     )
+
+
+def test_a_new_pod_is_diverted_once_the_api_lists_it(pod_and_sink: Lab, tmp_path: Path) -> None:
+    """The window a new pod has before it is diverted: from the moment the API
+    server lists it with its address until its connections reach the proxy.
+    (A real pod's own window also includes the kubelet's status update, which
+    publishes the address after the network plugin assigned it: see README.)"""
+    scene = Scene(pod_and_sink, tmp_path)
+    lab = pod_and_sink
+    empty = state({"app": "pg"})
+    empty["pods"] = empty["pods"][1:]  # only the pod on another node
+    write_state(scene.state, empty)
+    start_fakekube(lab, "node", port=API_PORT, state=scene.state, log=tmp_path / "fakekube.log")
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{API_PORT}")
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    agent = DiscoveryAgent(lab, kubeconfig=kubeconfig, work=tmp_path).start()
+    windows = []
+    try:
+        scene.assert_direct(scene.probe())
+        for _ in range(3):
+            window, local = scene.change(state({"app": "pg"}), PROXY_SIDE, limit=5.0)
+            windows.append(window)
+            scene.assert_diverted([{"local": local, "saw": PROXY_SIDE}])
+            back, _ = scene.change(empty, POD, limit=5.0)
+            assert back < 5.0
+    finally:
+        assert agent.stop() == 0
+    assert max(windows) < 2.0
+    print("new pod listed -> diverted: " + ", ".join(f"{w * 1000:.0f} ms" for w in windows))
