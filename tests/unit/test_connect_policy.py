@@ -157,3 +157,19 @@ def test_tunnel_name_must_be_the_connect_host(
     connect_host: str, inner: str | None, match: bool
 ) -> None:
     assert names_match(connect_host, inner) is match
+
+
+def test_readme_policy_example_with_connect_section_loads() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```yaml\n")[1:]]
+    example = next(b for b in blocks if b.startswith("version: 1"))
+    policy = parse_policy(example)
+    assert policy.connect is not None and policy.connect.port == 3128
+    assert policy.connect.auth_for("pg-main") == ProxyAuth(
+        users_file="/etc/egress-agent/connect-users"
+    )
+    section = next(b for b in blocks if b.startswith("connect:"))
+    connect = parse_policy(example.split("connect:")[0] + section).connect
+    assert connect is not None and connect.auth_for("registry") == ProxyAuth(
+        username="mirror", password_file="/run/secrets/proxy-password"
+    )
