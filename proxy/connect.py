@@ -7,11 +7,11 @@ address, the CONNECT target's host is the server name and its resolved
 address the destination, and :func:`~egress_agent.policy.decide.decide`
 rules. Two things are added:
 
-* Name binding: after ``200 Connection Established``, the tunnel's first
-  bytes are peeked like a diverted connection's; a TLS ClientHello whose SNI
-  (or an HTTP head whose Host) names another server than the CONNECT target
-  is refused, so a client cannot CONNECT to an allowed name and then speak to
-  another virtual host on the same address.
+* Name binding: after ``200 Connection Established``, the client's first
+  bytes in the tunnel are held and sniffed like a diverted connection's; a
+  TLS ClientHello whose SNI (or an HTTP head whose Host) names another server
+  than the CONNECT target is refused, so a client cannot CONNECT to an
+  allowed name and then speak to another virtual host on the same address.
 * Optional proxy authentication per workload (:mod:`.connect_auth`).
 
 Denied names are decided before anything is resolved when the policy allows
@@ -44,7 +44,7 @@ from egress_agent.proxy.audit import AuditRecord
 from egress_agent.proxy.connect_auth import AuthResult, CredentialFiles
 from egress_agent.proxy.connect_head import MAX_CONNECT_HEAD, ProxyRequest, parse_proxy_request
 from egress_agent.proxy.original_dst import Endpoint, endpoint_of
-from egress_agent.proxy.peek import Peeked, Protocol
+from egress_agent.proxy.peek import Peeked, Protocol, sniff
 from egress_agent.proxy.server import Connection, ProxyServer, _describe, _listener
 
 log = logging.getLogger(__name__)
@@ -300,13 +300,13 @@ class ConnectConnection(Connection):
         assert self.upstream is not None and self.upstream.transport is not None
         settings = self.policy.proxy
         try:
-            peeked = await self._peek(settings.peek_bytes, settings.peek_timeout)
+            peeked = await self._first_message(settings.peek_bytes, settings.peek_timeout)
         except ValueError as exc:
             self._close_tunnel(f"malformed first bytes in the tunnel: {exc}")
             return
         except TimeoutError:
             self._close_tunnel(
-                f"first bytes in the tunnel incomplete after {settings.peek_timeout:g}s"
+                f"first message in the tunnel incomplete after {settings.peek_timeout:g}s"
                 f" ({len(self.buffer)} bytes received)"
             )
             return
@@ -325,10 +325,49 @@ class ConnectConnection(Connection):
                 return
             self.peeked = Peeked(protocol=peeked.protocol, server_name=connect_name)
         if self.client.lost or self.upstream.lost:
-            self._close_tunnel("a side went away before the tunnel's relay started")
+            # The server said its piece and closed, or the client left.
+            self.event = "closed" if self.error is None else "failed"
+            self.close_both()
             return
         self.event = "closed"
         self._start_relay()
+
+    async def _first_message(self, cap: int, timeout: float) -> Peeked | None:
+        """What the client's first bytes in the tunnel are; None if it ends
+        the tunnel without sending any.
+
+        Unlike the transparent path's peek there is no deadline before the
+        first byte: the client's bytes are held until they have been looked at
+        however long it waits (the server's bytes reach it meanwhile, so
+        server-speaks-first protocols just work, and the idle timeout ends a
+        tunnel where nobody speaks). A message that has started must be
+        complete within ``timeout``.
+        """
+        deadline: float | None = None
+        while True:
+            if self.buffer:
+                peeked = sniff(bytes(self.buffer[:cap]))
+                if peeked is not None:
+                    return peeked
+                if len(self.buffer) >= cap:
+                    raise ValueError(f"no complete TLS ClientHello or HTTP head in {cap} bytes")
+                if deadline is None:
+                    deadline = self.loop.time() + timeout
+            if self.client_eof or self.client.lost:
+                return None
+            self._data_event.clear()
+            if deadline is None:
+                await self._data_event.wait()
+                continue
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._data_event.wait(), remaining)
+
+    def half_lost(self) -> None:
+        self._data_event.set()  # wake a wait for the client's bytes
+        super().half_lost()
 
     # -- answering -----------------------------------------------------------------
 

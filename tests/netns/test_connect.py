@@ -46,6 +46,10 @@ egress:
   - name: blob
     to: {{hosts: [{BLOB}], ports: [443]}}
     action: allow
+  - name: tcp-sink
+    from: [app]
+    to: {{cidrs: [198.18.1.2/32], ports: [9000]}}
+    action: allow
   - name: blob-v6
     from: [app]
     to: {{cidrs: ["fd00:18:1::2/128"], ports: [443]}}
@@ -122,6 +126,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             listen=["198.18.1.2:443", "[fd00:18:1::2]:443"],
             tls=blob,
             log=work / "azure.jsonl",
+        )
+        start_server(
+            lab,
+            "azure",
+            name="azure-9000",
+            listen=["198.18.1.2:9000"],
+            tls=None,
+            log=work / "azure-9000.jsonl",
         )
         start_server(
             lab,
@@ -241,6 +253,63 @@ def test_sni_other_than_the_connect_host_is_refused(world: World) -> None:
     assert all(r["bytes_in"] == 0 for r in world.server_log()[n_seen:])
 
 
+def test_late_client_hello_is_still_checked(world: World) -> None:
+    # Waiting longer than peek_timeout (1.5 s) before speaking does not let a
+    # ClientHello through unchecked.
+    n_audit = len(world.audit_records())
+    out = world.python(
+        "app",
+        f"""
+        import socket, ssl, time
+        s = socket.create_connection(("169.254.99.1", 3128), timeout=5)
+        s.sendall(b"CONNECT {BLOB}:443 HTTP/1.1\\r\\n\\r\\n")
+        print(s.recv(4096).split(b"\\r\\n")[0].decode())
+        time.sleep(2.0)
+        ctx = ssl.create_default_context(cafile="{world.ca}")
+        try:
+            ctx.wrap_socket(s, server_hostname="{ALIAS}")
+            print("handshake completed")
+        except (OSError, ssl.SSLError) as exc:
+            print("refused", type(exc).__name__)
+        """,
+    )
+    assert out.splitlines()[0] == "HTTP/1.1 200 Connection Established"
+    assert out.splitlines()[1].startswith("refused")
+    (rec,) = world.new_audit(n_audit)
+    assert rec["rule"] == "connect:sni-mismatch" and rec["bytes_up"] == 0
+
+
+def test_server_speaks_first_through_the_tunnel(world: World) -> None:
+    # The lab server answers on its own after 2 s of silence, like an SSH or
+    # SMTP server greeting its client; the client sends only after that.
+    n_audit = len(world.audit_records())
+    out = world.python(
+        "app",
+        """
+        import socket
+        s = socket.create_connection(("169.254.99.1", 3128), timeout=8)
+        s.sendall(b"CONNECT 198.18.1.2:9000 HTTP/1.1\\r\\n\\r\\n")
+        data = b""
+        while data.count(b"\\n") < 3:
+            data += s.recv(4096)
+        print(data.split(b"\\r\\n\\r\\n", 1)[1].decode().strip())
+        s.sendall(b"SSH-2.0-client\\r\\n")
+        s.shutdown(socket.SHUT_WR)
+        echo = b""
+        while chunk := s.recv(4096):
+            echo += chunk
+        print(echo.decode().strip())
+        """,
+    )
+    greeting, echo = out.splitlines()
+    assert greeting.startswith("azure-9000 198.18.1.2:9000 saw ")
+    assert echo == "SSH-2.0-client"
+    (rec,) = world.new_audit(n_audit)
+    assert rec["event"] == "closed" and rec["rule"] == "tcp-sink" and rec["protocol"] == "tcp"
+    assert rec["server_name"] is None and rec["connect_host"] == "198.18.1.2:9000"
+    assert rec["bytes_up"] == len(b"SSH-2.0-client\r\n") and rec["error"] is None
+
+
 def test_ipv6_literal_target_over_the_ipv6_listener(world: World) -> None:
     n_audit = len(world.audit_records())
     proc = world.curl("app", "https://[fd00:18:1::2]/", "--proxy", PROXY_V6)
@@ -341,3 +410,56 @@ def _reject_counter(world: World) -> int:
                 if "counter" in expr:
                     total += int(expr["counter"]["packets"])
     return total
+
+
+LISTENER_ALONE = '''
+import asyncio, sys
+from egress_agent.policy.load import parse_policy
+from egress_agent.proxy.audit import AuditLog
+from egress_agent.proxy.connect import ConnectListener
+from egress_agent.proxy.server import ProxyServer
+
+POLICY = """
+version: 1
+proxy: {address_v4: 127.0.0.1, address_v6: "::1"}
+workloads: {known: {cidrs: [127.0.0.3/32]}}
+egress: []
+default: deny
+connect: {port: 3128}
+"""
+
+async def ask(source):
+    reader, writer = await asyncio.open_connection("127.0.0.1", 3128, local_addr=(source, 0))
+    writer.write(b"CONNECT a.test:443 HTTP/1.1\\r\\n\\r\\n")
+    answer = await reader.read()
+    writer.close()
+    return answer.split(b"\\r\\n")[0].decode()
+
+async def main():
+    audit = AuditLog(sys.argv[1])
+    proxy = ProxyServer(policy=parse_policy(POLICY), audit=audit)
+    await proxy.start()
+    listener = ConnectListener(proxy, 3128)
+    await listener.start()
+    print(await ask("127.0.0.4"))
+    print(await ask("127.0.0.3"))
+    await listener.close()
+    await proxy.close()
+    audit.close()
+
+asyncio.run(main())
+'''
+
+
+def test_listener_refuses_a_source_it_does_not_know(lab: Lab, tmp_path: Path) -> None:
+    # Without the kernel's filter in front (here nothing but the listener runs
+    # in a fresh node namespace), the proxy's own identity check answers 403.
+    audit = tmp_path / "audit.jsonl"
+    proc = lab.run("node", [sys.executable, "-c", LISTENER_ALONE, str(audit)], check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["HTTP/1.1 403 Forbidden"] * 2
+    unknown, known = (json.loads(line) for line in audit.read_text().splitlines())
+    assert unknown["rule"] == "connect:unknown-source" and unknown["workload"] is None
+    assert unknown["error"] == "source 127.0.0.4 is not a workload of this node's egress policy"
+    assert known["rule"] == "default" and known["workload"] == "known"
+    assert known["via"] == "connect" and known["event"] == "denied"
