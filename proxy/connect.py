@@ -23,9 +23,11 @@ Each CONNECT connection is a :class:`~egress_agent.proxy.server.Connection`
 with another front half: it lives in the proxy server's connection set (idle
 sweep, close-on-reload and shutdown apply), relays with the same machinery and
 ends in exactly one audit record, with ``via: connect`` and ``connect_host``.
-Refusals use pseudo-rules that no egress rule can be named (``:`` is not
-allowed in rule names): ``connect:unknown-source``, ``connect:proxy-auth``,
-``connect:sni-mismatch``.
+Loopback and unspecified destinations are refused whatever the policy says:
+a diverted client's loopback is its own, but through this listener it would
+be the node's. Refusals use pseudo-rules that no egress rule can be named
+(``:`` is not allowed in rule names): ``connect:unknown-source``,
+``connect:proxy-auth``, ``connect:sni-mismatch``, ``connect:loopback``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 RULE_UNKNOWN_SOURCE = "connect:unknown-source"
 RULE_PROXY_AUTH = "connect:proxy-auth"
 RULE_SNI_MISMATCH = "connect:sni-mismatch"
+RULE_LOOPBACK = "connect:loopback"
 REALM = "egress-agent"
 
 
@@ -214,6 +217,15 @@ class ConnectConnection(Connection):
         except OSError as exc:
             self.respond(502, "Bad Gateway", f"cannot resolve {host}: {exc}", event="failed")
             return
+        local = next((a for a in addresses if _is_node_local(a)), None)
+        if local is not None:
+            # A diverted client's loopback is its own; this client would be
+            # reaching services the node binds to loopback only.
+            self.dst = Endpoint(address=local, port=port)
+            self._deny(
+                Verdict(action=Action.DENY, rule=RULE_LOOPBACK, workload=self.workload), host, port
+            )
+            return
         # The first address the resolver gives decides, as it would for a
         # client connecting by itself; further allowed ones are tried in turn.
         first = decide(
@@ -262,7 +274,6 @@ class ConnectConnection(Connection):
         502/504 and return False."""
         settings = self.policy.proxy
         last = ""
-        timed_out = False
         for address in addresses:
             verdict = decide(
                 self.policy, workload=self.workload, dst=address, dst_port=port, server_name=name
@@ -282,14 +293,13 @@ class ConnectConnection(Connection):
             try:
                 await self._connect_upstream(settings.upstream_mark, settings.connect_timeout)
             except TimeoutError:
-                timed_out = True
                 last = f"upstream connect timed out after {settings.connect_timeout:g}s"
                 continue
             except OSError as exc:
                 last = f"upstream connect failed: {_describe(exc)}"
                 continue
             return True
-        if timed_out and "timed out" in last:
+        if last.startswith("upstream connect timed out"):
             self.respond(504, "Gateway Timeout", last, event="failed")
         else:
             self.respond(502, "Bad Gateway", last, event="failed")
@@ -456,6 +466,14 @@ class ConnectConnection(Connection):
             )
             connect_host = f"{shown}:{request.port}"
         return dataclasses.replace(super().record(), via="connect", connect_host=connect_host)
+
+
+def _is_node_local(address: IPAddress) -> bool:
+    """Loopback or unspecified (which connects to the node itself), also
+    written as an IPv4-mapped IPv6 address."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback or address.is_unspecified
 
 
 class ConnectListener:

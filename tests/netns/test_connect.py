@@ -50,6 +50,10 @@ egress:
     from: [app]
     to: {{cidrs: [198.18.1.2/32], ports: [9000]}}
     action: allow
+  - name: any-8080
+    from: [app]
+    to: {{ports: [8080, 15021]}}
+    action: allow
   - name: blob-v6
     from: [app]
     to: {{cidrs: ["fd00:18:1::2/128"], ports: [443]}}
@@ -308,6 +312,26 @@ def test_server_speaks_first_through_the_tunnel(world: World) -> None:
     assert rec["event"] == "closed" and rec["rule"] == "tcp-sink" and rec["protocol"] == "tcp"
     assert rec["server_name"] is None and rec["connect_host"] == "198.18.1.2:9000"
     assert rec["bytes_up"] == len(b"SSH-2.0-client\r\n") and rec["error"] is None
+
+
+@pytest.mark.parametrize(
+    ("target", "shown"),
+    [
+        ("127.0.0.1:15021", "127.0.0.1:15021"),
+        ("localhost:15021", "localhost:15021"),
+        ("[::ffff:127.0.0.1]:15021", "[::ffff:7f00:1]:15021"),
+        ("0.0.0.0:8080", "0.0.0.0:8080"),
+    ],
+)
+def test_node_loopback_is_never_tunnelled(world: World, target: str, shown: str) -> None:
+    # Rule any-8080 would allow these; the agent's own status endpoint
+    # listens on the node's 127.0.0.1:15021.
+    n_audit = len(world.audit_records())
+    proc = world.curl("app", f"http://{target}/status", "--proxy", PROXY, "--proxytunnel")
+    assert _status(proc)[1] == "403"
+    (rec,) = world.new_audit(n_audit)
+    assert rec["event"] == "denied" and rec["rule"] == "connect:loopback"
+    assert rec["connect_host"] == shown
 
 
 def test_ipv6_literal_target_over_the_ipv6_listener(world: World) -> None:
