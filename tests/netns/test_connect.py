@@ -487,3 +487,33 @@ def test_listener_refuses_a_source_it_does_not_know(lab: Lab, tmp_path: Path) ->
     assert unknown["error"] == "source 127.0.0.4 is not a workload of this node's egress policy"
     assert known["rule"] == "default" and known["workload"] == "known"
     assert known["via"] == "connect" and known["event"] == "denied"
+
+
+def _reload(world: World, text: str, expect: str, timeout: float = 10.0) -> None:
+    log = world.work / "agent.log"
+    offset = log.stat().st_size
+    world.work.joinpath("policy.yaml").write_text(text)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if expect in log.read_bytes()[offset:].decode(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {expect!r} in the agent log:\n{log.read_text()}")
+
+
+def test_reload_changes_auth_live_but_not_the_port(world: World) -> None:
+    original = world.work.joinpath("policy.yaml").read_text()
+    with_auth = original.replace(
+        "    authed: {users_file:",
+        f"    app: {{users_file: {world.users}}}\n    authed: {{users_file:",
+    )
+    assert with_auth != original
+    try:
+        _reload(world, with_auth, "reloaded (file changed)")
+        assert _status(world.curl("app", f"https://{BLOB}/", "--proxy", PROXY))[1] == "407"
+        _reload(world, original, "reloaded (file changed)")
+        assert _status(world.curl("app", f"https://{BLOB}/", "--proxy", PROXY))[1] == "200"
+        _reload(world, original.replace("port: 3128", "port: 3129"), "connect.port changed")
+        assert _status(world.curl("app", f"https://{BLOB}/", "--proxy", PROXY))[1] == "200"
+    finally:
+        world.work.joinpath("policy.yaml").write_text(original)
