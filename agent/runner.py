@@ -368,6 +368,13 @@ class Agent:
     async def stop(self, *, teardown: bool = True) -> None:
         """Close the proxy and the audit log; with ``teardown`` (not after a
         handover, when the successor owns them) remove the table and addresses."""
+        if self.connect is not None:
+            # First, while the proxy's addresses still exist: the resets that
+            # end its tunnels are sent from them.
+            try:
+                await self.connect.close()
+            except Exception as exc:
+                log.error("teardown: could not close the CONNECT listener: %s", exc)
         for step, action in (
             ("remove nftables table", self.table.remove),
             ("remove proxy addresses", lambda: remove_proxy_addresses(self.policy.proxy)),
@@ -378,11 +385,6 @@ class Agent:
                 await asyncio.to_thread(action)
             except Exception as exc:
                 log.error("teardown: could not %s: %s", step, exc)
-        if self.connect is not None:
-            try:
-                await self.connect.close()
-            except Exception as exc:
-                log.error("teardown: could not close the CONNECT listener: %s", exc)
         if self.proxy is not None:
             try:
                 await self.proxy.close()

@@ -520,8 +520,14 @@ class ConnectListener:
         return (str(ep.address), ep.port) in self._own
 
     async def close(self) -> None:
+        """Stop accepting and end this listener's connections (each writes its
+        record); the proxy server's close would end them too."""
         for server in self._servers:
             server.close()
+        for conn in list(self.server.connections):
+            if isinstance(conn, ConnectConnection):
+                conn.abort_both("proxy stopping")
+        await asyncio.sleep(0)  # let aborted transports report connection_lost
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import sys
 import textwrap
 import time
@@ -517,3 +518,54 @@ def test_reload_changes_auth_live_but_not_the_port(world: World) -> None:
         assert _status(world.curl("app", f"https://{BLOB}/", "--proxy", PROXY))[1] == "200"
     finally:
         world.work.joinpath("policy.yaml").write_text(original)
+
+
+def test_stopping_the_agent_ends_open_tunnels_with_a_record(
+    pod_and_sink: Lab, tmp_path: Path
+) -> None:
+    lab = pod_and_sink
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\nworkloads: {pod: {cidrs: [198.19.1.2/32]}}\n"
+        "egress: [{name: sink, to: {ports: [9000]}, action: allow}]\n"
+        "default: deny\nconnect: {port: 3128}\n"
+    )
+    audit = tmp_path / "audit.jsonl"
+    agent = AgentProcess(lab, policy=policy, audit=audit, log=tmp_path / "agent.log").start()
+    client = lab.popen(
+        "pod",
+        [sys.executable, "-c", textwrap.dedent(
+            """
+            import socket, sys
+            s = socket.create_connection(("169.254.99.1", 3128), timeout=20)
+            s.sendall(b"CONNECT 198.18.1.2:9000 HTTP/1.1\\r\\n\\r\\nhello\\n")
+            data = b""
+            while data.count(b"\\n") < 3:
+                data += s.recv(4096)
+            print("open", flush=True)
+            try:
+                while s.recv(4096):
+                    pass
+                print("closed")
+            except OSError as exc:
+                print(type(exc).__name__)
+            """
+        )],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert client.stdout is not None and client.stdout.readline().strip() == "open"
+        started = time.monotonic()
+        assert agent.stop() == 0
+        assert time.monotonic() - started < 2.0
+        # The client learns at once that the tunnel is gone: tunnels end
+        # before the proxy's address is removed, since without it the kernel
+        # cannot route the packets that end them (the client would hang).
+        assert client.wait(5) == 0
+        assert client.stdout.read().strip() in ("closed", "ConnectionResetError")
+    finally:
+        client.kill()
+    (rec,) = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert rec["via"] == "connect" and rec["event"] == "closed" and rec["rule"] == "sink"
+    assert rec["error"] == "proxy stopping" and rec["bytes_up"] == len(b"hello\n")
