@@ -158,10 +158,13 @@ class Agent:
             generation=self.generation,
             policy_hash=self.policy_hash,
         )
-        await self.proxy.start(inherited.sockets if inherited else ())
+        spare = list(inherited.sockets) if inherited else []
         if self.policy.connect is not None:
+            # First: it takes its own inherited sockets out of `spare`, and
+            # the proxy closes whatever is left there.
             self.connect = ConnectListener(self.proxy, self.policy.connect.port)
-            await self.connect.start()
+            await self.connect.start(spare)
+        await self.proxy.start(spare)
         self.table.apply(self.doc)
         problems = verify_applied(self.doc)
         if problems:
@@ -351,7 +354,10 @@ class Agent:
                 # Only the owning process may change an owned table, and the
                 # kernel removes it with us anyway: the successor installs its own.
                 await asyncio.to_thread(self.table.remove)
-            return self.proxy.listening_sockets(), {"generation": self.generation}
+            sockets = self.proxy.listening_sockets()
+            if self.connect is not None:
+                sockets += self.connect.listening_sockets()
+            return sockets, {"generation": self.generation}
 
     async def settle_handover(self, confirmed: bool, pid: int) -> None:
         assert self.proxy is not None
@@ -362,6 +368,8 @@ class Agent:
                 self.handing_over = False
             return
         self.proxy.stop_accepting()
+        if self.connect is not None:
+            self.connect.stop_accepting()
         self.successor = pid
         self.handed_over.set()
 

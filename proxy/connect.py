@@ -38,6 +38,7 @@ import dataclasses
 import errno
 import ipaddress
 import logging
+import os
 import socket
 
 from egress_agent.policy.decide import decide, host_matches, identify
@@ -47,7 +48,7 @@ from egress_agent.proxy.connect_auth import AuthResult, CredentialFiles
 from egress_agent.proxy.connect_head import MAX_CONNECT_HEAD, ProxyRequest, parse_proxy_request
 from egress_agent.proxy.original_dst import Endpoint, endpoint_of
 from egress_agent.proxy.peek import Peeked, Protocol, sniff
-from egress_agent.proxy.server import Connection, ProxyServer, _describe, _listener
+from egress_agent.proxy.server import Connection, ProxyServer, _describe, _listener, _take
 
 log = logging.getLogger(__name__)
 
@@ -490,17 +491,22 @@ class ConnectListener:
         self._servers: list[asyncio.Server] = []
         self._own: set[tuple[str, int]] = set()
 
-    async def start(self) -> None:
+    async def start(self, spare: list[socket.socket] | None = None) -> None:
+        """Listen; on sockets from ``spare`` that are bound to our address and
+        port (a predecessor's, see ``agent.handover``: they are removed from
+        the list), else on new ones."""
         settings = self.server.policy.proxy
         for address in (settings.address_v4, settings.address_v6):
             try:
-                sock = _listener(address, self.port)
+                sock = _take(spare, address, self.port) if spare else None
+                sock = sock or _listener(address, self.port)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise OSError(
                         exc.errno,
-                        f"cannot listen on {address}:{self.port} for CONNECT: another process"
-                        " holds it; stop it or set connect.port",
+                        f"cannot listen on {address}:{self.port} for CONNECT:"
+                        f" {os.strerror(exc.errno)} (another process holds it: stop it or"
+                        " set connect.port)",
                     ) from exc
                 raise
             server = await self.server.loop.create_server(
@@ -518,6 +524,19 @@ class ConnectListener:
 
     def is_own_endpoint(self, ep: Endpoint) -> bool:
         return (str(ep.address), ep.port) in self._own
+
+    def listening_sockets(self) -> list[socket.socket]:
+        """Duplicates of the listening sockets, for handing over to a successor."""
+        return [
+            socket.socket(fileno=os.dup(ts.fileno()))
+            for server in self._servers
+            for ts in server.sockets
+        ]
+
+    def stop_accepting(self) -> None:
+        """Stop accepting; open tunnels go on until they end."""
+        for server in self._servers:
+            server.close()
 
     async def close(self) -> None:
         """Stop accepting and end this listener's connections (each writes its

@@ -569,3 +569,84 @@ def test_stopping_the_agent_ends_open_tunnels_with_a_record(
     (rec,) = [json.loads(line) for line in audit.read_text().splitlines()]
     assert rec["via"] == "connect" and rec["event"] == "closed" and rec["rule"] == "sink"
     assert rec["error"] == "proxy stopping" and rec["bytes_up"] == len(b"hello\n")
+
+
+CONNECT_PROBE = """
+import json, socket, sys, time
+def tunnel():
+    s = socket.create_connection(("169.254.99.1", 3128), timeout=5)
+    s.sendall(b"CONNECT 198.18.1.2:9000 HTTP/1.1\\r\\n\\r\\n")
+    head = b""
+    while not head.endswith(b"\\r\\n\\r\\n"):
+        data = s.recv(1)
+        if not data:
+            raise ConnectionError("closed during the CONNECT answer")
+        head += data
+    if not head.startswith(b"HTTP/1.1 200 "):
+        raise ConnectionError(head.split(b"\\r\\n")[0].decode())
+    return s
+long = tunnel()
+long.sendall(b"before\\n")
+first = long.recv(4096)
+ok, failed, errors = 0, 0, []
+end = time.time() + float(sys.argv[1])
+while time.time() < end:
+    try:
+        with tunnel() as s:
+            s.sendall(b"probe\\n")
+            if not s.recv(100):
+                raise ConnectionError("closed without an answer")
+        ok += 1
+    except OSError as exc:
+        failed += 1
+        errors.append(repr(exc))
+    time.sleep(0.02)
+long.sendall(b"after\\n")
+echo = long.recv(4096)
+long.close()
+print(json.dumps({"ok": ok, "failed": failed, "errors": errors[:5], "echo": echo.decode()}))
+"""
+
+
+def test_a_new_agent_takes_the_connect_listener_over(pod_and_sink: Lab, tmp_path: Path) -> None:
+    lab = pod_and_sink
+    (tmp_path / "policy.yaml").write_text(
+        "version: 1\nworkloads: {pod: {cidrs: [198.19.1.2/32]}}\n"
+        "egress: [{name: sink, to: {ports: [9000]}, action: allow}]\n"
+        "default: deny\nconnect: {port: 3128}\n"
+    )
+
+    def agent(name: str) -> AgentProcess:
+        return AgentProcess(
+            lab,
+            policy=tmp_path / "policy.yaml",
+            audit=tmp_path / "audit.jsonl",
+            log=tmp_path / f"{name}.log",
+        )
+
+    old = agent("old").start()
+    new = agent("new")
+    probe = lab.popen(
+        "pod", [sys.executable, "-c", CONNECT_PROBE, "3.0"], stdout=-1, stderr=-1, text=True
+    )
+    try:
+        time.sleep(0.8)
+        new.start()
+        out, err = probe.communicate(timeout=30)
+        assert probe.returncode == 0, err
+        probed = json.loads(out)
+        assert old.proc is not None and old.proc.wait(timeout=10) == 0  # drained, gone
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+        new.stop()
+        if old.proc is not None and old.proc.poll() is None:
+            old.kill()
+    # No CONNECT refused during the switch; the tunnel open across it still works.
+    assert probed["failed"] == 0 and probed["ok"] > 50, probed
+    assert probed["echo"] == "after\n"
+    new_log = (tmp_path / "new.log").read_text()
+    assert "took over 4 listening sockets" in new_log
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert len(records) == probed["ok"] + 1 and all(r["via"] == "connect" for r in records)
+    assert all(r["event"] == "closed" and r["error"] is None for r in records)
