@@ -55,6 +55,7 @@ from egress_agent.agent.watch import PolicyFileWatch
 from egress_agent.policy.load import PolicyError, parse_policy, read_policy_text
 from egress_agent.policy.model import Policy
 from egress_agent.proxy.audit import AuditLog
+from egress_agent.proxy.connect import ConnectListener
 from egress_agent.proxy.server import ProxyServer
 from egress_agent.rules.apply import NftablesError, Table, verify_applied
 from egress_agent.rules.render import render_ruleset
@@ -130,6 +131,7 @@ class Agent:
         self.table = Table(owned=self.policy.fail_open)
         self.audit = AuditLog(options.audit_path)
         self.proxy: ProxyServer | None = None
+        self.connect: ConnectListener | None = None
         self.last_reload: ReloadResult | None = None
         self.in_sync = False
         self.drift_problems: list[str] = []
@@ -156,7 +158,13 @@ class Agent:
             generation=self.generation,
             policy_hash=self.policy_hash,
         )
-        await self.proxy.start(inherited.sockets if inherited else ())
+        spare = list(inherited.sockets) if inherited else []
+        if self.policy.connect is not None:
+            # First: it takes its own inherited sockets out of `spare`, and
+            # the proxy closes whatever is left there.
+            self.connect = ConnectListener(self.proxy, self.policy.connect.port)
+            await self.connect.start(spare)
+        await self.proxy.start(spare)
         self.table.apply(self.doc)
         problems = verify_applied(self.doc)
         if problems:
@@ -346,7 +354,10 @@ class Agent:
                 # Only the owning process may change an owned table, and the
                 # kernel removes it with us anyway: the successor installs its own.
                 await asyncio.to_thread(self.table.remove)
-            return self.proxy.listening_sockets(), {"generation": self.generation}
+            sockets = self.proxy.listening_sockets()
+            if self.connect is not None:
+                sockets += self.connect.listening_sockets()
+            return sockets, {"generation": self.generation}
 
     async def settle_handover(self, confirmed: bool, pid: int) -> None:
         assert self.proxy is not None
@@ -357,12 +368,21 @@ class Agent:
                 self.handing_over = False
             return
         self.proxy.stop_accepting()
+        if self.connect is not None:
+            self.connect.stop_accepting()
         self.successor = pid
         self.handed_over.set()
 
     async def stop(self, *, teardown: bool = True) -> None:
         """Close the proxy and the audit log; with ``teardown`` (not after a
         handover, when the successor owns them) remove the table and addresses."""
+        if self.connect is not None:
+            # First, while the proxy's addresses still exist: the resets that
+            # end its tunnels are sent from them.
+            try:
+                await self.connect.close()
+            except Exception as exc:
+                log.error("teardown: could not close the CONNECT listener: %s", exc)
         for step, action in (
             ("remove nftables table", self.table.remove),
             ("remove proxy addresses", lambda: remove_proxy_addresses(self.policy.proxy)),
@@ -451,6 +471,15 @@ class Agent:
                 ('{direction="down"}', self.audit.bytes_down),
             ],
         )
+        metric(
+            "connect_connections_total",
+            "counter",
+            "Finished connections of the explicit CONNECT listener by audit event and verdict.",
+            [
+                (f'{{event="{e}",verdict="{v}"}}', n)
+                for (e, v), n in sorted(self.audit.connect_by_outcome.items())
+            ],
+        )
         return "\n".join(lines) + "\n"
 
 
@@ -462,6 +491,13 @@ def _check_restart_only_settings(old: Policy, new: Policy) -> None:
         )
     keys = ("port", "address_v4", "address_v6")
     changed = [k for k in keys if getattr(old.proxy, k) != getattr(new.proxy, k)]
+    old_port = old.connect.port if old.connect else None
+    new_port = new.connect.port if new.connect else None
+    if old_port != new_port:
+        raise ValueError(
+            f"connect.port changed ({old_port or 'none'} -> {new_port or 'none'}): the CONNECT"
+            " listener starts and stops with the agent; restart the agent to change it"
+        )
     if changed:
         raise ValueError(
             f"proxy.{', proxy.'.join(changed)} changed: the proxy's listening address "

@@ -30,6 +30,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from egress_agent.policy.model import (
     Action,
+    ConnectSettings,
     EgressRule,
     InterceptRule,
     IPAddress,
@@ -37,6 +38,7 @@ from egress_agent.policy.model import (
     PodSelector,
     Policy,
     PortRange,
+    ProxyAuth,
     ProxySettings,
     Workload,
 )
@@ -71,7 +73,10 @@ _TOP_KEYS = (
     "default",
     "on_reload",
     "fail",
+    "connect",
 )
+_CONNECT_KEYS = ("port", "auth")
+_PROXY_AUTH_KEYS = ("users_file", "username", "password_file")
 _ON_RELOAD_KEYS = ("denied_connections",)
 _DENIED_CHOICES = ("keep", "close")
 _PROXY_KEYS = (
@@ -106,6 +111,7 @@ _EXPECTED = {
     "from": "a non-empty list of workload names",
     "name": "a rule name",
     "action": "allow or deny",
+    "port": "the CONNECT listener's TCP port, e.g. 3128",
 }
 
 
@@ -283,6 +289,9 @@ class _Reader:
         fail_open = False
         if "fail" in top:
             fail_open = self.fail(top["fail"][1], "fail")
+        connect = None
+        if "connect" in top:
+            connect = self.connect(top["connect"][1], "connect", known, proxy)
 
         return Policy(
             version=SUPPORTED_VERSION,
@@ -293,6 +302,7 @@ class _Reader:
             default=default,
             close_denied_on_reload=close_denied,
             fail_open=fail_open,
+            connect=connect,
             source_name=self.source_name,
         )
 
@@ -781,6 +791,97 @@ class _Reader:
                 f"the default) or open (it goes direct), found {self.describe(node)}",
             )
         return False
+    def connect(
+        self, node: Node, path: str, known: dict[str, Workload] | None, proxy: ProxySettings
+    ) -> ConnectSettings | None:
+        """``connect: {port, auth: {workload: {users_file} | {username, password_file}}}``."""
+        fields = self.mapping(node, path, what="CONNECT listener settings", allowed=_CONNECT_KEYS)
+        if fields is None:
+            return None
+        self.require(node, path, fields, ("port",))
+        port: int | None = None
+        if "port" in fields:
+            p_node = fields["port"][1]
+            port = self.integer(p_node, _join(path, "port"), low=1, high=65535)
+            if port is not None and port == proxy.port:
+                self.problem(
+                    p_node,
+                    _join(path, "port"),
+                    f"port {port} is also proxy.port: the CONNECT listener needs a port of"
+                    " its own (3128 is the usual one)",
+                )
+                port = None
+        auth: list[tuple[str, ProxyAuth]] = []
+        if "auth" in fields:
+            a_path = _join(path, "auth")
+            entries = self.entries(
+                fields["auth"][1], a_path, what="a mapping of workload name to proxy credentials"
+            )
+            for name, key_node, value_node in entries or ():
+                if known is not None and name not in known:
+                    existing = ", ".join(sorted(known)) if known else "none are defined"
+                    self.problem(
+                        key_node,
+                        _join(a_path, name),
+                        f"unknown workload {name!r}{_did_you_mean(name, known)};"
+                        f" workloads: {existing}",
+                    )
+                    continue
+                got = self.proxy_auth(value_node, _join(a_path, name))
+                if got is not None:
+                    auth.append((name, got))
+        if port is None:
+            return None
+        return ConnectSettings(port=port, auth=tuple(auth))
+
+    def proxy_auth(self, node: Node, path: str) -> ProxyAuth | None:
+        fields = self.mapping(node, path, what="proxy credentials", allowed=_PROXY_AUTH_KEYS)
+        if fields is None:
+            return None
+        shape = (
+            "give either {users_file: /path} (lines of name:password) or"
+            " {username: name, password_file: /path}"
+        )
+        has_users = "users_file" in fields
+        has_single = "username" in fields or "password_file" in fields
+        if has_users == has_single or (
+            has_single and not ("username" in fields and "password_file" in fields)
+        ):
+            self.problem(node, path, f"incomplete or mixed proxy credentials: {shape}")
+            return None
+        values: dict[str, str] = {}
+        for key, (_key_node, value_node) in fields.items():
+            k_path = _join(path, key)
+            text = self.text(
+                value_node, k_path, what="a user name" if key == "username" else "a path"
+            )
+            if text is None:
+                continue
+            if key == "username":
+                if not text or ":" in text or any(ord(c) < 0x21 or ord(c) == 0x7F for c in text):
+                    self.problem(
+                        value_node,
+                        k_path,
+                        "a proxy user name must be non-empty, without ':', spaces or control"
+                        " characters (Basic authentication splits at the first ':')",
+                    )
+                    continue
+            elif not os.path.isabs(text):
+                self.problem(
+                    value_node,
+                    k_path,
+                    f"{text!r} is not an absolute path: give the file's full path, e.g."
+                    " /etc/egress-agent/connect-users",
+                )
+                continue
+            values[key] = text
+        if len(values) != len(fields):
+            return None
+        return ProxyAuth(
+            users_file=values.get("users_file"),
+            username=values.get("username"),
+            password_file=values.get("password_file"),
+        )
 
     def action(self, node: Node, path: str) -> Action | None:
         value = self.scalar(node, path, what="allow or deny")

@@ -118,6 +118,36 @@ class ProxySettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ProxyAuth:
+    """Basic proxy credentials a workload presents on the CONNECT listener:
+    either a users file (``name:password`` lines) or one user name with a
+    password file. Only paths are held here; the secrets stay in the files."""
+
+    users_file: str | None = None
+    username: str | None = None
+    password_file: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectSettings:
+    """The explicit HTTP CONNECT listener for clients that set HTTPS_PROXY.
+
+    It listens on the proxy's own addresses at ``port``; ``auth`` maps
+    workload names to the credentials they must present (workloads not
+    listed need none).
+    """
+
+    port: int
+    auth: tuple[tuple[str, ProxyAuth], ...] = ()
+
+    def auth_for(self, workload: str | None) -> ProxyAuth | None:
+        for name, auth in self.auth:
+            if name == workload:
+                return auth
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Policy:
     version: int
     proxy: ProxySettings
@@ -131,6 +161,8 @@ class Policy:
     # When the agent is not running (crashed, killed), diverted traffic is
     # refused (False, the default) or goes direct (True): see rules.apply.
     fail_open: bool = False
+    # The explicit CONNECT listener; None: there is none.
+    connect: ConnectSettings | None = None
     source_name: str = field(default="<policy>", compare=False)
 
     def workload(self, name: str) -> Workload:

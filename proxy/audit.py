@@ -47,6 +47,11 @@ class AuditRecord:
     error: str | None
     policy_generation: int  # which applied policy decided it (1 = the first)
     policy_hash: str  # sha256 of that policy file's text, first 16 hex digits
+    # How the client reached the proxy: "transparent" (diverted by the rules)
+    # or "connect" (the explicit CONNECT listener, which sets connect_host
+    # to the request's host:port).
+    via: str = "transparent"
+    connect_host: str | None = None
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(AuditRecord))
@@ -74,10 +79,14 @@ class AuditLog:
         self.by_outcome: dict[tuple[str, str], int] = {}
         self.bytes_up = 0
         self.bytes_down = 0
+        # Records of the explicit CONNECT listener by (event, verdict).
+        self.connect_by_outcome: dict[tuple[str, str], int] = {}
 
     def write(self, record: AuditRecord) -> None:
         outcome = (record.event, record.verdict or "none")
         self.by_outcome[outcome] = self.by_outcome.get(outcome, 0) + 1
+        if record.via == "connect":
+            self.connect_by_outcome[outcome] = self.connect_by_outcome.get(outcome, 0) + 1
         self.bytes_up += record.bytes_up
         self.bytes_down += record.bytes_down
         # Fields are flat scalars: a plain dict avoids asdict()'s deep copy,

@@ -17,6 +17,10 @@ What the ruleset does (``nft list table inet egress_agent`` shows the same):
   (``ct status dnat`` unset), so nobody can use the proxy directly.
 * ``forward`` refuses anything DNAT-ed to the proxy that would leave the node,
   should the proxy's address be missing: diverted traffic fails closed.
+* With a CONNECT listener (``connect.port``), ``input`` accepts connections
+  to that port on the proxy's addresses from workloads only (with their
+  interfaces, when bound) and resets everyone else's: identity on the explicit
+  path is by source address too.
 
 Identity follows :func:`egress_agent.policy.decide.identify`: longest prefix
 wins. nftables interval sets cannot hold overlapping elements, and a rule for a
@@ -158,8 +162,42 @@ def render_ruleset(policy: Policy) -> Json:
                 "diverted traffic never leaves the node (fail closed)",
             )
         )
+    rules += _connect_rules(policy, identities)
     cmds += [{"add": {"rule": _in_table(r)}} for r in rules]
     return {"nftables": cmds}
+
+
+def _connect_rules(
+    policy: Policy,
+    identities: dict[str, tuple[list[ipaddress.IPv4Network], list[ipaddress.IPv6Network]]],
+) -> list[Json]:
+    """``input`` rules for the explicit CONNECT listener: workloads in, the rest reset."""
+    if policy.connect is None:
+        return []
+    rules: list[Json] = []
+    for fam in ("ip", "ip6"):
+        suffix = "v4" if fam == "ip" else "v6"
+        to_listener = [
+            _match(_payload(fam, "daddr"), _proxy_addr(policy, fam)),
+            _match(_payload("tcp", "dport"), policy.connect.port),
+        ]
+        for w_index, workload in enumerate(policy.workloads):
+            if not identities[workload.name][0 if fam == "ip" else 1]:
+                continue
+            exprs: list[Json] = []
+            if workload.interfaces:
+                exprs.append(_match(_meta("iifname"), {"set": list(workload.interfaces)}))
+            exprs += [*to_listener, _match(_payload(fam, "saddr"), f"@wl{w_index}_{suffix}")]
+            exprs.append({"accept": None})
+            rules.append(_rule("input", exprs, f"CONNECT listener from {workload.name}"))
+        rules.append(
+            _rule(
+                "input",
+                [*to_listener, {"counter": None}, {"reject": {"type": "tcp reset"}}],
+                "CONNECT listener refuses sources that are no workload",
+            )
+        )
+    return rules
 
 
 def render_teardown() -> Json:

@@ -1,0 +1,228 @@
+"""Read the request head a client sends to an explicit proxy (HTTPS_PROXY).
+
+A client configured with a proxy opens a TCP connection to it and sends
+``CONNECT host:port HTTP/1.1`` plus header lines, and only after the proxy's
+``200`` starts its own protocol (usually TLS) inside the tunnel. This module
+parses that head; the listener in :mod:`egress_agent.proxy.connect` acts on it.
+
+A pure function over bytes the client controls, with the three-way contract
+every parser of untrusted bytes in this project keeps:
+
+* a :class:`ProxyRequest` once the head (up to its empty line) has arrived;
+* ``None`` while the bytes are a prefix of a head that may still be valid;
+* ``ValueError`` with a short reason otherwise. No other exception escapes,
+  and once a buffer gives a value or an error, every longer buffer starting
+  with it gives the same.
+
+Decisions (where RFC 9110 section 9.3.6 and RFC 9112 leave room):
+
+* Lines end in CRLF; bare CR or LF, obsolete line folding and leading empty
+  lines are refused, like :mod:`egress_agent.proxy.peek` does for the
+  transparent path.
+* The CONNECT target is authority-form with a port (RFC 9112 section 3.2.3):
+  a DNS name, an IPv4 address in dotted-quad form or a bracketed IPv6
+  address. Names whose last label starts with a digit but that are no
+  dotted quad (``0x7f.1``, ``10.1``) are refused: the C resolver would read
+  them as numbers, so the name the policy saw would not be what is dialled.
+* The Host header of a CONNECT is not consulted: the request-target names the
+  tunnel's end (RFC 9110 section 7.2).
+* Requests with other methods (a plain-HTTP forward proxy request such as
+  ``GET http://host/ HTTP/1.1``) parse, so that the listener can answer them
+  properly; their ``host`` and ``port`` are None.
+* At most one Proxy-Authorization field is accepted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from egress_agent.policy.model import IPAddress
+
+__all__ = ["MAX_CONNECT_HEAD", "ProxyRequest", "parse_proxy_request"]
+
+# Largest request head (request line, fields and the empty line) waited for.
+# CONNECT heads are short (curl sends about 150 bytes); 8 KiB leaves room for
+# long Proxy-Authorization values and user agents.
+MAX_CONNECT_HEAD = 8192
+
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_VCHAR = bytes(range(0x21, 0x7F))
+# field-value bytes: SP, HTAB, VCHAR and obs-text (RFC 9110 section 5.5).
+_FIELD_VALUE = b" \t" + _VCHAR + bytes(range(0x80, 0x100))
+_VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
+_HOST_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._"
+_IPV6_BYTES = b"0123456789abcdefABCDEF:."
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxyRequest:
+    """What a proxy client asked for.
+
+    For CONNECT, ``host`` is the target's name (lower case, no trailing dot)
+    or its IP literal (IPv6 without brackets) and ``address`` is set when it
+    is a literal. ``proxy_authorization`` is the field's value as sent (a
+    secret: never log it). ``head_length`` counts the head's bytes including
+    its empty line; bytes after it already belong to the tunnel.
+    """
+
+    method: str
+    target: str
+    host: str | None
+    port: int | None
+    address: IPAddress | None
+    proxy_authorization: str | None
+    head_length: int
+
+
+def parse_proxy_request(buf: bytes, *, max_head: int = MAX_CONNECT_HEAD) -> ProxyRequest | None:
+    """The request head at the start of ``buf`` (see the module docstring)."""
+    end = buf.find(b"\r\n\r\n", 0, max_head)
+    complete = end >= 0
+    region = buf[:end] if complete else buf[:max_head]
+    if not complete and region.endswith(b"\r"):
+        region = region[:-1]  # may be the first half of a CRLF
+    _check_line_endings(region)
+    lines = region.split(b"\r\n")
+    partial = b"" if complete else lines.pop()
+    if not lines:
+        _check_request_line_prefix(partial)
+        _check_size(buf, max_head)
+        return None
+    method, target = _parse_request_line(lines[0])
+    authorization: bytes | None = None
+    for line in lines[1:]:
+        name, value = _parse_field_line(line)
+        if name.lower() == b"proxy-authorization":
+            if authorization is not None:
+                raise ValueError("more than one Proxy-Authorization header")
+            authorization = value
+    if not complete:
+        _check_field_line_prefix(partial)
+        _check_size(buf, max_head)
+        return None
+    host: str | None = None
+    port: int | None = None
+    address: IPAddress | None = None
+    if method == b"CONNECT":
+        host, port, address = _authority(target)
+    return ProxyRequest(
+        method=method.decode("ascii"),
+        target=target.decode("ascii"),
+        host=host,
+        port=port,
+        address=address,
+        proxy_authorization=None if authorization is None else authorization.decode("latin-1"),
+        head_length=end + 4,
+    )
+
+
+def _check_size(buf: bytes, max_head: int) -> None:
+    if len(buf) >= max_head:
+        raise ValueError(f"no end of the request head within {max_head} bytes")
+
+
+def _check_line_endings(region: bytes) -> None:
+    rest = region.replace(b"\r\n", b"")
+    if b"\r" in rest:
+        raise ValueError("bare CR in the request head")
+    if b"\n" in rest:
+        raise ValueError("bare LF in the request head, lines must end in CRLF")
+
+
+def _parse_request_line(line: bytes) -> tuple[bytes, bytes]:
+    _check_request_line_prefix(line)
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[1]:
+        raise ValueError("request line is not 'method SP request-target SP HTTP-version'")
+    if parts[2] not in _VERSIONS:
+        raise ValueError("HTTP version is not HTTP/1.0 or HTTP/1.1")
+    return parts[0], parts[1]
+
+
+def _check_request_line_prefix(line: bytes) -> None:
+    """Refuse a request line, complete or not, as soon as it cannot be one."""
+    parts = line.split(b" ")
+    if len(parts) > 3:
+        raise ValueError("request line has more than two spaces")
+    method = parts[0]
+    if method.translate(None, _TCHAR) or (len(parts) > 1 and not method):
+        raise ValueError("the method is empty or not a token")
+    if len(parts) > 1:
+        target = parts[1]
+        if target.translate(None, _VCHAR) or (len(parts) > 2 and not target):
+            raise ValueError("request-target is empty or has bytes other than visible ASCII")
+    if len(parts) > 2 and not any(v.startswith(parts[2]) for v in _VERSIONS):
+        raise ValueError("HTTP version is not HTTP/1.0 or HTTP/1.1")
+
+
+def _parse_field_line(line: bytes) -> tuple[bytes, bytes]:
+    _check_field_line_prefix(line)
+    name, colon, value = line.partition(b":")
+    if not colon:
+        raise ValueError("header line without ':'")
+    return name, value.strip(b" \t")
+
+
+def _check_field_line_prefix(line: bytes) -> None:
+    if line[:1] in (b" ", b"\t"):
+        raise ValueError("header line starts with whitespace (obsolete line folding)")
+    name, colon, value = line.partition(b":")
+    if name.translate(None, _TCHAR) or (colon and not name):
+        raise ValueError("header name is empty or not a token")
+    if value.translate(None, _FIELD_VALUE):
+        raise ValueError("control byte in a header value")
+
+
+def _authority(target: bytes) -> tuple[str, int, IPAddress | None]:
+    """``host:port`` of a CONNECT (RFC 9112 section 3.2.3)."""
+    address: IPAddress | None
+    if target.startswith(b"["):
+        close = target.find(b"]")
+        if close < 0:
+            raise ValueError("CONNECT target: IPv6 literal without closing ']'")
+        literal, rest = target[1:close], target[close + 1 :]
+        # Zone ids (RFC 6874) and IPvFuture have no business in an egress target.
+        if not literal or literal.translate(None, _IPV6_BYTES):
+            raise ValueError("CONNECT target: bracketed host is not an IPv6 address")
+        try:
+            v6 = ipaddress.IPv6Address(literal.decode("ascii"))
+        except ValueError:
+            raise ValueError("CONNECT target: bracketed host is not an IPv6 address") from None
+        host, address = str(v6), v6
+    else:
+        raw, colon, port_text = target.partition(b":")
+        rest = colon + port_text
+        host, address = _host(raw)
+    if not rest.startswith(b":"):
+        raise ValueError("CONNECT target needs a port: host:port")
+    port_text = rest[1:]
+    if not (port_text.isdigit() and len(port_text) <= 5 and 1 <= int(port_text) <= 65535):
+        raise ValueError("CONNECT target: port is not a number 1-65535")
+    return host, int(port_text), address
+
+
+def _host(raw: bytes) -> tuple[str, IPAddress | None]:
+    if not 1 <= len(raw) <= 254:
+        raise ValueError(f"CONNECT target: host of {len(raw)} bytes, expected 1-253")
+    stray = raw.translate(None, _HOST_BYTES)
+    if stray:
+        raise ValueError(
+            f"CONNECT target: host contains byte 0x{stray[0]:02x};"
+            " only letters, digits, '-', '.', '_' allowed"
+        )
+    name = raw.decode("ascii").lower()
+    if name.endswith("."):
+        name = name[:-1]
+    labels = name.split(".")
+    if not all(labels) or any(len(label) > 63 for label in labels) or len(name) > 253:
+        raise ValueError("CONNECT target: host has an empty label or one longer than 63 bytes")
+    if labels[-1][0].isdigit():
+        try:
+            v4 = ipaddress.IPv4Address(name)
+        except ValueError:
+            raise ValueError(
+                "CONNECT target: host is neither a DNS name nor a dotted-quad IPv4 address"
+            ) from None
+        return str(v4), v4
+    return name, None
