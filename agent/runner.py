@@ -376,13 +376,20 @@ class Agent:
     async def stop(self, *, teardown: bool = True) -> None:
         """Close the proxy and the audit log; with ``teardown`` (not after a
         handover, when the successor owns them) remove the table and addresses."""
+        # First the listeners and their connections, while the proxy's
+        # addresses still exist: the resets that tell the clients their
+        # connections ended are sent from those addresses. Then the table and
+        # the addresses; new connections arriving meanwhile are refused.
         if self.connect is not None:
-            # First, while the proxy's addresses still exist: the resets that
-            # end its tunnels are sent from them.
             try:
                 await self.connect.close()
             except Exception as exc:
                 log.error("teardown: could not close the CONNECT listener: %s", exc)
+        if self.proxy is not None:
+            try:
+                await self.proxy.close()
+            except Exception as exc:
+                log.error("teardown: could not close the proxy: %s", exc)
         for step, action in (
             ("remove nftables table", self.table.remove),
             ("remove proxy addresses", lambda: remove_proxy_addresses(self.policy.proxy)),
@@ -393,11 +400,6 @@ class Agent:
                 await asyncio.to_thread(action)
             except Exception as exc:
                 log.error("teardown: could not %s: %s", step, exc)
-        if self.proxy is not None:
-            try:
-                await self.proxy.close()
-            except Exception as exc:
-                log.error("teardown: could not close the proxy: %s", exc)
         self.audit.close()
 
     def metrics(self) -> str:

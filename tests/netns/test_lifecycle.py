@@ -238,3 +238,30 @@ def test_a_fail_closed_leftover_is_replaced_by_a_fail_open_start(
     finally:
         n.agent.kill()
     assert "egress_agent" not in _tables(n)
+
+
+def test_stopping_tells_the_clients_of_relayed_connections_at_once(node: Node) -> None:
+    """The proxy resets what it relays before its addresses go: a client does
+    not hang on a connection nobody holds any more."""
+    code = """
+import socket, time
+s = socket.create_connection(("198.18.1.2", 9000), timeout=10)
+s.sendall(b"hello\\n")
+s.recv(100)
+print("open", flush=True)
+t0 = time.time()
+try:
+    data = s.recv(100)
+    how = "eof" if not data else "data"
+except OSError as exc:
+    how = type(exc).__name__
+print(how, round(time.time() - t0, 2), flush=True)
+"""
+    client = node.lab.popen("pod", [sys.executable, "-c", code], stdout=-1, stderr=-1, text=True)
+    assert client.stdout is not None
+    assert client.stdout.readline().strip() == "open"
+    assert node.agent.stop() == 0
+    out, err = client.communicate(timeout=15)
+    how, waited = out.split()
+    assert how in ("eof", "ConnectionResetError"), (out, err)
+    assert float(waited) < 2.0
