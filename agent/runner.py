@@ -396,6 +396,15 @@ class Agent:
                 ('{direction="down"}', self.audit.bytes_down),
             ],
         )
+        metric(
+            "http_requests_total",
+            "counter",
+            "HTTP requests served by http rules, by rule and status class.",
+            [
+                (f'{{rule="{r}",status="{c}"}}', n)
+                for (r, c), n in sorted(self.audit.requests_by_outcome.items())
+            ],
+        )
         return "\n".join(lines) + "\n"
 
 

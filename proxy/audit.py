@@ -114,7 +114,8 @@ class AuditLog:
         self.by_outcome: dict[tuple[str, str], int] = {}
         self.bytes_up = 0
         self.bytes_down = 0
-        self.requests = 0  # HTTP request records
+        # HTTP request records by (rule, status class: "2xx".."5xx", or "none").
+        self.requests_by_outcome: dict[tuple[str, str], int] = {}
 
     def write(self, record: AuditRecord) -> None:
         outcome = (record.event, record.verdict or "none")
@@ -134,7 +135,9 @@ class AuditLog:
             log.error("cannot write audit record to %s: %s", self._path or "stdout", exc)
 
     def write_request(self, record: RequestRecord) -> None:
-        self.requests += 1
+        status = f"{record.status // 100}xx" if record.status is not None else "none"
+        key = (record.rule, status)
+        self.requests_by_outcome[key] = self.requests_by_outcome.get(key, 0) + 1
         line = json.dumps(
             {name: getattr(record, name) for name in _REQUEST_FIELDS}, separators=(",", ":")
         )

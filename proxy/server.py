@@ -360,6 +360,7 @@ class Connection:
             touch=self._touch,
         )
         self.event = "closed"
+        self.requests = 0
         initial = bytes(self.buffer)
         self.buffer.clear()
         try:
@@ -567,7 +568,8 @@ class ProxyServer:
             return 0
         closed = 0
         for conn in list(self.connections):
-            if conn.upstream is None or conn.src is None or conn.dst is None:
+            relayed = conn.upstream is not None or conn.requests is not None
+            if not relayed or conn.src is None or conn.dst is None:
                 continue  # still being decided, under the policy it arrived with
             verdict = decide(
                 policy,

@@ -35,6 +35,7 @@ SECRETS = {
     "apikey": "apikey-Zx81-first",
     "sas": "sv=2022-11-02&ss=b&srt=co&sp=rwdlac&se=2030-01-01T00:00:00Z&sig=SECRETsig0001",
     "token": "bearer-token-Qm29-first",
+    "account-key": base64.b64encode(b"account key for the lab, 32 bytes+").decode(),
 }
 MiB = 1024 * 1024
 
@@ -104,7 +105,7 @@ workloads:
   pg: {{cidrs: [198.19.1.2/32]}}
 intercept:
   - from: [pg]
-    ports: [80, 443, 8080, 8081, 8082]
+    ports: [80, 443, 8080, 8081, 8082, 8083]
 egress:
   - name: blob-sas
     from: [pg]
@@ -135,6 +136,12 @@ egress:
       upstream: {{tls: true, port: 443, ca_file: {ca}}}
       set_headers:
         X-Api-Key: {{file: {work}/secrets/absent}}
+  - name: blob-shared-key
+    to: {{hosts: [{BLOB}], ports: [8083]}}
+    action: allow
+    http:
+      upstream: {{tls: true, port: 443, ca_file: {ca}}}
+      auth: {{azure_shared_key: {{account: pgbackups, key_file: {work}/secrets/account-key}}}}
   - name: blob-tls
     to: {{hosts: [{BLOB}], ports: [443]}}
     action: allow
@@ -268,6 +275,62 @@ def test_large_uploads_stream(world: World) -> None:
     assert [r["bytes_up"] > 64 * MiB for r in reqs[-2:]] == [True, True]
 
 
+def test_shared_key_signature_verifies_with_the_sdk(world: World) -> None:
+    from azure.core.pipeline import PipelineContext, PipelineRequest
+    from azure.core.pipeline.transport import HttpRequest
+    from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
+
+    before = len(world.seen())
+    reply = world.raw(
+        8083,
+        f"PUT /backups/base.tar?comp=block&blockid=YQ%3D%3D&sv=1&sig=dummy HTTP/1.1\r\n"
+        f"Host: {BLOB}\r\nAuthorization: SharedKey pgbackups:pod-made-this-up\r\n"
+        "x-ms-blob-type: BlockBlob\r\nContent-Length: 4\r\nConnection: close\r\n\r\nDATA".encode(),
+    )
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+    (s,) = world.seen()[before:]
+    assert s["target"] == "/backups/base.tar?comp=block&blockid=YQ%3D%3D"
+    sent = [(n, v) for n, v in s["headers"]]
+    names = [n.lower() for n, _ in sent]
+    assert names.count("authorization") == 1 and "x-ms-date" in names and "x-ms-version" in names
+    # What the server received must verify with the SDK's signing of the same request.
+    received = dict(sent)
+    claimed = received.pop("Authorization")
+    request = HttpRequest("PUT", f"https://{BLOB}{s['target']}", headers=received)
+    SharedKeyCredentialPolicy("pgbackups", SECRETS["account-key"]).on_request(
+        PipelineRequest(request, PipelineContext(None))
+    )
+    assert claimed == request.headers["Authorization"]
+
+
+def test_pipelining_framings_and_host_check(world: World) -> None:
+    before = len(world.seen())
+    host = f"Host: {BLOB}\r\n"
+    reply = world.raw(
+        80,
+        (
+            f"GET /chunked HTTP/1.1\r\n{host}\r\n"
+            f"HEAD /head HTTP/1.1\r\n{host}\r\n"
+            f"POST /post HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\n\r\n"
+            "3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n"
+            "GET /elsewhere HTTP/1.1\r\nHost: other.example\r\n\r\n"
+        ).encode(),
+    )
+    responses = reply.split(b"HTTP/1.1 ")[1:]
+    assert [r[:3] for r in responses] == [b"200", b"200", b"200", b"421"], reply
+    assert b"Transfer-Encoding: chunked" in responses[0]
+    assert responses[1].endswith(b"\r\n\r\n")  # HEAD: no body
+    assert b'"bytes": 5' in responses[2]
+    assert b"other.example is not served by rule blob-sas" in responses[3]
+    seen = world.seen()[before:]
+    assert [r["target"] for r in seen] == [
+        "/chunked?" + SECRETS["sas"],
+        "/head?" + SECRETS["sas"],
+        "/post?" + SECRETS["sas"],
+    ]
+    assert seen[2]["body_bytes"] == 5
+
+
 def test_expect_100_continue(world: World) -> None:
     code = f"""
         import json, socket
@@ -337,9 +400,15 @@ def test_missing_secret_gives_502_and_no_secret_anywhere(world: World) -> None:
     recs = world.wait_records(lambda r: r.get("rule") == "blob-missing" and r["event"] == "request")
     assert recs[-1]["status"] == 502 and "absent" in recs[-1]["error"]
     assert "absent" in (world.work / "agent.log").read_text()
-    # No secret value in the audit log, the agent's log, or any reply seen here.
+    # No secret value in the audit log, the agent's log, its metrics and
+    # status, or any reply seen here.
+    metrics = world.lab.run(
+        "node", ["curl", "-sS", "http://127.0.0.1:15021/metrics"], check=True
+    ).stdout
+    assert 'egress_agent_http_requests_total{rule="blob-missing",status="5xx"}' in metrics
+    status = world.lab.run("node", ["curl", "-sS", "http://127.0.0.1:15021/status"]).stdout
     outputs = world.audit.read_text() + (world.work / "agent.log").read_text()
-    outputs += reply.decode(errors="replace")
+    outputs += reply.decode(errors="replace") + metrics + status
     for value in [*SECRETS.values(), "SECRETsig0001", "apikey-rotated-by-rename", "apikey-k8s"]:
         assert value not in outputs
 
