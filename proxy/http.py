@@ -53,6 +53,7 @@ __all__ = [
     "azure_string_to_sign",
     "build_request_head",
     "error_response",
+    "origin_form",
     "parse_chunk_line",
     "parse_request",
     "parse_response",
@@ -105,6 +106,16 @@ class Framing:
         return self.chunked or self.until_close or self.length > 0
 
 
+def origin_form(target: str) -> str:
+    """``http://host/p?q`` as ``/p?q``; other targets unchanged."""
+    if target.startswith("/") or "://" not in target:
+        return target
+    rest = target.partition("://")[2]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    path = rest[cut:].partition("#")[0]
+    return path if path.startswith("/") else "/" + path
+
+
 @dataclass(frozen=True, kw_only=True)
 class RequestHead:
     method: str
@@ -120,12 +131,7 @@ class RequestHead:
     def path(self) -> str:
         """The target's path without query or fragment (for audit records: a
         query may carry credentials)."""
-        target = self.target
-        if not target.startswith("/") and "://" in target:
-            rest = target.partition("://")[2]
-            slash = rest.find("/")
-            target = rest[slash:] if slash >= 0 else "/"
-        return target.partition("?")[0].partition("#")[0] or "/"
+        return origin_form(self.target).partition("?")[0].partition("#")[0] or "/"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -418,10 +424,13 @@ def serialize_request(method: str, target: str, headers: Iterable[Header], *, cl
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def serialize_response(head: ResponseHead, *, close: bool) -> bytes:
+def serialize_response(head: ResponseHead, *, close: bool, dechunk: bool = False) -> bytes:
     """The response head for the client: hop-by-hop headers dropped and the
-    proxy's own Connection header."""
+    proxy's own Connection header; with ``dechunk`` also Transfer-Encoding
+    (the body then goes out bare, ended by the close)."""
     drop = hop_by_hop(head.headers)
+    if dechunk:
+        drop.add(b"transfer-encoding")
     reason = _REASONS.get(head.status, "Status")
     lines = [f"HTTP/1.1 {head.status} {reason}".encode("ascii")]
     lines += [n + b": " + v for n, v in head.headers if n.lower() not in drop]
@@ -515,11 +524,7 @@ def azure_string_to_sign(
 
 
 def _canonical_resource(account: str, target: str) -> str:
-    if not target.startswith("/") and "://" in target:
-        rest = target.partition("://")[2]
-        slash = rest.find("/")
-        target = rest[slash:] if slash >= 0 else "/"
-    path, _, query = target.partition("#")[0].partition("?")
+    path, _, query = origin_form(target).partition("#")[0].partition("?")
     params: dict[str, list[str]] = {}
     for part in query.split("&"):
         if not part:

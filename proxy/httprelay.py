@@ -99,6 +99,11 @@ class TcpStream:
     def close(self) -> None:
         self.writer.close()
 
+    def at_eof(self) -> bool:
+        """Whether the peer has closed (a kept-alive upstream connection that
+        the server dropped while idle)."""
+        return self.reader.at_eof() or self.writer.transport.is_closing()
+
     async def linger_close(self) -> None:
         """Send FIN, discard what the client still sends (bounded), then close."""
         try:
@@ -262,6 +267,7 @@ class HttpConnection:
     bytes_down: int = 0
     error: str | None = None
     denied: bool = False  # upstream certificate verification refused
+    forwarded: int = 0  # requests whose head reached the upstream server
     upstream_addr: str | None = field(default=None)
 
 
@@ -343,7 +349,7 @@ class _Session:
         self.conn = conn
         self.client = client
         self.buf = buf  # client bytes read but not used yet
-        self.upstream: Stream | None = None
+        self.upstream: TcpStream | None = None
         self.ubuf = bytearray()
         self.abort_client = False
 
@@ -449,8 +455,9 @@ class _Session:
         )
         response: http.ResponseHead | None = None
         response_started = [False]
+        must_close = False
         try:
-            response, down = await self._relay_response(head, response_started)
+            response, down, must_close = await self._relay_response(head, response_started)
             status = response.status
         except _Broken as exc:
             error = str(exc)
@@ -490,12 +497,7 @@ class _Session:
         upstream_reusable = response.keep_alive and pump_error is None
         if not upstream_reusable:
             self.close_upstream()
-        return (
-            head.keep_alive
-            and not response.framing.until_close
-            and pump_error is None
-            and error is None
-        )
+        return head.keep_alive and not must_close and pump_error is None and error is None
 
     # -- request side ---------------------------------------------------------
 
@@ -509,7 +511,8 @@ class _Session:
                 f"Host {head.host or '(none)'} is not served by rule {conn.rule} on this"
                 " connection",
             )
-        target = head.target
+        # An origin server is sent origin-form (RFC 9112 section 3.2.1).
+        target = http.origin_form(head.target)
         set_headers: list[tuple[str, str]] = []
         secrets = conn.resources.secrets
         try:
@@ -574,6 +577,7 @@ class _Session:
         """Send the head and stream the body; the reason it stopped early, or None."""
         try:
             await upstream.write(forward)
+            self.conn.forwarded += 1
             framing = head.framing
             if framing.chunked:
                 await self._copy_chunked(self.client, self.buf, upstream, counter)
@@ -594,6 +598,8 @@ class _Session:
     # -- upstream -----------------------------------------------------------------
 
     async def _ensure_upstream(self, head: http.RequestHead) -> None:
+        if self.upstream is not None and self.upstream.at_eof():
+            self.close_upstream()
         if self.upstream is not None:
             return
         conn = self.conn
@@ -660,7 +666,10 @@ class _Session:
 
     async def _relay_response(
         self, head: http.RequestHead, started: list[bool]
-    ) -> tuple[http.ResponseHead, int]:
+    ) -> tuple[http.ResponseHead, int, bool]:
+        """Relay interim responses and the final one; returns the final head,
+        the bytes sent to the client, and whether the client connection must
+        close after it."""
         assert self.upstream is not None
         upstream = self.upstream
         down = 0
@@ -674,8 +683,11 @@ class _Session:
                 raise _Broken("upstream closed before a response")
             response, used = parsed
             del self.ubuf[:used]
-            close = not head.keep_alive or response.framing.until_close
-            out = http.serialize_response(response, close=close)
+            # An HTTP/1.0 client cannot read chunked framing (RFC 9112
+            # section 7.1): it gets the bare body, delimited by the close.
+            dechunk = response.framing.chunked and head.version == "HTTP/1.0"
+            close = not head.keep_alive or response.framing.until_close or dechunk
+            out = http.serialize_response(response, close=close, dechunk=dechunk)
             started[0] = True
             await self.client.write(out)
             down += len(out)
@@ -684,12 +696,14 @@ class _Session:
             counter = _Counter()
             framing = response.framing
             if framing.chunked:
-                await self._copy_chunked(upstream, self.ubuf, self.client, counter)
+                await self._copy_chunked(
+                    upstream, self.ubuf, self.client, counter, reframe=not dechunk
+                )
             elif framing.until_close:
                 await self._copy_until_close(upstream, self.ubuf, self.client, counter)
             elif framing.length:
                 await self._copy_length(upstream, self.ubuf, self.client, framing.length, counter)
-            return response, down + counter.bytes
+            return response, down + counter.bytes, close
 
     # -- framing helpers --------------------------------------------------------
 
@@ -762,8 +776,11 @@ class _Session:
             await dst.write(data)
 
     async def _copy_chunked(
-        self, src: Stream, buf: bytearray, dst: Stream, counter: _Counter
+        self, src: Stream, buf: bytearray, dst: Stream, counter: _Counter, *, reframe: bool = True
     ) -> None:
+        """Copy a chunked body, checking its framing. With ``reframe`` the
+        chunks are re-emitted with normalised lines (extensions dropped);
+        without, only the data goes out."""
         upstream = src is self.upstream
         while True:
             size, used = await self._fill_until(src, buf, http.parse_chunk_line, upstream=upstream)
@@ -775,15 +792,18 @@ class _Session:
                 )
                 counter.bytes += used
                 del buf[:used]
-                out = b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers) + b"\r\n"
-                await dst.write(out)
+                if reframe:
+                    fields = b"".join(n + b": " + v + b"\r\n" for n, v in trailers)
+                    await dst.write(b"0\r\n" + fields + b"\r\n")
                 return
-            await dst.write(f"{size:x}\r\n".encode("ascii"))
+            if reframe:
+                await dst.write(f"{size:x}\r\n".encode("ascii"))
             await self._copy_length(src, buf, dst, size, counter)
             await self._fill_until(src, buf, lambda b: _crlf(b), upstream=upstream)
             del buf[:2]
             counter.bytes += 2
-            await dst.write(b"\r\n")
+            if reframe:
+                await dst.write(b"\r\n")
 
     def _record(
         self,

@@ -300,6 +300,7 @@ class Connection:
         self.event = "failed"
         self.error = f"malformed HTTP request: {exc}"
         self.requests = 1
+        self.bytes_up = len(self.buffer)
         body = http.error_response(400, self.error)
         self.bytes_down += len(body)
         self.server.audit.write_request(
@@ -374,6 +375,8 @@ class Connection:
             self.error = self.error or conn.error
             if conn.denied:
                 self.event = "denied"
+            elif conn.forwarded == 0 and conn.error is not None:
+                self.event = "failed"  # no request ever reached the server
 
     def _touch(self) -> None:
         self.last_activity = self.loop.time()

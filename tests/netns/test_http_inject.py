@@ -331,6 +331,14 @@ def test_pipelining_framings_and_host_check(world: World) -> None:
     assert seen[2]["body_bytes"] == 5
 
 
+def test_http10_client_gets_a_bare_body_for_a_chunked_response(world: World) -> None:
+    reply = world.raw(80, f"GET /chunked HTTP/1.0\r\nHost: {BLOB}\r\n\r\n".encode())
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding" not in head
+    assert b"\r\nConnection: close" in head
+    assert json.loads(body)["bytes"] == 0
+
+
 def test_expect_100_continue(world: World) -> None:
     code = f"""
         import json, socket
@@ -399,6 +407,8 @@ def test_missing_secret_gives_502_and_no_secret_anywhere(world: World) -> None:
     assert world.seen()[before:] == []
     recs = world.wait_records(lambda r: r.get("rule") == "blob-missing" and r["event"] == "request")
     assert recs[-1]["status"] == 502 and "absent" in recs[-1]["error"]
+    conns = world.wait_records(lambda r: r.get("rule") == "blob-missing" and "id" in r)
+    assert conns[-1]["event"] == "failed" and conns[-1]["requests"] == 1
     assert "absent" in (world.work / "agent.log").read_text()
     # No secret value in the audit log, the agent's log, its metrics and
     # status, or any reply seen here.

@@ -87,6 +87,20 @@ def test_request_path_drops_the_query() -> None:
     assert got is not None and got[0].path == "/c" and got[0].host == "a.example"
 
 
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/a?b", "/a?b"),
+        ("http://h.example/a/b?c=d", "/a/b?c=d"),
+        ("http://h.example", "/"),
+        ("http://h.example?x=1", "/?x=1"),
+        ("https://h.example:8443/p#frag", "/p"),
+    ],
+)
+def test_origin_form(target: str, expected: str) -> None:
+    assert http.origin_form(target) == expected
+
+
 # ---------------------------------------------------------------- responses
 
 
