@@ -106,6 +106,9 @@ class TcpStream:
 
     async def linger_close(self) -> None:
         """Send FIN, discard what the client still sends (bounded), then close."""
+        if self.writer.transport.is_closing():
+            self.writer.close()
+            return
         try:
             if self.writer.can_write_eof():
                 self.writer.write_eof()
@@ -116,7 +119,7 @@ class TcpStream:
                     if not data:
                         break
                     left -= len(data)
-        except (TimeoutError, ConnectionError, OSError):
+        except (TimeoutError, ConnectionError, OSError, RuntimeError):
             pass
         self.writer.close()
 
@@ -479,6 +482,8 @@ class _Session:
         conn.bytes_up += counter.bytes
         conn.bytes_down += down
         if response is None:
+            if pump_error is not None and pump_error.startswith("client"):
+                error = pump_error  # the client's failure is what broke the exchange
             error = error or pump_error
             if not response_started[0]:
                 status = 502
