@@ -102,10 +102,10 @@ def _policy(work: Path, ca: Path, other_ca: Path, blob_cert: Path, blob_key: Pat
 version: 1
 proxy: {{port: 15001, idle_timeout: 30, connect_timeout: 2}}
 workloads:
-  pg: {{cidrs: [198.19.1.2/32]}}
+  pg: {{cidrs: [198.19.1.2/32, "fd00:19:1::2/128"]}}
 intercept:
   - from: [pg]
-    ports: [80, 443, 8080, 8081, 8082, 8083]
+    ports: [80, 443, 8080, 8081, 8082, 8083, 8443]
 egress:
   - name: blob-sas
     from: [pg]
@@ -142,6 +142,11 @@ egress:
     http:
       upstream: {{tls: true, port: 443, ca_file: {ca}}}
       auth: {{azure_shared_key: {{account: pgbackups, key_file: {work}/secrets/account-key}}}}
+  - name: blob-tls-no-cert
+    to: {{hosts: [{BLOB}], ports: [8443]}}
+    action: allow
+    http:
+      client_tls: {{cert: {work}/absent.crt, key: {work}/absent.key}}
   - name: blob-tls
     to: {{hosts: [{BLOB}], ports: [443]}}
     action: allow
@@ -171,7 +176,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         # What the proxy presents to the pod on 443 (client_tls): also from the test CA.
         front = ca.issue(work / "front", [BLOB])
         log = work / "upstream.jsonl"
-        start_http_upstream(lab, "azure", listen=["198.18.1.2:443"], tls=blob, log=log)
+        start_http_upstream(lab, "azure", listen=["198.18.1.2:443", "[fd00:18:1::2]:443"], tls=blob, log=log)
         policy = work / "policy.yaml"
         policy.write_text(
             _policy(work, ca.cert_path, other.cert_path, front.cert_path, front.key_path)
@@ -476,3 +481,72 @@ def test_tls_client_on_plain_http_rule_is_denied(world: World) -> None:
     assert proc.returncode != 0
     recs = world.wait_records(lambda r: r.get("rule") == "blob-sas" and r["event"] == "denied")
     assert recs and "needs plaintext HTTP or client_tls" in recs[-1]["error"]
+
+
+def _peer_cert_digest(world: World) -> str:
+    out: str = world.pod(
+        f"""
+        import hashlib, json, socket, ssl
+        ctx = ssl.create_default_context(cafile={str(world.ca)!r})
+        with socket.create_connection(({BLOB!r}, 443), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname={BLOB!r}) as s:
+                der = s.getpeercert(binary_form=True)
+                s.sendall(b"GET /cert HTTP/1.1\\r\\nHost: {BLOB}\\r\\n"
+                          b"Connection: close\\r\\n\\r\\n")
+                while s.recv(65536):
+                    pass
+        print(json.dumps(hashlib.sha256(der).hexdigest()))
+        """
+    )
+    return out
+
+
+def test_client_tls_certificate_is_reloaded_when_replaced(world: World) -> None:
+    first = _peer_cert_digest(world)
+    assert _peer_cert_digest(world) == first
+    policy = world.work / "policy.yaml"
+    front = world.work / "front"
+    fresh = _issue_from_test_ca(world, world.work / "front-next")
+    # Key first, then certificate: each a rename-over, as a secret update writes them.
+    os.rename(fresh.key_path, front / "server.key")
+    os.rename(fresh.cert_path, front / "server.crt")
+    assert policy.exists()
+    assert _peer_cert_digest(world) != first
+
+
+def _issue_from_test_ca(world: World, directory: Path) -> Any:
+    from egress_agent.lab.tls import CA
+
+    ca = CA(cert_path=world.ca, key_path=world.ca.with_name("ca.key"))
+    return ca.issue(directory, [BLOB])
+
+
+def test_client_tls_with_missing_certificate_fails_with_the_path(world: World) -> None:
+    proc = world.lab.run(
+        "pg",
+        ["curl", "-sS", "--cacert", str(world.ca), f"https://{BLOB}:8443/"],
+        check=False,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+    )
+    assert proc.returncode != 0
+    recs = world.wait_records(lambda r: r.get("rule") == "blob-tls-no-cert" and "id" in r)
+    assert recs[-1]["event"] == "failed"
+    assert str(world.work / "absent.crt") in recs[-1]["error"]
+
+
+def test_ipv6_client(world: World) -> None:
+    before = len(world.seen())
+    out = world.pod(
+        f"""
+        import json, socket
+        s = socket.create_connection(("fd00:18:1::2", 80), timeout=10)
+        s.sendall(b"GET /v6 HTTP/1.1\\r\\nHost: {BLOB}\\r\\nConnection: close\\r\\n\\r\\n")
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        print(json.dumps(out.decode()))
+        """
+    )
+    assert out.startswith("HTTP/1.1 200 ")
+    (s,) = world.seen()[before:]
+    assert s["target"] == "/v6?" + SECRETS["sas"]
