@@ -81,9 +81,18 @@ AZURE_SAS_PARAMETERS = frozenset(
     )
 )  # fmt: skip
 
-# RFC 9110 section 7.6.1, plus the pre-standard Keep-Alive and Proxy-Connection.
+# RFC 9110 section 7.6.1, plus the pre-standard Keep-Alive and Proxy-Connection,
+# and Proxy-Authorization: credentials meant for a proxy, never the server.
 _HOP_BY_HOP = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade", b"trailer")
+    (
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"te",
+        b"upgrade",
+        b"trailer",
+    )
 )
 _FIELD_VALUE = b" \t" + bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))
 _HEX = b"0123456789abcdefABCDEF"

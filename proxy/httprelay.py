@@ -353,6 +353,7 @@ class _Session:
         self.client = client
         self.buf = buf  # client bytes read but not used yet
         self.upstream: TcpStream | None = None
+        self.upstream_name: str | None = None  # the SNI it was opened (and verified) with
         self.ubuf = bytearray()
         self.abort_client = False
 
@@ -603,14 +604,18 @@ class _Session:
     # -- upstream -----------------------------------------------------------------
 
     async def _ensure_upstream(self, head: http.RequestHead) -> None:
-        if self.upstream is not None and self.upstream.at_eof():
+        conn = self.conn
+        up = conn.http.upstream
+        server_name = up.server_name or head.host
+        if self.upstream is not None and (
+            self.upstream.at_eof() or (up.tls and server_name != self.upstream_name)
+        ):
+            # Dropped by the server while idle, or verified for another name
+            # than this request's Host (a wildcard rule allows several).
             self.close_upstream()
         if self.upstream is not None:
             return
-        conn = self.conn
-        up = conn.http.upstream
         port = up.port or conn.dst.port
-        server_name = up.server_name or head.host
         ctx: ssl.SSLContext | None = None
         if up.tls:
             if server_name is None:
@@ -662,6 +667,7 @@ class _Session:
                 502, f"rule {conn.rule}: upstream {conn.upstream_addr}: {_reason(exc)}"
             ) from None
         self.upstream = TcpStream(reader, writer, idle=conn.idle_timeout, touch=conn.touch)
+        self.upstream_name = server_name
         self.ubuf.clear()
 
     def close_upstream(self) -> None:

@@ -31,6 +31,7 @@ from egress_agent.lab.tls import make_ca
 pytestmark = pytest.mark.netns
 
 BLOB = "pgbackups.blob.core.windows.net"
+OTHER_BLOB = "replicas.blob.core.windows.net"
 SECRETS = {
     "apikey": "apikey-Zx81-first",
     "sas": "sv=2022-11-02&ss=b&srt=co&sp=rwdlac&se=2030-01-01T00:00:00Z&sig=SECRETsig0001",
@@ -105,7 +106,7 @@ workloads:
   pg: {{cidrs: [198.19.1.2/32, "fd00:19:1::2/128"]}}
 intercept:
   - from: [pg]
-    ports: [80, 443, 8080, 8081, 8082, 8083, 8443]
+    ports: [80, 443, 8080, 8081, 8082, 8083, 8084, 8443]
 egress:
   - name: blob-sas
     from: [pg]
@@ -142,6 +143,11 @@ egress:
     http:
       upstream: {{tls: true, port: 443, ca_file: {ca}}}
       auth: {{azure_shared_key: {{account: pgbackups, key_file: {work}/secrets/account-key}}}}
+  - name: blob-wildcard
+    to: {{hosts: ["*.blob.core.windows.net"], ports: [8084]}}
+    action: allow
+    http:
+      upstream: {{tls: true, port: 443, ca_file: {ca}}}
   - name: blob-tls-no-cert
     to: {{hosts: [{BLOB}], ports: [8443]}}
     action: allow
@@ -172,11 +178,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         lab.add_external("azure", "198.18.1.2", "fd00:18:1::2", hostnames=[BLOB])
         ca = make_ca(work / "ca")
         other = make_ca(work / "other-ca", name="some other CA")
-        blob = ca.issue(work / "blob", [BLOB])
+        blob = ca.issue(work / "blob", [BLOB, OTHER_BLOB])
         # What the proxy presents to the pod on 443 (client_tls): also from the test CA.
         front = ca.issue(work / "front", [BLOB])
         log = work / "upstream.jsonl"
-        start_http_upstream(lab, "azure", listen=["198.18.1.2:443", "[fd00:18:1::2]:443"], tls=blob, log=log)
+        start_http_upstream(
+            lab, "azure", listen=["198.18.1.2:443", "[fd00:18:1::2]:443"], tls=blob, log=log
+        )
         policy = work / "policy.yaml"
         policy.write_text(
             _policy(work, ca.cert_path, other.cert_path, front.cert_path, front.key_path)
@@ -550,3 +558,23 @@ def test_ipv6_client(world: World) -> None:
     assert out.startswith("HTTP/1.1 200 ")
     (s,) = world.seen()[before:]
     assert s["target"] == "/v6?" + SECRETS["sas"]
+
+
+def test_each_host_gets_an_upstream_verified_for_it(world: World) -> None:
+    before = len(world.seen())
+    reply = world.raw(
+        8084,
+        (
+            f"GET /a HTTP/1.1\r\nHost: {BLOB}\r\n\r\n"
+            f"GET /b HTTP/1.1\r\nHost: {OTHER_BLOB}\r\n\r\n"
+            f"GET /c HTTP/1.1\r\nHost: {OTHER_BLOB}\r\nConnection: close\r\n\r\n"
+        ).encode(),
+    )
+    assert reply.count(b"HTTP/1.1 200 ") == 3
+    seen = world.seen()[before:]
+    assert [(r["target"], r["sni"]) for r in seen] == [
+        ("/a", BLOB),
+        ("/b", OTHER_BLOB),
+        ("/c", OTHER_BLOB),
+    ]
+    assert seen[0]["peer"] != seen[1]["peer"] and seen[1]["peer"] == seen[2]["peer"]

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import ipaddress
 import textwrap
+from pathlib import Path
 
 import pytest
 
+from egress_agent.agent.cli import main
 from egress_agent.policy.decide import decide, needs_server_name
 from egress_agent.policy.load import PolicyError, Problem, parse_policy
 from egress_agent.policy.model import (
@@ -218,3 +220,22 @@ def test_verdict_carries_the_http_rule_and_the_proxy_peeks() -> None:
         + "    http: {set_headers: {X-A: {value: a}}}\ndefault: deny\n"
     )
     assert needs_server_name(plain, workload="pg-main", dst=dst, dst_port=80)
+
+
+def test_explain_says_what_the_proxy_injects(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(FULL.replace("egress:", "intercept: [{from: [pg-main], ports: [80]}]\negress:"))
+    args = ["explain", "--policy", str(path), "--from", "10.0.0.5", "--to", "20.60.1.4:80"]
+    assert main([*args, "--server-name", "pgbackups.blob.core.windows.net"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict:   allow (rule backups-injected)" in out
+    assert "http:      client TLS terminated with /etc/egress/tls/blob.crt" in out
+    assert (
+        "http:      upstream TLS to port 443, verifying pgbackups.blob.core.windows.net"
+        " with /etc/egress/ca.pem"
+    ) in out
+    assert "http:      set header X-Api-Key from /run/secrets/apikey" in out
+    assert "http:      remove header X-Debug" in out
+    assert "http:      auth: the client's SAS replaced by the one in /run/secrets/azure-sas" in out
