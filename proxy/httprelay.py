@@ -43,6 +43,10 @@ from egress_agent.proxy.secretfiles import FileCache, SecretError, Secrets
 log = logging.getLogger(__name__)
 
 READ_SIZE = 64 * 1024
+# When the response is complete but the request body is still being sent,
+# how long to wait for the body to finish (its last bytes may merely be
+# waiting for the upstream write buffer to drain) before giving up on it.
+BODY_AFTER_RESPONSE = 2.0
 # After the proxy's last response on a connection, how long (and how many
 # bytes) it keeps reading what the client still sends before closing: closing
 # a socket with unread input sends a reset, which can destroy the response
@@ -463,6 +467,11 @@ class _Session:
         try:
             response, down, must_close = await self._relay_response(head, response_started)
             status = response.status
+            if not pump.done():
+                await asyncio.wait({pump}, timeout=BODY_AFTER_RESPONSE)
+        except asyncio.CancelledError:
+            pump.cancel()
+            raise
         except _Broken as exc:
             error = str(exc)
         except ValueError as exc:
@@ -473,8 +482,8 @@ class _Session:
         if pump.done():
             pump_error = pump.result()
         else:
-            # The server answered before the whole body arrived (an early 4xx):
-            # the rest of the body cannot be told from the next request.
+            # The server answered before the whole body arrived (an early 4xx),
+            # or failed: the rest of the body cannot be told from the next request.
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
