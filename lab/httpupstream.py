@@ -9,7 +9,8 @@ Content-Length or chunked encoding while hashing them (never holding a body in
 memory), answers ``Expect: 100-continue`` with ``100 Continue``, and replies
 ``200`` with a JSON body ``{"bytes": n, "sha256": hex}``. ``HEAD`` gets the
 same head without a body; a target starting with ``/chunked`` gets its
-response chunked. One JSON line per request goes to ``--log`` before the
+response chunked, one starting with ``/bye`` gets ``Connection: close`` and
+the server closes the connection after it. One JSON line per request goes to ``--log`` before the
 response is sent::
 
     {"peer": "ip:port", "tls": bool, "sni": str|null, "method": str,
@@ -128,12 +129,14 @@ class _Server:
                 out += f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
         else:
             out = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n".encode()
+            if target.startswith("/bye"):
+                out += b"Connection: close\r\n"
             out += b"Content-Type: application/json\r\n\r\n"
             if method != "HEAD":
                 out += body
         writer.write(out)
         await writer.drain()
-        return lower.get("connection", "").lower() != "close"
+        return lower.get("connection", "").lower() != "close" and not target.startswith("/bye")
 
 
 async def _serve(listen: Sequence[str], tls: tuple[str, str] | None, log: Path) -> None:

@@ -578,3 +578,21 @@ def test_each_host_gets_an_upstream_verified_for_it(world: World) -> None:
         ("/c", OTHER_BLOB),
     ]
     assert seen[0]["peer"] != seen[1]["peer"] and seen[1]["peer"] == seen[2]["peer"]
+
+
+def test_upstream_closing_after_a_response_is_replaced(world: World) -> None:
+    before = len(world.seen())
+    reply = world.raw(
+        8084,
+        (
+            f"GET /bye HTTP/1.1\r\nHost: {BLOB}\r\n\r\n"
+            f"GET /after HTTP/1.1\r\nHost: {BLOB}\r\nConnection: close\r\n\r\n"
+        ).encode(),
+    )
+    assert reply.count(b"HTTP/1.1 200 ") == 2
+    # The server's Connection: close is its own hop's business: the pod's
+    # connection stays open for the second request.
+    assert reply.count(b"Connection: close") == 1
+    seen = world.seen()[before:]
+    assert [r["target"] for r in seen] == ["/bye", "/after"]
+    assert seen[0]["peer"] != seen[1]["peer"]
