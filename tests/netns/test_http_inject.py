@@ -102,6 +102,7 @@ def _policy(work: Path, ca: Path, other_ca: Path, blob_cert: Path, blob_key: Pat
     return f"""
 version: 1
 proxy: {{port: 15001, idle_timeout: 30, connect_timeout: 2}}
+on_reload: {{denied_connections: close}}
 workloads:
   pg: {{cidrs: [198.19.1.2/32, "fd00:19:1::2/128"]}}
 intercept:
@@ -596,3 +597,56 @@ def test_upstream_closing_after_a_response_is_replaced(world: World) -> None:
     seen = world.seen()[before:]
     assert [r["target"] for r in seen] == ["/bye", "/after"]
     assert seen[0]["peer"] != seen[1]["peer"]
+
+
+def _wait_log(world: World, text: str) -> None:
+    deadline = time.monotonic() + 5
+    while text not in (world.work / "agent.log").read_text():
+        assert time.monotonic() < deadline, f"agent log never said {text!r}"
+        time.sleep(0.05)
+
+
+def test_a_reload_that_denies_closes_open_http_connections(world: World) -> None:
+    """Last in this module: it edits the policy (and puts it back)."""
+    policy = world.work / "policy.yaml"
+    original = policy.read_text()
+    code = f"""
+    import http.client, sys
+    c = http.client.HTTPConnection({BLOB!r}, 80, timeout=10)
+    c.request("GET", "/before-reload")
+    c.getresponse().read()
+    print("first", flush=True)
+    sys.stdin.readline()
+    try:
+        c.request("GET", "/after-reload")
+        print(c.getresponse().status, flush=True)
+    except (OSError, http.client.HTTPException) as exc:
+        print(type(exc).__name__, flush=True)
+    """
+    client = world.lab.popen(
+        "pg", [sys.executable, "-c", textwrap.dedent(code)], stdin=-1, stdout=-1, text=True
+    )
+    assert client.stdout is not None and client.stdin is not None
+    try:
+        assert client.stdout.readline().strip() == "first"
+        # Port 80 no longer matches blob-sas: the default (deny) decides it now.
+        edited = original.replace(
+            f"to: {{hosts: [{BLOB}], ports: [80]}}", f"to: {{hosts: [{BLOB}], ports: [9]}}"
+        )
+        assert edited != original
+        (world.work / "policy.new").write_text(edited)
+        os.rename(world.work / "policy.new", policy)
+        _wait_log(world, "generation 2")
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        outcome = client.stdout.readline().strip()
+        client.wait(10)
+    finally:
+        (world.work / "policy.new").write_text(original)
+        os.rename(world.work / "policy.new", policy)
+        _wait_log(world, "generation 3")
+    assert outcome in ("RemoteDisconnected", "ConnectionResetError", "BrokenPipeError"), outcome
+    recs = world.wait_records(
+        lambda r: "id" in r and "closed by reload to policy generation 2" in (r["error"] or "")
+    )
+    assert recs and recs[-1]["rule"] == "blob-sas" and recs[-1]["requests"] == 1
