@@ -79,7 +79,8 @@ class FileCache(Generic[T]):
         if cached is not None and cached[0] == stamps:
             return cached[1]
         value = load(paths)
-        # Stamp again after reading: a file replaced mid-read is read again next time.
+        # Kept with the stamps taken before reading: a file replaced while it
+        # was being read has a newer stamp, so the next use reads it again.
         self._entries[paths] = (stamps, value)
         return value
 
