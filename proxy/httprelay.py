@@ -169,13 +169,28 @@ class TlsServerStream:
     async def read(self) -> bytes:
         while True:
             try:
-                return self.obj.read(READ_SIZE)
+                data = self.obj.read(READ_SIZE)
+                break
             except ssl.SSLWantReadError:
                 await self._flush()
                 if not await self._fill():
                     continue  # the next read raises EOF
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
+        # One SSLObject.read returns one TLS record (at most 16 KiB): take the
+        # records already received too, so a body moves in large pieces.
+        parts = [data]
+        total = len(data)
+        while total < READ_SIZE and (self.incoming.pending or self.obj.pending()):
+            try:
+                more = self.obj.read(READ_SIZE - total)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                break  # the next read() sees it again
+            if not more:
+                break
+            parts.append(more)
+            total += len(more)
+        return b"".join(parts) if len(parts) > 1 else data
 
     async def write(self, data: bytes) -> None:
         self.obj.write(data)
