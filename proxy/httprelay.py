@@ -381,9 +381,7 @@ class _Session:
     async def run(self) -> None:
         while True:
             try:
-                parsed = await self._read_head(
-                    self.client, self.buf, http.parse_request, upstream=False
-                )
+                parsed = await self._read_head(self.client, self.buf, http.parse_request)
             except ValueError as exc:
                 await self._answer_malformed(exc)
                 return
@@ -713,7 +711,7 @@ class _Session:
             return http.parse_response(buf, request_method=head.method)
 
         while True:
-            parsed = await self._read_head(upstream, self.ubuf, parse, upstream=True)
+            parsed = await self._read_head(upstream, self.ubuf, parse)
             if parsed is None:
                 raise _Broken("upstream closed before a response")
             response, used = parsed
@@ -747,8 +745,6 @@ class _Session:
         stream: Stream,
         buf: bytearray,
         parse: Callable[[bytes], tuple[T, int] | None],
-        *,
-        upstream: bool,
     ) -> tuple[T, int] | None:
         """Parse a head from ``buf``, reading more as needed; None when the
         stream ends before its first byte."""
