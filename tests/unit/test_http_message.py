@@ -343,3 +343,19 @@ def test_error_responses_close() -> None:
     assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert b"\r\nConnection: close" in head
     assert f"Content-Length: {len(body)}".encode() in head
+
+
+def test_serialize_response_drops_hop_by_hop_and_can_dechunk() -> None:
+    got = http.parse_response(
+        b"HTTP/1.1 200 Whatever\r\nConnection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: t=5\r\n"
+        b'Transfer-Encoding: chunked\r\nETag: "e"\r\n\r\n',
+        request_method="GET",
+    )
+    assert got is not None
+    head = got[0]
+    assert http.serialize_response(head, close=False) == (
+        b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nETag: "e"\r\n\r\n'
+    )
+    assert http.serialize_response(head, close=True, dechunk=True) == (
+        b'HTTP/1.1 200 OK\r\nETag: "e"\r\nConnection: close\r\n\r\n'
+    )
