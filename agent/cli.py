@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, parse_address
 from egress_agent.policy.decide import decide, identify, should_divert
 from egress_agent.policy.load import PolicyError, load_policy
+from egress_agent.policy.model import AzureSas, AzureSharedKey, Bearer, HttpRule
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -284,7 +285,41 @@ def _explain(args: argparse.Namespace) -> int:
     )
     print("diverted:  yes")
     print(f"verdict:   {verdict.action.value} (rule {verdict.rule})")
+    if verdict.http is not None:
+        for line in describe_http(verdict.http, dst_port=port):
+            print(f"http:      {line}")
     return EXIT_OK
+
+
+def describe_http(rule: HttpRule, *, dst_port: int) -> list[str]:
+    """What the proxy does to requests under an http rule, in words (file
+    paths, never their content)."""
+    lines = []
+    if rule.client_tls is not None:
+        lines.append(f"client TLS terminated with {rule.client_tls.cert} (plain HTTP also served)")
+    else:
+        lines.append("client must speak plain HTTP (TLS from the client is denied)")
+    up = rule.upstream
+    port = up.port or dst_port
+    if up.tls:
+        name = up.server_name or "the request's Host"
+        ca = up.ca_file or "the system trust store"
+        lines.append(f"upstream TLS to port {port}, verifying {name} with {ca}")
+    else:
+        lines.append(f"upstream plain HTTP to port {port}")
+    for name, value in rule.set_headers:
+        source = repr(value.value) if value.file is None else f"from {value.file}"
+        lines.append(f"set header {name} {source}")
+    for name in rule.remove_headers:
+        lines.append(f"remove header {name}")
+    auth = rule.auth
+    if isinstance(auth, AzureSas):
+        lines.append(f"auth: the client's SAS replaced by the one in {auth.file}")
+    elif isinstance(auth, AzureSharedKey):
+        lines.append(f"auth: SharedKey for account {auth.account}, key from {auth.key_file}")
+    elif isinstance(auth, Bearer):
+        lines.append(f"auth: Authorization: Bearer from {auth.file}")
+    return lines
 
 
 if __name__ == "__main__":

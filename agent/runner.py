@@ -482,6 +482,15 @@ class Agent:
                 for (e, v), n in sorted(self.audit.connect_by_outcome.items())
             ],
         )
+        metric(
+            "http_requests_total",
+            "counter",
+            "HTTP requests served by http rules, by rule and status class.",
+            [
+                (f'{{rule="{r}",status="{c}"}}', n)
+                for (r, c), n in sorted(self.audit.requests_by_outcome.items())
+            ],
+        )
         return "\n".join(lines) + "\n"
 
 

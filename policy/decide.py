@@ -91,7 +91,7 @@ def decide(
     name = _normalise_name(server_name)
     for rule in policy.egress:
         if _matches(rule, workload=workload, dst=dst, dst_port=dst_port, server_name=name):
-            return Verdict(action=rule.action, rule=rule.name, workload=workload)
+            return Verdict(action=rule.action, rule=rule.name, workload=workload, http=rule.http)
     return Verdict(action=policy.default, rule="default", workload=workload)
 
 
@@ -102,14 +102,24 @@ def needs_server_name(
 
     When it cannot, the proxy need not wait for the client's first bytes before
     connecting upstream: protocols where the server speaks first (SMTP, MySQL,
-    SSH) then work without a peek delay.
+    SSH) then work without a peek delay. A rule with ``http:`` needs the
+    first bytes too: the proxy must know whether the client speaks plain HTTP
+    or TLS before it can inject anything.
     """
+    rule = candidate_rule(policy, workload=workload, dst=dst, dst_port=dst_port)
+    return rule is not None and (bool(rule.hosts) or rule.http is not None)
+
+
+def candidate_rule(
+    policy: Policy, *, workload: str | None, dst: IPAddress, dst_port: int
+) -> EgressRule | None:
+    """The first egress rule that matches this flow if its server name does:
+    the rule that decides it unless the name sends it further down the list."""
     dst = _unmap(dst)
     for rule in policy.egress:
-        if not _matches_without_name(rule, workload=workload, dst=dst, dst_port=dst_port):
-            continue
-        return bool(rule.hosts)
-    return False
+        if _matches_without_name(rule, workload=workload, dst=dst, dst_port=dst_port):
+            return rule
+    return None
 
 
 def host_matches(pattern: str, name: str) -> bool:

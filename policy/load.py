@@ -30,8 +30,15 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from egress_agent.policy.model import (
     Action,
+    Auth,
+    AzureSas,
+    AzureSharedKey,
+    Bearer,
+    ClientTls,
     ConnectSettings,
     EgressRule,
+    HeaderValue,
+    HttpRule,
     InterceptRule,
     IPAddress,
     IPNetwork,
@@ -40,6 +47,7 @@ from egress_agent.policy.model import (
     PortRange,
     ProxyAuth,
     ProxySettings,
+    Upstream,
     Workload,
 )
 
@@ -100,8 +108,34 @@ _LABEL_KEY_RE = re.compile(
 _LABEL_VALUE_RE = re.compile(f"({_LABEL_NAME})?")
 _NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _INTERCEPT_KEYS = ("from", "ports", "except_cidrs", "to_cidrs")
-_EGRESS_KEYS = ("name", "from", "to", "action")
+_EGRESS_KEYS = ("name", "from", "to", "action", "http")
 _TO_KEYS = ("hosts", "cidrs", "ports")
+_HTTP_KEYS = ("client_tls", "upstream", "set_headers", "remove_headers", "auth")
+_CLIENT_TLS_KEYS = ("cert", "key")
+_UPSTREAM_KEYS = ("tls", "port", "ca_file", "server_name")
+_HEADER_VALUE_KEYS = ("value", "file", "format")
+_AUTH_KEYS = ("azure_sas", "azure_shared_key", "bearer")
+_FILE_KEYS = ("file",)
+_SHARED_KEY_KEYS = ("account", "key_file")
+# Headers that frame the message or the connection: the proxy owns them, a
+# rule may neither set nor remove them (RFC 9110 section 7.6.1, RFC 9112 section 6).
+_FRAMING_HEADERS = frozenset(
+    (
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+    )
+)
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Azure storage account names: 3-24 lower-case letters and digits.
+_ACCOUNT_RE = re.compile(r"[a-z0-9]{3,24}")
 # What a missing required key should hold, for the message.
 _EXPECTED = {
     "version": f"the integer {SUPPORTED_VERSION}",
@@ -602,6 +636,18 @@ class _Reader:
             action = Action.DENY
             if "action" in fields:
                 action = self.action(fields["action"][1], _join(r_path, "action")) or Action.DENY
+            http: HttpRule | None = None
+            if "http" in fields:
+                h_key, h_node = fields["http"]
+                h_path = _join(r_path, "http")
+                http = self.http(h_node, h_path)
+                if "action" in fields and action is not Action.ALLOW:
+                    self.problem(
+                        h_key,
+                        h_path,
+                        "an http section only applies to action allow: a denied connection"
+                        " carries no requests; remove it or make the rule allow",
+                    )
             rules.append(
                 EgressRule(
                     name=name,
@@ -610,9 +656,304 @@ class _Reader:
                     hosts=hosts,
                     cidrs=cidrs,
                     ports=ports,
+                    http=http,
                 )
             )
         return tuple(rules)
+
+    # -- http sections ------------------------------------------------------
+
+    def http(self, node: Node, path: str) -> HttpRule | None:
+        fields = self.mapping(node, path, what="an http section", allowed=_HTTP_KEYS)
+        if fields is None:
+            return None
+        client_tls: ClientTls | None = None
+        if "client_tls" in fields:
+            client_tls = self.client_tls(fields["client_tls"][1], _join(path, "client_tls"))
+        upstream = self.upstream(
+            fields["upstream"][1] if "upstream" in fields else None,
+            _join(path, "upstream"),
+            tls_default=client_tls is not None,
+        )
+        set_headers: tuple[tuple[str, HeaderValue], ...] = ()
+        if "set_headers" in fields:
+            set_headers = self.set_headers(fields["set_headers"][1], _join(path, "set_headers"))
+        remove: tuple[str, ...] = ()
+        if "remove_headers" in fields:
+            remove = self.remove_headers(
+                fields["remove_headers"][1], _join(path, "remove_headers"), set_headers
+            )
+        auth: Auth | None = None
+        if "auth" in fields:
+            auth = self.auth(fields["auth"][1], _join(path, "auth"))
+            names = {n.lower(): n for n, _ in set_headers}
+            if isinstance(auth, AzureSharedKey | Bearer) and "authorization" in names:
+                self.problem(
+                    fields["auth"][0],
+                    _join(path, "auth"),
+                    f"auth sets the Authorization header, and so does set_headers"
+                    f".{names['authorization']}: keep one of them",
+                )
+        return HttpRule(
+            client_tls=client_tls,
+            upstream=upstream,
+            set_headers=set_headers,
+            remove_headers=remove,
+            auth=auth,
+        )
+
+    def client_tls(self, node: Node, path: str) -> ClientTls | None:
+        fields = self.mapping(
+            node, path, what="client TLS settings {cert, key}", allowed=_CLIENT_TLS_KEYS
+        )
+        if fields is None:
+            return None
+        for key in _CLIENT_TLS_KEYS:
+            if key not in fields:
+                self.problem(
+                    node,
+                    _join(path, key),
+                    f"missing required key {key!r}: expected the path of a PEM {key} file",
+                )
+        cert_path: str | None = None
+        key_path: str | None = None
+        if "cert" in fields:
+            cert_path = self.file_path(fields["cert"][1], _join(path, "cert"))
+        if "key" in fields:
+            key_path = self.file_path(fields["key"][1], _join(path, "key"))
+        if cert_path is None or key_path is None:
+            return None
+        return ClientTls(cert=cert_path, key=key_path)
+
+    def upstream(self, node: Node | None, path: str, *, tls_default: bool) -> Upstream:
+        if node is None:
+            return Upstream(tls=tls_default)
+        fields = self.mapping(node, path, what="upstream settings", allowed=_UPSTREAM_KEYS)
+        if fields is None:
+            return Upstream(tls=tls_default)
+        tls = tls_default
+        if "tls" in fields:
+            t_node = fields["tls"][1]
+            value = self.scalar(t_node, _join(path, "tls"), what="true or false")
+            if isinstance(value, bool):
+                tls = value
+            elif value is not None:
+                self.problem(
+                    t_node,
+                    _join(path, "tls"),
+                    f"expected true or false, found {self.describe(t_node)}",
+                )
+        port = None
+        if "port" in fields:
+            port = self.integer(fields["port"][1], _join(path, "port"), low=1, high=65535)
+        ca_file = None
+        if "ca_file" in fields:
+            ca_file = self.file_path(fields["ca_file"][1], _join(path, "ca_file"))
+        server_name = None
+        if "server_name" in fields:
+            s_node = fields["server_name"][1]
+            s_path = _join(path, "server_name")
+            text = self.text(s_node, s_path, what="a host name like api.example.org")
+            if text is not None:
+                host, why = _host_pattern(text)
+                if host is None or host.startswith("*."):
+                    why = why or "a wildcard names no one server"
+                    self.problem(s_node, s_path, f"{text!r} is not a host name: {why}")
+                else:
+                    server_name = host
+        return Upstream(tls=tls, port=port, ca_file=ca_file, server_name=server_name)
+
+    def set_headers(self, node: Node, path: str) -> tuple[tuple[str, HeaderValue], ...]:
+        entries = self.entries(node, path, what="headers to set (name: {value|file: ...})")
+        result: list[tuple[str, HeaderValue]] = []
+        seen: dict[str, Node] = {}
+        for name, key_node, value_node in entries or ():
+            n_path = _join(path, name)
+            if not self.header_name(key_node, n_path, name):
+                continue
+            lower = name.lower()
+            if lower in seen:
+                self.problem(
+                    key_node,
+                    n_path,
+                    f"header {name!r} is already set at line {seen[lower].start_mark.line + 1}"
+                    " (header names are case-insensitive): keep one",
+                )
+                continue
+            seen[lower] = key_node
+            value = self.header_value(value_node, n_path)
+            if value is not None:
+                result.append((name, value))
+        return tuple(result)
+
+    def header_value(self, node: Node, path: str) -> HeaderValue | None:
+        fields = self.mapping(
+            node,
+            path,
+            what="a header value {value: ...} or {file: ...}",
+            allowed=_HEADER_VALUE_KEYS,
+        )
+        if fields is None:
+            return None
+        if ("value" in fields) == ("file" in fields):
+            self.problem(
+                node,
+                path,
+                "give exactly one of value (the text itself) or file (a file whose content"
+                " is the value, re-read when it changes)",
+            )
+            return None
+        fmt = "{}"
+        if "format" in fields:
+            f_node = fields["format"][1]
+            f_path = _join(path, "format")
+            got = self.text(f_node, f_path, what='a format like "Bearer {}"')
+            if got is not None:
+                if "file" not in fields:
+                    self.problem(f_node, f_path, "format applies to file values only")
+                elif got.count("{}") != 1:
+                    self.problem(
+                        f_node,
+                        f_path,
+                        f"{got!r} must contain {{}} exactly once, where the file content goes"
+                        ' (like "Bearer {}")',
+                    )
+                elif not _header_text_ok(got.replace("{}", "")):
+                    self.problem(f_node, f_path, "control characters are not allowed in headers")
+                else:
+                    fmt = got
+        if "value" in fields:
+            v_node = fields["value"][1]
+            v_path = _join(path, "value")
+            text = self.text(v_node, v_path, what="the header value as a string")
+            if text is None:
+                return None
+            if not _header_text_ok(text):
+                self.problem(
+                    v_node,
+                    v_path,
+                    "control characters (newlines, tabs aside) are not allowed in a header value",
+                )
+                return None
+            return HeaderValue(value=text.strip(" \t"))
+        file = self.file_path(fields["file"][1], _join(path, "file"))
+        if file is None:
+            return None
+        return HeaderValue(file=file, format=fmt)
+
+    def remove_headers(
+        self, node: Node, path: str, set_headers: tuple[tuple[str, HeaderValue], ...]
+    ) -> tuple[str, ...]:
+        items = self.sequence(node, path, what="a list of header names")
+        names: list[str] = []
+        set_names = {n.lower() for n, _ in set_headers}
+        for i, item in enumerate(items or ()):
+            i_path = f"{path}[{i}]"
+            name = self.text(item, i_path, what="a header name")
+            if name is None or not self.header_name(item, i_path, name):
+                continue
+            if name.lower() in set_names:
+                self.problem(
+                    item,
+                    i_path,
+                    f"header {name!r} is also in set_headers, which replaces it anyway:"
+                    " remove it from one of the two",
+                )
+                continue
+            names.append(name)
+        return tuple(names)
+
+    def header_name(self, node: Node, path: str, name: str) -> bool:
+        if not _HEADER_NAME_RE.fullmatch(name):
+            self.problem(
+                node, path, f"{name!r} is not a header name: expected a token like X-Api-Key"
+            )
+            return False
+        if name.lower() in _FRAMING_HEADERS:
+            self.problem(
+                node,
+                path,
+                f"{name!r} frames the message or the connection and is managed by the proxy:"
+                " a rule cannot set or remove it",
+            )
+            return False
+        return True
+
+    def auth(self, node: Node, path: str) -> Auth | None:
+        fields = self.mapping(node, path, what="an auth section", allowed=_AUTH_KEYS)
+        if fields is None:
+            return None
+        if len(fields) != 1:
+            self.problem(
+                node,
+                path,
+                "give exactly one of azure_sas, azure_shared_key or bearer",
+            )
+            return None
+        ((key, (_key_node, value_node)),) = fields.items()
+        a_path = _join(path, key)
+        if key == "azure_shared_key":
+            sk = self.mapping(
+                value_node, a_path, what="{account, key_file}", allowed=_SHARED_KEY_KEYS
+            )
+            if sk is None:
+                return None
+            account = key_file = None
+            if "account" not in sk:
+                self.problem(
+                    value_node, _join(a_path, "account"),
+                    "missing required key 'account': the storage account name",
+                )  # fmt: skip
+            else:
+                a_node = sk["account"][1]
+                account = self.text(a_node, _join(a_path, "account"), what="an account name")
+                if account is not None and not _ACCOUNT_RE.fullmatch(account):
+                    self.problem(
+                        a_node,
+                        _join(a_path, "account"),
+                        f"{account!r} is not a storage account name: 3-24 lower-case letters"
+                        " and digits",
+                    )
+                    account = None
+            if "key_file" not in sk:
+                self.problem(
+                    value_node, _join(a_path, "key_file"),
+                    "missing required key 'key_file': the file holding the account key",
+                )  # fmt: skip
+            else:
+                key_file = self.file_path(sk["key_file"][1], _join(a_path, "key_file"))
+            if account is None or key_file is None:
+                return None
+            return AzureSharedKey(account=account, key_file=key_file)
+        f = self.mapping(value_node, a_path, what="{file: PATH}", allowed=_FILE_KEYS)
+        if f is None:
+            return None
+        if "file" not in f:
+            self.problem(
+                value_node, _join(a_path, "file"),
+                "missing required key 'file': the file holding the credential",
+            )  # fmt: skip
+            return None
+        file = self.file_path(f["file"][1], _join(a_path, "file"))
+        if file is None:
+            return None
+        return AzureSas(file=file) if key == "azure_sas" else Bearer(file=file)
+
+    def file_path(self, node: Node, path: str) -> str | None:
+        """An absolute file path. The file need not exist yet: secrets and
+        certificates may be mounted after the policy loads, and are read when
+        a connection needs them."""
+        text = self.text(node, path, what="an absolute file path")
+        if text is None:
+            return None
+        if not text.startswith("/") or "\0" in text:
+            self.problem(
+                node,
+                path,
+                f"{text!r} is not an absolute path: write it from /, like /run/secrets/x",
+            )
+            return None
+        return text
 
     # -- field types --------------------------------------------------------
 
@@ -1088,6 +1429,11 @@ _EMPTY_POLICY = Policy(
     egress=(),
     default=Action.DENY,
 )
+
+
+def _header_text_ok(text: str) -> bool:
+    """Visible characters, spaces and tabs: nothing that could end a header line."""
+    return all(c in " \t" or (ord(c) >= 0x20 and ord(c) != 0x7F) for c in text)
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

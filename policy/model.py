@@ -87,6 +87,75 @@ class InterceptRule:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HeaderValue:
+    """A header value to set: literal ``value``, or the content of ``file``
+    (read when a request needs it, trailing newline stripped) put into
+    ``format`` at ``{}``."""
+
+    value: str | None = None
+    file: str | None = None
+    format: str = "{}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientTls:
+    """Terminate the client's TLS with this certificate chain and key (PEM files)."""
+
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Upstream:
+    """How the proxy reaches the server for an HTTP rule. ``port`` None is the
+    original destination's port; ``server_name`` None is the request's Host;
+    ``ca_file`` None is the system trust store."""
+
+    tls: bool = False
+    port: int | None = None
+    ca_file: str | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AzureSas:
+    """Replace any SAS the client sent with the one in ``file``."""
+
+    file: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class AzureSharedKey:
+    """Sign each request with the Storage account key in ``key_file`` (base64)."""
+
+    account: str
+    key_file: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bearer:
+    """``Authorization: Bearer <content of file>``."""
+
+    file: str
+
+
+Auth = AzureSas | AzureSharedKey | Bearer
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpRule:
+    """An allow rule's HTTP handling: the proxy speaks HTTP/1.1 to both sides
+    and rewrites each request head (headers, credentials) on the way."""
+
+    client_tls: ClientTls | None = None
+    upstream: Upstream = Upstream()
+    # (name as written, value); names are unique case-insensitively.
+    set_headers: tuple[tuple[str, HeaderValue], ...] = ()
+    remove_headers: tuple[str, ...] = ()
+    auth: Auth | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class EgressRule:
     """What the proxy lets through; the first matching rule wins.
 
@@ -101,6 +170,7 @@ class EgressRule:
     hosts: tuple[str, ...] = ()
     cidrs: tuple[IPNetwork, ...] = ()
     ports: tuple[PortRange, ...] = ()
+    http: HttpRule | None = None  # only with action allow
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,3 +249,4 @@ class Verdict:
     action: Action
     rule: str  # an egress rule's name, or "default"
     workload: str | None
+    http: HttpRule | None = None  # the allow rule's HTTP handling, if it has one

@@ -9,6 +9,17 @@ record whose ``event`` is
 * ``failed`` -- it never got going: bad bytes, no original destination, the
   upstream refused or timed out; ``error`` says what happened.
 
+``id`` identifies the connection within this agent process (its start time
+and a counter); ``requests`` counts the HTTP requests served on a connection
+an ``http:`` rule handled (null for others).
+
+Such connections also get one record per HTTP request, with ``event``
+``request`` and the connection's ``id`` in ``connection``: method, Host, the
+path without its query string (a query may carry a SAS), the status the
+client got (null if none), bytes of that request and response, and ``error``.
+Request records are written as each request ends, so they precede their
+connection's record.
+
 ``policy_generation`` and ``policy_hash`` say which applied policy decided the
 connection: the generation counts successful (re)loads of this agent process.
 
@@ -52,9 +63,38 @@ class AuditRecord:
     # to the request's host:port).
     via: str = "transparent"
     connect_host: str | None = None
+    id: str = ""  # the connection within this process: "<start time hex>-<counter>"
+    requests: int | None = None  # HTTP requests served (http rules only)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestRecord:
+    """One HTTP request on a connection an ``http:`` rule handles."""
+
+    time: str  # request start, RFC 3339 UTC
+    connection: str  # the connection record's id
+    src: str
+    workload: str | None
+    dst: str  # the original destination
+    upstream: str | None  # the address the proxy sent the request to
+    rule: str
+    method: str | None  # None when the request line could not be parsed
+    host: str | None
+    path: str | None  # without the query string
+    status: int | None  # what the client got; None if nothing was sent
+    bytes_up: int
+    bytes_down: int
+    duration_ms: float
+    error: str | None
+    event: str = "request"
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(AuditRecord))
+_REQUEST_FIELDS = (
+    "time",
+    "event",
+    *(f.name for f in fields(RequestRecord) if f.name not in ("time", "event")),
+)
 
 
 def rfc3339(ts: float) -> str:
@@ -81,6 +121,8 @@ class AuditLog:
         self.bytes_down = 0
         # Records of the explicit CONNECT listener by (event, verdict).
         self.connect_by_outcome: dict[tuple[str, str], int] = {}
+        # HTTP request records by (rule, status class: "2xx".."5xx", or "none").
+        self.requests_by_outcome: dict[tuple[str, str], int] = {}
 
     def write(self, record: AuditRecord) -> None:
         outcome = (record.event, record.verdict or "none")
@@ -99,6 +141,20 @@ class AuditLog:
             self._stream.flush()
             self.written += 1
         except OSError as exc:  # a full disk must not take connections down
+            log.error("cannot write audit record to %s: %s", self._path or "stdout", exc)
+
+    def write_request(self, record: RequestRecord) -> None:
+        status = f"{record.status // 100}xx" if record.status is not None else "none"
+        key = (record.rule, status)
+        self.requests_by_outcome[key] = self.requests_by_outcome.get(key, 0) + 1
+        line = json.dumps(
+            {name: getattr(record, name) for name in _REQUEST_FIELDS}, separators=(",", ":")
+        )
+        try:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+            self.written += 1
+        except OSError as exc:
             log.error("cannot write audit record to %s: %s", self._path or "stdout", exc)
 
     def close(self) -> None:

@@ -283,6 +283,21 @@ class ConnectConnection(Connection):
                 continue
             self.dst = Endpoint(address=address, port=port)
             self.verdict = verdict
+            if verdict.http is not None:
+                # The rule's HTTP handling (credentials, TLS origination) needs
+                # the plaintext requests; a tunnel carries the client's own TLS.
+                self.verdict = Verdict(
+                    action=Action.DENY, rule=verdict.rule, workload=self.workload
+                )
+                self.respond(
+                    403,
+                    "Forbidden",
+                    f"rule {verdict.rule} handles HTTP requests (http:), which a CONNECT tunnel "
+                    "does not carry: reach this host without the proxy setting (the transparent "
+                    "path applies the rule), or add a rule without http: for the tunnel",
+                    event="denied",
+                )
+                return False
             if self.listener.is_own_endpoint(self.dst) or self.server.is_own_endpoint(self.dst):
                 self.respond(
                     403,

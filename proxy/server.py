@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import itertools
 import logging
 import os
 import socket
@@ -26,9 +27,10 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, cast
 
-from egress_agent.policy.decide import decide, identify, needs_server_name
-from egress_agent.policy.model import Action, Policy, Verdict
-from egress_agent.proxy.audit import AuditLog, AuditRecord, Event, rfc3339
+from egress_agent.policy.decide import candidate_rule, decide, identify, needs_server_name
+from egress_agent.policy.model import Action, HttpRule, Policy, Verdict
+from egress_agent.proxy import http, httprelay
+from egress_agent.proxy.audit import AuditLog, AuditRecord, Event, RequestRecord, rfc3339
 from egress_agent.proxy.original_dst import (
     Endpoint,
     NotDiverted,
@@ -36,10 +38,11 @@ from egress_agent.proxy.original_dst import (
     family_of,
     original_dst,
 )
-from egress_agent.proxy.peek import Peeked, Protocol, sniff
+from egress_agent.proxy.peek import HTTP_METHODS, Peeked, Protocol, sniff
 
 log = logging.getLogger(__name__)
 
+_HTTP_STARTS = tuple(m.encode("ascii") + b" " for m in HTTP_METHODS)
 IP_FREEBIND = 15
 IPV6_FREEBIND = 78
 # Write-buffer high-water mark per direction before the other side is paused.
@@ -155,6 +158,8 @@ class Connection:
         self.generation = server.generation
         self.policy_hash = server.policy_hash
         self.started = time.time()
+        self.id = f"{server.id_prefix}-{next(server.ids)}"
+        self.requests: int | None = None  # set when an http rule serves it
         self.started_mono = self.loop.time()
         self.last_activity = self.started_mono
         self.client = _Half(self, upstream=False)
@@ -234,7 +239,8 @@ class Connection:
             try:
                 self.peeked = await self._peek(settings.peek_bytes, settings.peek_timeout)
             except ValueError as exc:
-                self.fail(f"malformed first bytes: {exc}")
+                if not await self._refuse_malformed_http(exc):
+                    self.fail(f"malformed first bytes: {exc}")
                 return
             except TimeoutError:
                 self.fail(
@@ -256,6 +262,9 @@ class Connection:
             self.event = "denied"
             self.reset_client()
             return
+        if self.verdict.http is not None:
+            await self._serve_http(self.verdict.http)
+            return
         try:
             await self._connect_upstream(settings.upstream_mark, settings.connect_timeout)
         except TimeoutError:
@@ -272,6 +281,106 @@ class Connection:
             return
         self.event = "closed"
         self._start_relay()
+
+    async def _refuse_malformed_http(self, exc: ValueError) -> bool:
+        """Answer a malformed HTTP request head with 400 when an http rule
+        would have served the connection; False when that is not the case."""
+        assert self.src is not None and self.dst is not None
+        rule = candidate_rule(
+            self.policy, workload=self.workload, dst=self.dst.address, dst_port=self.dst.port
+        )
+        transport = self.client.transport
+        if (
+            rule is None
+            or rule.http is None
+            or rule.action is not Action.ALLOW
+            or transport is None
+            or not bytes(self.buffer[:16]).startswith(_HTTP_STARTS)
+        ):
+            return False
+        self.event = "failed"
+        self.error = f"malformed HTTP request: {exc}"
+        self.requests = 1
+        self.bytes_up = len(self.buffer)
+        body = http.error_response(400, self.error)
+        self.bytes_down += len(body)
+        self.server.audit.write_request(
+            RequestRecord(
+                time=rfc3339(time.time()), connection=self.id, src=str(self.src),
+                workload=self.workload, dst=str(self.dst), upstream=None, rule=rule.name,
+                method=None, host=None, path=None, status=400, bytes_up=len(self.buffer),
+                bytes_down=len(body), duration_ms=0.0, error=self.error,
+            )
+        )  # fmt: skip
+        try:
+            await httprelay.refuse(transport, body, idle=self.policy.proxy.idle_timeout)
+        finally:
+            self.client.lost = True  # the relay took the transport over and closed it
+        return True
+
+    async def _serve_http(self, rule: HttpRule) -> None:
+        """Hand the connection to the HTTP relay (see ``httprelay``)."""
+        assert self.src is not None and self.dst is not None and self.verdict is not None
+        peeked = self.peeked
+        tls = peeked is not None and peeked.protocol is Protocol.TLS
+        transport = self.client.transport
+        if tls and rule.client_tls is None:
+            self.event = "denied"
+            self.error = "http rule needs plaintext HTTP or client_tls (the client speaks TLS)"
+            self.reset_client()
+            return
+        if peeked is not None and peeked.protocol is Protocol.TCP:
+            self.event = "denied"
+            self.error = (
+                "http rule needs HTTP (or TLS with client_tls); the client sent other bytes"
+            )
+            self.reset_client()
+            return
+        assert transport is not None
+        policy, workload, dst = self.policy, self.workload, self.dst
+
+        def rule_for_host(host: str | None) -> str:
+            return decide(
+                policy, workload=workload, dst=dst.address, dst_port=dst.port, server_name=host
+            ).rule
+
+        settings = policy.proxy
+        conn = httprelay.HttpConnection(
+            conn_id=self.id,
+            src=self.src,
+            dst=self.dst,
+            workload=self.workload,
+            rule=self.verdict.rule,
+            http=rule,
+            tls=tls,
+            rule_for_host=rule_for_host,
+            connect_timeout=settings.connect_timeout,
+            idle_timeout=settings.idle_timeout,
+            upstream_mark=settings.upstream_mark,
+            audit=self.server.audit,
+            resources=self.server.http,
+            touch=self._touch,
+        )
+        self.event = "closed"
+        self.requests = 0
+        initial = bytes(self.buffer)
+        self.buffer.clear()
+        try:
+            await httprelay.serve(conn, transport, initial)
+        finally:
+            # The relay owned the client transport and has closed it.
+            self.client.lost = True
+            self.requests = conn.requests
+            self.bytes_up += conn.bytes_up
+            self.bytes_down += conn.bytes_down
+            self.error = self.error or conn.error
+            if conn.denied:
+                self.event = "denied"
+            elif conn.forwarded == 0 and conn.error is not None:
+                self.event = "failed"  # no request ever reached the server
+
+    def _touch(self) -> None:
+        self.last_activity = self.loop.time()
 
     async def _peek(self, cap: int, timeout: float) -> Peeked | None:
         """The sniffed first bytes; None when the client sent nothing in time
@@ -399,6 +508,8 @@ class Connection:
             error=self.error,
             policy_generation=self.generation,
             policy_hash=self.policy_hash,
+            id=self.id,
+            requests=self.requests,
         )
 
 
@@ -415,6 +526,11 @@ class ProxyServer:
         self.loop = asyncio.get_running_loop()
         self.tasks = TaskSet()
         self.connections: set[Connection] = set()
+        # Connection ids: unique within this process, and across restarts by
+        # the start time.
+        self.id_prefix = f"{int(time.time()):x}"
+        self.ids = itertools.count(1)
+        self.http = httprelay.HttpResources()
         self._servers: list[asyncio.Server] = []
         self._own: set[tuple[str, int]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -477,7 +593,8 @@ class ProxyServer:
             return 0
         closed = 0
         for conn in list(self.connections):
-            if conn.upstream is None or conn.src is None or conn.dst is None:
+            relayed = conn.upstream is not None or conn.requests is not None
+            if not relayed or conn.src is None or conn.dst is None:
                 continue  # still being decided, under the policy it arrived with
             verdict = decide(
                 policy,

@@ -55,6 +55,11 @@ egress:
     from: [app]
     to: {{ports: [8080, 15021]}}
     action: allow
+  - name: injected
+    from: [app]
+    to: {{hosts: [{OTHER}], ports: [8444]}}
+    action: allow
+    http: {{set_headers: {{X-Team: {{value: db}}}}}}
   - name: blob-v6
     from: [app]
     to: {{cidrs: ["fd00:18:1::2/128"], ports: [443]}}
@@ -225,6 +230,17 @@ def test_name_denied_whatever_its_address_is_not_even_resolved(world: World) -> 
     assert rec["event"] == "denied" and rec["rule"] == "default"
     assert rec["error"] == f"egress to {OTHER}:8443 denied by rule default"
     assert rec["dst"] == "?" and rec["connect_host"] == f"{OTHER}:8443"
+
+
+def test_a_rule_with_http_handling_is_not_tunnelled(world: World) -> None:
+    """An http: rule works on plaintext requests; inside a tunnel it could
+    not, so the tunnel is refused rather than relayed without it."""
+    n_audit = len(world.audit_records())
+    proc = world.curl("app", f"https://{OTHER}:8444/", "--proxy", PROXY)
+    assert _status(proc)[1] == "403"
+    (rec,) = world.new_audit(n_audit)
+    assert rec["event"] == "denied" and rec["verdict"] == "deny" and rec["rule"] == "injected"
+    assert "does not carry" in rec["error"] and rec["bytes_up"] == 0
 
 
 def test_sni_other_than_the_connect_host_is_refused(world: World) -> None:

@@ -1,0 +1,896 @@
+"""The I/O side of HTTP rules: serve one diverted connection as an HTTP/1.1
+intermediary that injects credentials.
+
+:mod:`egress_agent.proxy.server` hands a connection here once an allow rule
+with ``http:`` decided it. From then on this module owns the connection: it
+optionally terminates the client's TLS (``client_tls``), reads requests one
+after another (pipelined requests are served in order), rewrites each head
+with :mod:`egress_agent.proxy.http`, connects upstream on the first request
+(to the original destination's address, with TLS verification when
+``upstream.tls``), streams bodies both ways with back-pressure, and writes one
+``request`` audit record per request. The connection's own record is still
+written by the server, once, with the number of requests.
+
+Every failure a client can see has a generic body that names the rule and, for
+a secret, the file path -- never a secret's content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from egress_agent.policy.model import (
+    AzureSas,
+    AzureSharedKey,
+    Bearer,
+    ClientTls,
+    HttpRule,
+)
+from egress_agent.proxy import http
+from egress_agent.proxy.audit import AuditLog, RequestRecord, rfc3339
+from egress_agent.proxy.original_dst import Endpoint, family_of
+from egress_agent.proxy.secretfiles import FileCache, SecretError, Secrets
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 64 * 1024
+# When the response is complete but the request body is still being sent,
+# how long to wait for the body to finish (its last bytes may merely be
+# waiting for the upstream write buffer to drain) before giving up on it.
+BODY_AFTER_RESPONSE = 2.0
+# After the proxy's last response on a connection, how long (and how many
+# bytes) it keeps reading what the client still sends before closing: closing
+# a socket with unread input sends a reset, which can destroy the response
+# before the client reads it (RFC 9112 section 9.6, "tear-down").
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * 1024 * 1024
+# x-ms-version the proxy adds to a SharedKey-signed request that has none;
+# every Blob operation barman and the SDKs use exists in it.
+AZURE_VERSION = "2021-08-06"
+
+T = TypeVar("T")
+
+
+class Stream(Protocol):
+    async def read(self) -> bytes: ...  # b"" at end of stream
+
+    async def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def linger_close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class TcpStream:
+    """A transport with stream reader/writer; every wait is bounded by ``idle``."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        idle: float,
+        touch: Callable[[], None],
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.idle = idle
+        self.touch = touch
+
+    async def read(self) -> bytes:
+        async with asyncio.timeout(self.idle):
+            data = await self.reader.read(READ_SIZE)
+        self.touch()
+        return data
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        async with asyncio.timeout(self.idle):
+            await self.writer.drain()
+        self.touch()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def at_eof(self) -> bool:
+        """Whether the peer has closed (a kept-alive upstream connection that
+        the server dropped while idle)."""
+        return self.reader.at_eof() or self.writer.transport.is_closing()
+
+    async def linger_close(self) -> None:
+        """Send FIN, discard what the client still sends (bounded), then close."""
+        if self.writer.transport.is_closing():
+            self.writer.close()
+            return
+        try:
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+            left = LINGER_BYTES
+            async with asyncio.timeout(LINGER_SECONDS):
+                while left > 0:
+                    data = await self.reader.read(READ_SIZE)
+                    if not data:
+                        break
+                    left -= len(data)
+        except (TimeoutError, ConnectionError, OSError, RuntimeError):
+            pass
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+
+class TlsServerStream:
+    """The client's TLS terminated through memory BIOs, so that the bytes the
+    proxy already read while peeking (the ClientHello) are fed in first."""
+
+    def __init__(self, raw: TcpStream, ctx: ssl.SSLContext, initial: bytes) -> None:
+        self.raw = raw
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.incoming.write(initial)
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
+
+    async def _flush(self) -> None:
+        pending = self.outgoing.read()
+        if pending:
+            await self.raw.write(pending)
+
+    async def _fill(self) -> bool:
+        data = await self.raw.read()
+        if not data:
+            self.incoming.write_eof()
+            return False
+        self.incoming.write(data)
+        return True
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    raise ConnectionError("client closed during the TLS handshake") from None
+        await self._flush()
+
+    async def read(self) -> bytes:
+        while True:
+            try:
+                data = self.obj.read(READ_SIZE)
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    continue  # the next read raises EOF
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+        # One SSLObject.read returns one TLS record (at most 16 KiB): take the
+        # records already received too, so a body moves in large pieces.
+        parts = [data]
+        total = len(data)
+        while total < READ_SIZE and (self.incoming.pending or self.obj.pending()):
+            try:
+                more = self.obj.read(READ_SIZE - total)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                break  # the next read() sees it again
+            if not more:
+                break
+            parts.append(more)
+            total += len(more)
+        return b"".join(parts) if len(parts) > 1 else data
+
+    async def write(self, data: bytes) -> None:
+        self.obj.write(data)
+        await self._flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(ssl.SSLError):
+            self.obj.unwrap()
+        pending = self.outgoing.read()
+        if pending:
+            self.raw.writer.write(pending)
+        self.raw.close()
+
+    async def linger_close(self) -> None:
+        with contextlib.suppress(ssl.SSLError):
+            self.obj.unwrap()
+        pending = self.outgoing.read()
+        if pending:
+            self.raw.writer.write(pending)
+        await self.raw.linger_close()
+
+    def abort(self) -> None:
+        self.raw.abort()
+
+
+class HttpResources:
+    """What all HTTP connections share: secrets and TLS contexts, each
+    re-read when its files change."""
+
+    def __init__(self) -> None:
+        self.secrets = Secrets()
+        self._server_contexts: FileCache[ssl.SSLContext] = FileCache()
+        self._client_contexts: FileCache[ssl.SSLContext] = FileCache()
+        self._default_client: ssl.SSLContext | None = None
+
+    def server_context(self, tls: ClientTls) -> ssl.SSLContext:
+        return self._server_contexts.get((tls.cert, tls.key), _load_server_context)
+
+    def client_context(self, ca_file: str | None) -> ssl.SSLContext:
+        if ca_file is None:
+            if self._default_client is None:
+                self._default_client = ssl.create_default_context()
+            return self._default_client
+        return self._client_contexts.get((ca_file,), _load_client_context)
+
+
+def _load_server_context(paths: tuple[str, ...]) -> ssl.SSLContext:
+    cert, key = paths
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        ctx.load_cert_chain(cert, key)
+    except OSError as exc:
+        raise SecretError(cert, f"cannot load the certificate and key {key}: {exc}") from None
+    except ssl.SSLError as exc:
+        raise SecretError(
+            cert, f"certificate or key {key} is not valid PEM, or they do not match: {exc.reason}"
+        ) from None
+    return ctx
+
+
+def _load_client_context(paths: tuple[str, ...]) -> ssl.SSLContext:
+    try:
+        ctx = ssl.create_default_context(cafile=paths[0])
+    except (OSError, ssl.SSLError) as exc:
+        raise SecretError(paths[0], f"cannot load CA certificates: {exc}") from None
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+@dataclass(kw_only=True)
+class HttpConnection:
+    """What the server knows about the connection, and what this module
+    reports back for its audit record."""
+
+    conn_id: str
+    src: Endpoint
+    dst: Endpoint
+    workload: str | None
+    rule: str
+    http: HttpRule
+    tls: bool  # the client speaks TLS (terminated with client_tls)
+    # Returns the rule that would decide this connection for a request naming
+    # this Host; a request whose Host another rule (or none) decides is refused.
+    rule_for_host: Callable[[str | None], str]
+    connect_timeout: float
+    idle_timeout: float
+    upstream_mark: int
+    audit: AuditLog
+    resources: HttpResources
+    touch: Callable[[], None]
+    # Results.
+    requests: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    error: str | None = None
+    denied: bool = False  # upstream certificate verification refused
+    forwarded: int = 0  # requests whose head reached the upstream server
+    upstream_addr: str | None = field(default=None)
+
+
+class _Refused(Exception):
+    """A request the proxy answers itself with ``status`` and ``message``."""
+
+    def __init__(self, status: int, message: str, *, deny: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.deny = deny
+
+
+class _Broken(Exception):
+    """A connection that cannot go on; nothing more can be sent to the client."""
+
+
+def take_over(transport: asyncio.Transport, *, idle: float, touch: Callable[[], None]) -> TcpStream:
+    """The client's transport as a stream: the relay's protocol is replaced
+    by a stream reader, and reading resumes (the peek may have paused it)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=READ_SIZE, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    transport.resume_reading()
+    return TcpStream(reader, writer, idle=idle, touch=touch)
+
+
+async def refuse(transport: asyncio.Transport, response: bytes, *, idle: float) -> None:
+    """Send the proxy's own ``response`` on a connection it will not serve, then close."""
+    stream = take_over(transport, idle=idle, touch=lambda: None)
+    with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+        await stream.write(response)
+    await stream.linger_close()
+
+
+async def serve(
+    conn: HttpConnection,
+    transport: asyncio.Transport,
+    initial: bytes,
+) -> None:
+    """Serve HTTP on the client's ``transport`` until either side ends."""
+    raw = take_over(transport, idle=conn.idle_timeout, touch=conn.touch)
+    client: Stream = raw
+    pending = initial
+    if conn.tls:
+        assert conn.http.client_tls is not None
+        try:
+            ctx = conn.resources.server_context(conn.http.client_tls)
+        except SecretError as exc:
+            conn.error = f"rule {conn.rule}: client_tls {exc}"
+            log.error("%s", conn.error)
+            raw.abort()
+            return
+        tls = TlsServerStream(raw, ctx, initial)
+        try:
+            await tls.handshake()
+        except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
+            conn.error = f"client TLS handshake failed: {_reason(exc)}"
+            raw.abort()
+            return
+        client = tls
+        pending = b""
+    session = _Session(conn, client, bytearray(pending))
+    try:
+        await session.run()
+    finally:
+        session.close_upstream()
+        if session.abort_client:
+            client.abort()
+        else:
+            await client.linger_close()
+
+
+class _Session:
+    def __init__(self, conn: HttpConnection, client: Stream, buf: bytearray) -> None:
+        self.conn = conn
+        self.client = client
+        self.buf = buf  # client bytes read but not used yet
+        self.upstream: TcpStream | None = None
+        self.upstream_name: str | None = None  # the SNI it was opened (and verified) with
+        self.ubuf = bytearray()
+        self.abort_client = False
+
+    # -- the request loop -------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            try:
+                parsed = await self._read_head(self.client, self.buf, http.parse_request)
+            except ValueError as exc:
+                await self._answer_malformed(exc)
+                return
+            except (TimeoutError, ConnectionError, OSError):
+                return
+            if parsed is None:
+                return  # the client closed between requests
+            head, used = parsed
+            del self.buf[:used]
+            keep = await self._exchange(head, used)
+            if not keep:
+                return
+
+    async def _answer_malformed(self, exc: ValueError) -> None:
+        conn = self.conn
+        conn.requests += 1
+        conn.error = f"malformed HTTP request: {exc}"
+        body = http.error_response(400, f"malformed HTTP request: {exc}")
+        await self._send_own(body)
+        self._record(
+            started=time.time(), method=None, host=None, path=None, status=400,
+            up=0, down=len(body), error=conn.error,
+        )  # fmt: skip
+
+    async def _send_own(self, data: bytes) -> None:
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+            await self.client.write(data)
+        self.conn.bytes_down += len(data)
+
+    async def _exchange(self, head: http.RequestHead, head_bytes: int) -> bool:
+        """One request and its response; whether the connection goes on."""
+        conn = self.conn
+        conn.requests += 1
+        conn.bytes_up += head_bytes
+        started = time.time()
+        mono = time.monotonic()
+        up = head_bytes
+        down = 0
+        status: int | None = None
+        error: str | None = None
+
+        def record() -> None:
+            self._record(
+                started=started, method=head.method, host=head.host, path=head.path,
+                status=status, up=up, down=down, error=error,
+                duration_ms=round((time.monotonic() - mono) * 1000, 3),
+            )  # fmt: skip
+
+        try:
+            forward = self._rewrite(head)
+            if head.framing.chunked and not head.expect_continue:
+                # Check the first chunk line before anything goes upstream, so
+                # a malformed body start never reaches the server.
+                await self._fill_until(self.client, self.buf, http.parse_chunk_line, upstream=False)
+            await self._ensure_upstream(head)
+        except _Refused as exc:
+            status = exc.status
+            error = exc.message
+            if exc.deny:
+                conn.denied = True
+            conn.error = conn.error or error
+            body = http.error_response(exc.status, exc.message)
+            await self._send_own(body)
+            down = len(body)
+            record()
+            return False
+        except ValueError as exc:
+            status = 400
+            error = f"malformed HTTP request: {exc}"
+            conn.error = error
+            body = http.error_response(400, error)
+            await self._send_own(body)
+            down = len(body)
+            record()
+            return False
+        except _Broken as exc:
+            error = f"client: {exc}"
+            conn.error = error
+            record()
+            return False
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            error = f"client: {_reason(exc)}"
+            conn.error = error
+            record()
+            return False
+
+        assert self.upstream is not None
+        upstream = self.upstream
+        counter = _Counter()
+        pump = asyncio.get_running_loop().create_task(
+            self._send_request(forward, head, upstream, counter), name="http-request-body"
+        )
+        response: http.ResponseHead | None = None
+        response_started = [False]
+        must_close = False
+        try:
+            response, down, must_close = await self._relay_response(head, response_started)
+            status = response.status
+            if not pump.done():
+                await asyncio.wait({pump}, timeout=BODY_AFTER_RESPONSE)
+        except asyncio.CancelledError:
+            pump.cancel()
+            raise
+        except _Broken as exc:
+            error = str(exc)
+        except ValueError as exc:
+            error = f"malformed response from upstream: {exc}"
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            error = f"upstream: {_reason(exc)}"
+        pump_error: str | None = None
+        if pump.done():
+            pump_error = pump.result()
+        else:
+            # The server answered before the whole body arrived (an early 4xx),
+            # or failed: the rest of the body cannot be told from the next request.
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+            pump_error = "response ended before the request body was sent"
+        up += counter.bytes
+        conn.bytes_up += counter.bytes
+        conn.bytes_down += down
+        if response is None:
+            if pump_error is not None and pump_error.startswith("client"):
+                error = pump_error  # the client's failure is what broke the exchange
+            error = error or pump_error
+            if not response_started[0]:
+                status = 502
+                body = http.error_response(502, f"rule {conn.rule}: upstream failed: {error}")
+                await self._send_own(body)
+                down += len(body)
+            else:
+                self.abort_client = True
+            conn.error = conn.error or error
+            record()
+            return False
+        if pump_error is not None and error is None and pump_error.startswith("client"):
+            error = pump_error
+            conn.error = conn.error or error
+        record()
+        upstream_reusable = response.keep_alive and pump_error is None
+        if not upstream_reusable:
+            self.close_upstream()
+        return head.keep_alive and not must_close and pump_error is None and error is None
+
+    # -- request side ---------------------------------------------------------
+
+    def _rewrite(self, head: http.RequestHead) -> bytes:
+        conn = self.conn
+        rule = conn.http
+        decided = conn.rule_for_host(head.host)
+        if decided != conn.rule:
+            raise _Refused(
+                421,
+                f"Host {head.host or '(none)'} is not served by rule {conn.rule} on this"
+                " connection",
+            )
+        # An origin server is sent origin-form (RFC 9112 section 3.2.1).
+        target = http.origin_form(head.target)
+        set_headers: list[tuple[str, str]] = []
+        secrets = conn.resources.secrets
+        try:
+            for name, value in rule.set_headers:
+                if value.file is not None:
+                    set_headers.append((name, value.format.replace("{}", secrets.text(value.file))))
+                else:
+                    assert value.value is not None
+                    set_headers.append((name, value.value))
+            auth = rule.auth
+            if isinstance(auth, AzureSas | AzureSharedKey):
+                target = http.strip_query_parameters(target, http.AZURE_SAS_PARAMETERS)
+            if isinstance(auth, AzureSas):
+                sas = secrets.text(auth.file).lstrip("?")
+                target = http.strip_query_parameters(target, http.sas_parameter_names(sas))
+                target = http.append_query(target, sas)
+            elif isinstance(auth, Bearer):
+                set_headers.append(("Authorization", "Bearer " + secrets.text(auth.file)))
+        except SecretError as exc:
+            log.error("rule %s: secret %s", conn.rule, exc)
+            raise _Refused(502, f"rule {conn.rule}: secret file {exc}") from None
+        remove = list(rule.remove_headers)
+        if isinstance(auth, AzureSharedKey):
+            remove.append("Authorization")
+        headers = http.build_request_head(head, set_headers=set_headers, remove_headers=remove)
+        if isinstance(auth, AzureSharedKey):
+            headers = self._sign(head, target, headers, auth)
+        return http.serialize_request(head.method, target, headers, close=False)
+
+    def _sign(
+        self,
+        head: http.RequestHead,
+        target: str,
+        headers: list[http.Header],
+        auth: AzureSharedKey,
+    ) -> list[http.Header]:
+        names = {n.lower() for n, _ in headers}
+        if b"x-ms-date" not in names:
+            headers.append((b"x-ms-date", email.utils.formatdate(usegmt=True).encode("ascii")))
+        if b"x-ms-version" not in names:
+            headers.append((b"x-ms-version", AZURE_VERSION.encode("ascii")))
+        try:
+            key = http.decode_account_key(self.conn.resources.secrets.text(auth.key_file))
+        except SecretError as exc:
+            log.error("rule %s: secret %s", self.conn.rule, exc)
+            raise _Refused(502, f"rule {self.conn.rule}: secret file {exc}") from None
+        except ValueError as exc:
+            problem = f"{auth.key_file}: {exc}"
+            log.error("rule %s: secret %s", self.conn.rule, problem)
+            raise _Refused(502, f"rule {self.conn.rule}: secret file {problem}") from None
+        text_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+        to_sign = http.azure_string_to_sign(
+            method=head.method, target=target, headers=text_headers, account=auth.account
+        )
+        signature = http.shared_key_signature(key, to_sign)
+        headers.append((b"Authorization", f"SharedKey {auth.account}:{signature}".encode()))
+        return headers
+
+    async def _send_request(
+        self, forward: bytes, head: http.RequestHead, upstream: Stream, counter: _Counter
+    ) -> str | None:
+        """Send the head and stream the body; the reason it stopped early, or None."""
+        try:
+            await upstream.write(forward)
+            self.conn.forwarded += 1
+            framing = head.framing
+            if framing.chunked:
+                await self._copy_chunked(self.client, self.buf, upstream, counter)
+            elif framing.length:
+                await self._copy_length(self.client, self.buf, upstream, framing.length, counter)
+        except ValueError as exc:
+            # A malformed chunk mid-body: cut the upstream connection so the
+            # server never takes a truncated body for a complete one.
+            upstream.abort()
+            return f"client: malformed request body: {exc}"
+        except _Broken as exc:
+            upstream.abort()
+            return f"client: {exc}"
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            return f"upstream: {_reason(exc)}"
+        return None
+
+    # -- upstream -----------------------------------------------------------------
+
+    async def _ensure_upstream(self, head: http.RequestHead) -> None:
+        conn = self.conn
+        up = conn.http.upstream
+        server_name = up.server_name or head.host
+        if self.upstream is not None and (
+            self.upstream.at_eof() or (up.tls and server_name != self.upstream_name)
+        ):
+            # Dropped by the server while idle, or verified for another name
+            # than this request's Host (a wildcard rule allows several).
+            self.close_upstream()
+        if self.upstream is not None:
+            return
+        port = up.port or conn.dst.port
+        ctx: ssl.SSLContext | None = None
+        if up.tls:
+            if server_name is None:
+                raise _Refused(400, "the request has no Host: cannot verify the upstream server")
+            try:
+                ctx = conn.resources.client_context(up.ca_file)
+            except SecretError as exc:
+                log.error("rule %s: %s", conn.rule, exc)
+                raise _Refused(502, f"rule {conn.rule}: upstream ca_file {exc}") from None
+        address = str(conn.dst.address)
+        conn.upstream_addr = (
+            f"{address}:{port}" if conn.dst.address.version == 4 else f"[{address}]:{port}"
+        )
+        sock = socket.socket(family_of(conn.dst), socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, conn.upstream_mark)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            target: tuple[Any, ...] = (
+                (address, port) if conn.dst.address.version == 4 else (address, port, 0, 0)
+            )
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(conn.connect_timeout):
+                await loop.sock_connect(sock, target)
+                reader, writer = await asyncio.open_connection(
+                    sock=sock,
+                    ssl=ctx,
+                    server_hostname=server_name if ctx is not None else None,
+                    limit=READ_SIZE,
+                )
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise _Refused(
+                502,
+                f"rule {conn.rule}: upstream {conn.upstream_addr} certificate verification"
+                f" failed for {server_name}: {exc.verify_message}",
+                deny=True,
+            ) from None
+        except TimeoutError:
+            sock.close()
+            raise _Refused(
+                502,
+                f"rule {conn.rule}: upstream {conn.upstream_addr} connect timed out after"
+                f" {conn.connect_timeout:g}s",
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            raise _Refused(
+                502, f"rule {conn.rule}: upstream {conn.upstream_addr}: {_reason(exc)}"
+            ) from None
+        self.upstream = TcpStream(reader, writer, idle=conn.idle_timeout, touch=conn.touch)
+        self.upstream_name = server_name
+        self.ubuf.clear()
+
+    def close_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+
+    async def _relay_response(
+        self, head: http.RequestHead, started: list[bool]
+    ) -> tuple[http.ResponseHead, int, bool]:
+        """Relay interim responses and the final one; returns the final head,
+        the bytes sent to the client, and whether the client connection must
+        close after it."""
+        assert self.upstream is not None
+        upstream = self.upstream
+        down = 0
+
+        def parse(buf: bytes) -> tuple[http.ResponseHead, int] | None:
+            return http.parse_response(buf, request_method=head.method)
+
+        while True:
+            parsed = await self._read_head(upstream, self.ubuf, parse)
+            if parsed is None:
+                raise _Broken("upstream closed before a response")
+            response, used = parsed
+            del self.ubuf[:used]
+            # An HTTP/1.0 client cannot read chunked framing (RFC 9112
+            # section 7.1): it gets the bare body, delimited by the close.
+            dechunk = response.framing.chunked and head.version == "HTTP/1.0"
+            close = not head.keep_alive or response.framing.until_close or dechunk
+            out = http.serialize_response(response, close=close, dechunk=dechunk)
+            started[0] = True
+            await self.client.write(out)
+            down += len(out)
+            if response.interim:
+                continue
+            counter = _Counter()
+            framing = response.framing
+            if framing.chunked:
+                await self._copy_chunked(
+                    upstream, self.ubuf, self.client, counter, reframe=not dechunk
+                )
+            elif framing.until_close:
+                await self._copy_until_close(upstream, self.ubuf, self.client, counter)
+            elif framing.length:
+                await self._copy_length(upstream, self.ubuf, self.client, framing.length, counter)
+            return response, down + counter.bytes, close
+
+    # -- framing helpers --------------------------------------------------------
+
+    async def _read_head(
+        self,
+        stream: Stream,
+        buf: bytearray,
+        parse: Callable[[bytes], tuple[T, int] | None],
+    ) -> tuple[T, int] | None:
+        """Parse a head from ``buf``, reading more as needed; None when the
+        stream ends before its first byte."""
+        while True:
+            if buf:
+                got = parse(bytes(buf))
+                if got is not None:
+                    return got
+            data = await stream.read()
+            if not data:
+                if not buf:
+                    return None
+                raise ValueError("connection closed inside a message head")
+            buf += data
+
+    async def _fill_until(
+        self,
+        stream: Stream,
+        buf: bytearray,
+        parse: Callable[[bytes], T | None],
+        *,
+        upstream: bool,
+    ) -> T:
+        while True:
+            got = parse(bytes(buf))
+            if got is not None:
+                return got
+            data = await stream.read()
+            if not data:
+                raise _Broken(
+                    ("upstream" if upstream else "client") + " closed in the middle of a message"
+                )
+            buf += data
+
+    async def _copy_length(
+        self, src: Stream, buf: bytearray, dst: Stream, length: int, counter: _Counter
+    ) -> None:
+        remaining = length
+        while remaining:
+            if not buf:
+                data = await src.read()
+                if not data:
+                    raise _Broken(f"closed with {remaining} body bytes still to come")
+                buf += data
+            piece = bytes(buf[:remaining])
+            del buf[: len(piece)]
+            remaining -= len(piece)
+            counter.bytes += len(piece)
+            await dst.write(piece)
+
+    async def _copy_until_close(
+        self, src: Stream, buf: bytearray, dst: Stream, counter: _Counter
+    ) -> None:
+        if buf:
+            counter.bytes += len(buf)
+            await dst.write(bytes(buf))
+            buf.clear()
+        while data := await src.read():
+            counter.bytes += len(data)
+            await dst.write(data)
+
+    async def _copy_chunked(
+        self, src: Stream, buf: bytearray, dst: Stream, counter: _Counter, *, reframe: bool = True
+    ) -> None:
+        """Copy a chunked body, checking its framing. With ``reframe`` the
+        chunks are re-emitted with normalised lines (extensions dropped);
+        without, only the data goes out."""
+        upstream = src is self.upstream
+        while True:
+            size, used = await self._fill_until(src, buf, http.parse_chunk_line, upstream=upstream)
+            counter.bytes += used
+            del buf[:used]
+            if size == 0:
+                trailers, used = await self._fill_until(
+                    src, buf, http.parse_trailers, upstream=upstream
+                )
+                counter.bytes += used
+                del buf[:used]
+                if reframe:
+                    fields = b"".join(n + b": " + v + b"\r\n" for n, v in trailers)
+                    await dst.write(b"0\r\n" + fields + b"\r\n")
+                return
+            if reframe:
+                await dst.write(f"{size:x}\r\n".encode("ascii"))
+            await self._copy_length(src, buf, dst, size, counter)
+            await self._fill_until(src, buf, lambda b: _crlf(b), upstream=upstream)
+            del buf[:2]
+            counter.bytes += 2
+            if reframe:
+                await dst.write(b"\r\n")
+
+    def _record(
+        self,
+        *,
+        started: float,
+        method: str | None,
+        host: str | None,
+        path: str | None,
+        status: int | None,
+        up: int,
+        down: int,
+        error: str | None,
+        duration_ms: float = 0.0,
+    ) -> None:
+        conn = self.conn
+        conn.audit.write_request(
+            RequestRecord(
+                time=rfc3339(started),
+                connection=conn.conn_id,
+                src=str(conn.src),
+                workload=conn.workload,
+                dst=str(conn.dst),
+                upstream=conn.upstream_addr,
+                rule=conn.rule,
+                method=method,
+                host=host,
+                path=path,
+                status=status,
+                bytes_up=up,
+                bytes_down=down,
+                duration_ms=duration_ms,
+                error=error,
+            )
+        )
+
+
+@dataclass
+class _Counter:
+    bytes: int = 0
+
+
+def _crlf(buf: bytes) -> bool | None:
+    if len(buf) < 2:
+        if buf and buf != b"\r":
+            raise ValueError("chunk data not followed by CRLF")
+        return None
+    if buf[:2] != b"\r\n":
+        raise ValueError("chunk data not followed by CRLF")
+    return True
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
