@@ -128,9 +128,14 @@ class Azurite:
             m = _ACCESS_RE.match(line)
             if m is None:
                 continue
-            ip = m["ip"].removeprefix("::ffff:")
-            found.append(Request(client_ip=ip, method=m["method"],
-                                 path=m["url"].partition("?")[0], status=int(m["status"])))  # fmt: skip
+            found.append(
+                Request(
+                    client_ip=m["ip"].removeprefix("::ffff:"),
+                    method=m["method"],
+                    path=m["url"].partition("?")[0],
+                    status=int(m["status"]),
+                )
+            )
         return found
 
 

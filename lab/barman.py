@@ -16,6 +16,7 @@ execute it wherever this repository was cloned.
 from __future__ import annotations
 
 import os
+import pwd
 import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -155,7 +156,5 @@ class PodBackups:
 
 
 def _postgres_ids() -> tuple[int, int]:
-    import pwd
-
     entry = pwd.getpwnam(PG_USER)
     return entry.pw_uid, entry.pw_gid

