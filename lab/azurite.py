@@ -114,6 +114,25 @@ class Request:
     status: int
 
 
+def parse_access_log(text: str) -> list[Request]:
+    """The requests in Azurite's console output (other lines are skipped)."""
+    found = []
+    for line in text.splitlines():
+        m = _ACCESS_RE.match(line)
+        if m is None:
+            continue
+        found.append(
+            Request(
+                # An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d.
+                client_ip=m["ip"].removeprefix("::ffff:"),
+                method=m["method"],
+                path=m["url"].partition("?")[0],
+                status=int(m["status"]),
+            )
+        )
+    return found
+
+
 class Azurite:
     """A running ``azurite-blob`` in a lab host; the lab stops it on close."""
 
@@ -122,21 +141,9 @@ class Azurite:
         self.access_log = access_log
 
     def requests(self) -> list[Request]:
-        found = []
-        text = self.access_log.read_text(errors="replace") if self.access_log.exists() else ""
-        for line in text.splitlines():
-            m = _ACCESS_RE.match(line)
-            if m is None:
-                continue
-            found.append(
-                Request(
-                    client_ip=m["ip"].removeprefix("::ffff:"),
-                    method=m["method"],
-                    path=m["url"].partition("?")[0],
-                    status=int(m["status"]),
-                )
-            )
-        return found
+        if not self.access_log.exists():
+            return []
+        return parse_access_log(self.access_log.read_text(errors="replace"))
 
 
 def start_azurite(
