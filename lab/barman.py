@@ -42,6 +42,15 @@ def barman_bin_dir() -> Path:
             f"{bindir}/barman-cloud-backup is missing: run 'sudo ./run test' once (its "
             f"set-up installs barman {BARMAN_VERSION} with Azure support from PyPI)"
         )
+    # archive_command runs as postgres, which owns none of these folders: each
+    # one must be searchable by others (a tree under /root, mode 700, is not).
+    for folder in [bindir, *bindir.parents]:
+        if not folder.stat().st_mode & 0o001:
+            raise PermissionError(
+                f"{folder} is not searchable by the postgres user, so PostgreSQL's "
+                f"archive_command cannot run barman: chmod o+x {folder}, or set "
+                f"EGRESS_AGENT_TEST_TOOLS to a folder outside it and re-run 'sudo ./run test'"
+            )
     return bindir
 
 
