@@ -59,7 +59,6 @@ PRIMARY, REPLICA, REGISTRY, AZURE = "198.19.1.2", "198.19.2.2", "198.19.3.2", "1
 CONTAINER = "backups"
 DESTINATION = f"https://{BLOB}/{CONTAINER}"
 
-NEEDS_HTTP_RULES = pytest.mark.xfail(reason="needs http rules", strict=False)
 
 WORKLOADS = f"""
 version: 1
@@ -339,7 +338,20 @@ def _backup(s: Scenario) -> str:
 
 
 def _divert_records(s: Scenario, since: int) -> list[dict[str, Any]]:
-    return [r for r in s.audit_records()[since:] if r["src"].startswith(f"{PRIMARY}:")]
+    """pg-primary's connection records (not the per-request records of http rules)."""
+    return [
+        r
+        for r in s.audit_records()[since:]
+        if r["src"].startswith(f"{PRIMARY}:") and r["event"] != "request"
+    ]
+
+
+def _request_records(s: Scenario, since: int) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in s.audit_records()[since:]
+        if r["src"].startswith(f"{PRIMARY}:") and r["event"] == "request"
+    ]
 
 
 # -- baseline: works with today's allow rules ---------------------------------
@@ -573,6 +585,12 @@ def _injected_round(s: Scenario, server: str, *, port: int, rule: str) -> None:
     records = _divert_records(s, audit_from)
     assert records and all(r["rule"] == rule and r["verdict"] == "allow" for r in records)
     assert all(r["dst"] == f"{AZURE}:{port}" for r in records), records
+    # One record per HTTP request: the path without its query string (where a
+    # SAS would be), the status Azure gave, no authorization failure.
+    requests = _request_records(s, audit_from)
+    assert requests and all(r["rule"] == rule and r["host"] == BLOB for r in requests)
+    assert {r["method"] for r in requests} >= {"PUT", "GET"}, requests
+    assert not [r for r in requests if "?" in (r["path"] or "") or r["status"] in (401, 403)]
     seen = s.azure_requests_since(azure_from)
     assert seen and {r.client_ip for r in seen} == {s.node_towards_azure}, seen
     assert not [r for r in seen if r.status in (401, 403)], seen
@@ -584,7 +602,6 @@ def _use_sas_injection(s: Scenario) -> None:
     s.set_policy(injection_policy(s, auth_443=f"{{azure_sas: {{file: {s.sas_file}}}}}"))
 
 
-@NEEDS_HTTP_RULES
 def test_sas_injected_by_the_proxy(s: Scenario) -> None:
     _use_sas_injection(s)
     # The pod trusts only the proxy's CA and holds a SAS that Azure would refuse.
@@ -592,7 +609,6 @@ def test_sas_injected_by_the_proxy(s: Scenario) -> None:
     _injected_round(s, "pg-sas", port=443, rule="backups-injected")
 
 
-@NEEDS_HTTP_RULES
 def test_shared_key_signed_by_the_proxy(s: Scenario) -> None:
     s.write_key(s.account.key1)
     s.set_policy(
@@ -607,7 +623,6 @@ def test_shared_key_signed_by_the_proxy(s: Scenario) -> None:
     _injected_round(s, "pg-key", port=443, rule="backups-injected")
 
 
-@NEEDS_HTTP_RULES
 def test_plain_http_from_the_pod_leaves_as_tls(s: Scenario) -> None:
     _use_sas_injection(s)
     conn = (f"DefaultEndpointsProtocol=http;AccountName={s.account.name};"
@@ -620,7 +635,6 @@ def test_plain_http_from_the_pod_leaves_as_tls(s: Scenario) -> None:
     assert http and all(r["protocol"] == "http" for r in http), http
 
 
-@NEEDS_HTTP_RULES
 def test_rotated_secrets_are_used_without_restart(s: Scenario) -> None:
     """Azure accepts two keys per account; rotation goes key1 -> (a bad one,
     which proves the file is re-read) -> key2, with the agent running."""
@@ -650,7 +664,6 @@ def test_rotated_secrets_are_used_without_restart(s: Scenario) -> None:
     wait_for(works, "the proxy to use key2", timeout=15)
 
 
-@NEEDS_HTTP_RULES
 def test_secrets_appear_nowhere_in_logs_audit_or_metrics(s: Scenario) -> None:
     _use_sas_injection(s)
     s.backups.configure(_pod_config(s, "pg-sas", ca_file=s.pod_proxy_ca, sas_token=DUMMY_SAS))
