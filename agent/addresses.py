@@ -92,3 +92,26 @@ def missing_proxy_addresses(settings: ProxySettings) -> list[IPAddress]:
         index = _lo_index(ipr)
         present = {a.get("address") for a in ipr.get_addr(index=index)}
     return [a for a in (settings.address_v4, settings.address_v6) if str(a) not in present]
+
+
+def host_interfaces(addresses: list[IPAddress]) -> dict[IPAddress, str]:
+    """The node's interface that routes to each address (``ip route get``):
+    for a pod on this node, its host-side veth (or the bridge it sits behind).
+    Addresses routed through a gateway are not a local pod's and are left out,
+    as are those with no route."""
+    found: dict[IPAddress, str] = {}
+    if not addresses:
+        return found
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for address in addresses:
+            try:
+                (route,) = ipr.route("get", dst=str(address))[:1]
+            except (NetlinkError, ValueError):
+                continue
+            if route.get_attr("RTA_GATEWAY") is not None:
+                continue
+            name = names.get(route.get_attr("RTA_OIF"))
+            if name and name != "lo":
+                found[address] = name
+    return found

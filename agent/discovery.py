@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 
 from egress_agent.agent.kubernetes import (
     Selector,
@@ -26,9 +27,18 @@ from egress_agent.agent.kubernetes import (
     address_conflicts,
     selected_networks,
 )
-from egress_agent.policy.model import IPNetwork, PodSelector, Policy, Workload
+from egress_agent.policy.model import IPAddress, IPNetwork, PodSelector, Policy, Workload
 
 log = logging.getLogger(__name__)
+
+
+def pod_addresses(snapshot: Snapshot | None) -> list[IPAddress]:
+    """Every address a pod on this node lists: what ``host_interfaces`` should cover."""
+    if snapshot is None:
+        return []
+    return sorted(
+        {ip for pod in snapshot.pods for ip in pod.ips}, key=lambda a: (a.version, int(a))
+    )
 
 
 def uses_pods(policy: Policy) -> bool:
@@ -43,9 +53,24 @@ def selector_of(pods: PodSelector) -> Selector:
     )
 
 
-def resolve(policy: Policy, snapshot: Snapshot | None) -> Policy:
+def resolve(
+    policy: Policy,
+    snapshot: Snapshot | None,
+    *,
+    host_interfaces: Mapping[IPAddress, str] | None = None,
+) -> Policy:
     """``policy`` with every pod workload's CIDRs set from ``snapshot`` (none
-    before the first sync)."""
+    before the first sync).
+
+    ``host_interfaces`` maps pod addresses to the node's interface that
+    routes to them (the pod's host-side veth, from
+    :func:`~egress_agent.agent.addresses.host_interfaces`). A pod
+    workload without ``interfaces`` in the file is then bound to its pods'
+    interfaces, so that another pod cannot claim its identity by spoofing an
+    address; only when every one of its addresses has a known interface, as
+    binding to some would take the identity from the pods whose interface is
+    unknown.
+    """
     if not uses_pods(policy):
         return policy
     for line in address_conflicts(snapshot) if snapshot else ():
@@ -72,5 +97,10 @@ def resolve(policy: Policy, snapshot: Snapshot | None) -> Policy:
                 )
                 continue
             mine.append(net)
-        workloads.append(dataclasses.replace(w, cidrs=tuple(mine)))
+        interfaces = w.interfaces
+        if not interfaces and host_interfaces is not None and mine:
+            found_ifs = [host_interfaces.get(net.network_address) for net in mine]
+            if all(found_ifs):
+                interfaces = tuple(sorted({i for i in found_ifs if i}))
+        workloads.append(dataclasses.replace(w, cidrs=tuple(mine), interfaces=interfaces))
     return dataclasses.replace(policy, workloads=tuple(workloads))

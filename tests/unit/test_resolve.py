@@ -86,3 +86,25 @@ def test_before_the_first_sync_pod_workloads_have_no_addresses() -> None:
 def test_a_policy_without_pod_workloads_is_returned_unchanged() -> None:
     static = parse_policy("version: 1\nworkloads: {a: {cidrs: [10.0.0.0/8]}}\ndefault: deny\n")
     assert resolve(static, _snapshot()) is static
+
+
+def test_pod_workloads_are_bound_to_their_pods_host_interfaces() -> None:
+    snap = _snapshot(
+        _pod("pg-1", "db", "10.244.1.5", labels={"app": "pg"}),
+        _pod("pg-2", "db", "10.244.1.6", labels={"app": "pg"}),
+        _pod("etl", "db", "10.244.1.7", labels={"app": "etl"}),
+    )
+    ip = ipaddress.ip_address
+    known = {ip("10.244.1.5"): "cali1", ip("10.244.1.6"): "cali2", ip("10.244.1.7"): "cali3"}
+    policy = resolve(POLICY, snap, host_interfaces=known)
+    assert policy.workload("pg").interfaces == ("cali1", "cali2")
+    # A pod's identity holds only on its own side of the node.
+    assert identify(policy, ip("10.244.1.5"), interface="cali1") == "pg"
+    assert identify(policy, ip("10.244.1.5"), interface="cali3") is None
+    assert policy.workload("static").interfaces == ()  # static workloads: as the file says
+    # One pod whose interface is unknown: binding would take its identity, so none.
+    partial = resolve(POLICY, snap, host_interfaces={ip("10.244.1.5"): "cali1"})
+    assert partial.workload("pg").interfaces == ()
+    assert identify(partial, ip("10.244.1.6"), interface="eth0") == "pg"
+    # Without lookups (or before any), nothing changes.
+    assert resolve(POLICY, snap).workload("pg").interfaces == ()
