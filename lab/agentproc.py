@@ -17,16 +17,24 @@ if TYPE_CHECKING:
 
 class AgentProcess:
     def __init__(
-        self, lab: Lab, *, policy: Path, audit: Path, log: Path, host: str = "node"
+        self,
+        lab: Lab,
+        *,
+        policy: Path,
+        audit: Path,
+        log: Path,
+        host: str = "node",
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.lab = lab
         self.policy = policy
         self.audit = audit
         self.log = log
         self.host = host
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, timeout: float = 15.0) -> AgentProcess:
+    def start(self, *, timeout: float = 30.0) -> AgentProcess:
         argv = [
             sys.executable,
             "-m",
@@ -36,6 +44,7 @@ class AgentProcess:
             str(self.policy),
             "--audit-log",
             str(self.audit),
+            *self.extra_args,
         ]
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:

@@ -28,8 +28,9 @@ of other workloads (:func:`identity_networks`).
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from egress_agent.policy.model import IPNetwork, Policy, PortRange, Workload
 
@@ -41,10 +42,20 @@ NAT_PRIORITY = -110
 FILTER_PRIORITY = 0
 
 Json = dict[str, Any]
+Selection = Literal["nft", "bpf"]
 
 
-def render_ruleset(policy: Policy) -> Json:
-    """The whole nftables document that makes the kernel divert as ``policy`` says."""
+def render_ruleset(policy: Policy, *, selection: Selection = "nft") -> Json:
+    """The whole nftables document that makes the kernel divert as ``policy`` says.
+
+    ``selection="bpf"``: the tc classifier has already chosen forwarded
+    packets and marked them with ``proxy.divert_mark``; prerouting only
+    matches that mark and DNATs. Locally generated traffic keeps its
+    nftables selection in ``output``: no BPF hook runs before nat OUTPUT with
+    the source address chosen (tc egress and cgroup_skb egress run after
+    POSTROUTING, cgroup connect before the source address is picked), so only
+    the sets those output rules use are rendered.
+    """
     cmds: list[Json] = [{"metainfo": {"json_schema_version": 1}}]
     table = {"family": FAMILY, "name": TABLE}
     cmds += [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
@@ -94,8 +105,6 @@ def render_ruleset(policy: Policy) -> Json:
                 comment = f"intercept[{i}] from {source}"
                 nat_rules.append((_rule_body(exprs, comment), not workload.interfaces))
 
-    cmds += [{"add": {"set": s}} for s in sets]
-
     chains = [
         _chain("prerouting", "nat", "prerouting", NAT_PRIORITY),
         _chain("output", "nat", "output", NAT_PRIORITY),
@@ -124,8 +133,25 @@ def render_ruleset(policy: Policy) -> Json:
             "proxy upstream connections",
         )
     )
+    if selection == "bpf":
+        dmark = policy.proxy.divert_mark
+        for fam, proto in (("ip", "ipv4"), ("ip6", "ipv6")):
+            rules.append(
+                _rule(
+                    "prerouting",
+                    [
+                        _match({"&": [_meta("mark"), dmark]}, dmark),
+                        _match(_meta("nfproto"), proto),
+                        _match(_meta("l4proto"), "tcp"),
+                        {"counter": None},
+                        _divert(policy, fam),
+                    ],
+                    f"marked by the BPF classifier ({proto})",
+                )
+            )
     for body, local in nat_rules:
-        rules.append({"chain": "prerouting", **body})
+        if selection == "nft":
+            rules.append({"chain": "prerouting", **body})
         if local:
             # Locally generated traffic has no ingress interface, so workloads
             # bound to interfaces are matched for forwarded traffic only.
@@ -158,6 +184,10 @@ def render_ruleset(policy: Policy) -> Json:
                 "diverted traffic never leaves the node (fail closed)",
             )
         )
+    if selection == "bpf":
+        used = json.dumps([r for r in rules if r["chain"] == "output"])
+        sets = [s for s in sets if f'"@{s["name"]}"' in used]
+    cmds[4:4] = [{"add": {"set": s}} for s in sets]
     cmds += [{"add": {"rule": _in_table(r)}} for r in rules]
     return {"nftables": cmds}
 

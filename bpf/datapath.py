@@ -1,0 +1,156 @@
+"""The BPF datapath as the agent drives it: load, keep maps and attachments
+equal to the policy, repair drift, tear down.
+
+Blocking calls (bcc, netlink): the agent runs them in a worker thread.
+
+* ``start`` removes a crashed run's leftovers (our tc filters everywhere,
+  the pin folder), loads and pins the classifier, writes the maps, attaches.
+* ``update`` changes maps by diff against what the kernel holds: the program
+  and the tc filters stay; new connections see the change at once.
+* ``sync_links`` attaches to interfaces that appeared (a new pod veth) and
+  refreshes interface bindings (ifindexes change when a veth is re-made).
+* ``verify``/``repair`` find and fix a removed filter or edited map entries.
+* ``stop`` detaches everywhere, removes pins, releases the program.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from egress_agent.bpf import attach, layout
+from egress_agent.bpf.loader import BpfConfig, Classifier
+from egress_agent.bpf.maps import MapContents, MapDiff, assign_ids, desired_maps, diff
+from egress_agent.policy.model import Policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class UpdateResult:
+    changed_entries: int
+    seconds: float
+
+
+@dataclass(kw_only=True)
+class BpfDatapath:
+    config: BpfConfig
+    exclude_interfaces: tuple[str, ...] = ()
+    classifier: Classifier | None = None
+    ids: dict[str, int] = field(default_factory=dict)
+    policy: Policy | None = None
+    attached: dict[str, int] = field(default_factory=dict)  # name -> ifindex
+    last_problems: list[str] = field(default_factory=list)
+    # What the agent last wrote: a change is diffed against this (reading
+    # 20,000 entries back costs more than the change); ``verify`` compares
+    # with the kernel itself.
+    shadow: MapContents = field(default_factory=dict)
+
+    def start(self, policy: Policy) -> None:
+        leftovers = attach.detach_everywhere()
+        if leftovers:
+            log.warning("removed a previous run's BPF filters from %s", ", ".join(leftovers))
+        self.classifier = Classifier(self.config)
+        try:
+            self.classifier.pin()
+            self.update(policy)
+            self.sync_links()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _desired(self, policy: Policy) -> MapContents:
+        self.ids = assign_ids(policy, self.ids)
+        return desired_maps(policy, ids=self.ids, ifindexes=attach.all_links())
+
+    def update(self, policy: Policy) -> UpdateResult:
+        """Make the maps hold ``policy`` (a diff against the kernel's entries)."""
+        assert self.classifier is not None
+        started = time.perf_counter()
+        desired = self._desired(policy)
+        change = diff(self.shadow, desired)
+        self.classifier.apply(change)
+        self.shadow = desired
+        self.policy = policy
+        if change.size:
+            self.classifier.forget_workloads(self.ids)
+        return UpdateResult(changed_entries=change.size, seconds=time.perf_counter() - started)
+
+    def plan(self, policy: Policy, current: MapContents) -> MapDiff:
+        return diff(current, self._desired(policy))
+
+    def sync_links(self) -> list[str]:
+        """Attach where missing; forget links that are gone. Returns new attachments."""
+        assert self.classifier is not None
+        links = attach.candidate_links(self.exclude_interfaces)
+        added = []
+        for name, index in links.items():
+            if self.attached.get(name) != index or not attach.attached(index):
+                attach.attach(index, self.classifier.prog_fd)
+                added.append(name)
+        self.attached = dict(links)
+        if added and self.policy is not None:
+            self.update(self.policy)  # interface bindings follow ifindexes
+        return added
+
+    def verify(self) -> list[str]:
+        """What differs from the desired state (empty when in sync)."""
+        assert self.classifier is not None and self.policy is not None
+        problems = []
+        links = attach.candidate_links(self.exclude_interfaces)
+        for name, index in links.items():
+            if not attach.attached(index):
+                problems.append(f"BPF classifier not attached to {name}")
+        change = self.plan(self.policy, self.classifier.read())
+        if change.size:
+            problems.append(f"BPF maps differ from the policy in {change.size} entries")
+        self.last_problems = problems
+        return problems
+
+    def repair(self) -> None:
+        assert self.classifier is not None and self.policy is not None
+        self.attached.clear()
+        self.shadow = self.classifier.read()
+        self.sync_links()
+        self.update(self.policy)
+
+    def stop(self) -> None:
+        for step, action in (
+            ("detach tc filters", attach.detach_everywhere),
+            ("remove pins", self._close),
+        ):
+            try:
+                action()
+            except Exception as exc:
+                log.error("BPF teardown: could not %s: %s", step, exc)
+        self.attached.clear()
+
+    def _close(self) -> None:
+        if self.classifier is not None:
+            self.classifier.close()
+            self.classifier = None
+
+    def status(self) -> dict[str, Any]:
+        c = self.classifier
+        return {
+            "program_id": c.prog_id if c else None,
+            "map_ids": c.map_ids() if c else {},
+            "pin_dir": self.config.pin_dir,
+            "attached": sorted(self.attached),
+            "reasons": c.reasons() if c else {},
+        }
+
+    def workload_counters(self) -> dict[str, tuple[int, int, int, int]]:
+        if self.classifier is None:
+            return {}
+        by_id = {wid: name for name, wid in self.ids.items()}
+        return {
+            by_id[wid]: v for wid, v in self.classifier.counters().items() if wid in by_id
+        }
+
+
+def entry_counts(contents: MapContents, names: Iterable[str] = layout.CONFIG_MAPS) -> dict[str, int]:
+    return {name: len(contents.get(name, {})) for name in names}
