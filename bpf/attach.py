@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import socket
 from collections.abc import Iterable
 from typing import Any
 
@@ -115,7 +116,9 @@ def _remove_ours(ipr: Any, index: int) -> int:
                 flt["handle"],
                 parent=INGRESS_PARENT,
                 prio=FILTER_PRIO,
-                protocol=flt["info"] & 0xFFFF,
+                # tcm_info carries the protocol in network byte order;
+                # pyroute2 wants it in host order.
+                protocol=socket.ntohs(flt["info"] & 0xFFFF),
             )
             removed += 1
         except NetlinkError as exc:
