@@ -157,6 +157,21 @@ def table(doc: dict[str, Any]) -> str:
             f"{'haproxy log':<32} {hlog['records']} records for {hlog['expected']} "
             f"connections made, termination states {hlog['states']} ('--' = normal)"
         )
+    bpf = doc.get("bpf")
+    if bpf is not None:
+        maps = bpf.get("maps", {})
+        out += [
+            "",
+            "BPF datapath (10,000 workloads and 10,000 except CIDRs in the maps):",
+            f"  compile and load {maps.get('compile_and_load_s')} s; full apply "
+            f"{maps.get('full_apply_s')} s ({maps.get('full_entries')} entries); one-entry change "
+            f"{maps.get('one_change_ms')} ms ({maps.get('one_change_entries')} entries); "
+            f"verify against the kernel {maps.get('verify_s')} s",
+            f"  iperf3 1 stream without / with / without the classifier: "
+            f"{_dig(bpf, 'without', 'gbit_s') or 0:.1f} / {_dig(bpf, 'with', 'gbit_s') or 0:.1f} / "
+            f"{_dig(bpf, 'without_again', 'gbit_s') or 0:.1f} Gbit/s; "
+            f"ratio {bpf.get('throughput_ratio')}",
+        ]
     out += [
         "",
         "notes: the CPUs are shared freely by client, proxy and server, so compare ratios within",

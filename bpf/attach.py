@@ -48,9 +48,7 @@ def candidate_links(exclude: Iterable[str] = ()) -> dict[str, int]:
 
 def all_links() -> dict[str, int]:
     with IPRoute() as ipr:
-        return {
-            link.get_attr("IFLA_IFNAME"): int(link["index"]) for link in ipr.get_links()
-        }
+        return {link.get_attr("IFLA_IFNAME"): int(link["index"]) for link in ipr.get_links()}
 
 
 def _ours(flt: Any) -> bool:
@@ -82,7 +80,9 @@ def attach(index: int, prog_fd: int) -> None:
             ipr.tc("add", "clsact", index)
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
-                raise OSError(exc.code, f"cannot add clsact qdisc on ifindex {index}: {exc}")
+                raise OSError(
+                    exc.code, f"cannot add clsact qdisc on ifindex {index}: {exc}"
+                ) from exc
         _remove_ours(ipr, index)
         try:
             ipr.tc(
@@ -132,8 +132,10 @@ def detach(index: int) -> bool:
     Returns whether anything of ours was there."""
     with IPRoute() as ipr:
         removed = _remove_ours(ipr, index)
-        if removed and not _filters(ipr, index, INGRESS_PARENT) and not _filters(
-            ipr, index, EGRESS_PARENT
+        if (
+            removed
+            and not _filters(ipr, index, INGRESS_PARENT)
+            and not _filters(ipr, index, EGRESS_PARENT)
         ):
             try:
                 ipr.tc("del", "clsact", index)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from egress_agent.bpf import attach, layout
-from egress_agent.bpf.loader import BpfConfig, Classifier
+from egress_agent.bpf.loader import BpfConfig, BpfError, Classifier
 from egress_agent.bpf.maps import MapContents, MapDiff, assign_ids, desired_maps, diff
 from egress_agent.policy.model import Policy
 
@@ -50,6 +50,11 @@ class BpfDatapath:
     shadow: MapContents = field(default_factory=dict)
 
     def start(self, policy: Policy) -> None:
+        if self.config.divert_mark & self.config.upstream_mark:
+            raise BpfError(
+                f"proxy.divert_mark {self.config.divert_mark:#x} shares bits with"
+                f" proxy.upstream_mark {self.config.upstream_mark:#x}: give each its own bits"
+            )
         leftovers = attach.detach_everywhere()
         if leftovers:
             log.warning("removed a previous run's BPF filters from %s", ", ".join(leftovers))
@@ -147,10 +152,10 @@ class BpfDatapath:
         if self.classifier is None:
             return {}
         by_id = {wid: name for name, wid in self.ids.items()}
-        return {
-            by_id[wid]: v for wid, v in self.classifier.counters().items() if wid in by_id
-        }
+        return {by_id[wid]: v for wid, v in self.classifier.counters().items() if wid in by_id}
 
 
-def entry_counts(contents: MapContents, names: Iterable[str] = layout.CONFIG_MAPS) -> dict[str, int]:
+def entry_counts(
+    contents: MapContents, names: Iterable[str] = layout.CONFIG_MAPS
+) -> dict[str, int]:
     return {name: len(contents.get(name, {})) for name in names}

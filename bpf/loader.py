@@ -191,7 +191,9 @@ class Classifier:
         try:
             self._bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(config))
         except Exception as exc:
-            raise BpfError(f"compilation failed ({exc}); the compiler's messages are above") from exc
+            raise BpfError(
+                f"compilation failed ({exc}); the compiler's messages are above"
+            ) from exc
         try:
             self._fn = self._bpf.load_func(PROGRAM.encode(), bcc.BPF.SCHED_CLS)
         except Exception as exc:
@@ -311,13 +313,14 @@ def ensure_bpffs(pin_dir: Path) -> None:
 
 def _is_bpffs(path: Path) -> bool:
     class Statfs(ct.Structure):
-        _fields_ = [("f_type", ct.c_long), ("rest", ct.c_byte * 112)]
+        # ctypes reads this class attribute; it is never mutated.
+        _fields_ = [("f_type", ct.c_long), ("rest", ct.c_byte * 112)]  # noqa: RUF012
 
     libc = ct.CDLL(None, use_errno=True)
     buf = Statfs()
     if libc.statfs(str(path).encode(), ct.byref(buf)) != 0:
         return False
-    return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
+    return bool((buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC)
 
 
 def remove_pins(pin_dir: Path) -> list[str]:

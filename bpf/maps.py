@@ -100,9 +100,7 @@ def desired_maps(
             for port in range(ports.first, ports.last + 1):
                 key = layout.u16(port)
                 old = maps[layout.PORTS].get(key)
-                maps[layout.PORTS][key] = layout.u64(
-                    mask | (layout.unpack_u64(old) if old else 0)
-                )
+                maps[layout.PORTS][key] = layout.u64(mask | (layout.unpack_u64(old) if old else 0))
     maps[layout.SETTINGS][layout.u32(0)] = layout.masks_value(any_dst, any_port)
 
     for net, (to, except_) in _with_ancestors(dst_bits).items():
@@ -147,12 +145,12 @@ def _with_ancestors(bits: Mapping[IPNetwork, list[int]]) -> dict[IPNetwork, tupl
                 if above is not None:
                     to |= above[0]
                     ex |= above[1]
-            net: IPNetwork
+            prefix: IPNetwork
             if version == 4:
-                net = ipaddress.IPv4Network((addr, plen))
+                prefix = ipaddress.IPv4Network((addr, plen))
             else:
-                net = ipaddress.IPv6Network((addr, plen))
-            result[net] = (to, ex)
+                prefix = ipaddress.IPv6Network((addr, plen))
+            result[prefix] = (to, ex)
     return result
 
 
@@ -195,9 +193,9 @@ def classify(
     if raw is None:
         return layout.Verdict.BYPASS, layout.Reason.NO_IDENTITY, None
     rules, flags = layout.unpack_workload(raw)
-    if flags & layout.WORKLOAD_BOUND:
-        if layout.bind_key(workload=wid, ifindex=ifindex) not in maps.get(layout.BIND, {}):
-            return layout.Verdict.BYPASS, layout.Reason.WRONG_INTERFACE, None
+    bound = flags & layout.WORKLOAD_BOUND
+    if bound and layout.bind_key(workload=wid, ifindex=ifindex) not in maps.get(layout.BIND, {}):
+        return layout.Verdict.BYPASS, layout.Reason.WRONG_INTERFACE, None
     any_dst, any_port = layout.unpack_masks(maps[layout.SETTINGS][layout.u32(0)])
     port_raw = maps.get(layout.PORTS, {}).get(layout.u16(dst_port))
     rules &= (layout.unpack_u64(port_raw) if port_raw else 0) | any_port

@@ -159,9 +159,12 @@ def to_yaml(policy: Policy, *, proxy_extra: str = "") -> str:
     for r in policy.intercept:
         lines.append(f"  - from: [{', '.join(r.sources)}]")
         if r.ports:
-            lines.append(f"    ports: [{', '.join(f'{p}' if p.first == p.last else repr(str(p)) for p in r.ports)}]")
+            ports = [str(p) if p.first == p.last else repr(str(p)) for p in r.ports]
+            lines.append(f"    ports: [{', '.join(ports)}]")
         if r.to_cidrs:
-            lines.append(f"    to_cidrs: [{', '.join(f'{c}' for c in map(repr, map(str, r.to_cidrs)))}]")
+            lines.append(
+                f"    to_cidrs: [{', '.join(map(repr, map(str, r.to_cidrs)))}]"
+            )
         if r.except_cidrs:
             lines.append(f"    except_cidrs: [{', '.join(map(repr, map(str, r.except_cidrs)))}]")
     lines.append("default: allow")

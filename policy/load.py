@@ -334,13 +334,6 @@ class _Reader:
                 address_v6 = got
         upstream_mark = int_field("upstream_mark", 1, 0xFFFFFFFF, defaults.upstream_mark, hex_=True)
         divert_mark = int_field("divert_mark", 1, 0xFFFFFFFF, defaults.divert_mark, hex_=True)
-        if divert_mark & upstream_mark and (n := value("divert_mark") or value("upstream_mark")):
-            self.problem(
-                n,
-                _join(path, "divert_mark"),
-                f"divert_mark {divert_mark:#x} shares bits with upstream_mark"
-                f" {upstream_mark:#x}: give each its own bits",
-            )
         return ProxySettings(
             port=int_field("port", 1, 65535, defaults.port),
             address_v4=address_v4,

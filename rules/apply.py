@@ -152,7 +152,7 @@ def render_output_update(old: Json, new: Json) -> Json | None:
                 other.append(cmd)
         return other, sets, output
 
-    old_other, old_sets, old_output = parts(old)
+    old_other, old_sets, _ = parts(old)
     new_other, new_sets, new_output = parts(new)
     if old_other != new_other:
         return None

@@ -39,8 +39,11 @@ IFINDEX = {policygen.pod_ifname(i, p[0]): 10 + i for i, p in enumerate(policygen
 
 def test_python_mirror_matches_the_c_header() -> None:
     defines = dict(re.findall(r"#define (EGRESS_\w+) (\d+)", HEADER.read_text()))
-    reasons = {k[len("EGRESS_REASON_") :]: int(v) for k, v in defines.items()
-               if k.startswith("EGRESS_REASON_") and k != "EGRESS_REASON_COUNT"}
+    reasons = {
+        k[len("EGRESS_REASON_") :]: int(v)
+        for k, v in defines.items()
+        if k.startswith("EGRESS_REASON_") and k != "EGRESS_REASON_COUNT"
+    }
     assert reasons == {r.name: r.value for r in layout.Reason}
     assert int(defines["EGRESS_REASON_COUNT"]) == layout.REASON_COUNT == len(layout.Reason)
     assert int(defines["EGRESS_VERDICT_DIVERT"]) == layout.Verdict.DIVERT
@@ -107,7 +110,7 @@ def test_more_than_64_intercept_rules_is_refused_with_the_way_out() -> None:
     policy = policygen.random_policy(random.Random(1))
     rule = policy.intercept[0]
     many = tuple(dataclasses.replace(rule, index=i) for i in range(65))
-    with pytest.raises(UnsupportedPolicy, match="at most 64.*--datapath nft"):
+    with pytest.raises(UnsupportedPolicy, match=r"at most 64.*--datapath nft"):
         desired_maps(dataclasses.replace(policy, intercept=many), ids={}, ifindexes={})
 
 
@@ -134,12 +137,16 @@ def test_bound_workload_without_its_interface_has_no_binding() -> None:
 
 
 def test_ten_thousand_entries_compute_in_well_under_a_second() -> None:
-    text = "version: 1\nworkloads:\n" + "".join(
-        f"  w{i}: {{cidrs: [10.{i // 250}.{i % 250}.0/24]}}\n" for i in range(10_000)
-    ) + "intercept:\n  - from: [w0]\n    except_cidrs: [" + ", ".join(
-        f"172.{16 + i // 250 % 16}.{i % 250}.0/24" if i < 4000 else f'"fd00:{i:x}::/32"'
-        for i in range(10_000)
-    ) + "]\ndefault: deny\n"
+    text = (
+        "version: 1\nworkloads:\n"
+        + "".join(f"  w{i}: {{cidrs: [10.{i // 250}.{i % 250}.0/24]}}\n" for i in range(10_000))
+        + "intercept:\n  - from: [w0]\n    except_cidrs: ["
+        + ", ".join(
+            f"172.{16 + i // 250 % 16}.{i % 250}.0/24" if i < 4000 else f'"fd00:{i:x}::/32"'
+            for i in range(10_000)
+        )
+        + "]\ndefault: deny\n"
+    )
     policy = parse_policy(text)
     started = time.perf_counter()
     maps = desired_maps(policy, ids=assign_ids(policy, {}), ifindexes={})

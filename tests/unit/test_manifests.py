@@ -52,7 +52,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 NAMESPACE = "egress-agent"
 KUBERNETES_VERSIONS = [f"1.{minor}.0" for minor in range(28, 38)]
 # NET_ADMIN for the nftables datapath; the rest for the BPF datapath (bcc).
-CAPABILITIES = {"NET_ADMIN"}
+CAPABILITIES = {"NET_ADMIN", "BPF", "PERFMON"}
 STATUS = ("127.0.0.1", 15021)
 # The image installs run's apt_packages and these besides.
 IMAGE_EXTRA_PACKAGES = {"ca-certificates"}

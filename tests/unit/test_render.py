@@ -37,6 +37,22 @@ def test_demo_policy_renders_to_golden_ruleset() -> None:
     _check_golden("demo-ruleset.json", render_ruleset(parse_policy(_demo_policy_text())))
 
 
+def test_bpf_mode_prerouting_only_matches_the_mark() -> None:
+    # Forwarded traffic is chosen by the classifier; output keeps the local selection.
+    doc = render_ruleset(parse_policy(_demo_policy_text()), selection="bpf")
+    _check_golden("demo-ruleset-bpf.json", doc)
+    prerouting = [
+        c["add"]["rule"]
+        for c in doc["nftables"]
+        if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == "prerouting"
+    ]
+    assert [r["comment"] for r in prerouting][-2:] == [
+        "marked by the BPF classifier (ipv4)",
+        "marked by the BPF classifier (ipv6)",
+    ]
+    assert "@" not in json.dumps(prerouting)
+
+
 def test_interfaces_overlaps_and_ranges_render_to_golden_ruleset() -> None:
     policy = parse_policy(
         """
