@@ -86,13 +86,26 @@ def main() -> int:
     load_s = time.perf_counter() - t0
     try:
         full = dp.update(policy)
-        counts = entry_counts(dp.shadow)
+        counts = entry_counts(dp.planner.contents())
         # One entry: w5's address moves.
         moved = list(policy.workloads)
         moved[5] = Workload(name="w5", cidrs=(ipaddress.ip_network("10.250.0.5/32"),))
         changed = dataclasses.replace(policy, workloads=tuple(moved))
         one = dp.update(changed)
         back = dp.update(policy)
+        # One destination CIDR: the rules' maps are recomputed whole.
+        rule = policy.intercept[0]
+        one_cidr = dataclasses.replace(
+            policy,
+            intercept=(
+                dataclasses.replace(
+                    rule,
+                    except_cidrs=(*rule.except_cidrs[1:], ipaddress.ip_network("192.0.2.0/24")),
+                ),
+            ),
+        )
+        cidr = dp.update(one_cidr)
+        dp.update(policy)
         t1 = time.perf_counter()
         problems = dp.verify()
         verify_s = time.perf_counter() - t1
@@ -105,6 +118,8 @@ def main() -> int:
                     "one_change_ms": round(one.seconds * 1000, 2),
                     "one_change_entries": one.changed_entries,
                     "one_change_back_ms": round(back.seconds * 1000, 2),
+                    "one_cidr_change_ms": round(cidr.seconds * 1000, 2),
+                    "one_cidr_change_entries": cidr.changed_entries,
                     "verify_s": round(verify_s, 3),
                     "verify_problems": problems,
                     "map_entries": counts,

@@ -166,7 +166,9 @@ def table(doc: dict[str, Any]) -> str:
             f"  compile and load {maps.get('compile_and_load_s')} s; full apply "
             f"{maps.get('full_apply_s')} s ({maps.get('full_entries')} entries); one-entry change "
             f"{maps.get('one_change_ms')} ms ({maps.get('one_change_entries')} entries); "
-            f"verify against the kernel {maps.get('verify_s')} s",
+            f"one except CIDR changed {maps.get('one_cidr_change_ms')} ms"
+            f" ({maps.get('one_cidr_change_entries')} entries);",
+            f"  verify against the kernel {maps.get('verify_s')} s",
             f"  iperf3 1 stream without / with / without the classifier: "
             f"{_dig(bpf, 'without', 'gbit_s') or 0:.1f} / {_dig(bpf, 'with', 'gbit_s') or 0:.1f} / "
             f"{_dig(bpf, 'without_again', 'gbit_s') or 0:.1f} Gbit/s; "

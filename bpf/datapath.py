@@ -23,7 +23,7 @@ from typing import Any
 
 from egress_agent.bpf import attach, layout
 from egress_agent.bpf.loader import BpfConfig, BpfError, Classifier
-from egress_agent.bpf.maps import MapContents, MapDiff, assign_ids, desired_maps, diff
+from egress_agent.bpf.maps import IncrementalMaps, MapContents, diff
 from egress_agent.policy.model import Policy
 
 log = logging.getLogger(__name__)
@@ -40,16 +40,17 @@ class BpfDatapath:
     config: BpfConfig
     exclude_interfaces: tuple[str, ...] = ()
     classifier: Classifier | None = None
-    ids: dict[str, int] = field(default_factory=dict)
     policy: Policy | None = None
     attached: dict[str, int] = field(default_factory=dict)  # name -> ifindex
     last_problems: list[str] = field(default_factory=list)
-    # What the agent last wrote: a change is diffed against this (reading
-    # 20,000 entries back costs more than the change); ``verify`` compares
-    # with the kernel itself.
-    shadow: MapContents = field(default_factory=dict)
+    # What the agent last wrote, by part: a change is diffed against this
+    # (reading 20,000 entries back costs far more than the change itself);
+    # ``verify`` compares with the kernel.
+    planner: IncrementalMaps = field(default_factory=IncrementalMaps)
+    ifindexes: dict[str, int] = field(default_factory=dict)
 
     def start(self, policy: Policy) -> None:
+        self.ifindexes = attach.all_links()
         if self.config.divert_mark & self.config.upstream_mark:
             raise BpfError(
                 f"proxy.divert_mark {self.config.divert_mark:#x} shares bits with"
@@ -67,30 +68,26 @@ class BpfDatapath:
             self.stop()
             raise
 
-    def _desired(self, policy: Policy) -> MapContents:
-        self.ids = assign_ids(policy, self.ids)
-        return desired_maps(policy, ids=self.ids, ifindexes=attach.all_links())
+    @property
+    def ids(self) -> dict[str, int]:
+        return self.planner.ids
 
     def update(self, policy: Policy) -> UpdateResult:
         """Make the maps hold ``policy`` (a diff against the kernel's entries)."""
         assert self.classifier is not None
         started = time.perf_counter()
-        desired = self._desired(policy)
-        change = diff(self.shadow, desired)
+        change = self.planner.update(policy, self.ifindexes)
         self.classifier.apply(change)
-        self.shadow = desired
         self.policy = policy
-        if change.size:
+        if change.deletes.get(layout.WORKLOADS):
             self.classifier.forget_workloads(self.ids)
         return UpdateResult(changed_entries=change.size, seconds=time.perf_counter() - started)
-
-    def plan(self, policy: Policy, current: MapContents) -> MapDiff:
-        return diff(current, self._desired(policy))
 
     def sync_links(self) -> list[str]:
         """Attach where missing; forget links that are gone. Returns new attachments."""
         assert self.classifier is not None
         links = attach.candidate_links(self.exclude_interfaces)
+        self.ifindexes = attach.all_links()
         added = []
         for name, index in links.items():
             if self.attached.get(name) != index or not attach.attached(index):
@@ -109,7 +106,7 @@ class BpfDatapath:
         for name, index in links.items():
             if not attach.attached(index):
                 problems.append(f"BPF classifier not attached to {name}")
-        change = self.plan(self.policy, self.classifier.read())
+        change = diff(self.classifier.read(), self.planner.contents())
         if change.size:
             problems.append(f"BPF maps differ from the policy in {change.size} entries")
         self.last_problems = problems
@@ -118,9 +115,8 @@ class BpfDatapath:
     def repair(self) -> None:
         assert self.classifier is not None and self.policy is not None
         self.attached.clear()
-        self.shadow = self.classifier.read()
         self.sync_links()
-        self.update(self.policy)
+        self.classifier.apply(diff(self.classifier.read(), self.planner.contents()))
 
     def stop(self) -> None:
         for step, action in (

@@ -71,6 +71,11 @@ def lpm_key(net: IPNetwork) -> bytes:
     return packer.pack(net.prefixlen, net.network_address.packed)
 
 
+def lpm_key_raw(prefixlen: int, packed: bytes) -> bytes:
+    packer = _LPM_V4 if len(packed) == 4 else _LPM_V6
+    return packer.pack(prefixlen, packed)
+
+
 def lpm_network(key: bytes) -> IPNetwork:
     if len(key) == _LPM_V4.size:
         plen, addr = _LPM_V4.unpack(key)

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from egress_agent.bpf import layout
-from egress_agent.policy.model import IPAddress, IPNetwork, Policy
+from egress_agent.policy.model import IPAddress, IPNetwork, Policy, Workload
 
 MapContents = dict[str, dict[bytes, bytes]]
 
@@ -74,20 +74,168 @@ def desired_maps(
     """Every config map's entries for ``policy``. ``ifindexes``: the node's
     interfaces by name now (a bound workload's missing interface has no entry,
     so nobody can claim that identity through it)."""
+    shared, rules_of = _shared_part(policy)
+    maps: MapContents = {name: {} for name in layout.CONFIG_MAPS}
+    maps.update(shared)
+    for w in policy.workloads:
+        part = _workload_part(w, ids[w.name], rules_of.get(w.name, 0), ifindexes)
+        for name, entries in part.items():
+            for key, value in entries.items():
+                # Equal prefixes in two workloads: the first listed keeps it, as
+                # in identify() (the loader refuses them in a file; discovery may not).
+                maps[name].setdefault(key, value)
+    return maps
+
+
+SHARED_MAPS = (layout.SETTINGS, layout.PORTS, layout.DST_V4, layout.DST_V6)
+WORKLOAD_MAPS = (layout.BIND, layout.WORKLOADS, layout.SRC_V4, layout.SRC_V6)
+_SOURCE_MAPS = (layout.SRC_V4, layout.SRC_V6)
+
+
+class IncrementalMaps:
+    """The same contents as :func:`desired_maps`, kept by part so that a
+    change costs what it touches: the maps the intercept rules give are
+    recomputed only when the rules change, a workload's entries only when
+    that workload (its CIDRs, interfaces' ifindexes, id or rule bits) does.
+    ``update`` returns the diff from the previous policy to the new one.
+
+    Should a changed workload share a source prefix with an unchanged one
+    (possible for pod addresses; "first listed keeps it" then depends on
+    every workload), the diff is computed from the whole contents instead.
+    """
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self._intercept: tuple[object, ...] | None = None
+        self._shared: MapContents = {name: {} for name in SHARED_MAPS}
+        self._rules_of: dict[str, int] = {}
+        self._parts: dict[str, tuple[object, Workload, MapContents]] = {}
+        self._claims: dict[tuple[str, bytes], int] = {}
+        self._order: tuple[str, ...] = ()
+
+    def contents(self) -> MapContents:
+        """Everything as one mapping (what the kernel should hold)."""
+        out: MapContents = {name: dict(entries) for name, entries in self._shared.items()}
+        for name in WORKLOAD_MAPS:
+            out[name] = {}
+        for wname in self._order:
+            for name, entries in self._parts[wname][2].items():
+                target = out[name]
+                for k, v in entries.items():
+                    target.setdefault(k, v)  # first listed keeps a shared prefix
+        return out
+
+    def update(self, policy: Policy, ifindexes: Mapping[str, int]) -> MapDiff:
+        before_full: MapContents | None = None
+        upserts: dict[str, dict[bytes, bytes]] = {}
+        deletes: dict[str, list[bytes]] = {}
+        if policy.intercept != self._intercept:
+            shared, rules_of = _shared_part(policy)
+            change = diff(self._shared, shared)
+            upserts.update(change.upserts)
+            deletes.update(change.deletes)
+            self._shared, self._rules_of = shared, rules_of
+            self._intercept = policy.intercept
+        order = tuple(w.name for w in policy.workloads)
+        ids = self.ids if order == self._order else assign_ids(policy, self.ids)
+        new_parts: dict[str, tuple[object, Workload, MapContents]] = {}
+        touched: list[str] = []
+        rules_of, old_parts = self._rules_of, self._parts
+        for w in policy.workloads:
+            name = w.name
+            rules = rules_of.get(name, 0)
+            ifx = tuple(ifindexes.get(i) for i in w.interfaces) if w.interfaces else ()
+            key = (ids[name], rules, ifx)
+            old = old_parts.get(name)
+            # Identity first: unchanged workloads are usually the same objects.
+            if old is not None and old[0] == key and (old[1] is w or old[1] == w):
+                new_parts[name] = old
+                continue
+            new_parts[name] = (key, w, _workload_part(w, ids[name], rules, ifindexes))
+            touched.append(name)
+        touched += [n for n in self._parts if n not in new_parts]
+        old_side: MapContents = {name: {} for name in WORKLOAD_MAPS}
+        new_side: MapContents = {name: {} for name in WORKLOAD_MAPS}
+        for wname in touched:
+            for side, parts in ((old_side, self._parts), (new_side, new_parts)):
+                if wname in parts:
+                    for name, entries in parts[wname][2].items():
+                        side[name].update(entries)
+        if self._shares_sources(touched, new_parts) or (
+            order != self._order and self._any_shared_source()
+        ):
+            before_full = self.contents()
+        # Bookkeeping: claims of source prefixes by workloads.
+        for wname in touched:
+            for parts, step in ((self._parts, -1), (new_parts, 1)):
+                if wname in parts:
+                    for name in _SOURCE_MAPS:
+                        for k in parts[wname][2][name]:
+                            count = self._claims.get((name, k), 0) + step
+                            if count:
+                                self._claims[(name, k)] = count
+                            else:
+                                self._claims.pop((name, k), None)
+        self._parts, self.ids, self._order = new_parts, ids, order
+        if before_full is not None:
+            whole = diff(before_full, self.contents())
+            for name in WORKLOAD_MAPS:
+                if name in whole.upserts:
+                    upserts[name] = whole.upserts[name]
+                if name in whole.deletes:
+                    deletes[name] = whole.deletes[name]
+            return MapDiff(upserts=upserts, deletes=deletes)
+        change = diff(old_side, new_side)
+        upserts.update(change.upserts)
+        deletes.update(change.deletes)
+        return MapDiff(upserts=upserts, deletes=deletes)
+
+    def _shares_sources(
+        self, touched: list[str], new_parts: Mapping[str, tuple[object, Workload, MapContents]]
+    ) -> bool:
+        mine: dict[tuple[str, bytes], int] = {}
+        for wname in touched:
+            for parts, step in ((self._parts, 1), (new_parts, 0)):
+                if wname in parts:
+                    for name in _SOURCE_MAPS:
+                        for k in parts[wname][2][name]:
+                            mine[(name, k)] = mine.get((name, k), 0) + step
+        for key, own_old_claims in mine.items():
+            others = self._claims.get(key, 0) - own_old_claims
+            if others > 0:
+                return True
+        # Two touched workloads claiming one prefix between them.
+        seen: set[tuple[str, bytes]] = set()
+        for wname in touched:
+            if wname in new_parts:
+                for name in _SOURCE_MAPS:
+                    for k in new_parts[wname][2][name]:
+                        if (name, k) in seen:
+                            return True
+                        seen.add((name, k))
+        return False
+
+    def _any_shared_source(self) -> bool:
+        return any(count > 1 for count in self._claims.values())
+
+
+def _shared_part(policy: Policy) -> tuple[MapContents, dict[str, int]]:
+    """The maps the intercept rules give (settings, ports, destinations), and
+    each source workload's rule bits."""
     if len(policy.intercept) > layout.MAX_RULES:
         raise UnsupportedPolicy(
             f"{len(policy.intercept)} intercept rules: the BPF datapath holds at most "
             f"{layout.MAX_RULES} (merge rules, or use --datapath nft)"
         )
-    maps: MapContents = {name: {} for name in layout.CONFIG_MAPS}
-
-    rules_of: dict[str, int] = {w.name: 0 for w in policy.workloads}
+    maps: MapContents = {name: {} for name in SHARED_MAPS}
+    rules_of: dict[str, int] = {}
     any_dst = any_port = 0
     dst_bits: dict[IPNetwork, list[int]] = {}  # prefix -> [to, except]
+    port_bits: dict[int, int] = {}
     for bit, rule in enumerate(policy.intercept):
         mask = 1 << bit
         for source in rule.sources:
-            rules_of[source] |= mask
+            rules_of[source] = rules_of.get(source, 0) | mask
         if not rule.to_cidrs:
             any_dst |= mask
         if not rule.ports:
@@ -98,59 +246,55 @@ def desired_maps(
             dst_bits.setdefault(net, [0, 0])[1] |= mask
         for ports in rule.ports:
             for port in range(ports.first, ports.last + 1):
-                key = layout.u16(port)
-                old = maps[layout.PORTS].get(key)
-                maps[layout.PORTS][key] = layout.u64(mask | (layout.unpack_u64(old) if old else 0))
+                port_bits[port] = port_bits.get(port, 0) | mask
     maps[layout.SETTINGS][layout.u32(0)] = layout.masks_value(any_dst, any_port)
-
-    for net, (to, except_) in _with_ancestors(dst_bits).items():
-        target = layout.DST_V4 if net.version == 4 else layout.DST_V6
-        maps[target][layout.lpm_key(net)] = layout.masks_value(to, except_)
-
-    for w in policy.workloads:
-        wid = ids[w.name]
-        flags = layout.WORKLOAD_BOUND if w.interfaces else 0
-        maps[layout.WORKLOADS][layout.u32(wid)] = layout.workload_value(
-            rules=rules_of[w.name], flags=flags
-        )
-        for ifname in w.interfaces:
-            if ifname in ifindexes:
-                key = layout.bind_key(workload=wid, ifindex=ifindexes[ifname])
-                maps[layout.BIND][key] = layout.u32(1)
-        for net in w.cidrs:
-            target = layout.SRC_V4 if net.version == 4 else layout.SRC_V6
-            # Equal prefixes in two workloads: the first listed keeps it, as in
-            # identify() (the loader refuses them in a file; discovery may not).
-            maps[target].setdefault(layout.lpm_key(net), layout.u32(wid))
-    return maps
+    maps[layout.PORTS] = {layout.u16(p): layout.u64(m) for p, m in port_bits.items()}
+    for (version, plen, addr), (to, except_) in _with_ancestors(dst_bits).items():
+        target = layout.DST_V4 if version == 4 else layout.DST_V6
+        key = layout.lpm_key_raw(plen, addr.to_bytes(4 if version == 4 else 16, "big"))
+        maps[target][key] = layout.masks_value(to, except_)
+    return maps, rules_of
 
 
-def _with_ancestors(bits: Mapping[IPNetwork, list[int]]) -> dict[IPNetwork, tuple[int, int]]:
+def _workload_part(w: Workload, wid: int, rules: int, ifindexes: Mapping[str, int]) -> MapContents:
+    part: MapContents = {name: {} for name in WORKLOAD_MAPS}
+    flags = layout.WORKLOAD_BOUND if w.interfaces else 0
+    part[layout.WORKLOADS][layout.u32(wid)] = layout.workload_value(rules=rules, flags=flags)
+    for ifname in w.interfaces:
+        if ifname in ifindexes:
+            part[layout.BIND][layout.bind_key(workload=wid, ifindex=ifindexes[ifname])] = (
+                layout.u32(1)
+            )
+    for net in w.cidrs:
+        target = layout.SRC_V4 if net.version == 4 else layout.SRC_V6
+        part[target].setdefault(layout.lpm_key(net), layout.u32(wid))
+    return part
+
+
+def _with_ancestors(
+    bits: Mapping[IPNetwork, list[int]],
+) -> dict[tuple[int, int, int], tuple[int, int]]:
     """Each prefix's (to, except) OR-ed with those of every configured prefix
-    that contains it. Only the prefix lengths in use are walked, on integers
-    (ipaddress' supernet() is far too slow for 10,000 prefixes)."""
-    result: dict[IPNetwork, tuple[int, int]] = {}
+    that contains it, keyed (version, prefix length, address as int). Only
+    the prefix lengths in use are walked, on integers (ipaddress objects are
+    far too slow for 10,000 prefixes)."""
+    result: dict[tuple[int, int, int], tuple[int, int]] = {}
     for version, width in ((4, 32), (6, 128)):
         table: dict[tuple[int, int], tuple[int, int]] = {}
         for net, (to, ex) in bits.items():
             if net.version == version:
                 table[(net.prefixlen, int(net.network_address))] = (to, ex)
         lengths = sorted({plen for plen, _ in table})
+        masks = {n: ((1 << n) - 1) << (width - n) for n in lengths}
         for (plen, addr), (to, ex) in table.items():
             for shorter in lengths:
                 if shorter >= plen:
                     break
-                mask = ((1 << shorter) - 1) << (width - shorter)
-                above = table.get((shorter, addr & mask))
+                above = table.get((shorter, addr & masks[shorter]))
                 if above is not None:
                     to |= above[0]
                     ex |= above[1]
-            prefix: IPNetwork
-            if version == 4:
-                prefix = ipaddress.IPv4Network((addr, plen))
-            else:
-                prefix = ipaddress.IPv6Network((addr, plen))
-            result[prefix] = (to, ex)
+            result[(version, plen, addr)] = (to, ex)
     return result
 
 

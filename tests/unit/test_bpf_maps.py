@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from egress_agent.bpf import layout
 from egress_agent.bpf.maps import (
+    IncrementalMaps,
     UnsupportedPolicy,
     assign_ids,
     classify,
@@ -31,7 +32,7 @@ from egress_agent.bpf.maps import (
 from egress_agent.lab import policygen
 from egress_agent.policy.decide import should_divert
 from egress_agent.policy.load import parse_policy
-from egress_agent.policy.model import InterceptRule, Workload
+from egress_agent.policy.model import InterceptRule, Policy, Workload
 
 HEADER = Path(__file__).resolve().parents[2] / "bpf" / "egress.h"
 IFINDEX = {policygen.pod_ifname(i, p[0]): 10 + i for i, p in enumerate(policygen.PODS)}
@@ -153,3 +154,68 @@ def test_ten_thousand_entries_compute_in_well_under_a_second() -> None:
     assert time.perf_counter() - started < 1.5
     assert len(maps[layout.SRC_V4]) == 10_000
     assert len(maps[layout.DST_V4]) + len(maps[layout.DST_V6]) == 10_000
+
+
+def _mutate(rng: random.Random, policy: Policy) -> Policy:
+    """One small change of the kind the agent sees: a CIDR added to or taken
+    from a workload, a workload added or removed, interfaces changed, or
+    other intercept rules."""
+    workloads = list(policy.workloads)
+    choice = rng.randrange(5)
+    if choice == 0 and workloads:
+        i = rng.randrange(len(workloads))
+        extra = rng.choice(policygen.SOURCE_POOL)
+        cidrs = tuple(dict.fromkeys((*workloads[i].cidrs, extra)))
+        workloads[i] = dataclasses.replace(workloads[i], cidrs=cidrs)
+    elif choice == 1 and workloads and len(workloads[0].cidrs) > 1:
+        workloads[0] = dataclasses.replace(workloads[0], cidrs=workloads[0].cidrs[1:])
+    elif choice == 2:
+        name = f"n{rng.randrange(1000)}"
+        if name not in {w.name for w in workloads}:
+            net = rng.choice(policygen.SOURCE_POOL)
+            workloads.insert(rng.randrange(len(workloads) + 1), Workload(name=name, cidrs=(net,)))
+    elif choice == 3 and len(workloads) > 1:
+        gone = workloads.pop(rng.randrange(len(workloads)))
+        rules = [
+            dataclasses.replace(r, sources=tuple(s for s in r.sources if s != gone.name))
+            for r in policy.intercept
+        ]
+        return dataclasses.replace(
+            policy,
+            workloads=tuple(workloads),
+            intercept=tuple(r for r in rules if r.sources),
+        )
+    elif choice == 4:
+        other = policygen.random_policy(rng)
+        names = [w.name for w in workloads]
+        rules = [
+            dataclasses.replace(r, sources=tuple(s for s in r.sources if s in names) or (names[0],))
+            for r in other.intercept
+        ]
+        return dataclasses.replace(policy, intercept=tuple(rules))
+    return dataclasses.replace(policy, workloads=tuple(workloads))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(min_value=0, max_value=2**32))
+def test_incremental_diffs_keep_the_maps_equal_to_the_whole_computation(seed: int) -> None:
+    rng = random.Random(seed)
+    policy = policygen.random_policy(rng)
+    planner = IncrementalMaps()
+    kernel: dict[str, dict[bytes, bytes]] = {name: {} for name in layout.CONFIG_MAPS}
+    ifindexes = dict(IFINDEX)
+    for _ in range(8):
+        change = planner.update(policy, ifindexes)
+        for name, entries in change.upserts.items():
+            kernel[name].update(entries)
+        for name, keys in change.deletes.items():
+            for key in keys:
+                del kernel[name][key]
+        want = desired_maps(policy, ids=planner.ids, ifindexes=ifindexes)
+        assert kernel == want
+        assert planner.contents() == want
+        # Workloads may end up sharing a prefix (as discovered pods can).
+        policy = _mutate(rng, policy)
+        if rng.random() < 0.2:  # a pod veth re-made: new ifindex
+            ifname = rng.choice(list(ifindexes))
+            ifindexes[ifname] += 100
