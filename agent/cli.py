@@ -56,10 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--datapath",
         choices=["nft", "bpf", "auto"],
-        default="nft",
+        default="auto",
         help="who selects diverted traffic: nft (nftables sets), bpf (a tc classifier reading"
         " maps updated live; nftables only redirects), auto (bpf when it loads, else nft;"
-        " says why). Default nft",
+        " says why). Default auto",
     )
     run.add_argument(
         "--bpf-pin-dir",

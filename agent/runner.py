@@ -199,13 +199,16 @@ class Agent:
         try:
             await asyncio.to_thread(datapath.start, self.policy)
         except (BpfError, UnsupportedPolicy, OSError) as exc:
+            reason = str(exc) if isinstance(exc, BpfError) else str(BpfError(str(exc)))
             if wanted == "bpf":
-                raise DatapathError(f"{exc}; --datapath bpf does not fall back") from exc
-            self.bpf_fallback = str(exc)
+                raise DatapathError(
+                    f"{reason}; --datapath bpf does not fall back (use --datapath auto or nft)"
+                ) from exc
+            self.bpf_fallback = reason
             log.warning(
                 "BPF datapath unavailable: %s; falling back to the nftables selection"
                 " (--datapath nft to skip trying)",
-                exc,
+                reason,
             )
             return
         self.bpf, self.selection = datapath, "bpf"

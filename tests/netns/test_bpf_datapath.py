@@ -360,3 +360,63 @@ def test_drift_new_links_and_cleanup_after_stop_and_after_a_crash(world: BpfWorl
     assert not any(_map_alive(i) for i in new_ids)
     pins = world.lab.run("node", ["sh", "-c", "ls /sys/fs/bpf 2>/dev/null | wc -l"]).stdout
     assert pins.strip() == "0"
+
+
+def _many_rules_policy() -> str:
+    rules = "".join(f"  - from: [pa]\n    ports: [{1000 + i}]\n" for i in range(65))
+    head = "version: 1\nworkloads:\n  pa: {cidrs: [198.19.1.2/32]}\nintercept:\n"
+    return f"{head}{rules}default: allow\n"
+
+
+@pytest.mark.timeout(120)
+def test_auto_falls_back_to_nftables_and_says_why(world: BpfWorld) -> None:
+    policy = world.work / "many.yaml"
+    policy.write_text(_many_rules_policy())
+    agent = world.agent("auto", policy, name="fallback")
+    try:
+        snap = world.status()
+        assert snap["datapath"] == "nftables" and snap["ready"]
+        reason = snap["bpf"]["fallback_reason"]
+        assert "egress_classify" in reason and "at most 64" in reason
+        log = (world.work / "fallback.log").read_text()
+        assert "falling back to the nftables selection" in log
+        # The nftables selection is in place instead, and no classifier is.
+        comments = [c for _, c in world.prerouting_rules()]
+        assert sum(c.startswith("intercept[") for c in comments) == 65
+        assert not _our_filters(world)
+    finally:
+        assert agent.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_datapath_bpf_refuses_to_start_when_it_cannot_load(world: BpfWorld) -> None:
+    policy = world.work / "many-bpf.yaml"
+    policy.write_text(_many_rules_policy())
+    with pytest.raises(RuntimeError, match="exited with 1") as info:
+        world.agent("bpf", policy, name="refused")
+    text = str(info.value)
+    assert "BPF program egress_classify" in text and "does not fall back" in text
+    assert not _our_filters(world) and not _clsact(world)
+
+
+def test_a_kernel_rejection_names_the_program_and_the_reason(world: BpfWorld) -> None:
+    # Maps of size 0 are refused by the kernel when the program is loaded.
+    code = textwrap.dedent(
+        """
+        import ipaddress
+        from egress_agent.bpf.loader import BpfConfig, BpfError, Classifier
+        config = BpfConfig(
+            divert_mark=0x800000, upstream_mark=0x6567,
+            proxy_v4=ipaddress.IPv4Address("169.254.99.1"),
+            proxy_v6=ipaddress.IPv6Address("fd65:6772:6573::1"),
+            pin_dir="/sys/fs/bpf/never", max_sources=0,
+        )
+        try:
+            Classifier(config)
+        except BpfError as exc:
+            print(exc)
+        """
+    )
+    out = world.lab.run("node", [sys.executable, "-c", code], timeout=60).stdout
+    assert out.startswith("BPF program egress_classify (classifier.bpf.c): ")
+    assert "refused" in out or "failed" in out
