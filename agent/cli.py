@@ -278,6 +278,13 @@ def _status(args: argparse.Namespace) -> int:
         print(f"last reload:  ok (generation {last['generation']})")
     rules = ", ".join(f"{k} {v}" for k, v in snap["nft_rules_per_chain"].items())
     print(f"datapath:     {snap['datapath']} ({rules})")
+    bpf = snap.get("bpf")
+    if bpf and "program_id" in bpf:
+        state = "maps in sync" if bpf["in_sync"] else "DRIFTED: " + "; ".join(bpf["problems"])
+        where = ", ".join(bpf["attached"]) or "no interface"
+        print(f"bpf:          program {bpf['program_id']} on {where}; {state}")
+    elif bpf and bpf.get("fallback_reason"):
+        print(f"bpf:          not used: {bpf['fallback_reason']}")
     print(
         f"kernel:       {'in sync' if snap['kernel_in_sync'] else 'DRIFTED'}, "
         f"{snap['drift_repairs']} repairs since start"

@@ -61,7 +61,6 @@ class BpfDatapath:
             log.warning("removed a previous run's BPF filters from %s", ", ".join(leftovers))
         self.classifier = Classifier(self.config)
         try:
-            self.classifier.pin()
             self.update(policy)
             self.sync_links()
         except BaseException:

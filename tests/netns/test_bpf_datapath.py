@@ -75,6 +75,13 @@ class BpfWorld:
         proc = self.lab.run(pod, [sys.executable, "-c", CLIENT, json.dumps(targets)], timeout=120)
         return {(dst, port): saw for dst, port, saw in json.loads(proc.stdout)}
 
+    def http_text(self, path: str) -> str:
+        code = (
+            "import sys, urllib.request;"
+            "print(urllib.request.urlopen('http://127.0.0.1:15021' + sys.argv[1]).read().decode())"
+        )
+        return self.lab.run("node", [sys.executable, "-c", code, path]).stdout
+
     def status(self) -> dict[str, Any]:
         code = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:15021/status').read().decode())"
         return json.loads(self.lab.run("node", [sys.executable, "-c", code]).stdout)
@@ -250,6 +257,15 @@ def test_workload_changes_apply_within_a_second_without_touching_the_table(
         assert world.table_handle() == handle
         counters = world.status()["bpf"]
         assert counters["in_sync"] and counters["reasons"]["diverted"] > 0
+        metrics = world.http_text("/metrics")
+        diverted = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith('egress_agent_bpf_diverted_packets_total{workload="pa"}')
+        ]
+        assert diverted and float(diverted[0].split()[-1]) > 0
+        text = world.lab.run("node", [sys.executable, "-m", "egress_agent.agent.cli", "status"])
+        assert "datapath:     bpf" in text.stdout and "maps in sync" in text.stdout
     finally:
         assert agent.stop() == 0
 
@@ -344,6 +360,31 @@ def test_drift_new_links_and_cleanup_after_stop_and_after_a_crash(world: BpfWorl
     _wait(lambda: ifname in _our_filters(world), 5, "the classifier re-attached")
     _wait(lambda: world.status()["drift_repairs"] >= 1, 3, "the repair reported")
     assert world.status()["ready"]
+    # Someone deletes a map entry: restored within 5 s.
+    assert agent.proc is not None
+    pin = f"/sys/fs/bpf/egress-{world.lab.prefix.rstrip('-')}/egress_src_v4"
+    code = textwrap.dedent(
+        f"""
+        import ctypes as ct
+        import bcc
+        lib = bcc.libbcc.lib
+        lib.bpf_obj_get.restype = ct.c_int
+        lib.bpf_obj_get.argtypes = [ct.c_char_p]
+        fd = lib.bpf_obj_get({pin!r}.encode())
+        assert fd >= 0, "no pinned map"
+        key = ct.create_string_buffer(8)
+        assert lib.bpf_get_next_key(fd, None, key) == 0
+        assert lib.bpf_delete_elem(fd, key) == 0
+        """
+    )
+    repairs = world.status()["drift_repairs"]
+    world.lab.run(
+        "node",
+        ["nsenter", "-t", str(agent.proc.pid), "-m", sys.executable, "-c", code],
+    )
+    _wait(lambda: world.status()["drift_repairs"] > repairs, 5, "the map entry restored")
+    assert world.status()["bpf"]["in_sync"]
+    assert "BPF maps differ from the policy in 1 entries" in (world.work / "drift.log").read_text()
     # A pod that appears later gets the classifier at once.
     late = world.lab.add_pod("late", "198.19.9.2", "fd00:19:9::2")
     _wait(lambda: late.node_ifname in _our_filters(world), 2, "the new veth attached")
