@@ -107,7 +107,7 @@ def main() -> int:
         cidr = dp.update(one_cidr)
         dp.update(policy)
         t1 = time.perf_counter()
-        problems = dp.verify()
+        problems = dp.verify(full=True)
         verify_s = time.perf_counter() - t1
         print(
             json.dumps(

@@ -169,11 +169,16 @@ def table(doc: dict[str, Any]) -> str:
             f"one except CIDR changed {maps.get('one_cidr_change_ms')} ms"
             f" ({maps.get('one_cidr_change_entries')} entries);",
             f"  verify against the kernel {maps.get('verify_s')} s",
-            f"  iperf3 1 stream without / with / without the classifier: "
-            f"{_dig(bpf, 'without', 'gbit_s') or 0:.1f} / {_dig(bpf, 'with', 'gbit_s') or 0:.1f} / "
-            f"{_dig(bpf, 'without_again', 'gbit_s') or 0:.1f} Gbit/s; "
-            f"ratio {bpf.get('throughput_ratio')}",
         ]
+        for kind, what in (("bulk", "bulk"), ("small", "100-byte writes, no Nagle")):
+            rates = [
+                _dig(bpf, k, kind, "gbit_s") or 0 for k in ("without", "with", "without_again")
+            ]
+            out.append(
+                f"  iperf3 1 stream, {what}, without / with / without the classifier:"
+                f" {rates[0]:.2f} / {rates[1]:.2f} / {rates[2]:.2f} Gbit/s;"
+                f" ratio {bpf.get(kind + '_ratio')}"
+            )
     out += [
         "",
         "notes: the CPUs are shared freely by client, proxy and server, so compare ratios within",

@@ -113,6 +113,13 @@ class IncrementalMaps:
         self._claims: dict[tuple[str, bytes], int] = {}
         self._order: tuple[str, ...] = ()
 
+    @property
+    def size(self) -> int:
+        """Entries the maps hold (about; shared source prefixes count twice)."""
+        return sum(map(len, self._shared.values())) + sum(
+            sum(map(len, part[2].values())) for part in self._parts.values()
+        )
+
     def contents(self) -> MapContents:
         """Everything as one mapping (what the kernel should hold)."""
         out: MapContents = {name: dict(entries) for name, entries in self._shared.items()}

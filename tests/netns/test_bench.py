@@ -58,7 +58,9 @@ def test_quick_benchmark_measures_every_path_and_loses_nothing(
     bpf = doc["bpf"]
     assert bpf["maps"]["full_entries"] == 30_002 and bpf["maps"]["verify_problems"] == []
     assert bpf["maps"]["one_change_entries"] == 2 and bpf["maps"]["one_change_ms"] > 0
-    assert bpf["with"]["ok"] and bpf["without"]["ok"] and bpf["throughput_ratio"] > 0
+    for kind in ("bulk", "small"):
+        assert bpf["with"][kind]["ok"] and bpf["without"][kind]["ok"], kind
+        assert bpf[f"{kind}_ratio"] > 0, kind
     assert "BPF datapath" in proc.stdout
     # The table names every path; nothing of the lab is left.
     for name in PATHS:
