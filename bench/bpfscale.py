@@ -15,9 +15,12 @@ every packet runs the whole lookup chain and none is diverted).
 from __future__ import annotations
 
 import argparse
+import ctypes as ct
 import dataclasses
 import ipaddress
 import json
+import os
+import struct
 import sys
 import time
 
@@ -64,6 +67,68 @@ def scale_policy(workloads: int, cidrs: int, client: str) -> Policy:
     )
 
 
+BPF_PROG_TEST_RUN = 10  # include/uapi/linux/bpf.h, enum bpf_cmd
+SYS_BPF = 321  # x86_64
+
+
+class _TestRunAttr(ct.Structure):
+    # union bpf_attr, the BPF_PROG_TEST_RUN member (include/uapi/linux/bpf.h).
+    _fields_ = [  # noqa: RUF012 - ctypes reads it
+        ("prog_fd", ct.c_uint32),
+        ("retval", ct.c_uint32),
+        ("data_size_in", ct.c_uint32),
+        ("data_size_out", ct.c_uint32),
+        ("data_in", ct.c_uint64),
+        ("data_out", ct.c_uint64),
+        ("repeat", ct.c_uint32),
+        ("duration", ct.c_uint32),
+        ("ctx_size_in", ct.c_uint32),
+        ("ctx_size_out", ct.c_uint32),
+        ("ctx_in", ct.c_uint64),
+        ("ctx_out", ct.c_uint64),
+        ("flags", ct.c_uint32),
+        ("cpu", ct.c_uint32),
+        ("batch_size", ct.c_uint32),
+        ("pad", ct.c_uint32),
+    ]
+
+
+def tcp_syn(src: str, dst: str, dport: int) -> bytes:
+    """Ethernet + IPv4 + TCP SYN, as the classifier sees it at tc ingress."""
+    eth = b"\x02" * 6 + b"\x04" * 6 + struct.pack("!H", 0x0800)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45, 0, 40, 1, 0, 64, 6, 0,
+        ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed,
+    )  # fmt: skip
+    tcp = struct.pack("!HHIIBBHHH", 40000, dport, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+    return eth + ip + tcp
+
+
+def ns_per_packet(prog_fd: int, packet: bytes, repeat: int) -> tuple[float, int]:
+    """The kernel runs the program ``repeat`` times on ``packet`` and reports
+    the mean time per run (BPF_PROG_TEST_RUN); also returns the mark it set."""
+    data = ct.create_string_buffer(packet, len(packet))
+    out = ct.create_string_buffer(len(packet) + 256)
+    ctx_out = ct.create_string_buffer(256)
+    attr = _TestRunAttr(
+        prog_fd=prog_fd,
+        data_size_in=len(packet),
+        data_size_out=len(out),
+        data_in=ct.addressof(data),
+        data_out=ct.addressof(out),
+        repeat=repeat,
+        ctx_size_out=len(ctx_out),
+        ctx_out=ct.addressof(ctx_out),
+    )
+    libc = ct.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_BPF, BPF_PROG_TEST_RUN, ct.byref(attr), ct.sizeof(attr)) != 0:
+        err = ct.get_errno()
+        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
+    mark: int = struct.unpack_from("=I", ctx_out.raw, 8)[0]  # struct __sk_buff.mark
+    return float(attr.duration), mark
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--workloads", type=int, default=10_000)
@@ -106,6 +171,17 @@ def main() -> int:
         )
         cidr = dp.update(one_cidr)
         dp.update(policy)
+        assert dp.classifier is not None
+        fd = dp.classifier.prog_fd
+        cost = {}
+        for label, packet in (
+            ("no_identity", tcp_syn("198.51.100.7", "198.18.1.2", 443)),
+            ("workload_not_diverted", tcp_syn(args.client, "198.18.1.2", 5201)),
+            ("workload_diverted", tcp_syn(args.client, "198.18.1.2", 443)),
+            ("workload_excepted", tcp_syn(args.client, "172.16.0.9", 443)),
+        ):
+            ns, mark = ns_per_packet(fd, packet, 200_000)
+            cost[label] = {"ns": ns, "diverted": bool(mark & proxy.divert_mark)}
         t1 = time.perf_counter()
         problems = dp.verify(full=True)
         verify_s = time.perf_counter() - t1
@@ -122,6 +198,7 @@ def main() -> int:
                     "one_cidr_change_entries": cidr.changed_entries,
                     "verify_s": round(verify_s, 3),
                     "verify_problems": problems,
+                    "ns_per_packet": cost,
                     "map_entries": counts,
                     "attached": sorted(dp.attached),
                 }

@@ -148,7 +148,7 @@ def stop_sink(proc: subprocess.Popen[bytes]) -> dict[str, int]:
 # -- measurements ---------------------------------------------------------------------
 
 
-def iperf(lab: Lab, *, streams: int, seconds: int, small_writes: bool = False) -> dict[str, Any]:
+def iperf(lab: Lab, *, streams: int, seconds: int) -> dict[str, Any]:
     server = lab.popen(
         SERVER,
         ["iperf3", "-s", "-1", "-B", SERVER_V4, "-p", str(IPERF_PORT)],
@@ -159,10 +159,6 @@ def iperf(lab: Lab, *, streams: int, seconds: int, small_writes: bool = False) -
         paths.wait_listening(lab, SERVER, IPERF_PORT, server)
         argv = ["iperf3", "-c", SERVER_V4, "-p", str(IPERF_PORT), "-t", str(seconds)]
         argv += ["-P", str(streams), "-J", "--connect-timeout", "3000"]
-        if small_writes:
-            # 100-byte writes without Nagle: one small packet each, so the
-            # cost per packet shows (large writes travel as 64 KiB GSO skbs).
-            argv += ["-l", "100", "-N"]
         proc = lab.run(CLIENT, argv, timeout=seconds + 30, check=False)
         try:
             doc = json.loads(proc.stdout)
@@ -296,17 +292,12 @@ def measure(lab: Lab, work: Path, settings: Settings, factory: PathFactory) -> d
 
 
 def bpf_scale(lab: Lab, settings: Settings) -> dict[str, Any]:
-    """Map scale (10,000 workloads and CIDRs: full apply, one-entry change) and
-    the classifier's per-packet cost as iperf3 throughput with and without it
-    attached, side by side (no proxy, no nftables: only the classifier differs)."""
+    """Map scale (10,000 workloads and CIDRs: full apply, one-entry change),
+    the classifier's time per packet (kernel test runs, in bench.bpfscale), and
+    iperf3 throughput with and without it attached, side by side (no proxy,
+    no nftables: only the classifier differs)."""
 
-    def both() -> dict[str, Any]:
-        return {
-            "bulk": iperf(lab, streams=1, seconds=settings.seconds),
-            "small": iperf(lab, streams=1, seconds=settings.seconds, small_writes=True),
-        }
-
-    result: dict[str, Any] = {"without": both()}
+    result: dict[str, Any] = {"without": iperf(lab, streams=1, seconds=settings.seconds)}
     proc = lab.popen(
         "node",
         [
@@ -322,16 +313,15 @@ def bpf_scale(lab: Lab, settings: Settings) -> dict[str, Any]:
     )
     try:
         result["maps"] = json.loads(read_line(proc, 120))
-        result["with"] = both()
+        result["with"] = iperf(lab, streams=1, seconds=settings.seconds)
     finally:
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait(30)
-    result["without_again"] = both()
-    for kind in ("bulk", "small"):
-        rates = [result[k][kind].get("gbit_s") for k in ("without", "with", "without_again")]
-        if all(rates):
-            result[f"{kind}_ratio"] = round(2 * rates[1] / (rates[0] + rates[2]), 3)
+    result["without_again"] = iperf(lab, streams=1, seconds=settings.seconds)
+    rates = [result[k].get("gbit_s") for k in ("without", "with", "without_again")]
+    if all(rates):
+        result["throughput_ratio"] = round(2 * rates[1] / (rates[0] + rates[2]), 3)
     return result
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from egress_agent.bpf import attach, layout
 from egress_agent.bpf.loader import BpfConfig, BpfError, Classifier
-from egress_agent.bpf.maps import IncrementalMaps, MapContents, diff
+from egress_agent.bpf.maps import IncrementalMaps, MapContents, UnsupportedPolicy, diff
 from egress_agent.policy.model import Policy
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,35 @@ class BpfDatapath:
             self.stop()
             raise
 
+    def _check_capacity(self, policy: Policy) -> None:
+        """Refuse what the maps cannot hold before writing anything."""
+        c = self.config
+        sources = {4: 0, 6: 0}
+        for w in policy.workloads:
+            for net in w.cidrs:
+                sources[net.version] += 1
+        destinations = {4: 0, 6: 0}
+        for rule in policy.intercept:
+            for net in (*rule.to_cidrs, *rule.except_cidrs):
+                destinations[net.version] += 1
+        problems = []
+        if len(policy.workloads) > c.max_workloads:
+            problems.append(f"{len(policy.workloads)} workloads (at most {c.max_workloads})")
+        for version in (4, 6):
+            if sources[version] > c.max_sources:
+                problems.append(
+                    f"{sources[version]} IPv{version} workload CIDRs (at most {c.max_sources})"
+                )
+            if destinations[version] > c.max_destinations:
+                problems.append(
+                    f"{destinations[version]} IPv{version} to/except CIDRs"
+                    f" (at most {c.max_destinations})"
+                )
+        if problems:
+            raise UnsupportedPolicy(
+                "the BPF maps cannot hold " + ", ".join(problems) + " (use --datapath nft)"
+            )
+
     @property
     def ids(self) -> dict[str, int]:
         return self.planner.ids
@@ -82,6 +111,7 @@ class BpfDatapath:
         """Make the maps hold ``policy`` (a diff against the kernel's entries)."""
         assert self.classifier is not None
         started = time.perf_counter()
+        self._check_capacity(policy)
         change = self.planner.update(policy, self.ifindexes)
         self.classifier.apply(change)
         self.policy = policy

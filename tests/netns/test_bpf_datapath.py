@@ -461,3 +461,23 @@ def test_a_kernel_rejection_names_the_program_and_the_reason(world: BpfWorld) ->
     out = world.lab.run("node", [sys.executable, "-c", code], timeout=60).stdout
     assert out.startswith("BPF program egress_classify (classifier.bpf.c): ")
     assert "refused" in out or "failed" in out
+
+
+@pytest.mark.timeout(120)
+def test_a_reload_the_maps_cannot_hold_keeps_the_running_policy(world: BpfWorld) -> None:
+    policy = world.work / "keep.yaml"
+    policy.write_text(LIVE.format(cidrs="198.19.1.2/32"))
+    agent = world.agent("bpf", policy, name="keep")
+    try:
+        target = ("198.18.1.2", 9000)
+        assert world.seen_by_server("pa", [target])[target] == "198.18.1.1"
+        policy.write_text(_many_rules_policy())
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: world.status()["last_reload"] is not None, 5, "the reload attempted")
+        snap = world.status()
+        assert snap["policy"]["generation"] == 1 and "at most 64" in snap["last_reload"]["error"]
+        assert snap["bpf"]["in_sync"] and snap["kernel_in_sync"]
+        assert world.seen_by_server("pa", [target])[target] == "198.18.1.1"
+    finally:
+        assert agent.stop() == 0
