@@ -237,7 +237,8 @@ def test_workload_changes_apply_within_a_second_without_touching_the_table(
             3,
             "pa's new connections diverted",
         )
-        assert time.monotonic() - started < 1.5  # 0.2 s of it is the reload debounce
+        took = time.monotonic() - started
+        assert took < 1.0, f"{took:.2f} s"  # about 0.3 s here, 0.2 s of it the debounce
         assert world.table_handle() == handle
         assert world.prerouting_rules() == prerouting
 
