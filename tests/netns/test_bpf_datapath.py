@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -55,7 +56,10 @@ class BpfWorld:
     lab: Lab
     work: Path
 
-    def agent(self, datapath: str, policy: Path, name: str = "agent") -> AgentProcess:
+    def agent(
+        self, datapath: str, policy: Path, name: str = "agent", pin_dir: Path | None = None
+    ) -> AgentProcess:
+        pins = pin_dir or f"/sys/fs/bpf/egress-{self.lab.prefix.rstrip('-')}"
         return AgentProcess(
             self.lab,
             policy=policy,
@@ -65,7 +69,7 @@ class BpfWorld:
                 "--datapath",
                 datapath,
                 "--bpf-pin-dir",
-                f"/sys/fs/bpf/egress-{self.lab.prefix.rstrip('-')}",
+                str(pins),
             ),
         ).start()
 
@@ -348,13 +352,30 @@ def _clsact(world: BpfWorld) -> bool:
 
 @pytest.mark.timeout(180)
 def test_drift_new_links_and_cleanup_after_stop_and_after_a_crash(world: BpfWorld) -> None:
+    # A bpffs of the test's own, mounted before the agent starts, so that the
+    # agent's pins outlive its process (its own mount namespace) and the test
+    # can see what a crash leaves and what a restart removes. Only a
+    # filesystem mount under /run, removed below; no network state.
+    bpffs = Path(f"/run/{world.lab.prefix}bpffs")
+    bpffs.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
+    try:
+        _drift_and_cleanup(world, bpffs / "egress_agent")
+    finally:
+        subprocess.run(["umount", str(bpffs)], check=False)
+        bpffs.rmdir()
+
+
+def _drift_and_cleanup(world: BpfWorld, pin_dir: Path) -> None:
     policy = world.work / "drift.yaml"
     policy.write_text(LIVE.format(cidrs="198.19.1.2/32"))
-    agent = world.agent("bpf", policy, name="drift")
+    agent = world.agent("bpf", policy, name="drift", pin_dir=pin_dir)
     status = world.status()
     ids = list(status["bpf"]["map_ids"].values())
     assert all(_map_alive(i) for i in ids)
     assert sorted(_our_filters(world)) == sorted(status["bpf"]["attached"])
+    pins = {p.name for p in pin_dir.iterdir()}
+    assert pins == {"egress_classify", *status["bpf"]["map_ids"]}
     # Someone removes the filter: back within 5 s, reported as a repair.
     ifname = policygen.pod_ifname(0, "pa")
     world.tc("filter", "del", "dev", ifname, "ingress")
@@ -362,27 +383,20 @@ def test_drift_new_links_and_cleanup_after_stop_and_after_a_crash(world: BpfWorl
     _wait(lambda: world.status()["drift_repairs"] >= 1, 3, "the repair reported")
     assert world.status()["ready"]
     # Someone deletes a map entry: restored within 5 s.
-    assert agent.proc is not None
-    pin = f"/sys/fs/bpf/egress-{world.lab.prefix.rstrip('-')}/egress_src_v4"
     code = textwrap.dedent(
         f"""
         import ctypes as ct
-        import bcc
-        lib = bcc.libbcc.lib
-        lib.bpf_obj_get.restype = ct.c_int
+        lib = ct.CDLL("libbpf.so.1")
         lib.bpf_obj_get.argtypes = [ct.c_char_p]
-        fd = lib.bpf_obj_get({pin!r}.encode())
+        fd = lib.bpf_obj_get({str(pin_dir / "egress_src_v4")!r}.encode())
         assert fd >= 0, "no pinned map"
         key = ct.create_string_buffer(8)
-        assert lib.bpf_get_next_key(fd, None, key) == 0
-        assert lib.bpf_delete_elem(fd, key) == 0
+        assert lib.bpf_map_get_next_key(fd, None, key) == 0
+        assert lib.bpf_map_delete_elem(fd, key) == 0
         """
     )
     repairs = world.status()["drift_repairs"]
-    world.lab.run(
-        "node",
-        ["nsenter", "-t", str(agent.proc.pid), "-m", sys.executable, "-c", code],
-    )
+    world.lab.run("node", [sys.executable, "-c", code])
     _wait(lambda: world.status()["drift_repairs"] > repairs, 5, "the map entry restored")
     assert world.status()["bpf"]["in_sync"]
     assert "BPF maps differ from the policy in 1 entries" in (world.work / "drift.log").read_text()
@@ -390,18 +404,17 @@ def test_drift_new_links_and_cleanup_after_stop_and_after_a_crash(world: BpfWorl
     late = world.lab.add_pod("late", "198.19.9.2", "fd00:19:9::2")
     _wait(lambda: late.node_ifname in _our_filters(world), 2, "the new veth attached")
 
-    # Crash: filters stay (fail closed), the next start removes them first.
+    # Crash: filters and pins stay (fail closed); the next start removes them first.
     agent.kill()
-    assert _our_filters(world)
-    agent = world.agent("bpf", policy, name="drift-restart")
+    assert _our_filters(world) and {p.name for p in pin_dir.iterdir()} == pins
+    agent = world.agent("bpf", policy, name="drift-restart", pin_dir=pin_dir)
     new_ids = list(world.status()["bpf"]["map_ids"].values())
     assert not any(_map_alive(i) for i in ids)  # the old run's maps are gone
     assert agent.stop() == 0
     assert _our_filters(world) == []
     assert not _clsact(world)
     assert not any(_map_alive(i) for i in new_ids)
-    pins = world.lab.run("node", ["sh", "-c", "ls /sys/fs/bpf 2>/dev/null | wc -l"]).stdout
-    assert pins.strip() == "0"
+    assert not pin_dir.exists()
 
 
 def _many_rules_policy() -> str:
