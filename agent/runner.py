@@ -17,6 +17,17 @@ a table replacement, and the proxy keeps relaying them.
 A crash (``kill -9``) leaves the table and addresses in place: diverted
 traffic is then refused by the kernel (nothing listens), never sent direct.
 The next start replaces the stale table whole.
+
+Datapath (``--datapath``): with ``bpf`` (or ``auto`` where it loads) a tc
+classifier selects forwarded traffic from maps, and the table's prerouting
+chain only matches its mark. Start-up first removes a previous run's filters
+and pins, then loads, fills the maps and attaches, before the table goes in.
+Reloads and pod changes then change map entries by diff and, only when the
+locally generated traffic's selection changed, the output chain and its
+sets, never the table as a whole. New interfaces are noticed through a
+netlink link subscription; drift repair also re-attaches removed filters
+and rewrites edited map entries. Stop removes the table, then the filters,
+qdiscs and pins.
 """
 
 from __future__ import annotations
@@ -107,7 +118,7 @@ class RunOptions:
     audit_path: str | None
     status_address: str = DEFAULT_STATUS_ADDRESS
     kubeconfig: str | None = None  # None: in-cluster service account
-    datapath: str = "nft"  # nft | bpf | auto
+    datapath: str = "auto"  # nft | bpf | auto
     bpf_pin_dir: str = DEFAULT_PIN_DIR
     bpf_exclude_interfaces: tuple[str, ...] = ()
 
