@@ -29,11 +29,13 @@ from egress_agent.bpf.loader import BpfConfig
 from egress_agent.policy.model import (
     Action,
     InterceptRule,
+    PodSelector,
     Policy,
     PortRange,
     ProxySettings,
     Workload,
 )
+from egress_agent.rules.render import render_ruleset
 
 
 def scale_policy(workloads: int, cidrs: int, client: str) -> Policy:
@@ -129,6 +131,15 @@ def ns_per_packet(prog_fd: int, packet: bytes, repeat: int) -> tuple[float, int]
     return float(attr.duration), mark
 
 
+def pod_workloads(policy: Policy) -> Policy:
+    """The same workloads as Kubernetes pod workloads (one address each)."""
+    selector = PodSelector(namespace="bench")
+    return dataclasses.replace(
+        policy,
+        workloads=tuple(dataclasses.replace(w, pods=selector) for w in policy.workloads),
+    )
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--workloads", type=int, default=10_000)
@@ -171,6 +182,22 @@ def main() -> int:
         )
         cidr = dp.update(one_cidr)
         dp.update(policy)
+        # What the agent does for one pod coming or going, with 10,000 pod
+        # workloads (Kubernetes): render the BPF-mode ruleset (no output rules
+        # for pods), compare it, and update the maps.
+        pods = pod_workloads(policy)
+        dp.update(pods)
+        doc = render_ruleset(pods, selection="bpf")
+        moved_pods = list(pods.workloads)
+        moved_pods[7] = dataclasses.replace(
+            moved_pods[7], cidrs=(ipaddress.ip_network("10.250.0.7/32"),)
+        )
+        t2 = time.perf_counter()
+        pod_change = dataclasses.replace(pods, workloads=tuple(moved_pods))
+        same_table = render_ruleset(pod_change, selection="bpf") == doc
+        pod_update = dp.update(pod_change)
+        agent_pod_change_s = time.perf_counter() - t2
+        dp.update(policy)
         assert dp.classifier is not None
         fd = dp.classifier.prog_fd
         cost = {}
@@ -196,6 +223,9 @@ def main() -> int:
                     "one_change_back_ms": round(back.seconds * 1000, 2),
                     "one_cidr_change_ms": round(cidr.seconds * 1000, 2),
                     "one_cidr_change_entries": cidr.changed_entries,
+                    "agent_pod_change_ms": round(agent_pod_change_s * 1000, 2),
+                    "agent_pod_change_entries": pod_update.changed_entries,
+                    "agent_pod_change_same_table": same_table,
                     "verify_s": round(verify_s, 3),
                     "verify_problems": problems,
                     "ns_per_packet": cost,

@@ -228,6 +228,8 @@ def identity_networks(
     The more specific CIDRs of other workloads inside a CIDR are found by a
     binary search over all CIDRs sorted by address (they lie in its address
     range), so 10,000 workloads cost n log n, not n squared."""
+    if only is not None and not only:
+        return {}
     owned = sorted(
         ((net.version, int(net.network_address), net.prefixlen, net, w.name)
          for w in policy.workloads for net in w.cidrs),
