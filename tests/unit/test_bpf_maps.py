@@ -219,3 +219,11 @@ def test_incremental_diffs_keep_the_maps_equal_to_the_whole_computation(seed: in
         if rng.random() < 0.2:  # a pod veth re-made: new ifindex
             ifname = rng.choice(list(ifindexes))
             ifindexes[ifname] += 100
+
+
+def test_divert_mark_is_a_proxy_setting() -> None:
+    text = "version: 1\nproxy: {divert_mark: 0x10000}\nworkloads: {}\ndefault: deny\n"
+    assert parse_policy(text).proxy.divert_mark == 0x10000
+    assert parse_policy("version: 1\nworkloads: {}\ndefault: deny\n").proxy.divert_mark == (
+        0x800000
+    )
