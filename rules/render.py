@@ -68,8 +68,8 @@ def render_ruleset(policy: Policy, *, selection: Selection = "nft") -> Json:
     sets: list[Json] = []
     nat_rules: list[tuple[Json, bool]] = []  # (rule, applies to locally generated traffic)
     if selection == "bpf":
-        local = {w.name for w in policy.workloads if not w.interfaces and w.pods is None}
-        wanted = local & {name for rule in policy.intercept for name in rule.sources}
+        local_names = {w.name for w in policy.workloads if not w.interfaces and w.pods is None}
+        wanted = local_names & {name for rule in policy.intercept for name in rule.sources}
         identities = identity_networks(policy, only=wanted)
     else:
         identities = identity_networks(policy)
