@@ -26,6 +26,8 @@ How the decision maps to lookups (see ``classifier.bpf.c``):
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -87,6 +89,8 @@ def desired_maps(
     return maps
 
 
+# More changed destination prefixes than this recompute all unions at once.
+INCREMENTAL_DESTINATIONS = 256
 SHARED_MAPS = (layout.SETTINGS, layout.PORTS, layout.DST_V4, layout.DST_V6)
 WORKLOAD_MAPS = (layout.BIND, layout.WORKLOADS, layout.SRC_V4, layout.SRC_V6)
 _SOURCE_MAPS = (layout.SRC_V4, layout.SRC_V6)
@@ -95,9 +99,11 @@ _SOURCE_MAPS = (layout.SRC_V4, layout.SRC_V6)
 class IncrementalMaps:
     """The same contents as :func:`desired_maps`, kept by part so that a
     change costs what it touches: the maps the intercept rules give are
-    recomputed only when the rules change, a workload's entries only when
-    that workload (its CIDRs, interfaces' ifindexes, id or rule bits) does.
-    ``update`` returns the diff from the previous policy to the new one.
+    recomputed only when the rules change (and then, for a few changed
+    destination prefixes, only those and the prefixes inside them, whose
+    unions include theirs), a workload's entries only when that workload (its
+    CIDRs, interfaces' ifindexes, id or rule bits) does. ``update`` returns
+    the diff from the previous policy to the new one.
 
     Should a changed workload share a source prefix with an unchanged one
     (possible for pod addresses; "first listed keeps it" then depends on
@@ -112,6 +118,11 @@ class IncrementalMaps:
         self._parts: dict[str, tuple[object, Workload, MapContents]] = {}
         self._claims: dict[tuple[str, bytes], int] = {}
         self._order: tuple[str, ...] = ()
+        self._workloads: tuple[Workload, ...] | None = None
+        self._ifx: dict[str, int] = {}
+        self._dst_bits: dict[DstKey, tuple[int, int]] | None = None
+        self._dst_union: dict[DstKey, tuple[int, int]] = {}
+        self._by_len: dict[tuple[int, int], list[int]] = {}  # (version, plen) -> addrs
 
     @property
     def size(self) -> int:
@@ -137,12 +148,28 @@ class IncrementalMaps:
         upserts: dict[str, dict[bytes, bytes]] = {}
         deletes: dict[str, list[bytes]] = {}
         if policy.intercept != self._intercept:
-            shared, rules_of = _shared_part(policy)
-            change = diff(self._shared, shared)
-            upserts.update(change.upserts)
-            deletes.update(change.deletes)
-            self._shared, self._rules_of = shared, rules_of
+            bits = _rule_bits(policy)
+            for name, want in (
+                (layout.SETTINGS, {layout.u32(0): bits.settings}),
+                (layout.PORTS, bits.ports),
+            ):
+                change = diff({name: self._shared[name]}, {name: want})
+                upserts.update(change.upserts)
+                deletes.update(change.deletes)
+                self._shared[name] = want
+            dst_change = self._update_destinations(bits.dst)
+            upserts.update(dst_change.upserts)
+            deletes.update(dst_change.deletes)
+            rules_changed = bits.rules_of != self._rules_of
+            self._rules_of = bits.rules_of
             self._intercept = policy.intercept
+        else:
+            rules_changed = False
+        ifx_now = dict(ifindexes)
+        if policy.workloads is self._workloads and not rules_changed and ifx_now == self._ifx:
+            # The same workload objects, bits and interfaces: nothing of theirs changed.
+            return MapDiff(upserts=upserts, deletes=deletes)
+        self._workloads, self._ifx = policy.workloads, ifx_now
         order = tuple(w.name for w in policy.workloads)
         ids = self.ids if order == self._order else assign_ids(policy, self.ids)
         new_parts: dict[str, tuple[object, Workload, MapContents]] = {}
@@ -222,22 +249,95 @@ class IncrementalMaps:
                         seen.add((name, k))
         return False
 
+    def _update_destinations(self, bits: dict[DstKey, tuple[int, int]]) -> MapDiff:
+        """The destination tries' diff. A few changed prefixes recompute only
+        themselves and the prefixes inside them (whose unions include theirs);
+        many changes, or the first call, recompute everything."""
+        old = self._dst_bits
+        changed: list[DstKey] | None = None
+        if old is not None:
+            changed = [k for k, v in bits.items() if old.get(k) != v]
+            changed += [k for k in old if k not in bits]
+        self._dst_bits = bits
+        if changed is None or len(changed) > INCREMENTAL_DESTINATIONS:
+            union = _with_ancestors(bits)
+            want: MapContents = {layout.DST_V4: {}, layout.DST_V6: {}}
+            for key, value in union.items():
+                target, raw, packed = _dst_entry(key, value)
+                want[target][raw] = packed
+            have = {name: self._shared[name] for name in want}
+            self._shared.update(want)
+            self._dst_union = union
+            self._by_len = {}
+            for version, plen, addr in sorted(bits):
+                self._by_len.setdefault((version, plen), []).append(addr)
+            return diff(have, want)
+        for key in changed:
+            version, plen, addr = key
+            addrs = self._by_len.setdefault((version, plen), [])
+            at = bisect.bisect_left(addrs, addr)
+            present = at < len(addrs) and addrs[at] == addr
+            if key in bits and not present:
+                addrs.insert(at, addr)
+            elif key not in bits and present:
+                del addrs[at]
+        lengths: dict[int, list[int]] = {4: [], 6: []}
+        for (version, plen), addrs in sorted(self._by_len.items()):
+            if addrs:
+                lengths[version].append(plen)
+        affected = set(changed)
+        for version, plen, addr in changed:
+            width = 32 if version == 4 else 128
+            last = addr | ((1 << (width - plen)) - 1)
+            for longer in lengths[version]:
+                if longer <= plen:
+                    continue
+                addrs = self._by_len[(version, longer)]
+                lo = bisect.bisect_left(addrs, addr)
+                hi = bisect.bisect_right(addrs, last)
+                affected.update((version, longer, a) for a in addrs[lo:hi])
+        upserts: dict[str, dict[bytes, bytes]] = {}
+        deletes: dict[str, list[bytes]] = {}
+        for key in affected:
+            if key in bits:
+                value = _union(bits, lengths, key)
+                if self._dst_union.get(key) == value:
+                    continue
+                self._dst_union[key] = value
+                target, raw, packed = _dst_entry(key, value)
+                upserts.setdefault(target, {})[raw] = packed
+                self._shared[target][raw] = packed
+            elif key in self._dst_union:
+                target, raw, _ = _dst_entry(key, self._dst_union.pop(key))
+                deletes.setdefault(target, []).append(raw)
+                del self._shared[target][raw]
+        return MapDiff(upserts=upserts, deletes=deletes)
+
     def _any_shared_source(self) -> bool:
         return any(count > 1 for count in self._claims.values())
 
 
-def _shared_part(policy: Policy) -> tuple[MapContents, dict[str, int]]:
-    """The maps the intercept rules give (settings, ports, destinations), and
-    each source workload's rule bits."""
+DstKey = tuple[int, int, int]  # (IP version, prefix length, address as int)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _RuleBits:
+    rules_of: dict[str, int]
+    settings: bytes
+    ports: dict[bytes, bytes]
+    dst: dict[DstKey, tuple[int, int]]  # each prefix's own (to, except) bits
+
+
+def _rule_bits(policy: Policy) -> _RuleBits:
+    """What the intercept rules say, before destination unions."""
     if len(policy.intercept) > layout.MAX_RULES:
         raise UnsupportedPolicy(
             f"{len(policy.intercept)} intercept rules: the BPF datapath holds at most "
             f"{layout.MAX_RULES} (merge rules, or use --datapath nft)"
         )
-    maps: MapContents = {name: {} for name in SHARED_MAPS}
     rules_of: dict[str, int] = {}
     any_dst = any_port = 0
-    dst_bits: dict[IPNetwork, list[int]] = {}  # prefix -> [to, except]
+    dst: dict[DstKey, tuple[int, int]] = {}
     port_bits: dict[int, int] = {}
     for bit, rule in enumerate(policy.intercept):
         mask = 1 << bit
@@ -247,20 +347,40 @@ def _shared_part(policy: Policy) -> tuple[MapContents, dict[str, int]]:
             any_dst |= mask
         if not rule.ports:
             any_port |= mask
-        for net in rule.to_cidrs:
-            dst_bits.setdefault(net, [0, 0])[0] |= mask
-        for net in rule.except_cidrs:
-            dst_bits.setdefault(net, [0, 0])[1] |= mask
+        for nets, which in ((rule.to_cidrs, 0), (rule.except_cidrs, 1)):
+            for net in nets:
+                key = (net.version, net.prefixlen, int(net.network_address))
+                to, ex = dst.get(key, (0, 0))
+                dst[key] = (to | mask, ex) if which == 0 else (to, ex | mask)
         for ports in rule.ports:
             for port in range(ports.first, ports.last + 1):
                 port_bits[port] = port_bits.get(port, 0) | mask
-    maps[layout.SETTINGS][layout.u32(0)] = layout.masks_value(any_dst, any_port)
-    maps[layout.PORTS] = {layout.u16(p): layout.u64(m) for p, m in port_bits.items()}
-    for (version, plen, addr), (to, except_) in _with_ancestors(dst_bits).items():
-        target = layout.DST_V4 if version == 4 else layout.DST_V6
-        key = layout.lpm_key_raw(plen, addr.to_bytes(4 if version == 4 else 16, "big"))
-        maps[target][key] = layout.masks_value(to, except_)
-    return maps, rules_of
+    return _RuleBits(
+        rules_of=rules_of,
+        settings=layout.masks_value(any_dst, any_port),
+        ports={layout.u16(p): layout.u64(m) for p, m in port_bits.items()},
+        dst=dst,
+    )
+
+
+def _dst_entry(key: DstKey, value: tuple[int, int]) -> tuple[str, bytes, bytes]:
+    version, plen, addr = key
+    target = layout.DST_V4 if version == 4 else layout.DST_V6
+    raw = layout.lpm_key_raw(plen, addr.to_bytes(4 if version == 4 else 16, "big"))
+    return target, raw, layout.masks_value(*value)
+
+
+def _shared_part(policy: Policy) -> tuple[MapContents, dict[str, int]]:
+    """The maps the intercept rules give (settings, ports, destinations), and
+    each source workload's rule bits."""
+    bits = _rule_bits(policy)
+    maps: MapContents = {name: {} for name in SHARED_MAPS}
+    maps[layout.SETTINGS][layout.u32(0)] = bits.settings
+    maps[layout.PORTS] = dict(bits.ports)
+    for key, value in _with_ancestors(bits.dst).items():
+        target, raw, packed = _dst_entry(key, value)
+        maps[target][raw] = packed
+    return maps, bits.rules_of
 
 
 def _workload_part(w: Workload, wid: int, rules: int, ifindexes: Mapping[str, int]) -> MapContents:
@@ -278,31 +398,35 @@ def _workload_part(w: Workload, wid: int, rules: int, ifindexes: Mapping[str, in
     return part
 
 
-def _with_ancestors(
-    bits: Mapping[IPNetwork, list[int]],
-) -> dict[tuple[int, int, int], tuple[int, int]]:
+def _with_ancestors(bits: Mapping[DstKey, tuple[int, int]]) -> dict[DstKey, tuple[int, int]]:
     """Each prefix's (to, except) OR-ed with those of every configured prefix
-    that contains it, keyed (version, prefix length, address as int). Only
-    the prefix lengths in use are walked, on integers (ipaddress objects are
-    far too slow for 10,000 prefixes)."""
-    result: dict[tuple[int, int, int], tuple[int, int]] = {}
-    for version, width in ((4, 32), (6, 128)):
-        table: dict[tuple[int, int], tuple[int, int]] = {}
-        for net, (to, ex) in bits.items():
-            if net.version == version:
-                table[(net.prefixlen, int(net.network_address))] = (to, ex)
-        lengths = sorted({plen for plen, _ in table})
-        masks = {n: ((1 << n) - 1) << (width - n) for n in lengths}
-        for (plen, addr), (to, ex) in table.items():
-            for shorter in lengths:
-                if shorter >= plen:
-                    break
-                above = table.get((shorter, addr & masks[shorter]))
-                if above is not None:
-                    to |= above[0]
-                    ex |= above[1]
-            result[(version, plen, addr)] = (to, ex)
-    return result
+    that contains it. Only the prefix lengths in use are walked, on integers
+    (ipaddress objects are far too slow for 10,000 prefixes)."""
+    lengths = _lengths(bits)
+    return {key: _union(bits, lengths, key) for key in bits}
+
+
+def _lengths(bits: Iterable[DstKey]) -> dict[int, list[int]]:
+    found: dict[int, set[int]] = {4: set(), 6: set()}
+    for version, plen, _ in bits:
+        found[version].add(plen)
+    return {version: sorted(plens) for version, plens in found.items()}
+
+
+def _union(
+    bits: Mapping[DstKey, tuple[int, int]], lengths: Mapping[int, list[int]], key: DstKey
+) -> tuple[int, int]:
+    version, plen, addr = key
+    width = 32 if version == 4 else 128
+    to, ex = bits[key]
+    for shorter in lengths[version]:
+        if shorter >= plen:
+            break
+        above = bits.get((version, shorter, addr >> (width - shorter) << (width - shorter)))
+        if above is not None:
+            to |= above[0]
+            ex |= above[1]
+    return to, ex
 
 
 def diff(current: Mapping[str, Mapping[bytes, bytes]], desired: MapContents) -> MapDiff:
