@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, parse_address
+from egress_agent.bpf.loader import DEFAULT_PIN_DIR
 from egress_agent.policy.decide import decide, identify, should_divert
 from egress_agent.policy.load import PolicyError, load_policy
 from egress_agent.policy.model import AzureSas, AzureSharedKey, Bearer, HttpRule
@@ -67,6 +68,37 @@ def _parser() -> argparse.ArgumentParser:
         help="once a successor took over and our connections ended: exit (default), or wait"
         " for SIGTERM (in a DaemonSet, so that the old container is not restarted)",
     )
+
+    run.add_argument(
+        "--datapath",
+        choices=["nft", "bpf", "auto"],
+        default="auto",
+        help="who selects diverted traffic: nft (nftables sets), bpf (a tc classifier reading"
+        " maps updated live; nftables only redirects), auto (bpf when it loads, else nft;"
+        " says why). Default auto",
+    )
+    run.add_argument(
+        "--bpf-pin-dir",
+        default=DEFAULT_PIN_DIR,
+        help=f"bpffs folder of the agent's own for its pinned program and maps"
+        f" (default {DEFAULT_PIN_DIR}); removed at stop, and at start if a crash left it",
+    )
+    run.add_argument(
+        "--bpf-exclude-interface",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="never attach the classifier to interfaces matching GLOB (repeatable);"
+        " traffic arriving there is then never diverted in the bpf datapath",
+    )
+
+    bpf = sub.add_parser("bpf", help="the BPF datapath: show what would be loaded")
+    bpf_sub = bpf.add_subparsers(dest="bpf_command", required=True)
+    bpf_dump = bpf_sub.add_parser(
+        "dump", help="print the program source and flags, and the map entries for a policy"
+    )
+    bpf_dump.add_argument("--policy", help="also print the map entries this policy gives")
+    bpf_dump.add_argument("--bpf-pin-dir", default=DEFAULT_PIN_DIR)
 
     status = sub.add_parser("status", help="show the running agent's state")
     status.add_argument("--status-address", default=DEFAULT_STATUS_ADDRESS)
@@ -122,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _explain(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "bpf":
+            return _bpf_dump(args)
         if args.command == "demo":
             from egress_agent.agent.demo import run_demo
 
@@ -143,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
     import uvloop
 
     from egress_agent.agent.kubernetes import KubernetesConfigError
-    from egress_agent.agent.runner import RunOptions, run_agent
+    from egress_agent.agent.runner import DatapathError, RunOptions, run_agent
 
     options = RunOptions(
         policy_path=args.policy,
@@ -152,9 +186,15 @@ def _run(args: argparse.Namespace) -> int:
         kubeconfig=args.kubeconfig,
         handover=args.handover,
         after_handover=args.after_handover,
+        datapath=args.datapath,
+        bpf_pin_dir=args.bpf_pin_dir,
+        bpf_exclude_interfaces=tuple(args.bpf_exclude_interface),
     )
     try:
         return uvloop.run(run_agent(options))
+    except DatapathError as exc:
+        logging.getLogger("egress_agent").error("%s", exc)
+        return EXIT_FAILURE
     except KubernetesConfigError as exc:
         logging.getLogger("egress_agent").error("pod discovery cannot start: %s", exc)
         return EXIT_BAD_INPUT
@@ -186,6 +226,39 @@ def _check(args: argparse.Namespace) -> int:
     if args.show_rules:
         print(json.dumps(doc, indent=2))
     print(f"{args.policy}: ok ({summary(policy)})", file=sys.stderr)
+    return EXIT_OK
+
+
+def _bpf_dump(args: argparse.Namespace) -> int:
+    from egress_agent.bpf import layout
+    from egress_agent.bpf.loader import BpfConfig, dump
+    from egress_agent.bpf.maps import UnsupportedPolicy, assign_ids, desired_maps
+    from egress_agent.policy.model import ProxySettings
+
+    policy = load_policy(args.policy) if args.policy else None
+    proxy = policy.proxy if policy is not None else ProxySettings()
+    config = BpfConfig(
+        divert_mark=proxy.divert_mark,
+        upstream_mark=proxy.upstream_mark,
+        proxy_v4=proxy.address_v4,
+        proxy_v6=proxy.address_v6,
+        pin_dir=args.bpf_pin_dir,
+    )
+    print(dump(config))
+    if policy is None:
+        return EXIT_OK
+    try:
+        ids = assign_ids(policy, {})
+        maps = desired_maps(policy, ids=ids, ifindexes={})
+    except UnsupportedPolicy as exc:
+        print(f"egress-agent: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print("// workload ids: " + ", ".join(f"{n}={i}" for n, i in ids.items()))
+    print("// (interface bindings are filled with the node's ifindexes at run time)")
+    for name in layout.CONFIG_MAPS:
+        print(f"// {name}: {len(maps[name])} entries")
+        for key, value in sorted(maps[name].items()):
+            print(f"//   {key.hex()} -> {value.hex()}")
     return EXIT_OK
 
 
@@ -223,6 +296,13 @@ def _status(args: argparse.Namespace) -> int:
         print(f"last reload:  ok (generation {last['generation']})")
     rules = ", ".join(f"{k} {v}" for k, v in snap["nft_rules_per_chain"].items())
     print(f"datapath:     {snap['datapath']} ({rules})")
+    bpf = snap.get("bpf")
+    if bpf and "program_id" in bpf:
+        state = "maps in sync" if bpf["in_sync"] else "DRIFTED: " + "; ".join(bpf["problems"])
+        where = ", ".join(bpf["attached"]) or "no interface"
+        print(f"bpf:          program {bpf['program_id']} on {where}; {state}")
+    elif bpf and bpf.get("fallback_reason"):
+        print(f"bpf:          not used: {bpf['fallback_reason']}")
     print(
         f"kernel:       {'in sync' if snap['kernel_in_sync'] else 'DRIFTED'}, "
         f"{snap['drift_repairs']} repairs since start"

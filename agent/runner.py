@@ -17,11 +17,23 @@ a table replacement, and the proxy keeps relaying them.
 A crash (``kill -9``) leaves the table and addresses in place: diverted
 traffic is then refused by the kernel (nothing listens), never sent direct.
 The next start replaces the stale table whole.
+
+Datapath (``--datapath``): with ``bpf`` (or ``auto`` where it loads) a tc
+classifier selects forwarded traffic from maps, and the table's prerouting
+chain only matches its mark. Start-up first removes a previous run's filters
+and pins, then loads, fills the maps and attaches, before the table goes in.
+Reloads and pod changes then change map entries by diff and, only when the
+locally generated traffic's selection changed, the output chain and its
+sets, never the table as a whole. New interfaces are noticed through a
+netlink link subscription; drift repair also re-attaches removed filters
+and rewrites edited map entries. Stop removes the table, then the filters,
+qdiscs and pins.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -52,13 +64,22 @@ from egress_agent.agent.kubernetes import (
 )
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, StatusServer
 from egress_agent.agent.watch import PolicyFileWatch
+from egress_agent.bpf import attach as bpf_attach
+from egress_agent.bpf.datapath import BpfDatapath
+from egress_agent.bpf.loader import DEFAULT_PIN_DIR, BpfConfig, BpfError
+from egress_agent.bpf.maps import UnsupportedPolicy
 from egress_agent.policy.load import PolicyError, parse_policy, read_policy_text
 from egress_agent.policy.model import Policy
 from egress_agent.proxy.audit import AuditLog
 from egress_agent.proxy.connect import ConnectListener
 from egress_agent.proxy.server import ProxyServer
-from egress_agent.rules.apply import NftablesError, Table, verify_applied
-from egress_agent.rules.render import render_ruleset
+from egress_agent.rules.apply import (
+    NftablesError,
+    Table,
+    render_output_update,
+    verify_applied,
+)
+from egress_agent.rules.render import Json, Selection, render_ruleset
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +92,31 @@ POLL_INTERVAL = 10.0
 
 # How often the kernel state is compared with the desired state (drift repair).
 DRIFT_INTERVAL = 2.0
+# A new pod veth comes with a burst of link messages (create, rename, up).
+LINK_DEBOUNCE = 0.05
+RTMGRP_LINK = 1  # include/uapi/linux/rtnetlink.h
+
+
+class LinkEvents:
+    """A netlink socket subscribed to link changes. The agent only needs to
+    know *that* something changed (it then lists links), so messages are
+    read and dropped, never parsed."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self._sock.bind((0, RTMGRP_LINK))
+        self._sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while self._sock.recv(65536):
+                pass
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +131,13 @@ class RunOptions:
     # After handing over and draining: "exit", or "wait" for SIGTERM (in a
     # DaemonSet, so that the kubelet does not restart the old container).
     after_handover: str = "exit"
+    datapath: str = "auto"  # nft | bpf | auto
+    bpf_pin_dir: str = DEFAULT_PIN_DIR
+    bpf_exclude_interfaces: tuple[str, ...] = ()
+
+
+class DatapathError(Exception):
+    """--datapath bpf was asked for and the BPF datapath cannot run."""
 
 
 # How long start-up waits for the first list of pods before applying anyway
@@ -126,7 +179,10 @@ class Agent:
         self.policy = resolve(self.source_policy, None)
         self.policy_hash = content_hash(text)
         self.generation = 1
-        self.doc = render_ruleset(self.policy)
+        self.selection: Selection = "nft"
+        self.bpf: BpfDatapath | None = None
+        self.bpf_fallback: str | None = None
+        self.doc = self._render(self.policy)
         # fail: open makes the table the kernel's to remove when we end.
         self.table = Table(owned=self.policy.fail_open)
         self.audit = AuditLog(options.audit_path)
@@ -149,9 +205,86 @@ class Agent:
         async with self._reload_lock:
             await self._start(inherited)
 
+    def _render(self, policy: Policy) -> Json:
+        return render_ruleset(policy, selection=self.selection)
+
+    def _bpf_config(self) -> BpfConfig:
+        proxy = self.policy.proxy
+        return BpfConfig(
+            divert_mark=proxy.divert_mark,
+            upstream_mark=proxy.upstream_mark,
+            proxy_v4=proxy.address_v4,
+            proxy_v6=proxy.address_v6,
+            pin_dir=self.options.bpf_pin_dir,
+        )
+
+    async def _start_datapath(self) -> None:
+        wanted = self.options.datapath
+        if wanted == "nft":
+            # A crashed BPF-mode run's filters would only set an unused mark;
+            # remove them anyway: the agent leaves nothing behind.
+            await asyncio.to_thread(bpf_attach.detach_everywhere)
+            return
+        datapath = BpfDatapath(
+            config=self._bpf_config(), exclude_interfaces=self.options.bpf_exclude_interfaces
+        )
+        try:
+            await asyncio.to_thread(datapath.start, self.policy)
+        except (BpfError, UnsupportedPolicy, OSError) as exc:
+            reason = str(exc) if isinstance(exc, BpfError) else str(BpfError(str(exc)))
+            if wanted == "bpf":
+                raise DatapathError(
+                    f"{reason}; --datapath bpf does not fall back (use --datapath auto or nft)"
+                ) from exc
+            self.bpf_fallback = reason
+            log.warning(
+                "BPF datapath unavailable: %s; falling back to the nftables selection"
+                " (--datapath nft to skip trying)",
+                reason,
+            )
+            return
+        self.bpf, self.selection = datapath, "bpf"
+        log.info(
+            "BPF datapath: %s attached to %s",
+            datapath.status()["program_id"],
+            ", ".join(sorted(datapath.attached)) or "no interface yet",
+        )
+
+    async def _update_bpf(self, policy: Policy) -> None:
+        if self.bpf is not None:
+            result = await asyncio.to_thread(self.bpf.update, policy)
+            if result.changed_entries:
+                log.info(
+                    "BPF maps: %d entries changed in %.1f ms",
+                    result.changed_entries,
+                    result.seconds * 1000,
+                )
+
+    def _apply_doc(self, doc: Json) -> None:
+        """Replace the table, or in BPF mode change only output rules and sets
+        when that is all that differs (the table and prerouting stay)."""
+        if doc == self.doc:
+            return
+        partial = render_output_update(self.doc, doc) if self.selection == "bpf" else None
+        if partial is not None:
+            self.table.change(partial)
+        else:
+            self.table.apply(doc)
+
+    async def links_changed(self) -> None:
+        """An interface appeared, went or changed: attach where it belongs."""
+        if self.bpf is None or self.handing_over:
+            return  # after a handover the successor's program is the one to attach
+        async with self._reload_lock:
+            added = await asyncio.to_thread(self.bpf.sync_links)
+            if added:
+                log.info("BPF classifier attached to %s", ", ".join(added))
+
     async def _start(self, inherited: Inherited | None) -> None:
         # pyroute2 drives its own asyncio loop internally: keep it off ours.
         await asyncio.to_thread(ensure_proxy_addresses, self.policy.proxy)
+        await self._start_datapath()
+        self.doc = self._render(self.policy)
         self.proxy = ProxyServer(
             policy=self.policy,
             audit=self.audit,
@@ -182,6 +315,10 @@ class Agent:
             problems = verify_applied(self.doc)
             missing = await asyncio.to_thread(missing_proxy_addresses, self.policy.proxy)
             problems += [f"proxy address {a} missing from lo" for a in missing]
+            bpf_problems: list[str] = []
+            if self.bpf is not None:
+                bpf_problems = await asyncio.to_thread(self.bpf.verify)
+                problems += bpf_problems
             self.drift_problems = problems
             if not problems:
                 self.in_sync = True
@@ -190,9 +327,13 @@ class Agent:
             log.warning("drift: %s; restoring", "; ".join(problems))
             if missing:
                 await asyncio.to_thread(ensure_proxy_addresses, self.policy.proxy)
+            if self.bpf is not None and bpf_problems:
+                await asyncio.to_thread(self.bpf.repair)
             self.table.apply(self.doc)
             self.repairs += 1
             self.in_sync = not verify_applied(self.doc)
+            if self.bpf is not None:
+                self.in_sync = self.in_sync and not await asyncio.to_thread(self.bpf.verify)
             return True
 
     def snapshot(self) -> dict[str, Any]:
@@ -236,7 +377,9 @@ class Agent:
                 "default": self.policy.default.value,
             },
             "last_reload": asdict(self.last_reload) if self.last_reload else None,
-            "datapath": "nftables",
+            "datapath": "bpf" if self.bpf is not None else "nftables",
+            "datapath_requested": self.options.datapath,
+            "bpf": self._bpf_snapshot(),
             "fail": "open" if self.policy.fail_open else "closed",
             "discovery": discovery,
             "nft_rules_per_chain": counts,
@@ -249,16 +392,25 @@ class Agent:
             "not_ready_because": reasons,
         }
 
+    def _bpf_snapshot(self) -> dict[str, Any] | None:
+        if self.bpf is None:
+            return {"fallback_reason": self.bpf_fallback} if self.bpf_fallback else None
+        return {
+            **self.bpf.status(),
+            "in_sync": not self.bpf.last_problems,
+            "problems": self.bpf.last_problems,
+        }
+
     async def reload(self, reason: str) -> ReloadResult:
         """Validate the file, then apply it as one change; keep the old on any error."""
         async with self._reload_lock:
             if self.handing_over:  # the successor applies the file now
                 return self._failed("handed over to a successor")
-            result = self._reload(reason)
+            result = await self._reload(reason)
             self.last_reload = result
             return result
 
-    def _reload(self, reason: str) -> ReloadResult:
+    async def _reload(self, reason: str) -> ReloadResult:
         try:
             text = read_policy_text(self.path)
             digest = content_hash(text)
@@ -267,7 +419,7 @@ class Agent:
             source = parse_policy(text, source_name=self.path)
             _check_restart_only_settings(self.policy, source)
             policy = resolve(source, self.pods)
-            doc = render_ruleset(policy)
+            doc = self._render(policy)
         except PolicyError as exc:
             log.error(
                 "reload (%s): keeping policy generation %d; the new file is not valid:\n  %s",
@@ -280,9 +432,18 @@ class Agent:
             log.error("reload (%s): keeping generation %d: %s", reason, self.generation, exc)
             return self._failed(str(exc))
         try:
-            self.table.apply(doc)
+            await self._update_bpf(policy)
+        except (UnsupportedPolicy, OSError) as exc:
+            log.error("reload (%s): BPF maps refused the policy, old one stays: %s", reason, exc)
+            if self.bpf is not None:
+                await self._update_bpf(self.policy)
+            return self._failed(str(exc))
+        try:
+            self._apply_doc(doc)
         except NftablesError as exc:
             log.error("reload (%s): kernel refused the ruleset, old one stays: %s", reason, exc)
+            if self.bpf is not None:
+                await self._update_bpf(self.policy)
             return self._failed(str(exc))
         self.generation += 1
         self.source_policy = source
@@ -304,7 +465,7 @@ class Agent:
         """Before start: take discovery's first view into the policy to apply."""
         self.pods = pods
         self.policy = resolve(self.source_policy, pods)
-        self.doc = render_ruleset(self.policy)
+        self.doc = self._render(self.policy)
 
     async def pods_changed(self, pods: Snapshot) -> None:
         """Discovery saw pods come, go or change labels: apply the new addresses
@@ -314,14 +475,14 @@ class Agent:
                 return
             self.pods = pods
             policy = resolve(self.source_policy, pods)
-            doc = render_ruleset(policy)
-            if doc == self.doc:
-                self.policy = policy
+            doc = self._render(policy)
+            if doc == self.doc and policy == self.policy:
                 return
             try:
-                self.table.apply(doc)
-            except NftablesError as exc:
-                log.error("pods changed but the kernel refused the ruleset: %s", exc)
+                await self._update_bpf(policy)
+                self._apply_doc(doc)
+            except (NftablesError, UnsupportedPolicy, OSError) as exc:
+                log.error("pods changed but the kernel refused the change: %s", exc)
                 return
             self.generation += 1
             self.policy, self.doc = policy, doc
@@ -390,8 +551,10 @@ class Agent:
                 await self.proxy.close()
             except Exception as exc:
                 log.error("teardown: could not close the proxy: %s", exc)
+        bpf = self.bpf
         for step, action in (
             ("remove nftables table", self.table.remove),
+            ("remove the BPF datapath", bpf.stop if bpf is not None else lambda: None),
             ("remove proxy addresses", lambda: remove_proxy_addresses(self.policy.proxy)),
         ):
             if not teardown:
@@ -449,6 +612,22 @@ class Agent:
             "1 when ready (rules, proxy and discovery in place).",
             [("", 1 if snap["ready"] else 0)],
         )
+        if self.bpf is not None:
+            counters = self.bpf.workload_counters()
+            for i, (kind, what) in enumerate(
+                (
+                    ("packets", "diverted"),
+                    ("bytes", "diverted"),
+                    ("packets", "bypassed"),
+                    ("bytes", "bypassed"),
+                )
+            ):
+                metric(
+                    f"bpf_{what}_{kind}_total",
+                    "counter",
+                    f"TCP {kind} of a workload the BPF classifier {what}.",
+                    [(f'{{workload="{w}"}}', v[i]) for w, v in sorted(counters.items())],
+                )
         metric(
             "connections_open",
             "gauge",
@@ -570,6 +749,23 @@ async def run_agent(options: RunOptions) -> int:
                 log.error("drift check failed: %s", exc)
 
     poller = loop.create_task(poll(), name="policy poll")
+    links = LinkEvents()
+    links_pending: list[asyncio.TimerHandle] = []
+
+    def on_links() -> None:
+        links.drain()
+        if links_pending or not started:
+            return
+
+        def fire() -> None:
+            links_pending.clear()
+            task = loop.create_task(agent.links_changed(), name="links changed")
+            tasks.add(task)
+            task.add_done_callback(reload_done)
+
+        links_pending.append(loop.call_later(LINK_DEBOUNCE, fire))
+
+    loop.add_reader(links.fileno(), on_links)
     status = StatusServer(
         snapshot=agent.snapshot, address=options.status_address, metrics=agent.metrics
     )
@@ -645,6 +841,10 @@ async def run_agent(options: RunOptions) -> int:
             handle.cancel()
         loop.remove_reader(watch.fileno())
         watch.close()
+        loop.remove_reader(links.fileno())
+        links.close()
+        for handle in links_pending:
+            handle.cancel()
         for task in list(tasks):
             task.cancel()
         if handover is not None:

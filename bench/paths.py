@@ -261,7 +261,9 @@ def egress_agent(lab: Lab, work: Path) -> Iterator[Running]:
             name="egress-agent",
             pid=agent.proc.pid,
             facts={
-                "what": "egress-agent run (uvloop, one event loop), an audit record per connection",
+                "what": "egress-agent run (uvloop, one event loop, datapath "
+                + ("bpf" if "BPF datapath:" in (work / "agent.log").read_text() else "nft")
+                + "), an audit record per connection",
                 "nofile": open_files_limit(agent.proc.pid),
                 "audit": str(audit),
             },

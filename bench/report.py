@@ -157,6 +157,31 @@ def table(doc: dict[str, Any]) -> str:
             f"{'haproxy log':<32} {hlog['records']} records for {hlog['expected']} "
             f"connections made, termination states {hlog['states']} ('--' = normal)"
         )
+    bpf = doc.get("bpf")
+    if bpf is not None:
+        maps = bpf.get("maps", {})
+        out += [
+            "",
+            "BPF datapath (10,000 workloads and 10,000 except CIDRs in the maps):",
+            f"  compile and load {maps.get('compile_and_load_s')} s; full apply "
+            f"{maps.get('full_apply_s')} s ({maps.get('full_entries')} entries); one-entry change "
+            f"{maps.get('one_change_ms')} ms ({maps.get('one_change_entries')} entries); "
+            f"one except CIDR changed {maps.get('one_cidr_change_ms')} ms"
+            f" ({maps.get('one_cidr_change_entries')} entries);",
+            f"  verify against the kernel {maps.get('verify_s')} s; the agent's whole step for one"
+            f" pod among 10,000 pod workloads (render, compare, maps):"
+            f" {maps.get('agent_pod_change_ms')} ms, table untouched:"
+            f" {maps.get('agent_pod_change_same_table')}",
+        ]
+        rates = [_dig(bpf, k, "gbit_s") or 0 for k in ("without", "with", "without_again")]
+        cost = maps.get("ns_per_packet", {})
+        out += [
+            f"  iperf3 1 stream without / with / without the classifier attached:"
+            f" {rates[0]:.1f} / {rates[1]:.1f} / {rates[2]:.1f} Gbit/s;"
+            f" ratio {bpf.get('throughput_ratio')}",
+            "  classifier per packet (BPF_PROG_TEST_RUN, 200,000 runs): "
+            + ", ".join(f"{k.replace('_', ' ')} {v['ns']:.0f} ns" for k, v in cost.items()),
+        ]
     out += [
         "",
         "notes: the CPUs are shared freely by client, proxy and server, so compare ratios within",

@@ -291,6 +291,40 @@ def measure(lab: Lab, work: Path, settings: Settings, factory: PathFactory) -> d
     return result
 
 
+def bpf_scale(lab: Lab, settings: Settings) -> dict[str, Any]:
+    """Map scale (10,000 workloads and CIDRs: full apply, one-entry change),
+    the classifier's time per packet (kernel test runs, in bench.bpfscale), and
+    iperf3 throughput with and without it attached, side by side (no proxy,
+    no nftables: only the classifier differs)."""
+
+    result: dict[str, Any] = {"without": iperf(lab, streams=1, seconds=settings.seconds)}
+    proc = lab.popen(
+        "node",
+        [
+            sys.executable,
+            "-m",
+            "bench.bpfscale",
+            "--pin-dir",
+            f"/sys/fs/bpf/egress-bench-{lab.prefix.rstrip('-')}",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        result["maps"] = json.loads(read_line(proc, 120))
+        result["with"] = iperf(lab, streams=1, seconds=settings.seconds)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(30)
+    result["without_again"] = iperf(lab, streams=1, seconds=settings.seconds)
+    rates = [result[k].get("gbit_s") for k in ("without", "with", "without_again")]
+    if all(rates):
+        result["throughput_ratio"] = round(2 * rates[1] / (rates[0] + rates[2]), 3)
+    return result
+
+
 def failures(results: dict[str, dict[str, Any]]) -> list[str]:
     problems = []
     for name, r in results.items():
@@ -315,7 +349,7 @@ def stamp_of(started: float) -> str:
 
 def run_all(
     settings: Settings, started: float, results_dir: Path, keep_logs: bool
-) -> tuple[dict[str, dict[str, Any]], str]:
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], str]:
     """One topology, every path measured in turn; returns the results and the
     lab's namespace prefix. The lab is gone when this returns or raises."""
     results: dict[str, dict[str, Any]] = {}
@@ -328,6 +362,7 @@ def run_all(
         try:
             for factory in PATHS:
                 results[factory.__name__.replace("_", "-")] = measure(lab, work, settings, factory)
+            bpf_result = bpf_scale(lab, settings)
             complete = True
         finally:
             if not complete or failures(results) or keep_logs:
@@ -335,7 +370,7 @@ def run_all(
                 keep = results_dir / f"{stamp_of(started)}-logs"
                 shutil.copytree(work, keep, dirs_exist_ok=True)
                 print(f"bench: logs kept in {keep}", file=sys.stderr)
-        return results, lab.prefix
+        return results, bpf_result, lab.prefix
 
 
 _MAIN_PID = os.getpid()
@@ -391,7 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     t0 = time.monotonic()
     try:
-        results, lab_prefix = run_all(settings, started, args.results_dir, args.keep_logs)
+        results, bpf_result, lab_prefix = run_all(
+            settings, started, args.results_dir, args.keep_logs
+        )
     except KeyboardInterrupt:
         print("bench: interrupted; the lab and everything in it were removed", file=sys.stderr)
         return 130
@@ -412,6 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": asdict(settings),
         "lab_prefix": lab_prefix,
         "paths": results,
+        "bpf": bpf_result,
         "problems": problems,
         "ok": not problems,
     }

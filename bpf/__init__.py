@@ -1,6 +1,9 @@
-"""The BPF datapath (tc classifier, maps, bcc loader).
+"""The BPF datapath: a tc classifier that marks the packets to divert, from
+maps the agent updates live (nftables then only matches the mark and DNATs).
 
-Not built yet: today the nftables ruleset from ``rules`` selects diverted traffic
-on its own. The BPF classifier will make the same decisions from maps updated
-live; ``policy.decide.should_divert`` is the reference both must agree with.
+``classifier.bpf.c`` and ``egress.h`` are the kernel side; ``layout`` mirrors
+the header, ``maps`` computes the map contents purely (and re-does the
+classifier's decision for tests), ``loader`` owns bcc, ``attach`` owns tc,
+``datapath`` composes them for the agent. ``policy.decide.should_divert`` is
+the reference this datapath and the nftables one must both agree with.
 """

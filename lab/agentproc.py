@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,17 +24,17 @@ class AgentProcess:
         audit: Path,
         log: Path,
         host: str = "node",
-        args: Sequence[str] = (),
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.lab = lab
         self.policy = policy
         self.audit = audit
         self.log = log
         self.host = host
-        self.args = tuple(args)
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, timeout: float = 15.0) -> AgentProcess:
+    def start(self, *, timeout: float = 30.0) -> AgentProcess:
         argv = [
             sys.executable,
             "-m",
@@ -45,7 +44,7 @@ class AgentProcess:
             str(self.policy),
             "--audit-log",
             str(self.audit),
-            *self.args,
+            *self.extra_args,
         ]
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:

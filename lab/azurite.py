@@ -42,8 +42,10 @@ SAS_VERSION = "2021-08-06"
 
 # morgan's "common" format: ':remote-addr - :remote-user [:date] ":method :url
 # HTTP/:version" :status :length'.
-_ACCESS_RE = re.compile(r'^(?P<ip>\S+) \S+ \S+ \[[^\]]*\] "(?P<method>\S+) (?P<url>\S+) [^"]*" '
-                        r"(?P<status>\d{3}) ")
+_ACCESS_RE = re.compile(
+    r'^(?P<ip>\S+) \S+ \S+ \[[^\]]*\] "(?P<method>\S+) (?P<url>\S+) [^"]*" '
+    r"(?P<status>\d{3}) "
+)
 
 
 def azurite_blob_bin() -> Path:
@@ -198,7 +200,6 @@ def start_azurite(
                 return Azurite(proc=proc, access_log=access_log)
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"azurite not listening after {timeout}s:\n"
-                f"{access_log.read_text(errors='replace')}"
+                f"azurite not listening after {timeout}s:\n{access_log.read_text(errors='replace')}"
             )
         time.sleep(0.1)

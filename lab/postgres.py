@@ -202,4 +202,3 @@ def wait_for(predicate: Any, what: str, timeout: float = 30, interval: float = 0
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-

@@ -92,6 +92,7 @@ _PROXY_KEYS = (
     "address_v4",
     "address_v6",
     "upstream_mark",
+    "divert_mark",
     "peek_bytes",
     "peek_timeout",
     "connect_timeout",
@@ -388,13 +389,14 @@ class _Reader:
             got = self.address(n, _join(path, "address_v6"), version=6)
             if isinstance(got, ipaddress.IPv6Address):
                 address_v6 = got
+        upstream_mark = int_field("upstream_mark", 1, 0xFFFFFFFF, defaults.upstream_mark, hex_=True)
+        divert_mark = int_field("divert_mark", 1, 0xFFFFFFFF, defaults.divert_mark, hex_=True)
         return ProxySettings(
             port=int_field("port", 1, 65535, defaults.port),
             address_v4=address_v4,
             address_v6=address_v6,
-            upstream_mark=int_field(
-                "upstream_mark", 1, 0xFFFFFFFF, defaults.upstream_mark, hex_=True
-            ),
+            upstream_mark=upstream_mark,
+            divert_mark=divert_mark,
             peek_bytes=int_field("peek_bytes", 512, 65536, defaults.peek_bytes),
             peek_timeout=seconds_field("peek_timeout", 60, defaults.peek_timeout),
             connect_timeout=seconds_field("connect_timeout", 300, defaults.connect_timeout),

@@ -25,6 +25,9 @@ DEFAULT_PROXY_ADDRESS_V4 = ipaddress.IPv4Address("169.254.99.1")
 DEFAULT_PROXY_ADDRESS_V6 = ipaddress.IPv6Address("fd65:6772:6573::1")
 # Packet mark on the proxy's upstream sockets; the rules never divert it.
 DEFAULT_UPSTREAM_MARK = 0x6567
+# Packet mark bit the BPF datapath's classifier sets on packets to divert; the
+# nftables rules then only match it. Its own bit, clear of the upstream mark.
+DEFAULT_DIVERT_MARK = 0x00800000
 
 
 class Action(enum.Enum):
@@ -179,6 +182,7 @@ class ProxySettings:
     address_v4: ipaddress.IPv4Address = DEFAULT_PROXY_ADDRESS_V4
     address_v6: ipaddress.IPv6Address = DEFAULT_PROXY_ADDRESS_V6
     upstream_mark: int = DEFAULT_UPSTREAM_MARK
+    divert_mark: int = DEFAULT_DIVERT_MARK
     # Caps on reading the first bytes (TLS ClientHello, HTTP request head).
     # Wire bytes: a 16 KiB ClientHello plus its TLS record and handshake headers.
     peek_bytes: int = 20480

@@ -491,7 +491,8 @@ _SIGNED_STANDARD = (
     "range",
 )
 # Azure sorts x-ms-* names the way .NET's invariant culture compares strings:
-# hyphens and apostrophes are ignored at first and only break ties, and
+# hyphens and apostrophes are ignored at first and only break ties (by their
+# positions, see _x_ms_sort_key), and
 # punctuation sorts before digits before letters. Plain ASCII order differs,
 # e.g. for x-ms-meta-c vs x-ms-metab, and a wrong order is a 403.
 _PRIMARY_ORDER = "!#$%&*.^_`|~+0123456789abcdefghijklmnopqrstuvwxyz"
@@ -504,7 +505,11 @@ def _x_ms_sort_key(name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         for c in name
         if c not in _IGNORED_FIRST
     )
-    secondary = tuple(ord(c) for c in name if c in _IGNORED_FIRST)
+    # The tie-break walks both names in step: at the first place where one
+    # has a hyphen or apostrophe and the other a regular character, the
+    # regular character comes first; an apostrophe comes before a hyphen; a
+    # name that ends there comes first.
+    secondary = tuple(_IGNORED_FIRST.index(c) + 1 if c in _IGNORED_FIRST else 0 for c in name)
     return primary, secondary
 
 

@@ -119,6 +119,16 @@ class Table:
         if rc != 0:
             raise NftablesError(f"nftables refused the change (rc={rc}): {error.strip()}")
 
+    def change(self, doc: Json) -> None:
+        """Run a transaction that edits the table in place (it must not add or
+        delete the table itself), on the socket that owns it if owned."""
+        if not self.owned:
+            _run(doc)
+            return
+        rc, _, error = self._nft.json_cmd(doc)
+        if rc != 0:
+            raise NftablesError(f"nftables refused the change (rc={rc}): {error.strip()}")
+
     def remove(self) -> None:
         if not self.owned:
             remove_table()
@@ -224,3 +234,48 @@ def verify_applied(doc: Json) -> list[str]:
         if w != h:
             problems.append(f"chain {chain}: want rules {w}, kernel has {h}")
     return problems
+
+
+def render_output_update(old: Json, new: Json) -> Json | None:
+    """A transaction that turns the table of ``old`` into that of ``new`` when
+    they differ only in the ``output`` chain's rules and in sets (what a
+    workload change does to a BPF-mode document), without replacing the
+    table: it keeps its handle and the other chains are untouched. None when
+    anything else differs (then replace the table whole)."""
+
+    def parts(doc: Json) -> tuple[list[Json], dict[str, Json], list[Json]]:
+        other, sets, output = [], {}, []
+        for cmd in doc.get("nftables", []):
+            add = cmd.get("add", {})
+            if "set" in add:
+                sets[add["set"]["name"]] = add["set"]
+            elif "rule" in add and add["rule"]["chain"] == "output":
+                output.append(add["rule"])
+            else:
+                other.append(cmd)
+        return other, sets, output
+
+    old_other, old_sets, _ = parts(old)
+    new_other, new_sets, new_output = parts(new)
+    if old_other != new_other:
+        return None
+    table = {"family": FAMILY, "table": TABLE}
+    cmds: list[Json] = [
+        {"metainfo": {"json_schema_version": 1}},
+        {"flush": {"chain": {**table, "name": "output"}}},
+    ]
+    for name, s in old_sets.items():
+        if name not in new_sets or new_sets[name]["type"] != s["type"]:
+            cmds.append({"delete": {"set": {**table, "name": name}}})
+    for name, s in new_sets.items():
+        old_set = old_sets.get(name)
+        if old_set is not None and old_set["type"] == s["type"]:
+            if old_set == s:
+                continue
+            cmds.append({"flush": {"set": {**table, "name": name}}})
+            if s.get("elem"):
+                cmds.append({"add": {"element": {**table, "name": name, "elem": s["elem"]}}})
+        else:
+            cmds.append({"add": {"set": s}})
+    cmds += [{"add": {"rule": r}} for r in new_output]
+    return {"nftables": cmds}

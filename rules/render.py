@@ -31,13 +31,17 @@ of other workloads (:func:`identity_networks`).
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import json
+import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from egress_agent.policy.model import IPNetwork, Policy, PortRange, Workload
 
 TABLE = "egress_agent"
+_SET_REF = re.compile(r'"@([A-Za-z0-9_]+)"')
 FAMILY = "inet"
 # Before the usual dstnat priority (-100) so the original destination is seen
 # before other NAT (kube-proxy, Docker) rewrites it.
@@ -45,24 +49,49 @@ NAT_PRIORITY = -110
 FILTER_PRIORITY = 0
 
 Json = dict[str, Any]
+Selection = Literal["nft", "bpf"]
 
 
-def render_ruleset(policy: Policy) -> Json:
-    """The whole nftables document that makes the kernel divert as ``policy`` says."""
+def render_ruleset(policy: Policy, *, selection: Selection = "nft") -> Json:
+    """The whole nftables document that makes the kernel divert as ``policy`` says.
+
+    ``selection="bpf"``: the tc classifier has already chosen forwarded
+    packets and marked them with ``proxy.divert_mark``; prerouting only
+    matches that mark and DNATs. Locally generated traffic keeps its
+    nftables selection in ``output``: no BPF hook runs before nat OUTPUT with
+    the source address chosen (tc egress and cgroup_skb egress run after
+    POSTROUTING, cgroup connect before the source address is picked), so only
+    the sets those output rules use are rendered. Workloads given by ``pods``
+    get no output rules there: a pod's traffic always arrives through its
+    veth (host-network pods never match a workload).
+    """
     cmds: list[Json] = [{"metainfo": {"json_schema_version": 1}}]
     table = {"family": FAMILY, "name": TABLE}
     cmds += [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
 
     sets: list[Json] = []
     nat_rules: list[tuple[Json, bool]] = []  # (rule, applies to locally generated traffic)
-    identities = identity_networks(policy)
+    if selection == "bpf":
+        local_names = {w.name for w in policy.workloads if not w.interfaces and w.pods is None}
+        wanted = local_names & {name for rule in policy.intercept for name in rule.sources}
+        identities = identity_networks(policy, only=wanted)
+    else:
+        identities = identity_networks(policy)
+    # The CONNECT listener's input rules admit every workload by set, in
+    # either mode.
+    set_identities = identity_networks(policy) if policy.connect is not None else identities
     for w_index, workload in enumerate(policy.workloads):
-        v4, v6 = identities[workload.name]
+        if workload.name not in set_identities:
+            continue
+        v4, v6 = set_identities[workload.name]
         sets.append(_set(f"wl{w_index}_v4", "ipv4_addr", _prefix_elems(v4)))
         sets.append(_set(f"wl{w_index}_v6", "ipv6_addr", _prefix_elems(v6)))
 
     w_index_by_name = {w.name: i for i, w in enumerate(policy.workloads)}
+    by_name = {w.name: w for w in policy.workloads}
     for rule in policy.intercept:
+        if not any(source in identities for source in rule.sources):
+            continue  # BPF mode, no local source: nothing of this rule is rendered
         i = rule.index
         to4, to6 = _split(rule.to_cidrs)
         ex4, ex6 = _split(rule.except_cidrs)
@@ -77,9 +106,9 @@ def render_ruleset(policy: Policy) -> Json:
             if ex:
                 sets.append(_set(f"ic{i}_except_{suffix}", _addr_type(fam), _prefix_elems(ex)))
             for source in rule.sources:
-                workload = policy.workload(source)
+                workload = by_name[source]
                 w = w_index_by_name[source]
-                if not identities[source][0 if fam == "ip" else 1]:
+                if source not in identities or not identities[source][0 if fam == "ip" else 1]:
                     continue
                 exprs: list[Json] = []
                 if workload.interfaces:
@@ -97,8 +126,6 @@ def render_ruleset(policy: Policy) -> Json:
                 exprs.append(_divert(policy, fam))
                 comment = f"intercept[{i}] from {source}"
                 nat_rules.append((_rule_body(exprs, comment), not workload.interfaces))
-
-    cmds += [{"add": {"set": s}} for s in sets]
 
     chains = [
         _chain("prerouting", "nat", "prerouting", NAT_PRIORITY),
@@ -128,8 +155,25 @@ def render_ruleset(policy: Policy) -> Json:
             "proxy upstream connections",
         )
     )
+    if selection == "bpf":
+        dmark = policy.proxy.divert_mark
+        for fam, proto in (("ip", "ipv4"), ("ip6", "ipv6")):
+            rules.append(
+                _rule(
+                    "prerouting",
+                    [
+                        _match({"&": [_meta("mark"), dmark]}, dmark),
+                        _match(_meta("nfproto"), proto),
+                        _match(_meta("l4proto"), "tcp"),
+                        {"counter": None},
+                        _divert(policy, fam),
+                    ],
+                    f"marked by the BPF classifier ({proto})",
+                )
+            )
     for body, local in nat_rules:
-        rules.append({"chain": "prerouting", **body})
+        if selection == "nft":
+            rules.append({"chain": "prerouting", **body})
         if local:
             # Locally generated traffic has no ingress interface, so workloads
             # bound to interfaces are matched for forwarded traffic only.
@@ -162,7 +206,14 @@ def render_ruleset(policy: Policy) -> Json:
                 "diverted traffic never leaves the node (fail closed)",
             )
         )
-    rules += _connect_rules(policy, identities)
+    rules += _connect_rules(policy, set_identities)
+    if selection == "bpf":
+        # Only the output chain (local traffic) and the CONNECT listener's
+        # input rules still select by set; the classifier does the rest.
+        referencing = [r for r in rules if r["chain"] in ("output", "input")]
+        used = set(_SET_REF.findall(json.dumps(referencing)))
+        sets = [s for s in sets if s["name"] in used]
+    cmds[4:4] = [{"add": {"set": s}} for s in sets]
     cmds += [{"add": {"rule": _in_table(r)}} for r in rules]
     return {"nftables": cmds}
 
@@ -213,24 +264,38 @@ def render_teardown() -> Json:
 
 
 def identity_networks(
-    policy: Policy,
+    policy: Policy, *, only: set[str] | None = None
 ) -> dict[str, tuple[list[ipaddress.IPv4Network], list[ipaddress.IPv6Network]]]:
     """Each workload's addresses under longest-prefix identity, as disjoint,
-    collapsed IPv4 and IPv6 network lists."""
-    owned = [(net, w.name) for w in policy.workloads for net in w.cidrs]
+    collapsed IPv4 and IPv6 network lists (for the workloads in ``only``, or all).
+
+    The more specific CIDRs of other workloads inside a CIDR are found by a
+    binary search over all CIDRs sorted by address (they lie in its address
+    range), so 10,000 workloads cost n log n, not n squared."""
+    if only is not None and not only:
+        return {}
+    owned = sorted(
+        ((net.version, int(net.network_address), net.prefixlen, net, w.name)
+         for w in policy.workloads for net in w.cidrs),
+        key=lambda item: item[:3],
+    )  # fmt: skip
+    keys = [(version, start) for version, start, _, _, _ in owned]
     result: dict[str, tuple[list[ipaddress.IPv4Network], list[ipaddress.IPv6Network]]] = {}
     for workload in policy.workloads:
+        if only is not None and workload.name not in only:
+            continue
         pieces: list[IPNetwork] = []
         for net in workload.cidrs:
+            first = int(net.network_address)
+            last = int(net.broadcast_address)
+            lo = bisect.bisect_left(keys, (net.version, first))
+            hi = bisect.bisect_right(keys, (net.version, last))
             carved = [
                 other
-                for other, owner in owned
-                if owner != workload.name
-                and other.version == net.version
-                and other.prefixlen > net.prefixlen
-                and other.subnet_of(net)  # type: ignore[arg-type]
+                for _, _, plen, other, owner in owned[lo:hi]
+                if owner != workload.name and plen > net.prefixlen
             ]
-            pieces.extend(_exclude(net, carved))
+            pieces.extend(_exclude(net, carved) if carved else [net])
         v4 = [n for n in pieces if isinstance(n, ipaddress.IPv4Network)]
         v6 = [n for n in pieces if isinstance(n, ipaddress.IPv6Network)]
         result[workload.name] = (

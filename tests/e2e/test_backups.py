@@ -452,7 +452,8 @@ def test_replication_streams_directly_never_through_the_proxy(s: Scenario) -> No
     wait_for(
         lambda: s.replica.psql(
             "SELECT count(*) FROM pg_tables WHERE tablename = 'replicated'"
-        ).strip() == "1",
+        ).strip()
+        == "1",
         "the new table on the replica",
     )
     assert s.replica.psql("SELECT n FROM replicated").strip() == "42"
@@ -543,9 +544,7 @@ DUMMY_SAS = "sv=2021-08-06&ss=b&srt=sco&sp=rwdlac&se=2099-01-01T00:00:00Z&spr=ht
 
 
 @pytest.mark.parametrize("credential", ["sas", "key", "connection-string"])
-def test_each_kind_of_pod_credential_works_through_the_proxy(
-    s: Scenario, credential: str
-) -> None:
+def test_each_kind_of_pod_credential_works_through_the_proxy(s: Scenario, credential: str) -> None:
     """The pod configurations of the injection tests below, with the real
     credential: whatever fails there is the proxy's doing, not barman's set-up."""
     s.use_baseline()
@@ -617,9 +616,7 @@ def test_shared_key_signed_by_the_proxy(s: Scenario) -> None:
             auth_443=f"{{azure_shared_key: {{account: {s.account.name}, key_file: {s.key_file}}}}}",
         )
     )
-    s.backups.configure(
-        _pod_config(s, "pg-key", ca_file=s.pod_proxy_ca, account_key=_dummy_key())
-    )
+    s.backups.configure(_pod_config(s, "pg-key", ca_file=s.pod_proxy_ca, account_key=_dummy_key()))
     _injected_round(s, "pg-key", port=443, rule="backups-injected")
 
 

@@ -53,6 +53,17 @@ def test_quick_benchmark_measures_every_path_and_loses_nothing(
     assert doc["paths"]["direct"]["idle"]["rss_kib_before"] is None
     audit = doc["paths"]["egress-agent"]["audit"]
     assert audit["ok"] and audit["records"] == audit["expected"] > 0
+    # The BPF datapath at 10,000 workloads and CIDRs: loaded, changed by one
+    # entry, read back equal; the classifier measured attached and detached.
+    bpf = doc["bpf"]
+    assert bpf["maps"]["full_entries"] == 30_002 and bpf["maps"]["verify_problems"] == []
+    assert bpf["maps"]["one_change_entries"] == 2 and bpf["maps"]["one_change_ms"] > 0
+    assert bpf["with"]["ok"] and bpf["without"]["ok"] and bpf["throughput_ratio"] > 0
+    # The test runs decide like the policy: only the matching port is diverted.
+    cost = bpf["maps"]["ns_per_packet"]
+    assert [k for k, v in cost.items() if v["diverted"]] == ["workload_diverted"]
+    assert all(v["ns"] > 0 for v in cost.values())
+    assert "BPF datapath" in proc.stdout
     # The table names every path; nothing of the lab is left.
     for name in PATHS:
         assert f"{name} " in proc.stdout

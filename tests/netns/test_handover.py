@@ -83,7 +83,7 @@ def _agent(lab: Lab, work: Path, name: str, *args: str) -> AgentProcess:
         policy=work / "policy.yaml",
         audit=work / "audit.jsonl",
         log=work / f"{name}.log",
-        args=args,
+        extra_args=args,
     )
 
 

@@ -93,7 +93,11 @@ def node(pod_and_sink: Lab, tmp_path: Path) -> Iterator[Node]:
 def test_status_and_health_endpoints(node: Node) -> None:
     snap = node.status()
     assert snap["policy"]["generation"] == 1 and snap["ready"] and snap["kernel_in_sync"]
-    assert snap["datapath"] == "nftables" and snap["nft_rules_per_chain"]["prerouting"] == 3
+    # auto picks BPF on a machine like CI's: the classifier selects, and
+    # prerouting holds the two "to the proxy itself" returns and the two
+    # mark matches (IPv4, IPv6).
+    assert snap["datapath"] == "bpf" and snap["datapath_requested"] == "auto"
+    assert snap["bpf"]["in_sync"] and snap["nft_rules_per_chain"]["prerouting"] == 4
     assert node.http("/healthz")[0] == 200 and node.http("/readyz")[0] == 200
     code, text = node.cli("status")
     assert code == 0 and "generation 1" in text and "ready:        yes" in text
@@ -135,7 +139,7 @@ def test_an_edited_chain_and_a_removed_address_are_restored(node: Node) -> None:
     handle = next(
         i["rule"]["handle"]
         for i in listing["nftables"]
-        if "rule" in i and i["rule"].get("comment", "").startswith("intercept")
+        if "rule" in i and i["rule"].get("comment", "").startswith(("intercept", "marked"))
     )
     node.lab.run(
         "node",

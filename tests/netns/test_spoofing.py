@@ -59,8 +59,14 @@ def test_spoofed_source_from_another_interface_is_not_diverted(tmp_path: Path) -
                 """
             )
         )
+        # The nftables datapath's own check (its selection rules count the
+        # packets); test_bpf_datapath checks the classifier the same way.
         agent = AgentProcess(
-            lab, policy=policy, audit=tmp_path / "audit.jsonl", log=tmp_path / "agent.log"
+            lab,
+            policy=policy,
+            audit=tmp_path / "audit.jsonl",
+            log=tmp_path / "agent.log",
+            extra_args=("--datapath", "nft"),
         ).start()
         try:
             assert _divert_packets(lab) == 0

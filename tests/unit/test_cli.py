@@ -67,3 +67,17 @@ def test_check_reports_every_problem_and_exits_2(
     err = capsys.readouterr().err
     assert f"{bad}:7:" in err and "unknown workload 'pg-mian'" in err
     assert "egress[0].action" in err and "(2 problems)" in err
+
+
+def test_bpf_dump_prints_the_program_its_flags_and_a_policys_entries(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bpf", "dump", "--policy", str(policy), "--bpf-pin-dir", "/sys/fs/bpf/x"]) == 0
+    out = capsys.readouterr().out
+    assert "// program egress_classify (tc clsact ingress" in out
+    assert "-DDIVERT_MARK=0x800000" in out and "-DUPSTREAM_MARK=0x6567" in out
+    assert "// pinned  /sys/fs/bpf/x/{egress_classify," in out
+    assert "int egress_classify(struct __sk_buff *skb)" in out  # the source itself
+    assert "// workload ids: pg-main=1, vm=2" in out
+    # vm's 10.0.5.0/24 as an LPM key (prefix length 24, then the address).
+    assert "//   180000000a000500 -> 02000000" in out

@@ -430,12 +430,8 @@ def reference_identify(policy: Policy, src: IPAddress, interface: str | None) ->
     src=addresses(),
     interface=st.one_of(st.none(), st.sampled_from(INTERFACES)),
 )
-def test_identify_is_longest_prefix(
-    policy: Policy, src: IPAddress, interface: str | None
-) -> None:
-    assert identify(policy, src, interface=interface) == reference_identify(
-        policy, src, interface
-    )
+def test_identify_is_longest_prefix(policy: Policy, src: IPAddress, interface: str | None) -> None:
+    assert identify(policy, src, interface=interface) == reference_identify(policy, src, interface)
 
 
 hosts = st.sampled_from(
@@ -446,8 +442,11 @@ names = st.one_of(
     st.sampled_from(["example.org", "a.example.org", "b.a.example.org", "other.test", "x.y"]),
 )
 ports = st.lists(
-    st.builds(lambda a, b: PortRange(first=min(a, b), last=max(a, b)),
-              st.integers(1, 6), st.integers(1, 6)),
+    st.builds(
+        lambda a, b: PortRange(first=min(a, b), last=max(a, b)),
+        st.integers(1, 6),
+        st.integers(1, 6),
+    ),
     max_size=2,
 )
 rules = st.builds(
@@ -482,13 +481,21 @@ def test_verdict_ignores_the_name_when_not_needed(
     verdict must then be the same whatever name the client would have sent."""
     egress = [
         EgressRule(
-            name=f"r{i}", action=r.action, sources=r.sources, hosts=r.hosts, cidrs=r.cidrs,
+            name=f"r{i}",
+            action=r.action,
+            sources=r.sources,
+            hosts=r.hosts,
+            cidrs=r.cidrs,
             ports=r.ports,
         )
         for i, r in enumerate(egress)
     ]
     policy = Policy(
-        version=1, proxy=POLICY.proxy, workloads=(), intercept=(), egress=tuple(egress),
+        version=1,
+        proxy=POLICY.proxy,
+        workloads=(),
+        intercept=(),
+        egress=tuple(egress),
         default=default,
     )
     if needs_server_name(policy, workload=workload, dst=dst, dst_port=port):
@@ -504,7 +511,11 @@ def test_rule_with_empty_sources_matches_no_workload(workload: str | None) -> No
     # not "any workload" (that is None, `from` left out), it is no workload.
     rule = EgressRule(name="none", action=ALLOW, sources=())
     policy = Policy(
-        version=1, proxy=POLICY.proxy, workloads=POLICY.workloads, intercept=(), egress=(rule,),
+        version=1,
+        proxy=POLICY.proxy,
+        workloads=POLICY.workloads,
+        intercept=(),
+        egress=(rule,),
         default=DENY,
     )
     verdict = decide(policy, workload=workload, dst=ip("192.0.2.1"), dst_port=443, server_name=None)

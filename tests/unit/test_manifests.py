@@ -53,7 +53,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 NAMESPACE = "egress-agent"
 KUBERNETES_VERSIONS = [f"1.{minor}.0" for minor in range(28, 38)]
 # NET_ADMIN for the nftables datapath; the rest for the BPF datapath (bcc).
-CAPABILITIES = {"NET_ADMIN"}
+CAPABILITIES = {"NET_ADMIN", "BPF", "PERFMON"}
 STATUS = ("127.0.0.1", 15021)
 # The image installs run's apt_packages and these besides.
 IMAGE_EXTRA_PACKAGES = {"ca-certificates"}
@@ -344,20 +344,25 @@ def test_every_path_the_agent_writes_is_a_writable_mount() -> None:
 
 def test_host_mounts_for_bcc() -> None:
     """bpffs with HostToContainer (Bidirectional is refused for non-privileged
-    containers), kernel headers read-only. Each at the node's own path: the
-    /lib/modules/$(uname -r)/build symlink points into /usr/src by absolute path."""
+    containers), kernel headers read-only at the node's own paths: the
+    /lib/modules/$(uname -r)/build symlink points into /usr/src by absolute path.
+    The node's bpffs appears outside /sys/fs (default AppArmor profiles deny
+    writes there) and the agent pins below it."""
     expect = {
-        "/sys/fs/bpf": ("Directory", False, "HostToContainer"),
-        "/lib/modules": ("Directory", True, None),
-        "/usr/src": ("Directory", True, None),
+        "/run/egress-agent/bpffs": ("/sys/fs/bpf", "Directory", False, "HostToContainer"),
+        "/lib/modules": ("/lib/modules", "Directory", True, None),
+        "/usr/src": ("/usr/src", "Directory", True, None),
     }
-    for path, (kind, read_only, propagation) in expect.items():
+    for path, (host_path, kind, read_only, propagation) in expect.items():
         mount = mount_at(path)
-        assert volume(mount["name"])["hostPath"] == {"path": path, "type": kind}
+        assert volume(mount["name"])["hostPath"] == {"path": host_path, "type": kind}
         assert bool(mount.get("readOnly")) is read_only, path
         assert mount.get("mountPropagation") == propagation, path
     for mount in container()["volumeMounts"]:
         assert mount.get("mountPropagation") != "Bidirectional"
+    args = agent_args()
+    assert args.datapath == "auto"
+    assert posixpath.dirname(args.bpf_pin_dir) == "/run/egress-agent/bpffs"
 
 
 def test_every_mount_names_a_volume_and_every_volume_is_mounted() -> None:

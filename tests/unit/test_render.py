@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -35,6 +36,22 @@ def _check_golden(name: str, doc: object) -> None:
 
 def test_demo_policy_renders_to_golden_ruleset() -> None:
     _check_golden("demo-ruleset.json", render_ruleset(parse_policy(_demo_policy_text())))
+
+
+def test_bpf_mode_prerouting_only_matches_the_mark() -> None:
+    # Forwarded traffic is chosen by the classifier; output keeps the local selection.
+    doc = render_ruleset(parse_policy(_demo_policy_text()), selection="bpf")
+    _check_golden("demo-ruleset-bpf.json", doc)
+    prerouting = [
+        c["add"]["rule"]
+        for c in doc["nftables"]
+        if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == "prerouting"
+    ]
+    assert [r["comment"] for r in prerouting][-2:] == [
+        "marked by the BPF classifier (ipv4)",
+        "marked by the BPF classifier (ipv6)",
+    ]
+    assert "@" not in json.dumps(prerouting)
 
 
 def test_interfaces_overlaps_and_ranges_render_to_golden_ruleset() -> None:
@@ -135,3 +152,29 @@ def test_identity_sets_are_disjoint_and_agree_with_longest_prefix(
         owners = [name for name, (v4, _) in sets.items() if any(addr in n for n in v4)]
         expected = identify(policy, addr)
         assert owners == ([expected] if expected else [])
+
+
+def test_bpf_mode_changes_of_workloads_touch_only_output_and_sets() -> None:
+    from egress_agent.rules.apply import render_output_update
+
+    text = _demo_policy_text()
+    old = render_ruleset(parse_policy(text), selection="bpf")
+    changed = parse_policy(text.replace("198.19.1.2/32", "198.19.1.2/32, 198.19.7.0/24"))
+    new = render_ruleset(changed, selection="bpf")
+    assert new != old
+    partial = render_output_update(old, new)
+    assert partial is not None
+    kinds = [next(iter(cmd)) for cmd in partial["nftables"][1:]]
+    assert kinds[0] == "flush" and "delete" not in json.dumps(partial).split('"table"')[0]
+    assert not any("table" in cmd.get("add", {}) for cmd in partial["nftables"])
+    assert all(
+        cmd["add"]["rule"]["chain"] == "output"
+        for cmd in partial["nftables"]
+        if "rule" in cmd.get("add", {})
+    )
+    # A change outside output and the sets (here the mark prerouting matches)
+    # replaces the table whole.
+    remarked = dataclasses.replace(
+        changed, proxy=dataclasses.replace(changed.proxy, divert_mark=0x10)
+    )
+    assert render_output_update(old, render_ruleset(remarked, selection="bpf")) is None

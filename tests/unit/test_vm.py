@@ -43,7 +43,9 @@ UNIT_SOURCE = REPO / "deploy" / "systemd" / "egress-agent.service"
 VM_AGENT = "/opt/egress-agent/.venv/bin/egress-agent"
 UNIT_PATH = "/etc/systemd/system/egress-agent.service"
 POLICY_PATH = "/etc/egress-agent/policy.yaml"
-CAPABILITIES = {"CAP_NET_ADMIN"}
+# The BPF datapath's: NET_ADMIN (nftables, tc), BPF (programs, maps), PERFMON
+# (verifier pointer rules); systemd mounts bpffs at boot, so no SYS_ADMIN.
+CAPABILITIES = {"CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"}
 
 CHECK_CMD = f"{REPO}/.venv/bin/egress-agent check {POLICY_PATH}"
 FIRST_RUN_COMMANDS = [

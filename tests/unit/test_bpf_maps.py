@@ -1,0 +1,242 @@
+"""The BPF maps decide like the reference model, and change by small diffs.
+
+``bpf.maps.classify`` re-does the classifier's lookups over the map
+contents; hypothesis draws policies with overlapping CIDRs (IPv4 and IPv6),
+port ranges, except lists and interface bindings, and every flow of the
+lab's address plan must get ``policy.decide.should_divert``'s answer.
+The netns tests then check the kernel does what these maps say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import random
+import re
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from egress_agent.bpf import layout
+from egress_agent.bpf.maps import (
+    IncrementalMaps,
+    UnsupportedPolicy,
+    assign_ids,
+    classify,
+    desired_maps,
+    diff,
+)
+from egress_agent.lab import policygen
+from egress_agent.policy.decide import should_divert
+from egress_agent.policy.load import parse_policy
+from egress_agent.policy.model import InterceptRule, Policy, Workload
+
+HEADER = Path(__file__).resolve().parents[2] / "bpf" / "egress.h"
+IFINDEX = {policygen.pod_ifname(i, p[0]): 10 + i for i, p in enumerate(policygen.PODS)}
+
+
+def test_python_mirror_matches_the_c_header() -> None:
+    defines = dict(re.findall(r"#define (EGRESS_\w+) (\d+)", HEADER.read_text()))
+    reasons = {
+        k[len("EGRESS_REASON_") :]: int(v)
+        for k, v in defines.items()
+        if k.startswith("EGRESS_REASON_") and k != "EGRESS_REASON_COUNT"
+    }
+    assert reasons == {r.name: r.value for r in layout.Reason}
+    assert int(defines["EGRESS_REASON_COUNT"]) == layout.REASON_COUNT == len(layout.Reason)
+    assert int(defines["EGRESS_VERDICT_DIVERT"]) == layout.Verdict.DIVERT
+    assert int(defines["EGRESS_VERDICT_BYPASS"]) == layout.Verdict.BYPASS
+    assert int(defines["EGRESS_WORKLOAD_BOUND"]) == layout.WORKLOAD_BOUND
+    assert int(defines["EGRESS_MAX_RULES"]) == layout.MAX_RULES
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=2**32))
+def test_maps_decide_like_the_model(seed: int) -> None:
+    policy = policygen.random_policy(random.Random(seed))
+    ids = assign_ids(policy, {})
+    maps = desired_maps(policy, ids=ids, ifindexes=IFINDEX)
+    for flow in policygen.all_flows():
+        for interface in (flow.interface, policygen.pod_ifname(2, "pc")):
+            src, dst = ipaddress.ip_address(flow.src), ipaddress.ip_address(flow.dst)
+            want = should_divert(policy, src=src, dst=dst, dst_port=flow.port, interface=interface)
+            got, reason, _ = classify(
+                maps, src=src, dst=dst, dst_port=flow.port, ifindex=IFINDEX[interface]
+            )
+            assert (got == layout.Verdict.DIVERT) == want, (flow, interface, reason, policy)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=0, max_value=2**32), st.integers(min_value=0, max_value=2**32))
+def test_a_diff_turns_one_policy_into_another(seed_a: int, seed_b: int) -> None:
+    a = policygen.random_policy(random.Random(seed_a))
+    b = policygen.random_policy(random.Random(seed_b))
+    ids_a = assign_ids(a, {})
+    ids_b = assign_ids(b, ids_a)
+    have = desired_maps(a, ids=ids_a, ifindexes=IFINDEX)
+    want = desired_maps(b, ids=ids_b, ifindexes=IFINDEX)
+    change = diff(have, want)
+    for name, entries in change.upserts.items():
+        have[name].update(entries)
+    for name, keys in change.deletes.items():
+        for key in keys:
+            del have[name][key]
+    assert have == want
+    assert diff(have, want).size == 0
+
+
+def test_ids_stay_put_so_one_workload_change_is_a_few_entries() -> None:
+    policy = parse_policy(
+        "version: 1\n"
+        "workloads:\n"
+        + "".join(f"  w{i}: {{cidrs: [10.{i // 250}.{i % 250}.0/24]}}\n" for i in range(500))
+        + "intercept:\n  - from: [w0, w7]\n    ports: [443]\ndefault: deny\n"
+    )
+    ids = assign_ids(policy, {})
+    before = desired_maps(policy, ids=ids, ifindexes={})
+    # Remove a workload in the middle and add one: names keep their ids.
+    workloads = [w for w in policy.workloads if w.name != "w100"]
+    workloads.append(Workload(name="new", cidrs=(ipaddress.ip_network("10.99.0.0/16"),)))
+    changed = dataclasses.replace(policy, workloads=tuple(workloads))
+    ids2 = assign_ids(changed, ids)
+    assert ids2["new"] == ids["w100"] and ids2["w7"] == ids["w7"]
+    change = diff(before, desired_maps(changed, ids=ids2, ifindexes={}))
+    assert change.size <= 4  # src entry out, src in, workload value overwritten
+
+
+def test_more_than_64_intercept_rules_is_refused_with_the_way_out() -> None:
+    policy = policygen.random_policy(random.Random(1))
+    rule = policy.intercept[0]
+    many = tuple(dataclasses.replace(rule, index=i) for i in range(65))
+    with pytest.raises(UnsupportedPolicy, match=r"at most 64.*--datapath nft"):
+        desired_maps(dataclasses.replace(policy, intercept=many), ids={}, ifindexes={})
+
+
+def test_bound_workload_without_its_interface_has_no_binding() -> None:
+    policy = dataclasses.replace(
+        policygen.random_policy(random.Random(3)),
+        workloads=(
+            Workload(
+                name="w0", cidrs=(ipaddress.ip_network("198.19.1.2/32"),), interfaces=("gone0",)
+            ),
+        ),
+        intercept=(InterceptRule(index=0, sources=("w0",)),),
+    )
+    maps = desired_maps(policy, ids={"w0": 1}, ifindexes={})
+    assert maps[layout.BIND] == {}
+    verdict, reason, _ = classify(
+        maps,
+        src=ipaddress.ip_address("198.19.1.2"),
+        dst=ipaddress.ip_address("198.18.1.2"),
+        dst_port=443,
+        ifindex=10,
+    )
+    assert verdict == layout.Verdict.BYPASS and reason == layout.Reason.WRONG_INTERFACE
+
+
+def test_ten_thousand_entries_compute_in_well_under_a_second() -> None:
+    text = (
+        "version: 1\nworkloads:\n"
+        + "".join(f"  w{i}: {{cidrs: [10.{i // 250}.{i % 250}.0/24]}}\n" for i in range(10_000))
+        + "intercept:\n  - from: [w0]\n    except_cidrs: ["
+        + ", ".join(
+            f"172.{16 + i // 250 % 16}.{i % 250}.0/24" if i < 4000 else f'"fd00:{i:x}::/32"'
+            for i in range(10_000)
+        )
+        + "]\ndefault: deny\n"
+    )
+    policy = parse_policy(text)
+    started = time.perf_counter()
+    maps = desired_maps(policy, ids=assign_ids(policy, {}), ifindexes={})
+    assert time.perf_counter() - started < 1.5
+    assert len(maps[layout.SRC_V4]) == 10_000
+    assert len(maps[layout.DST_V4]) + len(maps[layout.DST_V6]) == 10_000
+
+
+def _mutate(rng: random.Random, policy: Policy) -> Policy:
+    """One small change of the kind the agent sees: a CIDR added to or taken
+    from a workload, a workload added or removed, interfaces changed, or
+    other intercept rules."""
+    workloads = list(policy.workloads)
+    choice = rng.randrange(8)
+    if choice >= 5 and policy.intercept:
+        # One destination prefix more or less in one rule's to or except list
+        # (nested prefixes in the pool: the unions below it change too).
+        rules = list(policy.intercept)
+        i = rng.randrange(len(rules))
+        field_ = rng.choice(("to_cidrs", "except_cidrs"))
+        nets = list(getattr(rules[i], field_))
+        if choice == 5 and nets:
+            nets.pop(rng.randrange(len(nets)))
+        else:
+            nets.append(rng.choice(policygen.DEST_POOL))
+        rules[i] = dataclasses.replace(rules[i], **{field_: tuple(dict.fromkeys(nets))})
+        return dataclasses.replace(policy, intercept=tuple(rules))
+    if choice == 0 and workloads:
+        i = rng.randrange(len(workloads))
+        extra = rng.choice(policygen.SOURCE_POOL)
+        cidrs = tuple(dict.fromkeys((*workloads[i].cidrs, extra)))
+        workloads[i] = dataclasses.replace(workloads[i], cidrs=cidrs)
+    elif choice == 1 and workloads and len(workloads[0].cidrs) > 1:
+        workloads[0] = dataclasses.replace(workloads[0], cidrs=workloads[0].cidrs[1:])
+    elif choice == 2:
+        name = f"n{rng.randrange(1000)}"
+        if name not in {w.name for w in workloads}:
+            net = rng.choice(policygen.SOURCE_POOL)
+            workloads.insert(rng.randrange(len(workloads) + 1), Workload(name=name, cidrs=(net,)))
+    elif choice == 3 and len(workloads) > 1:
+        gone = workloads.pop(rng.randrange(len(workloads)))
+        rules = [
+            dataclasses.replace(r, sources=tuple(s for s in r.sources if s != gone.name))
+            for r in policy.intercept
+        ]
+        return dataclasses.replace(
+            policy,
+            workloads=tuple(workloads),
+            intercept=tuple(r for r in rules if r.sources),
+        )
+    elif choice == 4:
+        other = policygen.random_policy(rng)
+        names = [w.name for w in workloads]
+        rules = [
+            dataclasses.replace(r, sources=tuple(s for s in r.sources if s in names) or (names[0],))
+            for r in other.intercept
+        ]
+        return dataclasses.replace(policy, intercept=tuple(rules))
+    return dataclasses.replace(policy, workloads=tuple(workloads))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=2**32))
+def test_incremental_diffs_keep_the_maps_equal_to_the_whole_computation(seed: int) -> None:
+    rng = random.Random(seed)
+    policy = policygen.random_policy(rng)
+    planner = IncrementalMaps()
+    kernel: dict[str, dict[bytes, bytes]] = {name: {} for name in layout.CONFIG_MAPS}
+    ifindexes = dict(IFINDEX)
+    for _ in range(12):
+        change = planner.update(policy, ifindexes)
+        for name, entries in change.upserts.items():
+            kernel[name].update(entries)
+        for name, keys in change.deletes.items():
+            for key in keys:
+                del kernel[name][key]
+        want = desired_maps(policy, ids=planner.ids, ifindexes=ifindexes)
+        assert kernel == want
+        assert planner.contents() == want
+        # Workloads may end up sharing a prefix (as discovered pods can).
+        policy = _mutate(rng, policy)
+        if rng.random() < 0.2:  # a pod veth re-made: new ifindex
+            ifname = rng.choice(list(ifindexes))
+            ifindexes[ifname] += 100
+
+
+def test_divert_mark_is_a_proxy_setting() -> None:
+    text = "version: 1\nproxy: {divert_mark: 0x10000}\nworkloads: {}\ndefault: deny\n"
+    assert parse_policy(text).proxy.divert_mark == 0x10000
+    assert parse_policy("version: 1\nworkloads: {}\ndefault: deny\n").proxy.divert_mark == (
+        0x800000
+    )
