@@ -45,10 +45,11 @@ from typing import Any
 
 from egress_agent.agent.addresses import (
     ensure_proxy_addresses,
+    host_interfaces,
     missing_proxy_addresses,
     remove_proxy_addresses,
 )
-from egress_agent.agent.discovery import resolve, uses_pods
+from egress_agent.agent.discovery import pod_addresses, resolve, uses_pods
 from egress_agent.agent.handover import (
     HandoverError,
     HandoverServer,
@@ -69,7 +70,7 @@ from egress_agent.bpf.datapath import BpfDatapath
 from egress_agent.bpf.loader import DEFAULT_PIN_DIR, BpfConfig, BpfError
 from egress_agent.bpf.maps import UnsupportedPolicy
 from egress_agent.policy.load import PolicyError, parse_policy, read_policy_text
-from egress_agent.policy.model import Policy
+from egress_agent.policy.model import IPAddress, Policy
 from egress_agent.proxy.audit import AuditLog
 from egress_agent.proxy.connect import ConnectListener
 from egress_agent.proxy.server import ProxyServer
@@ -177,6 +178,9 @@ class Agent:
         self.pods: Snapshot | None = None
         self.watcher: PodWatcher | None = None
         self.policy = resolve(self.source_policy, None)
+        # Pod address -> the node's interface routing to it (pod workloads are
+        # bound to these: see discovery.resolve); refreshed as pods and links change.
+        self.host_ifs: dict[IPAddress, str] = {}
         self.policy_hash = content_hash(text)
         self.generation = 1
         self.selection: Selection = "nft"
@@ -281,6 +285,9 @@ class Agent:
                 log.info("BPF classifier attached to %s", ", ".join(added))
 
     async def _start(self, inherited: Inherited | None) -> None:
+        if self.pods is not None:
+            await self._refresh_host_interfaces(self.pods)
+            self.policy = resolve(self.source_policy, self.pods, host_interfaces=self.host_ifs)
         # pyroute2 drives its own asyncio loop internally: keep it off ours.
         await asyncio.to_thread(ensure_proxy_addresses, self.policy.proxy)
         await self._start_datapath()
@@ -360,6 +367,11 @@ class Agent:
                     for w in self.policy.workloads
                     if w.pods is not None
                 },
+                # The pods' host-side interfaces each pod workload is bound to
+                # (empty: not bound, some pod's interface is unknown).
+                "interfaces": {
+                    w.name: list(w.interfaces) for w in self.policy.workloads if w.pods is not None
+                },
             }
         counts: dict[str, int] = {}
         for cmd in self.doc["nftables"]:
@@ -418,7 +430,7 @@ class Agent:
                 return ReloadResult(applied=False, generation=self.generation, policy_hash=digest)
             source = parse_policy(text, source_name=self.path)
             _check_restart_only_settings(self.policy, source)
-            policy = resolve(source, self.pods)
+            policy = resolve(source, self.pods, host_interfaces=self.host_ifs)
             doc = self._render(policy)
         except PolicyError as exc:
             log.error(
@@ -467,6 +479,28 @@ class Agent:
         self.policy = resolve(self.source_policy, pods)
         self.doc = self._render(self.policy)
 
+    async def _refresh_host_interfaces(self, pods: Snapshot) -> bool:
+        """Look up the node's interface towards each pod address; whether
+        anything changed. A failed lookup keeps what was known."""
+        try:
+            found = await asyncio.to_thread(host_interfaces, pod_addresses(pods))
+        except OSError as exc:
+            log.warning("cannot look up the pods' host-side interfaces: %s", exc)
+            return False
+        changed = found != self.host_ifs
+        self.host_ifs = found
+        return changed
+
+    async def recheck_host_interfaces(self) -> None:
+        """A pod's route can appear after its address was published: bind it
+        once it does (called from the drift loop)."""
+        if self.pods is None or self.handing_over or not uses_pods(self.source_policy):
+            return
+        known = dict(self.host_ifs)
+        if await self._refresh_host_interfaces(self.pods):
+            self.host_ifs = known  # pods_changed looks again and applies
+            await self.pods_changed(self.pods)
+
     async def pods_changed(self, pods: Snapshot) -> None:
         """Discovery saw pods come, go or change labels: apply the new addresses
         as one change (nothing happens when the ruleset would be the same)."""
@@ -474,7 +508,8 @@ class Agent:
             if self.handing_over:
                 return
             self.pods = pods
-            policy = resolve(self.source_policy, pods)
+            await self._refresh_host_interfaces(pods)
+            policy = resolve(self.source_policy, pods, host_interfaces=self.host_ifs)
             doc = self._render(policy)
             if doc == self.doc and policy == self.policy:
                 return
@@ -743,6 +778,7 @@ async def run_agent(options: RunOptions) -> int:
         while True:
             await asyncio.sleep(DRIFT_INTERVAL)
             try:
+                await agent.recheck_host_interfaces()
                 await agent.repair_drift()
             except Exception as exc:  # keep checking; say why this round failed
                 agent.in_sync = False

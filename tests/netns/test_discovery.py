@@ -125,9 +125,15 @@ class DiscoveryAgent(AgentProcess):
     """``egress-agent run`` with ``--kubeconfig`` and ``NODE_NAME`` set, as the
     DaemonSet runs it."""
 
-    def __init__(self, lab: Lab, *, kubeconfig: Path, work: Path) -> None:
+    def __init__(
+        self, lab: Lab, *, kubeconfig: Path, work: Path, extra_args: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(
-            lab, policy=work / "policy.yaml", audit=work / "audit.jsonl", log=work / "agent.log"
+            lab,
+            policy=work / "policy.yaml",
+            audit=work / "audit.jsonl",
+            log=work / "agent.log",
+            extra_args=extra_args,
         )
         self.kubeconfig = kubeconfig
 
@@ -143,6 +149,7 @@ class DiscoveryAgent(AgentProcess):
             str(self.audit),
             "--kubeconfig",
             str(self.kubeconfig),
+            *self.extra_args,
         ]
         env = {**os.environ, "NODE_NAME": NODE}
         with open(self.log, "ab") as out:
@@ -368,3 +375,51 @@ def test_a_new_pod_is_diverted_once_the_api_lists_it(pod_and_sink: Lab, tmp_path
         assert agent.stop() == 0
     assert max(windows) < 2.0
     print("new pod listed -> diverted: " + ", ".join(f"{w * 1000:.0f} ms" for w in windows))
+
+
+SPOOF = """
+from scapy.all import IP, TCP, conf, send
+conf.verb = 0
+send(IP(src="198.19.1.2", dst="198.18.1.2") / TCP(sport=40000, dport=9000, flags="S"), iface="eth0")
+"""
+
+
+def _pg_diversions(lab: Lab) -> int:
+    listing = json.loads(
+        lab.run("node", ["nft", "-j", "list", "chain", "inet", "egress_agent", "prerouting"]).stdout
+    )
+    return sum(
+        e["counter"]["packets"]
+        for item in listing["nftables"]
+        if (rule := item.get("rule")) and rule.get("comment") == "intercept[0] from pg"
+        for e in rule["expr"]
+        if "counter" in e
+    )
+
+
+def test_a_pod_workload_is_bound_to_its_pods_host_side_interface(
+    pod_and_sink: Lab, tmp_path: Path
+) -> None:
+    """Discovery finds the node's interface towards each selected pod and binds
+    the workload to it: another pod sending with pg-1's address is not pg."""
+    scene = Scene(pod_and_sink, tmp_path)
+    lab = pod_and_sink
+    pod_if = lab.hosts["pod"].node_ifname
+    lab.add_pod("other", "198.19.2.2", "fd00:19:2::2")
+    write_state(scene.state, state({"app": "pg"}))
+    start_fakekube(lab, "node", port=API_PORT, state=scene.state, log=tmp_path / "fakekube.log")
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{API_PORT}")
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    agent = DiscoveryAgent(
+        lab, kubeconfig=kubeconfig, work=tmp_path, extra_args=("--datapath", "nft")
+    ).start()
+    try:
+        assert scene.status()["discovery"]["interfaces"] == {"pg": [pod_if]}
+        scene.assert_diverted(scene.probe(1))
+        before = _pg_diversions(lab)
+        lab.run("other", [sys.executable, "-c", SPOOF], timeout=60)
+        assert _pg_diversions(lab) == before  # pretending to be pg-1 from elsewhere: not pg
+        lab.run("pod", [sys.executable, "-c", SPOOF], timeout=60)
+        assert _pg_diversions(lab) == before + 1  # pg-1 itself, from its own veth
+    finally:
+        assert agent.stop() == 0
