@@ -461,11 +461,23 @@ def test_replication_streams_directly_never_through_the_proxy(s: Scenario) -> No
     for rec in s.audit_records()[audit_from:]:
         assert not rec["src"].startswith(f"{REPLICA}:"), rec
         assert not rec["dst"].endswith(":5432"), rec
-    # ... and the kernel diverted none of the replica's connections.
+    # ... and the kernel diverted none of the replica's connections: read from
+    # the selection's own counters, the BPF classifier's per-workload ones or
+    # the nftables intercept rules', whichever datapath the agent runs.
+    curl = ["curl", "-s", "--max-time", "5"]
+    status = json.loads(s.lab.run("node", [*curl, "http://127.0.0.1:15021/status"]).stdout)
+    metrics = s.lab.run("node", [*curl, "http://127.0.0.1:15021/metrics"]).stdout
     table = json.loads(s.lab.run("node", ["nft", "-j", "list", "table", "inet",
                                           "egress_agent"]).stdout)  # fmt: skip
 
     def diverted_packets(workload: str) -> int:
+        if status["datapath"] == "bpf":
+            prefix = f'egress_agent_bpf_diverted_packets_total{{workload="{workload}"}} '
+            values = [
+                line[len(prefix) :] for line in metrics.splitlines() if line.startswith(prefix)
+            ]
+            assert values, f"no BPF counter for {workload} in /metrics"
+            return int(float(values[0]))
         rules = [
             item["rule"] for item in table["nftables"]
             if "rule" in item and item["rule"].get("comment", "").endswith(f"from {workload}")
