@@ -39,6 +39,16 @@ from dataclasses import dataclass
 
 from egress_agent.policy.model import IPAddress
 
+# The request head's syntax (CRLF lines, request line, field lines) is the
+# same as on the transparent path: one implementation of RFC 9112's rules.
+from egress_agent.proxy.peek import (
+    _check_field_line_prefix,
+    _check_line_endings,
+    _check_request_line_prefix,
+    _parse_field_line,
+    _parse_request_line,
+)
+
 __all__ = ["MAX_CONNECT_HEAD", "ProxyRequest", "parse_proxy_request"]
 
 # Largest request head (request line, fields and the empty line) waited for.
@@ -46,11 +56,6 @@ __all__ = ["MAX_CONNECT_HEAD", "ProxyRequest", "parse_proxy_request"]
 # long Proxy-Authorization values and user agents.
 MAX_CONNECT_HEAD = 8192
 
-_TCHAR = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_VCHAR = bytes(range(0x21, 0x7F))
-# field-value bytes: SP, HTAB, VCHAR and obs-text (RFC 9110 section 5.5).
-_FIELD_VALUE = b" \t" + _VCHAR + bytes(range(0x80, 0x100))
-_VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
 _HOST_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._"
 _IPV6_BYTES = b"0123456789abcdefABCDEF:."
 
@@ -120,58 +125,6 @@ def parse_proxy_request(buf: bytes, *, max_head: int = MAX_CONNECT_HEAD) -> Prox
 def _check_size(buf: bytes, max_head: int) -> None:
     if len(buf) >= max_head:
         raise ValueError(f"no end of the request head within {max_head} bytes")
-
-
-def _check_line_endings(region: bytes) -> None:
-    rest = region.replace(b"\r\n", b"")
-    if b"\r" in rest:
-        raise ValueError("bare CR in the request head")
-    if b"\n" in rest:
-        raise ValueError("bare LF in the request head, lines must end in CRLF")
-
-
-def _parse_request_line(line: bytes) -> tuple[bytes, bytes]:
-    _check_request_line_prefix(line)
-    parts = line.split(b" ")
-    if len(parts) != 3 or not parts[1]:
-        raise ValueError("request line is not 'method SP request-target SP HTTP-version'")
-    if parts[2] not in _VERSIONS:
-        raise ValueError("HTTP version is not HTTP/1.0 or HTTP/1.1")
-    return parts[0], parts[1]
-
-
-def _check_request_line_prefix(line: bytes) -> None:
-    """Refuse a request line, complete or not, as soon as it cannot be one."""
-    parts = line.split(b" ")
-    if len(parts) > 3:
-        raise ValueError("request line has more than two spaces")
-    method = parts[0]
-    if method.translate(None, _TCHAR) or (len(parts) > 1 and not method):
-        raise ValueError("the method is empty or not a token")
-    if len(parts) > 1:
-        target = parts[1]
-        if target.translate(None, _VCHAR) or (len(parts) > 2 and not target):
-            raise ValueError("request-target is empty or has bytes other than visible ASCII")
-    if len(parts) > 2 and not any(v.startswith(parts[2]) for v in _VERSIONS):
-        raise ValueError("HTTP version is not HTTP/1.0 or HTTP/1.1")
-
-
-def _parse_field_line(line: bytes) -> tuple[bytes, bytes]:
-    _check_field_line_prefix(line)
-    name, colon, value = line.partition(b":")
-    if not colon:
-        raise ValueError("header line without ':'")
-    return name, value.strip(b" \t")
-
-
-def _check_field_line_prefix(line: bytes) -> None:
-    if line[:1] in (b" ", b"\t"):
-        raise ValueError("header line starts with whitespace (obsolete line folding)")
-    name, colon, value = line.partition(b":")
-    if name.translate(None, _TCHAR) or (colon and not name):
-        raise ValueError("header name is empty or not a token")
-    if value.translate(None, _FIELD_VALUE):
-        raise ValueError("control byte in a header value")
 
 
 def _authority(target: bytes) -> tuple[str, int, IPAddress | None]:
