@@ -84,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
         f" (default {DEFAULT_PIN_DIR}); removed at stop, and at start if a crash left it",
     )
     run.add_argument(
+        "--cgroup-root",
+        default=None,
+        metavar="DIR",
+        help="the cgroup v2 mount that cgroup workloads' paths are relative to"
+        " (default: found in /proc/self/mountinfo)",
+    )
+    run.add_argument(
         "--bpf-exclude-interface",
         action="append",
         default=[],
@@ -189,6 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         datapath=args.datapath,
         bpf_pin_dir=args.bpf_pin_dir,
         bpf_exclude_interfaces=tuple(args.bpf_exclude_interface),
+        cgroup_root=args.cgroup_root,
     )
     try:
         return uvloop.run(run_agent(options))

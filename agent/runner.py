@@ -49,6 +49,7 @@ from egress_agent.agent.addresses import (
     missing_proxy_addresses,
     remove_proxy_addresses,
 )
+from egress_agent.agent.cgroups import CgroupWorkloads
 from egress_agent.agent.discovery import pod_addresses, resolve, uses_pods
 from egress_agent.agent.handover import (
     HandoverError,
@@ -135,6 +136,8 @@ class RunOptions:
     datapath: str = "auto"  # nft | bpf | auto
     bpf_pin_dir: str = DEFAULT_PIN_DIR
     bpf_exclude_interfaces: tuple[str, ...] = ()
+    # cgroup2 mount for cgroup workloads; None: found in /proc/self/mountinfo.
+    cgroup_root: str | None = None
 
 
 class DatapathError(Exception):
@@ -186,6 +189,7 @@ class Agent:
         self.selection: Selection = "nft"
         self.bpf: BpfDatapath | None = None
         self.bpf_fallback: str | None = None
+        self.cgroups = CgroupWorkloads(root=options.cgroup_root, bpf_pin_dir=options.bpf_pin_dir)
         self.doc = self._render(self.policy)
         # fail: open makes the table the kernel's to remove when we end.
         self.table = Table(owned=self.policy.fail_open)
@@ -291,6 +295,7 @@ class Agent:
         # pyroute2 drives its own asyncio loop internally: keep it off ours.
         await asyncio.to_thread(ensure_proxy_addresses, self.policy.proxy)
         await self._start_datapath()
+        await self._sync_cgroups(self.policy)
         self.doc = self._render(self.policy)
         self.proxy = ProxyServer(
             policy=self.policy,
@@ -313,12 +318,20 @@ class Agent:
             )
         self.in_sync = True
 
+    async def _sync_cgroups(self, policy: Policy) -> None:
+        try:
+            await asyncio.to_thread(self.cgroups.sync, policy)
+        except OSError as exc:
+            log.error("cgroup workloads: %s", exc)
+
     async def repair_drift(self) -> bool:
         """Compare the kernel with the desired state; restore what someone
         removed or changed. Returns whether anything had drifted."""
         async with self._reload_lock:
             if self.handing_over:
                 return False
+            # Cgroups that appeared or were made again since the last round.
+            await self._sync_cgroups(self.policy)
             problems = verify_applied(self.doc)
             missing = await asyncio.to_thread(missing_proxy_addresses, self.policy.proxy)
             problems += [f"proxy address {a} missing from lo" for a in missing]
@@ -392,6 +405,7 @@ class Agent:
             "datapath": "bpf" if self.bpf is not None else "nftables",
             "datapath_requested": self.options.datapath,
             "bpf": self._bpf_snapshot(),
+            "cgroups": self.cgroups.status(),
             "fail": "open" if self.policy.fail_open else "closed",
             "discovery": discovery,
             "nft_rules_per_chain": counts,
@@ -460,6 +474,7 @@ class Agent:
         self.generation += 1
         self.source_policy = source
         self.policy, self.policy_hash, self.doc = policy, digest, doc
+        await self._sync_cgroups(policy)
         assert self.proxy is not None
         closed = self.proxy.update_policy(policy, generation=self.generation, policy_hash=digest)
         log.info(
@@ -590,6 +605,7 @@ class Agent:
         for step, action in (
             ("remove nftables table", self.table.remove),
             ("remove the BPF datapath", bpf.stop if bpf is not None else lambda: None),
+            ("detach the cgroup socket marker", self.cgroups.stop),
             ("remove proxy addresses", lambda: remove_proxy_addresses(self.policy.proxy)),
         ):
             if not teardown:
@@ -714,7 +730,7 @@ def _check_restart_only_settings(old: Policy, new: Policy) -> None:
             f"fail changed to {'open' if new.fail_open else 'closed'}: the failure mode "
             "applies at start only; restart the agent to change it"
         )
-    keys = ("port", "address_v4", "address_v6")
+    keys = ("port", "address_v4", "address_v6", "cgroup_mark_mask")
     changed = [k for k in keys if getattr(old.proxy, k) != getattr(new.proxy, k)]
     old_port = old.connect.port if old.connect else None
     new_port = new.connect.port if new.connect else None
