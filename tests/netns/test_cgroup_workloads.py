@@ -1,0 +1,193 @@
+"""Node processes selected by their cgroup: a process on the node (not in a
+pod) placed in a workload's cgroup is diverted and audited under the
+workload's name; the same program outside the cgroup goes direct.
+
+Each test makes a cgroup of its own under the machine's cgroup2 mount (a
+unique name, removed at the end also on failure) and the agent attaches only
+there. ``ip netns exec`` gives the agent a /sys of its own without the cgroup
+mounts, so it is given the test's view of the mount through /proc/PID/root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from egress_agent.bpf.cgroup import PROGRAM, attached_programs, default_root
+from egress_agent.lab.agentproc import AgentProcess
+from egress_agent.lab.netns import Lab
+
+pytestmark = pytest.mark.netns
+
+POLICY = """
+version: 1
+workloads:
+  backup: {{cgroups: [{path}]}}
+intercept:
+  - from: [backup]
+    ports: [9000]
+egress:
+  - name: backup-sink
+    from: [backup]
+    to: {{ports: [9000]}}
+    action: allow
+default: deny
+"""
+
+# Connects to the lab server, prints its own address and the server's answer
+# ("ext <local> saw <peer>"): the peer the server saw is the client itself
+# when direct, the proxy's upstream socket when diverted.
+CLIENT = (
+    "import json,socket,sys;"
+    "s=socket.create_connection(('198.18.1.2',9000),timeout=5);"
+    "s.sendall(b'hi\\n');s.shutdown(socket.SHUT_WR);"
+    "r=b''.join(iter(lambda:s.recv(4096),b''));"
+    "print(json.dumps({'local':'%s:%d'%s.getsockname()[:2],'reply':r.decode().strip()}))"
+)
+
+
+@pytest.fixture
+def cgroup_root() -> str:
+    root = default_root()
+    assert root is not None, "this machine has no cgroup2 mount"
+    return root
+
+
+@pytest.fixture
+def make_cgroup(cgroup_root: str) -> Iterator[list[str]]:
+    """Names (relative paths) of cgroups the test made; removed at the end."""
+    made: list[str] = []
+    yield made
+    for name in reversed(made):
+        path = Path(cgroup_root, name)
+        if not path.is_dir():
+            continue
+        if Path(path, "cgroup.kill").exists():
+            Path(path, "cgroup.kill").write_text("1")  # only the test's clients live here
+        for _ in range(50):
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def _new_name() -> str:
+    return f"egress-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class Node:
+    def __init__(self, lab: Lab, work: Path, root: str, path: str, datapath: str) -> None:
+        self.lab, self.work, self.root, self.path = lab, work, root, path
+        (work / "policy.yaml").write_text(POLICY.format(path=path))
+        # The agent's view of the test's cgroup2 mount (see the module docstring).
+        self.agent = AgentProcess(
+            lab,
+            policy=work / "policy.yaml",
+            audit=work / "audit.jsonl",
+            log=work / "agent.log",
+            extra_args=(
+                "--datapath",
+                datapath,
+                "--cgroup-root",
+                f"/proc/{os.getpid()}/root{root}",
+                "--bpf-pin-dir",
+                str(work / "bpffs" / "egress"),
+            ),
+        )
+
+    def audit(self) -> list[dict[str, object]]:
+        f = self.work / "audit.jsonl"
+        if not f.exists():
+            return []
+        return [json.loads(line) for line in f.read_text().splitlines() if line]
+
+    def connect(self, *, in_cgroup: bool) -> tuple[str, str]:
+        """(client's own ip:port, the peer the server saw)."""
+        procs = f"/proc/{os.getpid()}/root{self.root}/{self.path}/cgroup.procs"
+        enter = f"echo $$ > {procs} && " if in_cgroup else ""
+        out = self.lab.run(
+            "node", ["sh", "-c", f'{enter}exec {sys.executable} -c "{CLIENT}"']
+        ).stdout
+        answer = json.loads(out)
+        return str(answer["local"]), str(answer["reply"]).rsplit(" saw ", 1)[1]
+
+    def ours_attached(self) -> list[int]:
+        return [i for i, name in attached_programs(self.root, self.path) if name == PROGRAM]
+
+
+def _wait_for_record(node: Node, count: int) -> list[dict[str, object]]:
+    deadline = time.monotonic() + 3
+    while len(records := node.audit()) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return records
+
+
+def test_a_node_process_in_the_cgroup_is_diverted_and_named(
+    pod_and_sink: Lab, tmp_path: Path, cgroup_root: str, make_cgroup: list[str]
+) -> None:
+    name = _new_name()
+    make_cgroup.append(name)
+    Path(cgroup_root, name).mkdir()
+    node = Node(pod_and_sink, tmp_path, cgroup_root, name, "nft")
+    node.agent.start()
+    try:
+        assert len(node.ours_attached()) == 1
+
+        local, seen = node.connect(in_cgroup=True)
+        assert seen != local  # the server saw the proxy's upstream socket
+        [record] = _wait_for_record(node, 1)
+        assert record["workload"] == "backup" and record["verdict"] == "allow"
+        assert record["rule"] == "backup-sink" and record["src"] == local
+        assert record["dst"] == "198.18.1.2:9000"
+
+        local, seen = node.connect(in_cgroup=False)
+        assert seen == local  # direct
+        time.sleep(0.3)
+        assert len(node.audit()) == 1
+    finally:
+        assert node.agent.stop() == 0
+    assert node.ours_attached() == []
+    local, seen = node.connect(in_cgroup=True)
+    assert seen == local  # no agent: the cgroup's processes go direct again
+
+
+def test_a_cgroup_made_later_is_attached_and_a_crash_leaves_nothing_after_restart(
+    pod_and_sink: Lab, tmp_path: Path, cgroup_root: str, make_cgroup: list[str]
+) -> None:
+    name = _new_name()
+    make_cgroup.append(name)
+    node = Node(pod_and_sink, tmp_path, cgroup_root, name, "auto")
+    node.agent.start()
+    try:
+        assert "does not exist (yet)" in (tmp_path / "agent.log").read_text()
+        Path(cgroup_root, name).mkdir()
+        t0 = time.monotonic()
+        while not node.ours_attached():
+            assert time.monotonic() - t0 < 5, "the new cgroup was not attached within 5 s"
+            time.sleep(0.1)
+        local, seen = node.connect(in_cgroup=True)
+        assert seen != local
+        assert _wait_for_record(node, 1)[0]["workload"] == "backup"
+
+        node.agent.kill()
+        # An attachment outlives the process that made it: still there.
+        crashed = node.ours_attached()
+        assert len(crashed) == 1
+        node.agent.start()
+        # The restart removed the crashed run's program and attached its own.
+        restarted = node.ours_attached()
+        assert len(restarted) == 1 and restarted != crashed
+        local, seen = node.connect(in_cgroup=True)
+        assert seen != local
+        assert _wait_for_record(node, 2)[-1]["workload"] == "backup"
+    finally:
+        node.agent.stop()
+    assert node.ours_attached() == []
