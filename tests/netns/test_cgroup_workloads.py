@@ -71,12 +71,18 @@ def make_cgroup(cgroup_root: str) -> Iterator[list[str]]:
             continue
         if Path(path, "cgroup.kill").exists():
             Path(path, "cgroup.kill").write_text("1")  # only the test's clients live here
-        for _ in range(50):
-            try:
-                path.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        _rmdir(path)
+
+
+def _rmdir(path: Path) -> None:
+    # A client that just exited may still be counted in the cgroup briefly.
+    for _ in range(50):
+        try:
+            path.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+    path.rmdir()
 
 
 def _new_name() -> str:
@@ -177,6 +183,17 @@ def test_a_cgroup_made_later_is_attached_and_a_crash_leaves_nothing_after_restar
         assert seen != local
         assert _wait_for_record(node, 1)[0]["workload"] == "backup"
 
+        # A restarted service's cgroup is a new cgroup (new id, no programs).
+        _rmdir(Path(cgroup_root, name))
+        Path(cgroup_root, name).mkdir()
+        t0 = time.monotonic()
+        while not node.ours_attached():
+            assert time.monotonic() - t0 < 5, "the re-made cgroup was not attached within 5 s"
+            time.sleep(0.1)
+        local, seen = node.connect(in_cgroup=True)
+        assert seen != local
+        assert _wait_for_record(node, 2)[-1]["workload"] == "backup"
+
         node.agent.kill()
         # An attachment outlives the process that made it: still there.
         crashed = node.ours_attached()
@@ -187,7 +204,46 @@ def test_a_cgroup_made_later_is_attached_and_a_crash_leaves_nothing_after_restar
         assert len(restarted) == 1 and restarted != crashed
         local, seen = node.connect(in_cgroup=True)
         assert seen != local
-        assert _wait_for_record(node, 2)[-1]["workload"] == "backup"
+        assert _wait_for_record(node, 3)[-1]["workload"] == "backup"
     finally:
         node.agent.stop()
     assert node.ours_attached() == []
+
+
+def test_without_cgroup2_the_cgroup_workloads_are_refused_and_the_rest_runs(
+    pod_and_sink: Lab, tmp_path: Path, cgroup_root: str, make_cgroup: list[str]
+) -> None:
+    name = _new_name()
+    make_cgroup.append(name)
+    Path(cgroup_root, name).mkdir()
+    node = Node(pod_and_sink, tmp_path, cgroup_root, name, "nft")
+    (tmp_path / "policy.yaml").write_text(
+        POLICY.format(path=name)
+        .replace("workloads:\n", "workloads:\n  pod: {cidrs: [198.19.1.2/32]}\n")
+        .replace("from: [backup]\n    ports", "from: [backup, pod]\n    ports")
+        .replace("from: [backup]\n    to", "from: [backup, pod]\n    to")
+    )
+    # Not a cgroup2 mount: the marker cannot attach anywhere.
+    not_cgroup2 = tmp_path / "not-cgroup2"
+    not_cgroup2.mkdir()
+    args = list(node.agent.extra_args)
+    args[args.index("--cgroup-root") + 1] = str(not_cgroup2)
+    node.agent.extra_args = tuple(args)
+    node.agent.start()
+    try:
+        log = (tmp_path / "agent.log").read_text()
+        assert "cgroup workloads backup refused:" in log
+        assert f"{not_cgroup2} is not a cgroup v2 mount" in log
+        out = pod_and_sink.run(
+            "node", [sys.executable, "-m", "egress_agent.agent.cli", "status", "--json"]
+        ).stdout
+        assert "is not a cgroup v2 mount" in json.loads(out)["cgroups"]["refused"]
+        # The pod is still diverted; the cgroup's processes go direct.
+        client = [sys.executable, "-m", "egress_agent.lab.client", "198.18.1.2", "9000"]
+        assert json.loads(pod_and_sink.run("pod", client).stdout)["ok"]
+        assert [r["workload"] for r in _wait_for_record(node, 1)] == ["pod"]
+        local, seen = node.connect(in_cgroup=True)
+        assert seen == local
+        assert node.ours_attached() == []
+    finally:
+        assert node.agent.stop() == 0
