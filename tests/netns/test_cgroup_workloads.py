@@ -23,6 +23,7 @@ import pytest
 from egress_agent.bpf.cgroup import PROGRAM, attached_programs, default_root
 from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from egress_agent.lab.servers import start_server
 
 pytestmark = pytest.mark.netns
 
@@ -46,10 +47,11 @@ default: deny
 # when direct, the proxy's upstream socket when diverted.
 CLIENT = (
     "import json,socket,sys;"
-    "s=socket.create_connection(('198.18.1.2',9000),timeout=5);"
+    "s=socket.create_connection((sys.argv[1],9000),timeout=5);"
     "s.sendall(b'hi\\n');s.shutdown(socket.SHUT_WR);"
     "r=b''.join(iter(lambda:s.recv(4096),b''));"
-    "print(json.dumps({'local':'%s:%d'%s.getsockname()[:2],'reply':r.decode().strip()}))"
+    "a=s.getsockname();h=a[0] if s.family==socket.AF_INET else '['+a[0]+']';"
+    "print(json.dumps({'local':'%s:%d'%(h,a[1]),'reply':r.decode().strip()}))"
 )
 
 
@@ -115,12 +117,12 @@ class Node:
             return []
         return [json.loads(line) for line in f.read_text().splitlines() if line]
 
-    def connect(self, *, in_cgroup: bool) -> tuple[str, str]:
+    def connect(self, *, in_cgroup: bool, to: str = "198.18.1.2") -> tuple[str, str]:
         """(client's own ip:port, the peer the server saw)."""
         procs = f"/proc/{os.getpid()}/root{self.root}/{self.path}/cgroup.procs"
         enter = f"echo $$ > {procs} && " if in_cgroup else ""
         out = self.lab.run(
-            "node", ["sh", "-c", f'{enter}exec {sys.executable} -c "{CLIENT}"']
+            "node", ["sh", "-c", f'{enter}exec {sys.executable} -c "{CLIENT}" {to}']
         ).stdout
         answer = json.loads(out)
         return str(answer["local"]), str(answer["reply"]).rsplit(" saw ", 1)[1]
@@ -142,6 +144,14 @@ def test_a_node_process_in_the_cgroup_is_diverted_and_named(
     name = _new_name()
     make_cgroup.append(name)
     Path(cgroup_root, name).mkdir()
+    start_server(
+        pod_and_sink,
+        "ext",
+        name="ext6",
+        listen=["[fd00:18:1::2]:9000"],
+        tls=None,
+        log=tmp_path / "server6.jsonl",
+    )
     node = Node(pod_and_sink, tmp_path, cgroup_root, name, "nft")
     node.agent.start()
     try:
@@ -154,10 +164,15 @@ def test_a_node_process_in_the_cgroup_is_diverted_and_named(
         assert record["rule"] == "backup-sink" and record["src"] == local
         assert record["dst"] == "198.18.1.2:9000"
 
+        local, seen = node.connect(in_cgroup=True, to="fd00:18:1::2")
+        assert seen != local
+        record = _wait_for_record(node, 2)[-1]
+        assert record["workload"] == "backup" and record["src"] == local
+
         local, seen = node.connect(in_cgroup=False)
         assert seen == local  # direct
         time.sleep(0.3)
-        assert len(node.audit()) == 1
+        assert len(node.audit()) == 2
     finally:
         assert node.agent.stop() == 0
     assert node.ours_attached() == []
@@ -247,3 +262,42 @@ def test_without_cgroup2_the_cgroup_workloads_are_refused_and_the_rest_runs(
         assert node.ours_attached() == []
     finally:
         assert node.agent.stop() == 0
+
+
+def test_reloads_add_and_remove_a_cgroup_workload(
+    pod_and_sink: Lab, tmp_path: Path, cgroup_root: str, make_cgroup: list[str]
+) -> None:
+    name = _new_name()
+    make_cgroup.append(name)
+    Path(cgroup_root, name).mkdir()
+    node = Node(pod_and_sink, tmp_path, cgroup_root, name, "auto")
+    with_cgroup = (tmp_path / "policy.yaml").read_text()
+    without = with_cgroup.replace(f"{{cgroups: [{name}]}}", "{cidrs: [198.19.1.2/32]}")
+    (tmp_path / "policy.yaml").write_text(without)
+    node.agent.start()
+    try:
+        assert node.ours_attached() == []
+        local, seen = node.connect(in_cgroup=True)
+        assert seen == local
+
+        def reload_to(text: str, attached: int) -> None:
+            (tmp_path / "policy.yaml").write_text(text)
+            t0 = time.monotonic()
+            while len(node.ours_attached()) != attached:
+                assert time.monotonic() - t0 < 10, f"not {attached} attachments after reload"
+                time.sleep(0.1)
+
+        reload_to(with_cgroup, 1)
+        # The output rules come with the same reload: new sockets are diverted.
+        t0 = time.monotonic()
+        while (result := node.connect(in_cgroup=True))[0] == result[1]:
+            assert time.monotonic() - t0 < 5, "not diverted after the reload"
+            time.sleep(0.1)
+        assert _wait_for_record(node, 1)[-1]["workload"] == "backup"
+
+        reload_to(without, 0)
+        local, seen = node.connect(in_cgroup=True)
+        assert seen == local
+    finally:
+        assert node.agent.stop() == 0
+    assert node.ours_attached() == []
