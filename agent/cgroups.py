@@ -76,11 +76,14 @@ class CgroupWorkloads:
                 return
             try:
                 root = self._root()
-                self._clean(root, list(paths))
+                # Compile and load first (a second or two), then swap a
+                # previous run's attachments for ours: sockets made in
+                # between go unmarked only for that short moment.
                 self.marker = CgroupMarker(
                     CgroupMarkConfig(mark_mask=policy.proxy.cgroup_mark_mask, pin_dir=self.pin_dir),
                     root,
                 )
+                self._clean(root, list(paths))
             except (CgroupMarkError, OSError) as exc:
                 names = sorted({w.name for w in policy.workloads if w.cgroups})
                 self.refused = str(exc)
