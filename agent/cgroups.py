@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from egress_agent.agent.podcgroups import scan
 from egress_agent.bpf.cgroup import (
     CgroupMarkConfig,
     CgroupMarker,
@@ -24,7 +25,7 @@ from egress_agent.bpf.cgroup import (
     default_root,
     detach_stale,
 )
-from egress_agent.policy.model import Policy
+from egress_agent.policy.model import Policy, by_cgroup
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class CgroupWorkloads:
                 )
                 self._clean(root, list(paths))
             except (CgroupMarkError, OSError) as exc:
-                names = sorted({w.name for w in policy.workloads if w.cgroups})
+                names = sorted({w.name for w in policy.workloads if by_cgroup(w)})
                 self.refused = str(exc)
                 log.error(
                     "cgroup workloads %s refused: %s; their traffic is not diverted"
@@ -122,6 +123,16 @@ class CgroupWorkloads:
         # Only cgroups that exist count as checked: one made later may
         # still carry nothing of ours, but checking again is cheap.
         self._cleaned.update(p for p in fresh if Path(root, p).is_dir())
+
+    def scan_pods(self, policy: Policy) -> dict[str, str]:
+        """hostNetwork pods' cgroups (uid -> path), when a selector wants them."""
+        if not any(w.pods is not None and w.pods.host_network for w in policy.workloads):
+            return {}
+        try:
+            root = self._root()
+        except CgroupMarkError:
+            return {}  # sync() reports the missing cgroup2 mount
+        return scan(root)
 
     def stop(self) -> None:
         if self.marker is not None:

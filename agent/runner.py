@@ -190,6 +190,8 @@ class Agent:
         self.bpf: BpfDatapath | None = None
         self.bpf_fallback: str | None = None
         self.cgroups = CgroupWorkloads(root=options.cgroup_root, bpf_pin_dir=options.bpf_pin_dir)
+        # hostNetwork pods' uid -> cgroup path, for pod selectors with hostNetwork.
+        self.pod_cgroups: dict[str, str] = {}
         self.doc = self._render(self.policy)
         # fail: open makes the table the kernel's to remove when we end.
         self.table = Table(owned=self.policy.fail_open)
@@ -291,7 +293,13 @@ class Agent:
     async def _start(self, inherited: Inherited | None) -> None:
         if self.pods is not None:
             await self._refresh_host_interfaces(self.pods)
-            self.policy = resolve(self.source_policy, self.pods, host_interfaces=self.host_ifs)
+            await self._refresh_pod_cgroups()
+            self.policy = resolve(
+                self.source_policy,
+                self.pods,
+                host_interfaces=self.host_ifs,
+                pod_cgroups=self.pod_cgroups,
+            )
         # pyroute2 drives its own asyncio loop internally: keep it off ours.
         await asyncio.to_thread(ensure_proxy_addresses, self.policy.proxy)
         await self._start_datapath()
@@ -444,7 +452,9 @@ class Agent:
                 return ReloadResult(applied=False, generation=self.generation, policy_hash=digest)
             source = parse_policy(text, source_name=self.path)
             _check_restart_only_settings(self.policy, source)
-            policy = resolve(source, self.pods, host_interfaces=self.host_ifs)
+            policy = resolve(
+                source, self.pods, host_interfaces=self.host_ifs, pod_cgroups=self.pod_cgroups
+            )
             doc = self._render(policy)
         except PolicyError as exc:
             log.error(
@@ -515,6 +525,20 @@ class Agent:
         if await self._refresh_host_interfaces(self.pods):
             self.host_ifs = known  # pods_changed looks again and applies
             await self.pods_changed(self.pods)
+        elif await self._refresh_pod_cgroups():
+            await self.pods_changed(self.pods)
+
+    async def _refresh_pod_cgroups(self) -> bool:
+        """Find the cgroups of hostNetwork pods (a pod's cgroup appears after
+        the API server lists it); whether anything changed."""
+        try:
+            found = await asyncio.to_thread(self.cgroups.scan_pods, self.source_policy)
+        except OSError as exc:
+            log.warning("cannot scan the kubelet's pod cgroups: %s", exc)
+            return False
+        changed = found != self.pod_cgroups
+        self.pod_cgroups = found
+        return changed
 
     async def pods_changed(self, pods: Snapshot) -> None:
         """Discovery saw pods come, go or change labels: apply the new addresses
@@ -524,7 +548,13 @@ class Agent:
                 return
             self.pods = pods
             await self._refresh_host_interfaces(pods)
-            policy = resolve(self.source_policy, pods, host_interfaces=self.host_ifs)
+            await self._refresh_pod_cgroups()
+            policy = resolve(
+                self.source_policy,
+                pods,
+                host_interfaces=self.host_ifs,
+                pod_cgroups=self.pod_cgroups,
+            )
             doc = self._render(policy)
             if doc == self.doc and policy == self.policy:
                 return
@@ -536,6 +566,7 @@ class Agent:
                 return
             self.generation += 1
             self.policy, self.doc = policy, doc
+            await self._sync_cgroups(policy)
             assert self.proxy is not None
             closed = self.proxy.update_policy(
                 policy, generation=self.generation, policy_hash=self.policy_hash

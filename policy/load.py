@@ -49,6 +49,7 @@ from egress_agent.policy.model import (
     ProxySettings,
     Upstream,
     Workload,
+    by_cgroup,
     cgroup_marks,
 )
 
@@ -101,7 +102,7 @@ _PROXY_KEYS = (
     "idle_timeout",
 )
 _WORKLOAD_KEYS = ("cidrs", "pods", "interfaces", "cgroups")
-_PODS_KEYS = ("namespace", "labels", "namespaceLabels")
+_PODS_KEYS = ("namespace", "labels", "namespaceLabels", "hostNetwork")
 # Kubernetes label syntax: an optional DNS-subdomain prefix and a name of at
 # most 63 characters; values at most 63 characters, possibly empty.
 _LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
@@ -311,7 +312,7 @@ class _Reader:
         if "workloads" in top:
             known = self.workloads(top["workloads"][1], "workloads")
             workloads = tuple(known.values()) if known is not None else ()
-        if any(w.cgroups for w in workloads):
+        if any(by_cgroup(w) for w in workloads):
             try:
                 cgroup_marks(workloads, proxy.cgroup_mark_mask)
             except ValueError as exc:
@@ -523,7 +524,7 @@ class _Reader:
         fields = self.mapping(node, path, what="a pod selector", allowed=_PODS_KEYS)
         if fields is None:
             return None
-        if not fields:
+        if not set(fields) - {"hostNetwork"}:
             self.problem(
                 node,
                 path,
@@ -531,6 +532,18 @@ class _Reader:
                 " namespace, labels or namespaceLabels",
             )
             return None
+        host_network = False
+        if "hostNetwork" in fields:
+            h_node = fields["hostNetwork"][1]
+            value = self.scalar(h_node, _join(path, "hostNetwork"), what="true or false")
+            if isinstance(value, bool):
+                host_network = value
+            elif value is not None:
+                self.problem(
+                    h_node,
+                    _join(path, "hostNetwork"),
+                    f"expected true or false, found {self.describe(h_node)}",
+                )
         namespace = None
         if "namespace" in fields:
             n_node = fields["namespace"][1]
@@ -550,7 +563,12 @@ class _Reader:
             if "namespaceLabels" in fields
             else ()
         )
-        return PodSelector(namespace=namespace, labels=labels, namespace_labels=ns_labels)
+        return PodSelector(
+            namespace=namespace,
+            labels=labels,
+            namespace_labels=ns_labels,
+            host_network=host_network,
+        )
 
     def labels(self, node: Node, path: str) -> tuple[tuple[str, str], ...]:
         entries = self.entries(node, path, what="labels (a mapping of key: value)")

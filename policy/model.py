@@ -64,6 +64,9 @@ class PodSelector:
     namespace: str | None = None
     labels: tuple[tuple[str, str], ...] = ()
     namespace_labels: tuple[tuple[str, str], ...] = ()
+    # Select hostNetwork pods instead, by their cgroups (their addresses are
+    # the node's): the agent fills the workload's ``cgroups``.
+    host_network: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,6 +272,13 @@ class Policy:
         return None
 
 
+def by_cgroup(w: Workload) -> bool:
+    """Whether the workload is identified by cgroups (given, or hostNetwork
+    pods' found by the agent): it gets a mark even while it has no cgroup yet,
+    so that marks never shift as pods come and go."""
+    return bool(w.cgroups) or (w.pods is not None and w.pods.host_network)
+
+
 def cgroup_marks(workloads: tuple[Workload, ...], mask: int) -> dict[str, int]:
     """Number the cgroup workloads 1, 2, ... in file order and shift the number
     into the mask's lowest set bit: the value each one's sockets carry under
@@ -276,7 +286,7 @@ def cgroup_marks(workloads: tuple[Workload, ...], mask: int) -> dict[str, int]:
     if mask <= 0:
         raise ValueError("cgroup_mark_mask must have at least one bit set")
     shift = (mask & -mask).bit_length() - 1
-    names = [w.name for w in workloads if w.cgroups]
+    names = [w.name for w in workloads if by_cgroup(w)]
     out: dict[str, int] = {}
     for number, name in enumerate(names, start=1):
         value = number << shift

@@ -22,6 +22,7 @@ import pytest
 
 from egress_agent.bpf.cgroup import PROGRAM, attached_programs, default_root
 from egress_agent.lab.agentproc import AgentProcess
+from egress_agent.lab.fakekube import pod_object, start_fakekube, write_kubeconfig, write_state
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import start_server
 
@@ -297,6 +298,87 @@ def test_reloads_add_and_remove_a_cgroup_workload(
 
         reload_to(without, 0)
         local, seen = node.connect(in_cgroup=True)
+        assert seen == local
+    finally:
+        assert node.agent.stop() == 0
+    assert node.ours_attached() == []
+
+
+HOST_NETWORK_POLICY = """
+version: 1
+workloads:
+  exporter: {pods: {namespace: mon, labels: {app: exporter}, hostNetwork: true}}
+intercept:
+  - from: [exporter]
+    ports: [9000]
+egress:
+  - name: exporter-sink
+    from: [exporter]
+    to: {ports: [9000]}
+    action: allow
+default: deny
+"""
+
+
+def test_a_host_network_pod_is_found_by_its_cgroup(
+    pod_and_sink: Lab,
+    tmp_path: Path,
+    cgroup_root: str,
+    make_cgroup: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The kubelet's tree (systemd driver) inside a cgroup of the test's own,
+    # which the agent takes as its cgroup root.
+    base = _new_name()
+    node_name, api_port = "node-a", 16444
+    state = {
+        "namespaces": [{"name": "mon", "labels": {}}],
+        "pods": [
+            {
+                "namespace": "mon",
+                "name": "exporter-1",
+                "labels": {"app": "exporter"},
+                "nodeName": node_name,
+                "hostNetwork": True,
+                "phase": "Running",
+            }
+        ],
+    }
+    uid = pod_object(state["pods"][0])["metadata"]["uid"]
+    qos = "kubepods.slice/kubepods-besteffort.slice"
+    pod_dir = f"{qos}/kubepods-besteffort-pod{uid.replace('-', '_')}.slice"
+    make_cgroup += [base, f"{base}/kubepods.slice", f"{base}/{qos}", f"{base}/{pod_dir}"]
+    Path(cgroup_root, base).mkdir()
+    write_state(tmp_path / "state.json", state)
+    start_fakekube(
+        pod_and_sink,
+        "node",
+        port=api_port,
+        state=tmp_path / "state.json",
+        log=tmp_path / "fakekube.log",
+    )
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{api_port}")
+    monkeypatch.setenv("NODE_NAME", node_name)
+    node = Node(pod_and_sink, tmp_path, cgroup_root, f"{base}/{pod_dir}", "auto")
+    (tmp_path / "policy.yaml").write_text(HOST_NETWORK_POLICY)
+    args = list(node.agent.extra_args)
+    args[args.index("--cgroup-root") + 1] = f"/proc/{os.getpid()}/root{cgroup_root}/{base}"
+    node.agent.extra_args = (*args, "--kubeconfig", str(kubeconfig))
+    node.agent.start()
+    try:
+        # The pod is listed before its cgroup exists (the kubelet makes it
+        # later): found by the drift round's scan.
+        for rel in ("kubepods.slice", qos, pod_dir):
+            Path(cgroup_root, base, rel).mkdir()
+        t0 = time.monotonic()
+        while not node.ours_attached():
+            assert time.monotonic() - t0 < 6, "the pod's cgroup was not attached within 6 s"
+            time.sleep(0.1)
+        local, seen = node.connect(in_cgroup=True)
+        assert seen != local
+        [record] = _wait_for_record(node, 1)
+        assert record["workload"] == "exporter" and record["src"] == local
+        local, seen = node.connect(in_cgroup=False)
         assert seen == local
     finally:
         assert node.agent.stop() == 0

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from egress_agent.agent.cgroups import marks_by_path
+from egress_agent.agent.discovery import resolve
+from egress_agent.agent.kubernetes import PodInfo, Snapshot
+from egress_agent.agent.podcgroups import pod_uid, scan
 from egress_agent.bpf.cgroup import (
     cgroup2_mount,
     decode_entry,
@@ -21,7 +24,7 @@ from egress_agent.bpf.cgroup import (
     encode_entry,
 )
 from egress_agent.policy.load import PolicyError, parse_policy
-from egress_agent.policy.model import Workload, cgroup_marks
+from egress_agent.policy.model import PodSelector, Workload, cgroup_marks
 from egress_agent.proxy.sockdiag import SockDiagError, decode_mark, encode_request
 from egress_agent.rules.render import render_ruleset
 
@@ -219,3 +222,94 @@ def test_desired_marks_skip_missing_cgroups_and_keep_the_first_of_one_id() -> No
     key, value = encode_entry(2**40 + 5, 0x01000000)
     assert (len(key), len(value)) == (8, 8)
     assert decode_entry(key, value) == (2**40 + 5, 0x01000000)
+
+
+# -- hostNetwork pods by cgroup -------------------------------------------------
+
+UID = "1f2e3d4c-5b6a-4789-9abc-def012345678"
+UID_ = UID.replace("-", "_")
+
+
+@pytest.mark.parametrize(
+    ("dirname", "uid"),
+    [
+        (f"kubepods-besteffort-pod{UID_}.slice", UID),
+        (f"kubepods-burstable-pod{UID_}.slice", UID),
+        (f"kubepods-pod{UID_}.slice", UID),
+        (f"pod{UID}", UID),
+        ("kubepods-besteffort.slice", None),
+        (f"cri-containerd-{UID_}.scope", None),
+        (f"pod{UID}x", None),
+        ("podnotauid", None),
+    ],
+)
+def test_pod_uid_from_the_kubelets_cgroup_names(dirname: str, uid: str | None) -> None:
+    assert pod_uid(dirname) == uid
+
+
+def test_the_scan_finds_pods_under_either_driver(tmp_path: Path) -> None:
+    systemd = f"kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice"
+    other = "0a1b2c3d-0000-4000-8000-000000000001"
+    cgroupfs = f"kubepods/burstable/pod{other}"
+    for rel in (systemd, f"{systemd}/cri-containerd-abc.scope", cgroupfs, "system.slice/x"):
+        (tmp_path / rel).mkdir(parents=True)
+    assert scan(str(tmp_path)) == {UID: systemd, other: cgroupfs}
+    assert scan(str(tmp_path / "nothing-here")) == {}
+
+
+def test_host_network_selectors_resolve_to_their_pods_cgroups() -> None:
+    text = """\
+version: 1
+workloads:
+  agent: {pods: {namespace: mon, labels: {app: node-exporter}, hostNetwork: true}}
+  backup: {cgroups: [system.slice/backup.service]}
+intercept:
+  - from: [agent]
+default: deny
+"""
+    policy = parse_policy(text)
+    assert policy.workload("agent").pods == PodSelector(
+        namespace="mon", labels=(("app", "node-exporter"),), host_network=True
+    )
+    # Marked from the start, before any pod is found: marks never shift.
+    assert policy.cgroup_marks() == {"agent": 0x01000000, "backup": 0x02000000}
+
+    def pod(name: str, uid: str, *, host: bool, phase: str = "Running") -> PodInfo:
+        return PodInfo(
+            namespace="mon",
+            name=name,
+            uid=uid,
+            labels={"app": "node-exporter"},
+            host_network=host,
+            phase=phase,
+        )
+
+    snapshot = Snapshot(
+        pods=(
+            pod("a", UID, host=True),
+            pod("b", "u-not-hostnet", host=False),
+            pod("c", "u-done", host=True, phase="Succeeded"),
+            pod("d", "u-no-cgroup-yet", host=True),
+        ),
+        namespace_labels={"mon": {}},
+        pods_resource_version="1",
+        namespaces_resource_version="1",
+        synced=True,
+    )
+    cgroups = {UID: "kubepods.slice/x", "u-not-hostnet": "y", "u-done": "z"}
+    resolved = resolve(policy, snapshot, pod_cgroups=cgroups)
+    agent = resolved.workload("agent")
+    assert agent.cgroups == ("kubepods.slice/x",) and agent.cidrs == ()
+    assert marks_by_path(resolved) == {
+        "kubepods.slice/x": 0x01000000,
+        "system.slice/backup.service": 0x02000000,
+    }
+    assert resolve(policy, snapshot).workload("agent").cgroups == ()
+    [problem] = _problems(
+        "version: 1\nworkloads:\n  w: {pods: {hostNetwork: true}}\ndefault: deny\n"
+    )
+    assert "empty pod selector" in problem
+    [problem] = _problems(
+        "version: 1\nworkloads:\n  w: {pods: {namespace: a, hostNetwork: 1}}\ndefault: deny\n"
+    )
+    assert "workloads.w.pods.hostNetwork" in problem and "true or false" in problem
