@@ -311,6 +311,13 @@ def _status(args: argparse.Namespace) -> int:
         print(f"bpf:          program {bpf['program_id']} on {where}; {state}")
     elif bpf and bpf.get("fallback_reason"):
         print(f"bpf:          not used: {bpf['fallback_reason']}")
+    cgroups = snap.get("cgroups")
+    if cgroups and cgroups.get("refused"):
+        print(f"cgroups:      REFUSED: {cgroups['refused']}")
+    elif cgroups:
+        attached = ", ".join(cgroups["attached"]) or "none"
+        missing = f"; not there yet: {', '.join(cgroups['missing'])}" if cgroups["missing"] else ""
+        print(f"cgroups:      socket marker on {attached}{missing}")
     print(
         f"kernel:       {'in sync' if snap['kernel_in_sync'] else 'DRIFTED'}, "
         f"{snap['drift_repairs']} repairs since start"

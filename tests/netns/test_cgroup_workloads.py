@@ -190,6 +190,10 @@ def test_a_cgroup_made_later_is_attached_and_a_crash_leaves_nothing_after_restar
     node.agent.start()
     try:
         assert "does not exist (yet)" in (tmp_path / "agent.log").read_text()
+        status = pod_and_sink.run(
+            "node", [sys.executable, "-m", "egress_agent.agent.cli", "status"], check=False
+        ).stdout
+        assert f"cgroups:      socket marker on none; not there yet: {name}" in status
         Path(cgroup_root, name).mkdir()
         t0 = time.monotonic()
         while not node.ours_attached():
@@ -254,6 +258,10 @@ def test_without_cgroup2_the_cgroup_workloads_are_refused_and_the_rest_runs(
             "node", [sys.executable, "-m", "egress_agent.agent.cli", "status", "--json"]
         ).stdout
         assert "is not a cgroup v2 mount" in json.loads(out)["cgroups"]["refused"]
+        text = pod_and_sink.run(
+            "node", [sys.executable, "-m", "egress_agent.agent.cli", "status"], check=False
+        ).stdout
+        assert "cgroups:      REFUSED: " in text
         # The pod is still diverted; the cgroup's processes go direct.
         client = [sys.executable, "-m", "egress_agent.lab.client", "198.18.1.2", "9000"]
         assert json.loads(pod_and_sink.run("pod", client).stdout)["ok"]
