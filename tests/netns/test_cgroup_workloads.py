@@ -391,3 +391,38 @@ def test_a_host_network_pod_is_found_by_its_cgroup(
     finally:
         assert node.agent.stop() == 0
     assert node.ours_attached() == []
+
+
+def test_a_handover_leaves_the_successors_marker_alone_on_the_cgroup(
+    pod_and_sink: Lab, tmp_path: Path, cgroup_root: str, make_cgroup: list[str]
+) -> None:
+    name = _new_name()
+    make_cgroup.append(name)
+    Path(cgroup_root, name).mkdir()
+    node = Node(pod_and_sink, tmp_path, cgroup_root, name, "auto")
+    old = node.agent
+    new = AgentProcess(
+        pod_and_sink,
+        policy=old.policy,
+        audit=old.audit,
+        log=tmp_path / "new.log",
+        extra_args=old.extra_args,
+    )
+    old.start()
+    try:
+        before = node.ours_attached()
+        assert len(before) == 1
+        new.start()
+        assert old.proc is not None and old.proc.wait(timeout=10) == 0  # handed over, left
+        after = node.ours_attached()
+        assert len(after) == 1 and after != before
+        node.agent = new
+        local, seen = node.connect(in_cgroup=True)
+        assert seen != local
+        assert _wait_for_record(node, 1)[-1]["workload"] == "backup"
+    finally:
+        if new.proc is not None:
+            new.stop()
+        if old.proc is not None and old.proc.poll() is None:
+            old.kill()
+    assert node.ours_attached() == []
