@@ -84,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
         f" (default {DEFAULT_PIN_DIR}); removed at stop, and at start if a crash left it",
     )
     run.add_argument(
+        "--cgroup-root",
+        default=None,
+        metavar="DIR",
+        help="the cgroup v2 mount that cgroup workloads' paths are relative to"
+        " (default: found in /proc/self/mountinfo)",
+    )
+    run.add_argument(
         "--bpf-exclude-interface",
         action="append",
         default=[],
@@ -189,6 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         datapath=args.datapath,
         bpf_pin_dir=args.bpf_pin_dir,
         bpf_exclude_interfaces=tuple(args.bpf_exclude_interface),
+        cgroup_root=args.cgroup_root,
     )
     try:
         return uvloop.run(run_agent(options))
@@ -303,6 +311,13 @@ def _status(args: argparse.Namespace) -> int:
         print(f"bpf:          program {bpf['program_id']} on {where}; {state}")
     elif bpf and bpf.get("fallback_reason"):
         print(f"bpf:          not used: {bpf['fallback_reason']}")
+    cgroups = snap.get("cgroups")
+    if cgroups and cgroups.get("refused"):
+        print(f"cgroups:      REFUSED: {cgroups['refused']}")
+    elif cgroups:
+        attached = ", ".join(cgroups["attached"]) or "none"
+        missing = f"; not there yet: {', '.join(cgroups['missing'])}" if cgroups["missing"] else ""
+        print(f"cgroups:      socket marker on {attached}{missing}")
     print(
         f"kernel:       {'in sync' if snap['kernel_in_sync'] else 'DRIFTED'}, "
         f"{snap['drift_repairs']} repairs since start"

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Mapping
 
 from egress_agent.agent.kubernetes import (
+    TERMINAL_PHASES,
     Selector,
     Snapshot,
     address_conflicts,
@@ -53,11 +54,30 @@ def selector_of(pods: PodSelector) -> Selector:
     )
 
 
+def host_network_uids(pods: PodSelector, snapshot: Snapshot) -> list[str]:
+    """Uids of the running hostNetwork pods on this node that ``pods`` names
+    (the selector's own fields; ``kubernetes.matches`` leaves hostNetwork
+    pods out on purpose, as their addresses identify nothing)."""
+    out = []
+    for pod in snapshot.pods:
+        if not pod.host_network or pod.phase in TERMINAL_PHASES:
+            continue
+        if pods.namespace is not None and pod.namespace != pods.namespace:
+            continue
+        ns_labels = snapshot.labels_of_namespace(pod.namespace)
+        if all(pod.labels.get(k) == v for k, v in pods.labels) and all(
+            ns_labels.get(k) == v for k, v in pods.namespace_labels
+        ):
+            out.append(pod.uid)
+    return out
+
+
 def resolve(
     policy: Policy,
     snapshot: Snapshot | None,
     *,
     host_interfaces: Mapping[IPAddress, str] | None = None,
+    pod_cgroups: Mapping[str, str] | None = None,
 ) -> Policy:
     """``policy`` with every pod workload's CIDRs set from ``snapshot`` (none
     before the first sync).
@@ -70,6 +90,10 @@ def resolve(
     address; only when every one of its addresses has a known interface, as
     binding to some would take the identity from the pods whose interface is
     unknown.
+
+    A selector with ``hostNetwork: true`` gets no addresses: its workload's
+    ``cgroups`` are the selected hostNetwork pods' cgroups found in
+    ``pod_cgroups`` (pod uid -> cgroup path, see ``agent.podcgroups``).
     """
     if not uses_pods(policy):
         return policy
@@ -82,6 +106,11 @@ def resolve(
     for w in policy.workloads:
         if w.pods is None:
             workloads.append(w)
+            continue
+        if w.pods.host_network:
+            uids = host_network_uids(w.pods, snapshot) if snapshot else []
+            paths = sorted({pod_cgroups[u] for u in uids if pod_cgroups and u in pod_cgroups})
+            workloads.append(dataclasses.replace(w, cidrs=(), cgroups=tuple(paths)))
             continue
         found = selected_networks(selector_of(w.pods), snapshot) if snapshot else ()
         mine: list[IPNetwork] = []

@@ -49,6 +49,7 @@ from egress_agent.agent.addresses import (
     missing_proxy_addresses,
     remove_proxy_addresses,
 )
+from egress_agent.agent.cgroups import CgroupWorkloads
 from egress_agent.agent.discovery import pod_addresses, resolve, uses_pods
 from egress_agent.agent.handover import (
     HandoverError,
@@ -135,6 +136,8 @@ class RunOptions:
     datapath: str = "auto"  # nft | bpf | auto
     bpf_pin_dir: str = DEFAULT_PIN_DIR
     bpf_exclude_interfaces: tuple[str, ...] = ()
+    # cgroup2 mount for cgroup workloads; None: found in /proc/self/mountinfo.
+    cgroup_root: str | None = None
 
 
 class DatapathError(Exception):
@@ -186,6 +189,9 @@ class Agent:
         self.selection: Selection = "nft"
         self.bpf: BpfDatapath | None = None
         self.bpf_fallback: str | None = None
+        self.cgroups = CgroupWorkloads(root=options.cgroup_root, bpf_pin_dir=options.bpf_pin_dir)
+        # hostNetwork pods' uid -> cgroup path, for pod selectors with hostNetwork.
+        self.pod_cgroups: dict[str, str] = {}
         self.doc = self._render(self.policy)
         # fail: open makes the table the kernel's to remove when we end.
         self.table = Table(owned=self.policy.fail_open)
@@ -287,10 +293,17 @@ class Agent:
     async def _start(self, inherited: Inherited | None) -> None:
         if self.pods is not None:
             await self._refresh_host_interfaces(self.pods)
-            self.policy = resolve(self.source_policy, self.pods, host_interfaces=self.host_ifs)
+            await self._refresh_pod_cgroups()
+            self.policy = resolve(
+                self.source_policy,
+                self.pods,
+                host_interfaces=self.host_ifs,
+                pod_cgroups=self.pod_cgroups,
+            )
         # pyroute2 drives its own asyncio loop internally: keep it off ours.
         await asyncio.to_thread(ensure_proxy_addresses, self.policy.proxy)
         await self._start_datapath()
+        await self._sync_cgroups(self.policy)
         self.doc = self._render(self.policy)
         self.proxy = ProxyServer(
             policy=self.policy,
@@ -313,12 +326,20 @@ class Agent:
             )
         self.in_sync = True
 
+    async def _sync_cgroups(self, policy: Policy) -> None:
+        try:
+            await asyncio.to_thread(self.cgroups.sync, policy)
+        except OSError as exc:
+            log.error("cgroup workloads: %s", exc)
+
     async def repair_drift(self) -> bool:
         """Compare the kernel with the desired state; restore what someone
         removed or changed. Returns whether anything had drifted."""
         async with self._reload_lock:
             if self.handing_over:
                 return False
+            # Cgroups that appeared or were made again since the last round.
+            await self._sync_cgroups(self.policy)
             problems = verify_applied(self.doc)
             missing = await asyncio.to_thread(missing_proxy_addresses, self.policy.proxy)
             problems += [f"proxy address {a} missing from lo" for a in missing]
@@ -392,6 +413,7 @@ class Agent:
             "datapath": "bpf" if self.bpf is not None else "nftables",
             "datapath_requested": self.options.datapath,
             "bpf": self._bpf_snapshot(),
+            "cgroups": self.cgroups.status(),
             "fail": "open" if self.policy.fail_open else "closed",
             "discovery": discovery,
             "nft_rules_per_chain": counts,
@@ -430,7 +452,9 @@ class Agent:
                 return ReloadResult(applied=False, generation=self.generation, policy_hash=digest)
             source = parse_policy(text, source_name=self.path)
             _check_restart_only_settings(self.policy, source)
-            policy = resolve(source, self.pods, host_interfaces=self.host_ifs)
+            policy = resolve(
+                source, self.pods, host_interfaces=self.host_ifs, pod_cgroups=self.pod_cgroups
+            )
             doc = self._render(policy)
         except PolicyError as exc:
             log.error(
@@ -460,6 +484,7 @@ class Agent:
         self.generation += 1
         self.source_policy = source
         self.policy, self.policy_hash, self.doc = policy, digest, doc
+        await self._sync_cgroups(policy)
         assert self.proxy is not None
         closed = self.proxy.update_policy(policy, generation=self.generation, policy_hash=digest)
         log.info(
@@ -500,6 +525,20 @@ class Agent:
         if await self._refresh_host_interfaces(self.pods):
             self.host_ifs = known  # pods_changed looks again and applies
             await self.pods_changed(self.pods)
+        elif await self._refresh_pod_cgroups():
+            await self.pods_changed(self.pods)
+
+    async def _refresh_pod_cgroups(self) -> bool:
+        """Find the cgroups of hostNetwork pods (a pod's cgroup appears after
+        the API server lists it); whether anything changed."""
+        try:
+            found = await asyncio.to_thread(self.cgroups.scan_pods, self.source_policy)
+        except OSError as exc:
+            log.warning("cannot scan the kubelet's pod cgroups: %s", exc)
+            return False
+        changed = found != self.pod_cgroups
+        self.pod_cgroups = found
+        return changed
 
     async def pods_changed(self, pods: Snapshot) -> None:
         """Discovery saw pods come, go or change labels: apply the new addresses
@@ -509,7 +548,13 @@ class Agent:
                 return
             self.pods = pods
             await self._refresh_host_interfaces(pods)
-            policy = resolve(self.source_policy, pods, host_interfaces=self.host_ifs)
+            await self._refresh_pod_cgroups()
+            policy = resolve(
+                self.source_policy,
+                pods,
+                host_interfaces=self.host_ifs,
+                pod_cgroups=self.pod_cgroups,
+            )
             doc = self._render(policy)
             if doc == self.doc and policy == self.policy:
                 return
@@ -521,6 +566,7 @@ class Agent:
                 return
             self.generation += 1
             self.policy, self.doc = policy, doc
+            await self._sync_cgroups(policy)
             assert self.proxy is not None
             closed = self.proxy.update_policy(
                 policy, generation=self.generation, policy_hash=self.policy_hash
@@ -590,6 +636,7 @@ class Agent:
         for step, action in (
             ("remove nftables table", self.table.remove),
             ("remove the BPF datapath", bpf.stop if bpf is not None else lambda: None),
+            ("detach the cgroup socket marker", self.cgroups.stop),
             ("remove proxy addresses", lambda: remove_proxy_addresses(self.policy.proxy)),
         ):
             if not teardown:
@@ -714,7 +761,7 @@ def _check_restart_only_settings(old: Policy, new: Policy) -> None:
             f"fail changed to {'open' if new.fail_open else 'closed'}: the failure mode "
             "applies at start only; restart the agent to change it"
         )
-    keys = ("port", "address_v4", "address_v6")
+    keys = ("port", "address_v4", "address_v6", "cgroup_mark_mask")
     changed = [k for k in keys if getattr(old.proxy, k) != getattr(new.proxy, k)]
     old_port = old.connect.port if old.connect else None
     new_port = new.connect.port if new.connect else None

@@ -49,6 +49,8 @@ from egress_agent.policy.model import (
     ProxySettings,
     Upstream,
     Workload,
+    by_cgroup,
+    cgroup_marks,
 )
 
 SUPPORTED_VERSION = 1
@@ -93,13 +95,14 @@ _PROXY_KEYS = (
     "address_v6",
     "upstream_mark",
     "divert_mark",
+    "cgroup_mark_mask",
     "peek_bytes",
     "peek_timeout",
     "connect_timeout",
     "idle_timeout",
 )
-_WORKLOAD_KEYS = ("cidrs", "pods", "interfaces")
-_PODS_KEYS = ("namespace", "labels", "namespaceLabels")
+_WORKLOAD_KEYS = ("cidrs", "pods", "interfaces", "cgroups")
+_PODS_KEYS = ("namespace", "labels", "namespaceLabels", "hostNetwork")
 # Kubernetes label syntax: an optional DNS-subdomain prefix and a name of at
 # most 63 characters; values at most 63 characters, possibly empty.
 _LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
@@ -309,6 +312,11 @@ class _Reader:
         if "workloads" in top:
             known = self.workloads(top["workloads"][1], "workloads")
             workloads = tuple(known.values()) if known is not None else ()
+        if any(by_cgroup(w) for w in workloads):
+            try:
+                cgroup_marks(workloads, proxy.cgroup_mark_mask)
+            except ValueError as exc:
+                self.problem(top["workloads"][1], "workloads", str(exc))
         intercept: tuple[InterceptRule, ...] = ()
         if "intercept" in top:
             intercept = self.intercept(top["intercept"][1], "intercept", known)
@@ -391,12 +399,24 @@ class _Reader:
                 address_v6 = got
         upstream_mark = int_field("upstream_mark", 1, 0xFFFFFFFF, defaults.upstream_mark, hex_=True)
         divert_mark = int_field("divert_mark", 1, 0xFFFFFFFF, defaults.divert_mark, hex_=True)
+        cgroup_mark_mask = int_field(
+            "cgroup_mark_mask", 1, 0xFFFFFFFF, defaults.cgroup_mark_mask, hex_=True
+        )
+        for other, mark in (("upstream_mark", upstream_mark), ("divert_mark", divert_mark)):
+            if cgroup_mark_mask & mark and (n := value("cgroup_mark_mask")) is not None:
+                self.problem(
+                    n,
+                    _join(path, "cgroup_mark_mask"),
+                    f"cgroup_mark_mask {cgroup_mark_mask:#x} shares bits with {other}"
+                    f" {mark:#x}: give the cgroup workloads' marks bits of their own",
+                )
         return ProxySettings(
             port=int_field("port", 1, 65535, defaults.port),
             address_v4=address_v4,
             address_v6=address_v6,
             upstream_mark=upstream_mark,
             divert_mark=divert_mark,
+            cgroup_mark_mask=cgroup_mark_mask,
             peek_bytes=int_field("peek_bytes", 512, 65536, defaults.peek_bytes),
             peek_timeout=seconds_field("peek_timeout", 60, defaults.peek_timeout),
             connect_timeout=seconds_field("connect_timeout", 300, defaults.connect_timeout),
@@ -420,7 +440,18 @@ class _Reader:
             cidrs: list[IPNetwork] = []
             interfaces: tuple[str, ...] = ()
             pods: PodSelector | None = None
-            if fields is not None:
+            cgroups: tuple[str, ...] = ()
+            if fields is not None and "cgroups" in fields:
+                others = [k for k in ("cidrs", "pods", "interfaces") if k in fields]
+                if others:
+                    self.problem(
+                        fields["cgroups"][0],
+                        _join(w_path, "cgroups"),
+                        f"workload {name!r} has both cgroups and {others[0]}: a workload is"
+                        " recognised either by its cgroups (node processes) or by addresses",
+                    )
+                cgroups = self.cgroup_paths(fields["cgroups"][1], _join(w_path, "cgroups"))
+            elif fields is not None:
                 if "pods" in fields and "cidrs" in fields:
                     self.problem(
                         fields["pods"][0],
@@ -461,14 +492,39 @@ class _Reader:
                     interfaces = self.interfaces(
                         fields["interfaces"][1], _join(w_path, "interfaces")
                     )
-            result[name] = Workload(name=name, cidrs=tuple(cidrs), interfaces=interfaces, pods=pods)
+            result[name] = Workload(
+                name=name, cidrs=tuple(cidrs), interfaces=interfaces, pods=pods, cgroups=cgroups
+            )
         return result
+
+    def cgroup_paths(self, node: Node, path: str) -> tuple[str, ...]:
+        """Cgroup v2 paths relative to the cgroup2 mount, like
+        ``system.slice/backup.service``: no leading slash, no ``..``."""
+        items = self.sequence(node, path, what="a list of cgroup paths")
+        if items is not None and not items:
+            self.problem(
+                node,
+                path,
+                "needs at least one cgroup path like system.slice/backup.service",
+            )
+        paths: list[str] = []
+        for i, item in enumerate(items or ()):
+            i_path = f"{path}[{i}]"
+            text = self.text(item, i_path, what="a cgroup path")
+            if text is None:
+                continue
+            why = _cgroup_path_problem(text)
+            if why:
+                self.problem(item, i_path, f"{text!r} is not a usable cgroup path: {why}")
+                continue
+            paths.append(text.rstrip("/"))
+        return tuple(paths)
 
     def pod_selector(self, node: Node, path: str) -> PodSelector | None:
         fields = self.mapping(node, path, what="a pod selector", allowed=_PODS_KEYS)
         if fields is None:
             return None
-        if not fields:
+        if not set(fields) - {"hostNetwork"}:
             self.problem(
                 node,
                 path,
@@ -476,6 +532,18 @@ class _Reader:
                 " namespace, labels or namespaceLabels",
             )
             return None
+        host_network = False
+        if "hostNetwork" in fields:
+            h_node = fields["hostNetwork"][1]
+            value = self.scalar(h_node, _join(path, "hostNetwork"), what="true or false")
+            if isinstance(value, bool):
+                host_network = value
+            elif value is not None:
+                self.problem(
+                    h_node,
+                    _join(path, "hostNetwork"),
+                    f"expected true or false, found {self.describe(h_node)}",
+                )
         namespace = None
         if "namespace" in fields:
             n_node = fields["namespace"][1]
@@ -495,7 +563,12 @@ class _Reader:
             if "namespaceLabels" in fields
             else ()
         )
-        return PodSelector(namespace=namespace, labels=labels, namespace_labels=ns_labels)
+        return PodSelector(
+            namespace=namespace,
+            labels=labels,
+            namespace_labels=ns_labels,
+            host_network=host_network,
+        )
 
     def labels(self, node: Node, path: str) -> tuple[tuple[str, str], ...]:
         entries = self.entries(node, path, what="labels (a mapping of key: value)")
@@ -1134,6 +1207,7 @@ class _Reader:
                 f"the default) or open (it goes direct), found {self.describe(node)}",
             )
         return False
+
     def connect(
         self, node: Node, path: str, known: dict[str, Workload] | None, proxy: ProxySettings
     ) -> ConnectSettings | None:
@@ -1453,6 +1527,22 @@ def _network_message(text: str, exc: ValueError) -> str:
             " for the one address"
         )
     return f"{text!r} is not a valid CIDR: expected {_CIDR_EXAMPLE}"
+
+
+def _cgroup_path_problem(text: str) -> str | None:
+    if not text or text.strip("/") == "":
+        return "it names the cgroup root, which holds every process on the machine"
+    if text.startswith("/"):
+        return (
+            "give it relative to the cgroup v2 root, without the leading slash"
+            f" (e.g. {text.lstrip('/')!r})"
+        )
+    parts = text.rstrip("/").split("/")
+    if any(p in ("..", ".", "") for p in parts):
+        return "'.', '..' and empty components are not allowed"
+    if "\0" in text or "\n" in text:
+        return "it contains a NUL or newline character"
+    return None
 
 
 def _interface_name_problem(name: str) -> str | None:

@@ -28,6 +28,10 @@ DEFAULT_UPSTREAM_MARK = 0x6567
 # Packet mark bit the BPF datapath's classifier sets on packets to divert; the
 # nftables rules then only match it. Its own bit, clear of the upstream mark.
 DEFAULT_DIVERT_MARK = 0x00800000
+# Packet mark bits that name a cgroup workload: a BPF program at socket
+# creation writes the workload's mark into the socket (bpf/cgroup_mark.bpf.c),
+# the output chain matches it. Clear of the upstream and divert marks.
+DEFAULT_CGROUP_MARK_MASK = 0x7F000000
 
 
 class Action(enum.Enum):
@@ -60,6 +64,9 @@ class PodSelector:
     namespace: str | None = None
     labels: tuple[tuple[str, str], ...] = ()
     namespace_labels: tuple[tuple[str, str], ...] = ()
+    # Select hostNetwork pods instead, by their cgroups (their addresses are
+    # the node's): the agent fills the workload's ``cgroups``.
+    host_network: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +83,10 @@ class Workload:
     cidrs: tuple[IPNetwork, ...]
     interfaces: tuple[str, ...] = ()
     pods: PodSelector | None = None
+    # Cgroup v2 paths relative to the cgroup2 root: identity is the cgroup of
+    # the process that created the socket (or any cgroup below it), for
+    # locally generated traffic, where the source address says nothing.
+    cgroups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,6 +194,7 @@ class ProxySettings:
     address_v6: ipaddress.IPv6Address = DEFAULT_PROXY_ADDRESS_V6
     upstream_mark: int = DEFAULT_UPSTREAM_MARK
     divert_mark: int = DEFAULT_DIVERT_MARK
+    cgroup_mark_mask: int = DEFAULT_CGROUP_MARK_MASK
     # Caps on reading the first bytes (TLS ClientHello, HTTP request head).
     # Wire bytes: a 16 KiB ClientHello plus its TLS record and handshake headers.
     peek_bytes: int = 20480
@@ -244,6 +256,47 @@ class Policy:
             if w.name == name:
                 return w
         raise KeyError(name)
+
+    def cgroup_marks(self) -> dict[str, int]:
+        """Cgroup workload name -> its socket mark (see :func:`cgroup_marks`)."""
+        return cgroup_marks(self.workloads, self.proxy.cgroup_mark_mask)
+
+    def workload_for_mark(self, mark: int) -> str | None:
+        """The cgroup workload a socket mark names, or None."""
+        field_ = mark & self.proxy.cgroup_mark_mask
+        if not field_:
+            return None
+        for name, value in self.cgroup_marks().items():
+            if value == field_:
+                return name
+        return None
+
+
+def by_cgroup(w: Workload) -> bool:
+    """Whether the workload is identified by cgroups (given, or hostNetwork
+    pods' found by the agent): it gets a mark even while it has no cgroup yet,
+    so that marks never shift as pods come and go."""
+    return bool(w.cgroups) or (w.pods is not None and w.pods.host_network)
+
+
+def cgroup_marks(workloads: tuple[Workload, ...], mask: int) -> dict[str, int]:
+    """Number the cgroup workloads 1, 2, ... in file order and shift the number
+    into the mask's lowest set bit: the value each one's sockets carry under
+    ``mask``. Raises ValueError when the mask cannot hold them all."""
+    if mask <= 0:
+        raise ValueError("cgroup_mark_mask must have at least one bit set")
+    shift = (mask & -mask).bit_length() - 1
+    names = [w.name for w in workloads if by_cgroup(w)]
+    out: dict[str, int] = {}
+    for number, name in enumerate(names, start=1):
+        value = number << shift
+        if value & ~mask:
+            raise ValueError(
+                f"{len(names)} cgroup workloads do not fit in cgroup_mark_mask {mask:#x}"
+                " (contiguous bits from its lowest set bit): widen the mask"
+            )
+        out[name] = value
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)

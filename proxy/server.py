@@ -39,6 +39,7 @@ from egress_agent.proxy.original_dst import (
     original_dst,
 )
 from egress_agent.proxy.peek import HTTP_METHODS, Peeked, Protocol, sniff
+from egress_agent.proxy.sockdiag import socket_mark
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class Connection:
         self.src: Endpoint | None = None
         self.dst: Endpoint | None = None
         self.workload: str | None = None
+        self.socket_mark: int | None = None  # read by sock_diag for cgroup workloads
         self.peeked: Peeked | None = None
         self.verdict: Verdict | None = None
         self.bytes_up = 0
@@ -233,6 +235,8 @@ class Connection:
             self.fail("original destination is the proxy itself (loop refused)")
             return
         self.workload = identify(policy, self.src.address)
+        if self.workload is None and any(w.cgroups for w in policy.workloads):
+            self.workload = self._cgroup_workload(policy)
         if needs_server_name(
             policy, workload=self.workload, dst=self.dst.address, dst_port=self.dst.port
         ):
@@ -281,6 +285,20 @@ class Connection:
             return
         self.event = "closed"
         self._start_relay()
+
+    def _cgroup_workload(self, policy: Policy) -> str | None:
+        """A node process's connection: its socket's mark names the cgroup
+        workload (see proxy.sockdiag). No socket found (the client is in
+        another namespace, or already gone): no workload."""
+        assert self.src is not None and self.dst is not None
+        try:
+            self.socket_mark = socket_mark(
+                self.src.address, self.src.port, self.dst.address, self.dst.port
+            )
+        except (OSError, ValueError) as exc:
+            log.debug("no client socket mark for %s -> %s: %s", self.src, self.dst, exc)
+            return None
+        return None if self.socket_mark is None else policy.workload_for_mark(self.socket_mark)
 
     async def _refuse_malformed_http(self, exc: ValueError) -> bool:
         """Answer a malformed HTTP request head with 400 when an http rule
@@ -598,7 +616,12 @@ class ProxyServer:
                 continue  # still being decided, under the policy it arrived with
             verdict = decide(
                 policy,
-                workload=identify(policy, conn.src.address),
+                workload=identify(policy, conn.src.address)
+                or (
+                    policy.workload_for_mark(conn.socket_mark)
+                    if conn.socket_mark is not None
+                    else None
+                ),
                 dst=conn.dst.address,
                 dst_port=conn.dst.port,
                 server_name=conn.peeked.server_name if conn.peeked else None,

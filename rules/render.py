@@ -38,7 +38,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
-from egress_agent.policy.model import IPNetwork, Policy, PortRange, Workload
+from egress_agent.policy.model import InterceptRule, IPNetwork, Policy, PortRange, Workload
 
 TABLE = "egress_agent"
 _SET_REF = re.compile(r'"@([A-Za-z0-9_]+)"')
@@ -71,6 +71,7 @@ def render_ruleset(policy: Policy, *, selection: Selection = "nft") -> Json:
 
     sets: list[Json] = []
     nat_rules: list[tuple[Json, bool]] = []  # (rule, applies to locally generated traffic)
+    cgroup_nat_rules: list[tuple[Json, str]] = []  # (rule, chain): output only
     if selection == "bpf":
         local_names = {w.name for w in policy.workloads if not w.interfaces and w.pods is None}
         wanted = local_names & {name for rule in policy.intercept for name in rule.sources}
@@ -89,8 +90,9 @@ def render_ruleset(policy: Policy, *, selection: Selection = "nft") -> Json:
 
     w_index_by_name = {w.name: i for i, w in enumerate(policy.workloads)}
     by_name = {w.name: w for w in policy.workloads}
+    cgroup_marks = policy.cgroup_marks()
     for rule in policy.intercept:
-        if not any(source in identities for source in rule.sources):
+        if not any(source in identities or source in cgroup_marks for source in rule.sources):
             continue  # BPF mode, no local source: nothing of this rule is rendered
         i = rule.index
         to4, to6 = _split(rule.to_cidrs)
@@ -126,6 +128,8 @@ def render_ruleset(policy: Policy, *, selection: Selection = "nft") -> Json:
                 exprs.append(_divert(policy, fam))
                 comment = f"intercept[{i}] from {source}"
                 nat_rules.append((_rule_body(exprs, comment), not workload.interfaces))
+            cgroup_rules = _cgroup_rules(policy, rule, cgroup_marks, fam, to, ex)
+            cgroup_nat_rules += [(body, "output") for body in cgroup_rules]
 
     chains = [
         _chain("prerouting", "nat", "prerouting", NAT_PRIORITY),
@@ -178,6 +182,7 @@ def render_ruleset(policy: Policy, *, selection: Selection = "nft") -> Json:
             # Locally generated traffic has no ingress interface, so workloads
             # bound to interfaces are matched for forwarded traffic only.
             rules.append({"chain": "output", **body})
+    rules += [{"chain": chain, **body} for body, chain in cgroup_nat_rules]
 
     port = policy.proxy.port
     for fam in ("ip", "ip6"):
@@ -249,6 +254,43 @@ def _connect_rules(
             )
         )
     return rules
+
+
+def _cgroup_rules(
+    policy: Policy,
+    rule: InterceptRule,
+    marks: dict[str, int],
+    fam: str,
+    to: Sequence[IPNetwork],
+    ex: Sequence[IPNetwork],
+) -> list[Json]:
+    """Output-chain rules for the rule's cgroup workloads: their sockets carry
+    the workload's mark (set at socket creation by bpf/cgroup_mark.bpf.c), so
+    the mark under ``cgroup_mark_mask`` is the identity; the rest is the
+    rule's destinations and ports as for address workloads."""
+    suffix = "v4" if fam == "ip" else "v6"
+    mask = policy.proxy.cgroup_mark_mask
+    i = rule.index
+    out = []
+    for source in rule.sources:
+        if source not in marks:
+            continue
+        exprs: list[Json] = [
+            _match({"&": [_meta("mark"), mask]}, marks[source]),
+            _match(_meta("nfproto"), "ipv4" if fam == "ip" else "ipv6"),
+        ]
+        if to:
+            exprs.append(_match(_payload(fam, "daddr"), f"@ic{i}_to_{suffix}"))
+        if ex:
+            exprs.append(_match(_payload(fam, "daddr"), f"@ic{i}_except_{suffix}", op="!="))
+        if rule.ports:
+            exprs.append(_match(_payload("tcp", "dport"), f"@ic{i}_ports"))
+        else:
+            exprs.append(_match(_meta("l4proto"), "tcp"))
+        exprs.append({"counter": None})
+        exprs.append(_divert(policy, fam))
+        out.append(_rule_body(exprs, f"intercept[{i}] from {source} (cgroup mark)"))
+    return out
 
 
 def render_teardown() -> Json:

@@ -1,0 +1,455 @@
+"""Mark the sockets of cgroup workloads: load the socket marker, attach it to
+the workloads' cgroups, keep its map equal to the policy.
+
+Node processes (and hostNetwork pods) send with the node's own addresses, so
+address identity cannot tell them apart; their cgroup can. The marker
+(``cgroup_mark.bpf.c``) runs at socket creation in the cgroups it is attached
+to and writes the workload's mark into the socket; nftables' output chain
+matches the mark. It is independent of the tc classifier and works with
+either datapath.
+
+* A cgroup is identified by its id: the inode number of its directory on the
+  cgroup2 mount. A cgroup that does not exist yet is retried on every
+  :meth:`CgroupMarker.sync` (the agent's drift round); one that was removed
+  and created again (a restarted systemd service) has a new id and is
+  attached again.
+* Only the workloads' own cgroups get the program (``BPF_F_ALLOW_MULTI``, so
+  other programs there stay), never the root cgroup.
+* bcc compiles in a short-lived child (as for the classifier, see
+  ``loader.Classifier``), which pins the program and map in a folder of its
+  own on bpffs; the agent opens the pins and removes the folder at once: the
+  attachments and the agent's descriptors keep the objects alive.
+* A killed run's attachments stay on their cgroups (an attachment without a
+  link outlives its loader). The next start asks each configured cgroup
+  which programs it holds (``BPF_PROG_QUERY``) and detaches those with the
+  marker's name before attaching its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import dataclasses
+import json
+import logging
+import os
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from egress_agent.bpf.loader import COMPILE_TIMEOUT, _errno, _libbpf, ensure_bpffs, remove_pins
+
+log = logging.getLogger(__name__)
+
+PROGRAM = "egress_cg_mark"  # also its kernel name (at most 15 characters)
+MAP = "egress_cgroup_marks"
+SOURCE = Path(__file__).resolve().parent / "cgroup_mark.bpf.c"
+HEADER = Path(__file__).resolve().parent / "cgroup_mark.h"
+BPF_CGROUP_INET_SOCK_CREATE = 2  # enum bpf_attach_type
+BPF_F_ALLOW_MULTI = 2
+_INFO_SIZE = 256  # >= struct bpf_prog_info; the kernel wants the tail zeroed
+_INFO_NAME = slice(64, 80)  # bpf_prog_info.name (char[16])
+_VALUE = struct.Struct("=II")  # struct egress_cgroup_mark_value
+_KEY = struct.Struct("=Q")
+
+
+class CgroupMarkError(Exception):
+    """The socket marker could not be loaded or attached; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"BPF program {PROGRAM} ({SOURCE.name}): {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True, kw_only=True)
+class CgroupMarkConfig:
+    mark_mask: int
+    pin_dir: str  # a folder of its own on bpffs, removed after loading
+    max_cgroups: int = 4096
+
+
+def cflags(config: CgroupMarkConfig) -> list[str]:
+    return [
+        f"-I{SOURCE.parent}",
+        f"-DMARK_MASK={config.mark_mask:#x}",
+        f"-DMAX_CGROUPS={config.max_cgroups}",
+    ]
+
+
+# -- pure helpers -----------------------------------------------------------
+
+
+def cgroup2_mount(mountinfo: str) -> str | None:
+    """Where cgroup v2 is mounted, from /proc/self/mountinfo text: the first
+    ``cgroup2`` mount whose root is the hierarchy's root (``/``)."""
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields, rest = left.split(), right.split()
+        if len(fields) >= 5 and rest and rest[0] == "cgroup2" and fields[3] == "/":
+            return _unescape(fields[4])
+    return None
+
+
+def _unescape(text: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1 : i + 4].isdigit() and i + 4 <= len(text):
+            out.append(chr(int(text[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def desired_marks(paths: dict[str, int], ids: dict[str, int | None]) -> dict[int, int]:
+    """Cgroup id -> mark for the paths that exist now (``ids`` from
+    :func:`cgroup_id`; None: missing). Two paths naming one cgroup (a bind
+    mount, a symlink) keep the first one's mark."""
+    out: dict[int, int] = {}
+    for path, mark in paths.items():
+        ident = ids.get(path)
+        if ident is not None:
+            out.setdefault(ident, mark)
+    return out
+
+
+def encode_entry(cgroup: int, mark: int) -> tuple[bytes, bytes]:
+    return _KEY.pack(cgroup), _VALUE.pack(mark, 0)
+
+
+def decode_entry(key: bytes, value: bytes) -> tuple[int, int]:
+    return _KEY.unpack(key)[0], _VALUE.unpack(value)[0]
+
+
+# -- kernel side ------------------------------------------------------------
+
+
+def default_root() -> str | None:
+    try:
+        return cgroup2_mount(Path("/proc/self/mountinfo").read_text())
+    except OSError:
+        return None
+
+
+def cgroup_id(root: str, path: str) -> int | None:
+    try:
+        st = os.stat(os.path.join(root, path))
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+    return st.st_ino
+
+
+def _lib() -> Any:
+    lib = _libbpf()
+    for name, args in (
+        ("bpf_prog_attach", [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]),
+        ("bpf_prog_detach2", [ct.c_int, ct.c_int, ct.c_int]),
+        (
+            "bpf_prog_query",
+            [
+                ct.c_int,
+                ct.c_int,
+                ct.c_uint32,
+                ct.POINTER(ct.c_uint32),
+                ct.POINTER(ct.c_uint32),
+                ct.POINTER(ct.c_uint32),
+            ],
+        ),
+        ("bpf_prog_get_fd_by_id", [ct.c_uint32]),
+        ("bpf_obj_get_info_by_fd", [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]),
+    ):
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = ct.c_int
+    return lib
+
+
+def _open_cgroup(root: str, path: str) -> int:
+    return os.open(os.path.join(root, path), os.O_RDONLY | os.O_DIRECTORY)
+
+
+def attached_programs(root: str, path: str) -> list[tuple[int, str]]:
+    """(program id, name) of the sock_create programs attached to one cgroup
+    itself (not inherited): what ``bpftool cgroup show`` would list."""
+    lib = _lib()
+    fd = _open_cgroup(root, path)
+    try:
+        flags = ct.c_uint32(0)
+        ids = (ct.c_uint32 * 64)()
+        count = ct.c_uint32(64)
+        rc = lib.bpf_prog_query(
+            fd, BPF_CGROUP_INET_SOCK_CREATE, 0, ct.byref(flags), ids, ct.byref(count)
+        )
+        if rc < 0:
+            err = _errno(rc)
+            raise OSError(err, f"BPF_PROG_QUERY on cgroup {path}: {os.strerror(err)}")
+        out = []
+        for prog_id in ids[: count.value]:
+            out.append((int(prog_id), _program_name(lib, int(prog_id))))
+        return out
+    finally:
+        os.close(fd)
+
+
+def _program_name(lib: Any, prog_id: int) -> str:
+    fd = lib.bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return ""
+    try:
+        buf = ct.create_string_buffer(_INFO_SIZE)
+        size = ct.c_uint32(_INFO_SIZE)
+        if lib.bpf_obj_get_info_by_fd(fd, buf, ct.byref(size)) < 0:
+            return ""
+        return buf.raw[_INFO_NAME].split(b"\0", 1)[0].decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def detach_stale(root: str, paths: list[str]) -> list[str]:
+    """Detach every program named like the marker from these cgroups (what a
+    killed run left); returns "path (id N)" for each one removed."""
+    lib = _lib()
+    removed = []
+    for path in paths:
+        try:
+            found = attached_programs(root, path)
+        except OSError:
+            continue  # missing cgroup: nothing attached there
+        for prog_id, name in found:
+            if name != PROGRAM:
+                continue
+            prog_fd = lib.bpf_prog_get_fd_by_id(prog_id)
+            if prog_fd < 0:
+                continue
+            try:
+                cg = _open_cgroup(root, path)
+                try:
+                    if lib.bpf_prog_detach2(prog_fd, cg, BPF_CGROUP_INET_SOCK_CREATE) == 0:
+                        removed.append(f"{path} (id {prog_id})")
+                finally:
+                    os.close(cg)
+            finally:
+                os.close(prog_fd)
+    return removed
+
+
+@dataclass
+class _Attached:
+    cgroup: int  # the id it had when attached
+    mark: int
+
+
+@dataclass
+class SyncResult:
+    attached: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    detached: list[str] = field(default_factory=list)
+
+
+class CgroupMarker:
+    """The loaded marker: program and map descriptors, and where it is attached."""
+
+    def __init__(self, config: CgroupMarkConfig, root: str) -> None:
+        self.config = config
+        self.root = root
+        self._lib = _lib()
+        if not Path(root, "cgroup.controllers").exists():
+            raise CgroupMarkError(
+                f"{root} is not a cgroup v2 mount (no cgroup.controllers there): give the"
+                " cgroup2 mount point with --cgroup-root"
+            )
+        if not Path(f"/lib/modules/{os.uname().release}/build").exists():
+            raise CgroupMarkError(
+                f"no kernel headers at /lib/modules/{os.uname().release}/build: bcc compiles"
+                " against them (./run setup links Debian's linux-headers there)"
+            )
+        pin_dir = Path(config.pin_dir)
+        try:
+            ensure_bpffs(pin_dir)
+        except Exception as exc:
+            raise CgroupMarkError(str(exc)) from exc
+        remove_pins(pin_dir)
+        raw = dataclasses.asdict(config)
+        proc = subprocess.run(
+            [sys.executable, "-m", "egress_agent.bpf.cgroup", json.dumps(raw)],
+            stdout=subprocess.PIPE,
+            text=True,
+            timeout=COMPILE_TIMEOUT,
+            check=False,
+        )
+        lines = proc.stdout.strip().splitlines()
+        try:
+            answer = json.loads(lines[-1]) if lines else {}
+        except json.JSONDecodeError:
+            answer = {}
+        try:
+            if proc.returncode != 0 or "error" in answer or not answer:
+                raise CgroupMarkError(
+                    answer.get("error") or f"the loader exited with {proc.returncode}"
+                )
+            self.prog_fd = self._open(pin_dir / PROGRAM)
+            self.map_fd = self._open(pin_dir / MAP)
+        finally:
+            remove_pins(pin_dir)
+        self.attached: dict[str, _Attached] = {}
+        self.marks: dict[int, int] = {}  # what the map holds
+        self._reported_missing: set[str] = set()
+
+    def _open(self, path: Path) -> int:
+        fd: int = self._lib.bpf_obj_get(str(path).encode())
+        if fd < 0:
+            raise CgroupMarkError(f"cannot open the pinned {path.name}: {os.strerror(_errno(fd))}")
+        return fd
+
+    def _map_update(self, cgroup: int, mark: int) -> None:
+        key, value = encode_entry(cgroup, mark)
+        k, v = ct.create_string_buffer(key, len(key)), ct.create_string_buffer(value, len(value))
+        rc = self._lib.bpf_map_update_elem(self.map_fd, k, v, 0)
+        if rc < 0:
+            err = _errno(rc)
+            raise OSError(err, f"update {MAP}: {os.strerror(err)}")
+
+    def _map_delete(self, cgroup: int) -> None:
+        key, _ = encode_entry(cgroup, 0)
+        self._lib.bpf_map_delete_elem(self.map_fd, ct.create_string_buffer(key, len(key)))
+
+    def map_items(self) -> dict[int, int]:
+        """Cgroup id -> mark as the kernel's map holds them."""
+        out: dict[int, int] = {}
+        cur = ct.create_string_buffer(_KEY.size)
+        nxt = ct.create_string_buffer(_KEY.size)
+        val = ct.create_string_buffer(_VALUE.size)
+        first = True
+        while self._lib.bpf_map_get_next_key(self.map_fd, None if first else cur, nxt) == 0:
+            first = False
+            if self._lib.bpf_map_lookup_elem(self.map_fd, nxt, val) == 0:
+                cgroup, mark = decode_entry(nxt.raw, val.raw)
+                out[cgroup] = mark
+            ct.memmove(cur, nxt, _KEY.size)
+        return out
+
+    def sync(self, paths: dict[str, int]) -> SyncResult:
+        """Make map and attachments match ``paths`` (cgroup path -> mark)."""
+        result = SyncResult()
+        ids = {path: cgroup_id(self.root, path) for path in paths}
+        want = desired_marks(paths, ids)
+        # Map first: a socket created right after attaching finds its entry.
+        for cgroup, mark in want.items():
+            if self.marks.get(cgroup) != mark:
+                self._map_update(cgroup, mark)
+        for cgroup in set(self.marks) - set(want):
+            self._map_delete(cgroup)
+        self.marks = want
+        for path in list(self.attached):
+            now = ids.get(path)
+            if path not in paths:
+                self._detach(path)
+                result.detached.append(path)
+            elif now != self.attached[path].cgroup:
+                # Removed (its attachment went with it), or removed and made
+                # again: the new cgroup has no program yet.
+                del self.attached[path]
+        for path, mark in paths.items():
+            ident = ids[path]
+            if ident is None:
+                if path not in self._reported_missing:
+                    result.missing.append(path)
+                    self._reported_missing.add(path)
+                continue
+            self._reported_missing.discard(path)
+            if path in self.attached:
+                self.attached[path].mark = mark
+                continue
+            fd = _open_cgroup(self.root, path)
+            try:
+                rc = self._lib.bpf_prog_attach(
+                    self.prog_fd, fd, BPF_CGROUP_INET_SOCK_CREATE, BPF_F_ALLOW_MULTI
+                )
+            finally:
+                os.close(fd)
+            if rc < 0:
+                err = _errno(rc)
+                raise OSError(err, f"attach {PROGRAM} to cgroup {path}: {os.strerror(err)}")
+            self.attached[path] = _Attached(cgroup=ident, mark=mark)
+            result.attached.append(path)
+        return result
+
+    def _detach(self, path: str) -> None:
+        entry = self.attached.pop(path)
+        if cgroup_id(self.root, path) != entry.cgroup:
+            return  # the cgroup is gone, and its attachment with it
+        with contextlib.suppress(OSError):
+            fd = _open_cgroup(self.root, path)
+            try:
+                self._lib.bpf_prog_detach2(self.prog_fd, fd, BPF_CGROUP_INET_SOCK_CREATE)
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        """Detach everywhere and release the program and map."""
+        for path in list(self.attached):
+            self._detach(path)
+        for fd in (self.prog_fd, self.map_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "program": PROGRAM,
+            "attached": sorted(self.attached),
+            "cgroup_ids": {p: a.cgroup for p, a in sorted(self.attached.items())},
+        }
+
+
+def _compile_and_pin(config: CgroupMarkConfig) -> dict[str, Any]:
+    """In the loader child: compile with bcc, load, pin program and map."""
+    try:
+        import bcc
+    except ImportError:
+        return {
+            "error": "the bcc Python bindings are missing: install Debian's python3-bpfcc and"
+            " use a virtualenv made with --system-site-packages (./run setup does both)"
+        }
+    try:
+        bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(config))
+    except Exception as exc:
+        return {"error": f"compilation failed ({exc}); the compiler's messages are above"}
+    try:
+        fn = bpf.load_func(
+            PROGRAM.encode(),
+            bcc.BPF.CGROUP_SOCK,
+            attach_type=bcc.BPFAttachType.CGROUP_INET_SOCK_CREATE,
+        )
+    except Exception as exc:
+        return {
+            "error": f"the kernel refused the program ({exc}): verifier rejection or a"
+            " missing kernel feature (cgroup sock BPF, CAP_BPF); the verifier log is above"
+        }
+    lib = _libbpf()
+    pin_dir = Path(config.pin_dir)
+    pin_dir.mkdir(mode=0o700, exist_ok=True)
+    for name, fd in ((PROGRAM, fn.fd), (MAP, bpf.get_table(MAP).map_fd)):
+        path = pin_dir / name
+        rc = lib.bpf_obj_pin(fd, str(path).encode())
+        if rc < 0:
+            return {"error": f"cannot pin {name} at {path}: {os.strerror(_errno(rc))}"}
+    return {"pinned": [PROGRAM, MAP]}
+
+
+def _loader_main(argv: list[str]) -> int:
+    answer = _compile_and_pin(CgroupMarkConfig(**json.loads(argv[0])))
+    print(json.dumps(answer), flush=True)
+    return 1 if "error" in answer else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_loader_main(sys.argv[1:]))
