@@ -642,3 +642,11 @@ def test_readme_says_how_to_apply() -> None:
     readme = (BASE / "README.md").read_text()
     assert "kubectl apply -k deploy/kubernetes" in readme
     assert "kubectl -n egress-agent exec ds/egress-agent -- egress-agent status" in readme
+
+
+def test_cgroup_root_is_the_nodes_cgroup_hierarchy_read_only() -> None:
+    """Cgroup workloads resolve paths under --cgroup-root: it must be the
+    node's /sys/fs/cgroup (the container's own shows only its namespace)."""
+    mount = mount_at(agent_args().cgroup_root)
+    assert mount.get("readOnly") is True
+    assert volume(mount["name"])["hostPath"] == {"path": "/sys/fs/cgroup", "type": "Directory"}
