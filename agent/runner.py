@@ -794,14 +794,22 @@ async def run_agent(options: RunOptions) -> int:
         if not task.cancelled() and task.exception() is not None:
             log.error("reload failed unexpectedly", exc_info=task.exception())
 
+    reasons: list[str] = []
+
     def request_reload(reason: str) -> None:
         # Coalesce a burst: one reload RELOAD_DEBOUNCE after its first event.
+        # It is logged with the first event's reason, a file change or SIGHUP
+        # taking precedence over the periodic check it coincided with.
+        reasons.append(reason)
         if pending:
             return
 
         def fire() -> None:
             pending.clear()
-            task = loop.create_task(agent.reload(reason), name=f"reload ({reason})")
+            named = [r for r in reasons if r != "periodic check"] or reasons
+            why = named[0]
+            reasons.clear()
+            task = loop.create_task(agent.reload(why), name=f"reload ({why})")
             tasks.add(task)
             task.add_done_callback(reload_done)
 

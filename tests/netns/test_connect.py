@@ -526,9 +526,9 @@ def test_reload_changes_auth_live_but_not_the_port(world: World) -> None:
     )
     assert with_auth != original
     try:
-        _reload(world, with_auth, "reloaded (file changed)")
+        _reload(world, with_auth, "reloaded (")  # by the file watch, or a poll that came first
         assert _status(world.curl("app", f"https://{BLOB}/", "--proxy", PROXY))[1] == "407"
-        _reload(world, original, "reloaded (file changed)")
+        _reload(world, original, "reloaded (")
         assert _status(world.curl("app", f"https://{BLOB}/", "--proxy", PROXY))[1] == "200"
         _reload(world, original.replace("port: 3128", "port: 3129"), "connect.port changed")
         assert _status(world.curl("app", f"https://{BLOB}/", "--proxy", PROXY))[1] == "200"
