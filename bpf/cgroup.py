@@ -40,7 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from egress_agent.bpf.loader import COMPILE_TIMEOUT, _errno, _libbpf, ensure_bpffs, remove_pins
+from egress_agent.bpf.loader import (
+    COMPILE_TIMEOUT,
+    _errno,
+    _libbpf,
+    compile_load_pin,
+    ensure_bpffs,
+    remove_pins,
+)
 
 log = logging.getLogger(__name__)
 
@@ -412,37 +419,16 @@ class CgroupMarker:
 
 def _compile_and_pin(config: CgroupMarkConfig) -> dict[str, Any]:
     """In the loader child: compile with bcc, load, pin program and map."""
-    try:
-        import bcc
-    except ImportError:
-        return {
-            "error": "the bcc Python bindings are missing: install Debian's python3-bpfcc and"
-            " use a virtualenv made with --system-site-packages (./run setup does both)"
-        }
-    try:
-        bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(config))
-    except Exception as exc:
-        return {"error": f"compilation failed ({exc}); the compiler's messages are above"}
-    try:
-        fn = bpf.load_func(
-            PROGRAM.encode(),
-            bcc.BPF.CGROUP_SOCK,
-            attach_type=bcc.BPFAttachType.CGROUP_INET_SOCK_CREATE,
-        )
-    except Exception as exc:
-        return {
-            "error": f"the kernel refused the program ({exc}): verifier rejection or a"
-            " missing kernel feature (cgroup sock BPF, CAP_BPF); the verifier log is above"
-        }
-    lib = _libbpf()
-    pin_dir = Path(config.pin_dir)
-    pin_dir.mkdir(mode=0o700, exist_ok=True)
-    for name, fd in ((PROGRAM, fn.fd), (MAP, bpf.get_table(MAP).map_fd)):
-        path = pin_dir / name
-        rc = lib.bpf_obj_pin(fd, str(path).encode())
-        if rc < 0:
-            return {"error": f"cannot pin {name} at {path}: {os.strerror(_errno(rc))}"}
-    return {"pinned": [PROGRAM, MAP]}
+    return compile_load_pin(
+        source=SOURCE,
+        cflags=cflags(config),
+        program=PROGRAM,
+        prog_type="CGROUP_SOCK",
+        attach_type="CGROUP_INET_SOCK_CREATE",
+        maps=[MAP],
+        pin_dir=Path(config.pin_dir),
+        features="cgroup sock BPF, CAP_BPF",
+    )
 
 
 def _loader_main(argv: list[str]) -> int:

@@ -352,6 +352,34 @@ def _config_json(config: BpfConfig) -> dict[str, Any]:
 
 def _compile_and_pin(config: BpfConfig) -> dict[str, Any]:
     """In the loader child: compile with bcc, load, pin everything."""
+    names = [*layout.CONFIG_MAPS, layout.COUNTERS, layout.REASONS]
+    return compile_load_pin(
+        source=SOURCE,
+        cflags=cflags(config),
+        program=PROGRAM,
+        prog_type="SCHED_CLS",
+        maps=names,
+        pin_dir=Path(config.pin_dir),
+        features="tc BPF, LPM tries, CAP_BPF",
+    )
+
+
+def compile_load_pin(
+    *,
+    source: Path,
+    cflags: list[str],
+    program: str,
+    prog_type: str,
+    maps: list[str],
+    pin_dir: Path,
+    features: str,
+    attach_type: str | None = None,
+) -> dict[str, Any]:
+    """In a loader child: compile ``source`` with bcc, load ``program`` (a
+    ``bcc.BPF`` program type name, optionally with a ``bcc.BPFAttachType``
+    name), pin it and ``maps`` under ``pin_dir``. Returns ``{"maps": [...]}``,
+    or ``{"error": ...}`` naming what failed; bcc prints the compiler's
+    messages and the verifier log to stderr itself."""
     try:
         import bcc
     except ImportError:
@@ -360,27 +388,31 @@ def _compile_and_pin(config: BpfConfig) -> dict[str, Any]:
             " use a virtualenv made with --system-site-packages (./run setup does both)"
         }
     try:
-        bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags(config))
+        bpf = bcc.BPF(src_file=str(source).encode(), cflags=cflags)
     except Exception as exc:
         return {"error": f"compilation failed ({exc}); the compiler's messages are above"}
     try:
-        fn = bpf.load_func(PROGRAM.encode(), bcc.BPF.SCHED_CLS)
+        kind = getattr(bcc.BPF, prog_type)
+        if attach_type is None:
+            fn = bpf.load_func(program.encode(), kind)
+        else:
+            fn = bpf.load_func(
+                program.encode(), kind, attach_type=getattr(bcc.BPFAttachType, attach_type)
+            )
     except Exception as exc:
         return {
             "error": f"the kernel refused the program ({exc}): verifier rejection or a"
-            " missing kernel feature (tc BPF, LPM tries, CAP_BPF); the verifier log is above"
+            f" missing kernel feature ({features}); the verifier log is above"
         }
     lib = _libbpf()
-    pin_dir = Path(config.pin_dir)
     pin_dir.mkdir(mode=0o700, exist_ok=True)
-    names = [*layout.CONFIG_MAPS, layout.COUNTERS, layout.REASONS]
-    objects = [(PROGRAM, fn.fd)] + [(n, bpf.get_table(n).map_fd) for n in names]
+    objects = [(program, fn.fd)] + [(n, bpf.get_table(n).map_fd) for n in maps]
     for name, fd in objects:
         path = pin_dir / name
         rc = lib.bpf_obj_pin(fd, str(path).encode())
         if rc < 0:
             return {"error": f"cannot pin {name} at {path}: {os.strerror(_errno(rc))}"}
-    return {"maps": names}
+    return {"maps": maps}
 
 
 def _loader_main(argv: list[str]) -> int:
