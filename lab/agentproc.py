@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ class AgentProcess:
         log: Path,
         host: str = "node",
         extra_args: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.lab = lab
         self.policy = policy
@@ -32,6 +34,7 @@ class AgentProcess:
         self.log = log
         self.host = host
         self.extra_args = extra_args
+        self.env = dict(env) if env is not None else None  # None: inherit ours
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, timeout: float = 30.0) -> AgentProcess:
@@ -48,7 +51,9 @@ class AgentProcess:
         ]
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
-            self.proc = self.lab.popen(self.host, argv, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = self.lab.popen(
+                self.host, argv, stdout=out, stderr=subprocess.STDOUT, env=self.env
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log.read_bytes()[offset:].decode(errors="replace")

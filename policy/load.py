@@ -534,16 +534,9 @@ class _Reader:
             return None
         host_network = False
         if "hostNetwork" in fields:
-            h_node = fields["hostNetwork"][1]
-            value = self.scalar(h_node, _join(path, "hostNetwork"), what="true or false")
-            if isinstance(value, bool):
-                host_network = value
-            elif value is not None:
-                self.problem(
-                    h_node,
-                    _join(path, "hostNetwork"),
-                    f"expected true or false, found {self.describe(h_node)}",
-                )
+            host_network = self.boolean(
+                fields["hostNetwork"][1], _join(path, "hostNetwork"), default=False
+            )
         namespace = None
         if "namespace" in fields:
             n_node = fields["namespace"][1]
@@ -808,16 +801,7 @@ class _Reader:
             return Upstream(tls=tls_default)
         tls = tls_default
         if "tls" in fields:
-            t_node = fields["tls"][1]
-            value = self.scalar(t_node, _join(path, "tls"), what="true or false")
-            if isinstance(value, bool):
-                tls = value
-            elif value is not None:
-                self.problem(
-                    t_node,
-                    _join(path, "tls"),
-                    f"expected true or false, found {self.describe(t_node)}",
-                )
+            tls = self.boolean(fields["tls"][1], _join(path, "tls"), default=tls_default)
         port = None
         if "port" in fields:
             port = self.integer(fields["port"][1], _join(path, "port"), low=1, high=65535)
@@ -1299,6 +1283,15 @@ class _Reader:
             username=values.get("username"),
             password_file=values.get("password_file"),
         )
+
+    def boolean(self, node: Node, path: str, *, default: bool) -> bool:
+        """true or false; ``default`` (and a problem) for anything else."""
+        value = self.scalar(node, path, what="true or false")
+        if isinstance(value, bool):
+            return value
+        if value is not None:
+            self.problem(node, path, f"expected true or false, found {self.describe(node)}")
+        return default
 
     def action(self, node: Node, path: str) -> Action | None:
         value = self.scalar(node, path, what="allow or deny")

@@ -133,38 +133,9 @@ class DiscoveryAgent(AgentProcess):
             policy=work / "policy.yaml",
             audit=work / "audit.jsonl",
             log=work / "agent.log",
-            extra_args=extra_args,
+            extra_args=("--kubeconfig", str(kubeconfig), *extra_args),
+            env={**os.environ, "NODE_NAME": NODE},
         )
-        self.kubeconfig = kubeconfig
-
-    def start(self, *, timeout: float = 15.0) -> DiscoveryAgent:
-        argv = [
-            sys.executable,
-            "-m",
-            "egress_agent.agent.cli",
-            "run",
-            "--policy",
-            str(self.policy),
-            "--audit-log",
-            str(self.audit),
-            "--kubeconfig",
-            str(self.kubeconfig),
-            *self.extra_args,
-        ]
-        env = {**os.environ, "NODE_NAME": NODE}
-        with open(self.log, "ab") as out:
-            self.proc = self.lab.popen(
-                self.host, argv, stdout=out, stderr=subprocess.STDOUT, env=env
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log.read_text(errors="replace")
-            if "ready:" in text:
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"egress-agent exited with {self.proc.returncode}:\n{text}")
-            time.sleep(0.05)
-        raise RuntimeError(f"egress-agent not ready after {timeout}s:\n{self.log.read_text()}")
 
 
 class Scene:
