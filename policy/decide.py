@@ -1,9 +1,12 @@
 """The reference decisions, as pure functions over a :class:`Policy`.
 
-Two questions are answered here, and every datapath must answer them alike:
+Three questions are answered here, and every datapath must answer them alike:
 
 * :func:`should_divert` -- does the kernel send this new TCP flow to the proxy?
-  (the nftables renderer in ``rules`` implements exactly this), and
+  (the nftables renderer in ``rules`` and the BPF classifier implement exactly
+  this),
+* :func:`non_tcp_drop` -- does the kernel drop this new non-TCP flow (an
+  intercept rule with ``non_tcp: drop``)? and
 * :func:`decide` -- what does the proxy do with a diverted connection?
 
 Identity is by longest-prefix match of the source address over all workloads'
@@ -18,8 +21,10 @@ import ipaddress
 
 from egress_agent.policy.model import (
     EgressRule,
+    InterceptRule,
     IPAddress,
     IPNetwork,
+    NonTcp,
     Policy,
     PortRange,
     Verdict,
@@ -76,6 +81,37 @@ def should_divert(
             continue
         return True
     return False
+
+
+def non_tcp_drop(
+    policy: Policy,
+    *,
+    src: IPAddress,
+    dst: IPAddress,
+    interface: str | None = None,
+) -> InterceptRule | None:
+    """The intercept rule that drops a new non-TCP flow (UDP, ICMP, any other
+    protocol) from ``src`` to ``dst``, or None when it may pass.
+
+    The first rule, in file order, with ``non_tcp: drop`` whose sources hold
+    the flow's workload and whose destinations (``to_cidrs`` minus
+    ``except_cidrs``) hold ``dst``; ports do not apply. Replies to flows that
+    came in from outside and ICMP errors about allowed flows are not new
+    flows: the kernel lets them pass whatever this says.
+    """
+    workload = identify(policy, src, interface=interface)
+    if workload is None:
+        return None
+    dst = _unmap(dst)
+    for rule in policy.intercept:
+        if rule.non_tcp is not NonTcp.DROP or workload not in rule.sources:
+            continue
+        if rule.to_cidrs and not _addr_in(dst, rule.to_cidrs):
+            continue
+        if _addr_in(dst, rule.except_cidrs):
+            continue
+        return rule
+    return None
 
 
 def decide(

@@ -42,6 +42,7 @@ from egress_agent.policy.model import (
     InterceptRule,
     IPAddress,
     IPNetwork,
+    NonTcp,
     PodSelector,
     Policy,
     PortRange,
@@ -111,7 +112,7 @@ _LABEL_KEY_RE = re.compile(
 )
 _LABEL_VALUE_RE = re.compile(f"({_LABEL_NAME})?")
 _NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-_INTERCEPT_KEYS = ("from", "ports", "except_cidrs", "to_cidrs")
+_INTERCEPT_KEYS = ("from", "ports", "except_cidrs", "to_cidrs", "non_tcp")
 _EGRESS_KEYS = ("name", "from", "to", "action", "http")
 _TO_KEYS = ("hosts", "cidrs", "ports")
 _HTTP_KEYS = ("client_tls", "upstream", "set_headers", "remove_headers", "auth")
@@ -637,6 +638,9 @@ class _Reader:
             to_cidrs: tuple[IPNetwork, ...] = ()
             if "to_cidrs" in fields:
                 to_cidrs = self.networks(fields["to_cidrs"][1], _join(r_path, "to_cidrs"))
+            non_tcp = NonTcp.PASS
+            if "non_tcp" in fields:
+                non_tcp = self.non_tcp(fields["non_tcp"][1], _join(r_path, "non_tcp"))
             rules.append(
                 InterceptRule(
                     index=index,
@@ -644,6 +648,7 @@ class _Reader:
                     ports=ports,
                     except_cidrs=except_cidrs,
                     to_cidrs=to_cidrs,
+                    non_tcp=non_tcp,
                 )
             )
         return tuple(rules)
@@ -1177,6 +1182,22 @@ class _Reader:
                 f"the new policy denies are closed), found {self.describe(value_node)}",
             )
         return False
+
+    def non_tcp(self, node: Node, path: str) -> NonTcp:
+        """``non_tcp: pass | drop`` of an intercept rule."""
+        value = self.scalar(node, path, what="pass or drop")
+        for choice in NonTcp:
+            if value == choice.value:
+                return choice
+        if value is not None:
+            self.problem(
+                node,
+                path,
+                "expected pass (non-TCP traffic of the rule's workloads goes where it is sent; "
+                "the default) or drop (it is dropped in the kernel, replies and related ICMP "
+                f"errors excepted), found {self.describe(node)}",
+            )
+        return NonTcp.PASS
 
     def fail(self, node: Node, path: str) -> bool:
         """``fail: closed | open``; True means open."""

@@ -89,6 +89,14 @@ class Workload:
     cgroups: tuple[str, ...] = ()
 
 
+class NonTcp(enum.Enum):
+    """What the kernel does with an intercepted workload's traffic that is not
+    TCP (UDP, ICMP, anything else) towards the rule's destinations."""
+
+    PASS = "pass"  # not under policy: it goes where it is sent (the default)
+    DROP = "drop"  # dropped in the kernel, except replies and related ICMP errors
+
+
 @dataclass(frozen=True, kw_only=True)
 class InterceptRule:
     """Which traffic is diverted to the proxy at all (the kernel's decision)."""
@@ -98,6 +106,8 @@ class InterceptRule:
     ports: tuple[PortRange, ...] = ()  # empty: every TCP port
     except_cidrs: tuple[IPNetwork, ...] = ()
     to_cidrs: tuple[IPNetwork, ...] = ()  # empty: any destination
+    # Non-TCP traffic from the sources to the destinations (ports do not apply).
+    non_tcp: NonTcp = NonTcp.PASS
 
 
 @dataclass(frozen=True, kw_only=True)

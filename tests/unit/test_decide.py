@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import textwrap
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -15,14 +16,17 @@ from egress_agent.policy.decide import (
     host_matches,
     identify,
     needs_server_name,
+    non_tcp_drop,
     should_divert,
 )
 from egress_agent.policy.load import parse_policy
 from egress_agent.policy.model import (
     Action,
     EgressRule,
+    InterceptRule,
     IPAddress,
     IPNetwork,
+    NonTcp,
     Policy,
     PortRange,
     Workload,
@@ -520,3 +524,106 @@ def test_rule_with_empty_sources_matches_no_workload(workload: str | None) -> No
     )
     verdict = decide(policy, workload=workload, dst=ip("192.0.2.1"), dst_port=443, server_name=None)
     assert (verdict.action, verdict.rule) == (DENY, "default")
+
+
+NON_TCP = parse_policy(
+    textwrap.dedent(
+        """\
+        version: 1
+        workloads:
+          pg:    {cidrs: [10.1.0.5/32, "fd00:1::5/128"]}
+          pods:  {cidrs: [10.1.0.0/16]}
+          bound: {cidrs: [10.2.0.7/32], interfaces: [veth-b1]}
+        intercept:
+          - from: [pg]
+            ports: [443]
+            except_cidrs: [10.96.0.0/12, "fd00:96::/64"]
+            non_tcp: drop
+          - from: [pods]
+            to_cidrs: [192.0.2.0/24]
+          - from: [pods, bound]
+            to_cidrs: [198.51.100.0/24, 192.0.2.0/25]
+            except_cidrs: [198.51.100.128/25]
+            non_tcp: drop
+        default: deny
+        """
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "interface", "rule"),
+    [
+        # Every destination but the excepted ones, whatever the ports say.
+        ("10.1.0.5", "203.0.113.9", None, 0),
+        ("fd00:1::5", "2001:db8::1", None, 0),
+        ("10.1.0.5", "10.96.0.10", None, None),  # the cluster resolver stays reachable
+        ("fd00:1::5", "fd00:96::a", None, None),
+        ("10.1.0.5", "::ffff:203.0.113.9", None, 0),  # IPv4-mapped is IPv4
+        # pg is also in pods' range, but identity is by longest prefix: pg only.
+        ("10.1.0.5", "198.51.100.1", None, 0),
+        # pods: a rule with non_tcp: pass drops nothing; the drop rule's own
+        # destinations do.
+        ("10.1.0.9", "192.0.2.200", None, None),
+        ("10.1.0.9", "192.0.2.1", None, 2),
+        ("10.1.0.9", "198.51.100.1", None, 2),
+        ("10.1.0.9", "198.51.100.200", None, None),
+        ("10.1.0.9", "203.0.113.9", None, None),
+        # Bound workloads: only on their interface (elsewhere there is no identity).
+        ("10.2.0.7", "198.51.100.1", "veth-b1", 2),
+        ("10.2.0.7", "198.51.100.1", "veth-x", None),
+        ("10.9.9.9", "198.51.100.1", None, None),  # no workload at all
+    ],
+)
+def test_non_tcp_drop(src: str, dst: str, interface: str | None, rule: int | None) -> None:
+    got = non_tcp_drop(NON_TCP, src=ip(src), dst=ip(dst), interface=interface)
+    assert (got.index if got is not None else None) == rule
+
+
+@st.composite
+def policies_with_intercepts(draw: st.DrawFn) -> Policy:
+    """small_policies with up to three intercept rules over their workloads."""
+    policy = draw(small_policies())
+    names = [w.name for w in policy.workloads]
+    rules = []
+    for index in range(draw(st.integers(0, 3)) if names else 0):
+        rules.append(
+            InterceptRule(
+                index=index,
+                sources=tuple(draw(st.lists(st.sampled_from(names), min_size=1, unique=True))),
+                ports=tuple(
+                    PortRange(first=p, last=p)
+                    for p in draw(st.lists(st.sampled_from([22, 443, 8080]), unique=True))
+                ),
+                to_cidrs=tuple(draw(st.lists(networks, max_size=2))),
+                except_cidrs=tuple(draw(st.lists(networks, max_size=2))),
+                non_tcp=draw(st.sampled_from(NonTcp)),
+            )
+        )
+    return replace(policy, intercept=tuple(rules))
+
+
+@given(policy=policies_with_intercepts(), src=addresses(), dst=addresses(),
+       interface=st.sampled_from((None, *INTERFACES)))  # fmt: skip
+@settings(max_examples=400, deadline=None)
+def test_non_tcp_drop_covers_what_the_drop_rules_would_intercept(
+    policy: Policy, src: IPAddress, dst: IPAddress, interface: str | None
+) -> None:
+    """A flow is dropped exactly when a rule with non_tcp: drop would divert
+    its TCP on some port: the same sources, to_cidrs and except_cidrs."""
+    dropping_only = replace(
+        policy, intercept=tuple(r for r in policy.intercept if r.non_tcp is NonTcp.DROP)
+    )
+    got = non_tcp_drop(policy, src=src, dst=dst, interface=interface)
+    diverted_on_some_port = any(
+        should_divert(dropping_only, src=src, dst=dst, dst_port=port, interface=interface)
+        for port in (22, 443, 8080, 9)
+    )
+    assert (got is not None) == diverted_on_some_port
+    if got is not None:
+        assert got.non_tcp is NonTcp.DROP
+        passing = replace(
+            policy,
+            intercept=tuple(replace(r, non_tcp=NonTcp.PASS) for r in policy.intercept),
+        )
+        assert non_tcp_drop(passing, src=src, dst=dst, interface=interface) is None

@@ -20,6 +20,7 @@ from egress_agent.policy.model import (
     EgressRule,
     InterceptRule,
     IPNetwork,
+    NonTcp,
     Policy,
     PortRange,
     ProxySettings,
@@ -126,6 +127,15 @@ def test_minimal_policy_gets_the_documented_defaults() -> None:
     assert policy.egress == ()
     assert policy.default is Action.ALLOW
     assert policy.source_name == "<policy>"
+
+
+def test_non_tcp_is_pass_unless_a_rule_says_drop() -> None:
+    policy = parse_policy(
+        "version: 1\nworkloads: {web: {cidrs: [10.0.1.0/24]}}\n"
+        "intercept:\n  - {from: [web], non_tcp: drop}\n  - {from: [web]}\n"
+        "  - {from: [web], non_tcp: pass}\ndefault: deny\n"
+    )
+    assert [r.non_tcp for r in policy.intercept] == [NonTcp.DROP, NonTcp.PASS, NonTcp.PASS]
 
 
 def test_empty_rule_lists_are_allowed() -> None:
@@ -695,6 +705,15 @@ BAD = [
         4,
         "intercept[0].from[0]",
         "unknown workload 'web'; workloads: none are defined",
+    ),
+    Bad(
+        "intercept-non-tcp-unknown",
+        BASE + "intercept:\n  - from: [web]\n    non_tcp: block\n",
+        8,
+        "intercept[0].non_tcp",
+        "expected pass (non-TCP traffic of the rule's workloads goes where it is sent; the "
+        "default) or drop (it is dropped in the kernel, replies and related ICMP errors "
+        "excepted), found the string 'block'",
     ),
     Bad(
         "port-0",
