@@ -80,7 +80,15 @@ class TaskSet:
 
 
 class _Half(asyncio.Protocol):
-    """One side of a relayed connection; forwards what it reads to its peer."""
+    """One side of a relayed connection; forwards what it reads to its peer.
+
+    Until the relay is wired (``peer`` set), nothing is forwarded: the client
+    side's bytes are kept for the peek and replayed upstream, and the upstream
+    side's bytes, end of stream and loss are kept for the client. A server that
+    speaks first (SMTP's greeting, SSH's banner) may send them before the
+    proxy has finished connecting; they must reach the client, never go back
+    upstream. :meth:`Connection._start_relay` replays what was kept, in order.
+    """
 
     def __init__(self, conn: Connection, *, upstream: bool) -> None:
         self.conn = conn
@@ -89,6 +97,10 @@ class _Half(asyncio.Protocol):
         self.peer: _Half | None = None
         self.eof = False
         self.lost = False
+        self.reset = False  # lost by an error (a reset), not an orderly close
+        # Upstream side only: what arrived before the relay was wired.
+        self.early = bytearray()
+        self.paused_early = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCP transports implement asyncio.Transport without subclassing it.
@@ -101,9 +113,11 @@ class _Half(asyncio.Protocol):
         self.conn.last_activity = self.conn.loop.time()
         peer = self.peer
         if peer is None or peer.transport is None:
-            # Still deciding (client side): keep the bytes for the peek and
-            # for replay upstream.
-            self.conn.buffer_client_bytes(data)
+            if self.upstream:
+                self._keep_early(data)
+            else:
+                # Still deciding: keep the bytes for the peek and for replay upstream.
+                self.conn.buffer_client_bytes(data)
             return
         if self.upstream:
             self.conn.bytes_down += len(data)
@@ -113,30 +127,53 @@ class _Half(asyncio.Protocol):
                 self.conn.sniff_more(data)
         peer.transport.write(data)
 
+    def _keep_early(self, data: bytes) -> None:
+        self.early += data
+        if len(self.early) >= WRITE_HIGH_WATER and self.transport is not None:
+            self.transport.pause_reading()
+            self.paused_early = True
+
     def eof_received(self) -> bool:
         self.eof = True
         peer = self.peer
         if peer is None or peer.transport is None:
-            self.conn.client_eof_while_deciding()
-            return True
+            if not self.upstream:
+                self.conn.client_eof_while_deciding()
+            return True  # replayed when the relay is wired
+        self.pass_eof()
+        return True  # keep our sending side open: half-close
+
+    def pass_eof(self) -> None:
+        """Our end of stream, to the peer: half-close its sending side."""
+        peer = self.peer
+        assert peer is not None and peer.transport is not None
         if peer.transport.can_write_eof() and not peer.transport.is_closing():
             peer.transport.write_eof()
         if peer.eof:
             self.conn.close_both()
-        return True  # keep our sending side open: half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.reset = exc is not None
         if exc is not None and self.conn.error is None:
             side = "upstream" if self.upstream else "client"
             self.conn.error = f"{side}: {_describe(exc)}"
         peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.lost:
-            if exc is not None:
-                peer.transport.abort()  # pass a reset on
-            else:
-                peer.transport.close()
+        if peer is not None and peer.transport is not None:
+            self.pass_loss()
         self.conn.half_lost()
+
+    def pass_loss(self) -> None:
+        """We are gone: close the peer (after what it still has to send), or
+        reset it if we were reset."""
+        peer = self.peer
+        assert peer is not None and peer.transport is not None
+        if peer.lost:
+            return
+        if self.reset:
+            peer.transport.abort()  # pass a reset on
+        else:
+            peer.transport.close()
 
     def pause_writing(self) -> None:
         if self.peer is not None and self.peer.transport is not None:
@@ -449,18 +486,38 @@ class Connection:
         self.upstream = half
 
     def _start_relay(self) -> None:
+        """Wire the two sides together and replay what each side sent while
+        the connection was decided: data first (both ways), then ends of
+        stream, then a loss. A server that spoke first (a greeting) and even
+        closed already still gets its bytes to the client."""
         client, upstream = self.client, self.upstream
         assert upstream is not None and upstream.transport is not None
         assert client.transport is not None
         client.peer, upstream.peer = upstream, client
-        if self.buffer:
-            data = bytes(self.buffer)
-            self.buffer.clear()
+        if self.buffer and not upstream.lost:
+            data = bytes(self.buffer)  # already in sniff_buf, if sniffing
             self.bytes_up += len(data)
             upstream.transport.write(data)
-        if self.client_eof and upstream.transport.can_write_eof():
-            upstream.transport.write_eof()
-        client.transport.resume_reading()
+        self.buffer.clear()
+        if upstream.early:
+            data = bytes(upstream.early)
+            upstream.early.clear()
+            self.bytes_down += len(data)
+            client.transport.write(data)
+        if self.client_eof:
+            client.pass_eof()
+        if upstream.eof:
+            upstream.pass_eof()
+        if upstream.lost:
+            upstream.pass_loss()
+            return
+        if upstream.paused_early:
+            upstream.paused_early = False
+            if client.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
+                upstream.transport.resume_reading()
+            # else: the client side's resume_writing resumes it once drained
+        if not self.client_eof:
+            client.transport.resume_reading()
 
     # -- ending --------------------------------------------------------------------------
 
