@@ -209,8 +209,10 @@ def wiring(monkeypatch: pytest.MonkeyPatch) -> Wiring:
     wiring = Wiring()
     connect = proxy_server.Connection._connect_upstream
 
-    async def slow_connect(self: proxy_server.Connection, mark: int, timeout: float) -> None:
-        await connect(self, mark, timeout)
+    async def slow_connect(
+        self: proxy_server.Connection, mark: int, timeout: float, **kw: Any
+    ) -> None:
+        await connect(self, mark, timeout, **kw)
         if wiring.delay:
             await asyncio.sleep(wiring.delay)
 
