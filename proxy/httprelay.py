@@ -578,17 +578,19 @@ class _Session:
         conn = self.conn
 
         async def pipe(src: TcpStream, buf: bytearray, dst: TcpStream, *, up: bool) -> None:
-            data = bytes(buf)
+            data = bytes(buf)  # read already, behind the request or response head
             buf.clear()
-            while data:
-                if up:
-                    conn.bytes_up += len(data)
-                else:
-                    conn.bytes_down += len(data)
-                await dst.write_untimed(data)
-                data = await src.read_untimed()
+            while True:
                 if data:
-                    conn.touch()
+                    if up:
+                        conn.bytes_up += len(data)
+                    else:
+                        conn.bytes_down += len(data)
+                    await dst.write_untimed(data)
+                data = await src.read_untimed()
+                if not data:
+                    break
+                conn.touch()
             if dst.writer.can_write_eof() and not dst.writer.transport.is_closing():
                 dst.writer.write_eof()
 
