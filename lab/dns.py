@@ -59,6 +59,12 @@ class LabDns:
         self._write_hosts()
 
     @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise LabDnsError("the lab's DNS server is not running")
+        return self._proc.pid
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

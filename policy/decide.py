@@ -169,7 +169,7 @@ def decide(
         if _binds_nameless(rule):
             for host in _literal_hosts(rule):
                 answer = known.get(host)
-                if answer is not None and dst in answer.addresses:
+                if answer is not None and dst in _owned(answer):
                     return _verdict(rule, workload, by_name=True)
                 if answer is None or (answer.error and not answer.addresses):
                     why = answer.error if answer is not None else "not resolved"
@@ -241,7 +241,7 @@ def _bind(
             f"rule {rule.name} allows {name} only at its own addresses, and none are known"
             f" ({why}): refused {dst}"
         )
-    if dst in answer.addresses:
+    if dst in _owned(answer):
         return (None,)
     if rule.resolve is Resolve.CONNECT:
         return (_pick(answer.addresses, dst.version),)
@@ -249,6 +249,11 @@ def _bind(
         f"rule {rule.name} allows {name} only at its own addresses"
         f" ({format_addresses(answer.addresses)}): the destination {dst} is not one of them"
     )
+
+
+def _owned(answer: Resolution) -> frozenset[IPAddress]:
+    # An AAAA record may hold an IPv4-mapped address; destinations are unmapped.
+    return frozenset(_unmap(a) for a in answer.addresses)
 
 
 def _pick(addresses: frozenset[IPAddress], version: int) -> IPAddress:

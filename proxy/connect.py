@@ -277,6 +277,10 @@ class ConnectConnection(Connection):
         if request.address is not None:
             return [request.address], None
         assert request.host is not None
+        if _is_localhost_name(request.host):
+            # RFC 6761 section 6.3: the node's own loopback, whatever a DNS
+            # server would say (so it is refused as loopback below).
+            return [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")], None
         got = await self.server.resolver.resolve(request.host)
         if not got.addresses:
             raise OSError(errno.ENOENT, got.error or "no addresses")
@@ -457,6 +461,11 @@ class ConnectConnection(Connection):
             )
             connect_host = f"{shown}:{request.port}"
         return dataclasses.replace(super().record(), via="connect", connect_host=connect_host)
+
+
+def _is_localhost_name(name: str) -> bool:
+    name = name.lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost")
 
 
 def _is_node_local(address: IPAddress) -> bool:

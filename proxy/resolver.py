@@ -217,8 +217,8 @@ class Resolver:
         qname = dns.name.from_text(name)  # absolute: no search list
         try:
             answer = await resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN:
-            raise _NxDomain(self.settings.min_ttl) from None
+        except dns.resolver.NXDOMAIN as exc:
+            raise _NxDomain(_negative_ttl(exc, default=self.settings.min_ttl)) from None
         except dns.resolver.LifetimeTimeout:
             raise _Failed(
                 f"no answer from {_servers(resolver)} within {self.settings.timeout:g}s"
@@ -304,6 +304,18 @@ class Resolver:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _negative_ttl(exc: dns.resolver.NXDOMAIN, *, default: float) -> float:
+    """How long the zone says a name's absence may be cached (RFC 2308: the
+    SOA in the authority section), else ``default``."""
+    responses: dict[Any, Any] = exc.responses()  # type: ignore[no-untyped-call]
+    for response in responses.values():
+        try:
+            return float(response.resolve_chaining().minimum_ttl)
+        except (dns.exception.DNSException, ValueError):
+            continue
+    return default
 
 
 def _servers(resolver: dns.asyncresolver.Resolver) -> str:

@@ -442,9 +442,10 @@ class Connection:
                 return
             self.verdict = named
         if self.upstream.lost or self.client.lost:
-            # The server said its piece and closed, or the client left.
+            # The server said its piece and closed, the client left, or the
+            # idle timeout ended it (the error says which).
             self.holding = False
-            self.event = "closed" if self.error is None else "failed"
+            self.event = "closed"
             self.close_both()
             return
         if peeked is not None and peeked.protocol is Protocol.HTTP and self.verdict.by_name:

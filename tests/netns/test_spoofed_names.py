@@ -308,7 +308,7 @@ def test_a_pipelined_request_for_another_host_gets_421_and_never_reaches_it(
         AZURE,
         8080,
         f"GET /first HTTP/1.1\\r\\nHost: {BLOB}\\r\\n\\r\\n"
-        f"GET /second HTTP/1.1\\r\\nHost: {FRONTED}\\r\\n\\r\\n",
+        f"GET /second HTTP/1.1\\r\\nHost: {FRONTED}\\r\\nConnection: close\\r\\n\\r\\n",
     )
     assert reply.startswith("HTTP/1.1 200 OK"), reply
     assert "HTTP/1.1 421 Misdirected Request" in reply or "HTTP/1.1 421 " in reply, reply
