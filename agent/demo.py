@@ -73,7 +73,7 @@ def _flows() -> list[Flow]:
             server="elsewhere",
         ),
         Flow(
-            title=f"pg-primary -> 198.18.2.2:443 naming {BLOB}",
+            title="pg-primary -> 198.18.2.2:443 (TLS, forged SNI: blob)",
             client="pg-primary",
             host="198.18.2.2",
             port=443,
