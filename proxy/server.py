@@ -659,6 +659,8 @@ class Connection:
             early = httprelay.take_over(
                 upstream.transport, idle=settings.idle_timeout, touch=self._touch
             )
+            if upstream.eof:
+                early.reader.feed_eof()  # it closed already: the relay connects anew
         try:
             await httprelay.serve(conn, transport, initial, upstream=early)
         finally:
