@@ -204,7 +204,7 @@ def names_to_resolve(
                 continue
             if rule.action is Action.DENY or rule.resolve is Resolve.NONE:
                 break
-            out[name] = None
+            return (name,)  # the only name a flow with a name needs
         elif _binds_nameless(rule):
             out.update((host, None) for host in _literal_hosts(rule))
     return tuple(out)

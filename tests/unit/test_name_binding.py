@@ -11,6 +11,8 @@ import ipaddress
 import textwrap
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from egress_agent.policy.decide import (
     decide,
@@ -20,7 +22,16 @@ from egress_agent.policy.decide import (
     needs_server_name,
 )
 from egress_agent.policy.load import parse_policy
-from egress_agent.policy.model import Action, IPAddress, Resolution
+from egress_agent.policy.model import (
+    Action,
+    EgressRule,
+    IPAddress,
+    Policy,
+    PortRange,
+    ProxySettings,
+    Resolution,
+    Resolve,
+)
 
 ALLOW, DENY = Action.ALLOW, Action.DENY
 BLOB = "pgbackups.blob.core.windows.net"
@@ -219,3 +230,61 @@ def test_format_addresses_sorts_and_shortens() -> None:
         "192.0.2.1, 192.0.2.2, 192.0.2.3, 192.0.2.4, 192.0.2.5, 192.0.2.6 and 4 more"
     )
     assert format_addresses([]) == "none"
+
+
+HOSTS = ["a.test", "b.test", "*.test", "x.a.test"]
+ADDRS = [ip(a) for a in ("192.0.2.1", "192.0.2.2", "2001:db8::1")]
+
+
+@st.composite
+def binding_policies(draw: st.DrawFn) -> Policy:
+    rules = []
+    for i in range(draw(st.integers(0, 5))):
+        action = draw(st.sampled_from(Action))
+        hosts = tuple(draw(st.lists(st.sampled_from(HOSTS), max_size=2, unique=True)))
+        rules.append(
+            EgressRule(
+                name=f"r{i}",
+                action=action,
+                hosts=hosts,
+                ports=(PortRange(first=1, last=1),) if draw(st.booleans()) else (),
+                resolve=draw(st.sampled_from(Resolve))
+                if hosts and action is Action.ALLOW
+                else Resolve.VERIFY,
+            )
+        )
+    return Policy(
+        version=1, proxy=ProxySettings(), workloads=(), intercept=(), egress=tuple(rules),
+        default=draw(st.sampled_from(Action)),
+    )  # fmt: skip
+
+
+@settings(max_examples=300)
+@given(
+    policy=binding_policies(),
+    dst=st.sampled_from(ADDRS),
+    port=st.sampled_from([1, 2]),
+    name=st.one_of(st.none(), st.sampled_from(["a.test", "b.test", "x.a.test", "c.test"])),
+    known=st.dictionaries(
+        st.sampled_from(["a.test", "b.test", "x.a.test", "c.test"]),
+        st.frozensets(st.sampled_from(ADDRS)).map(lambda a: Resolution(addresses=a)),
+    ),
+)
+def test_resolving_only_the_listed_names_decides_alike(
+    policy: Policy,
+    dst: IPAddress,
+    port: int,
+    name: str | None,
+    known: dict[str, Resolution],
+) -> None:
+    """The proxy resolves only what names_to_resolve lists: that must be all
+    decide ever looks at."""
+    needed = names_to_resolve(policy, workload=None, dst=dst, dst_port=port, server_name=name)
+    some = {n: known[n] for n in needed if n in known}
+    full = decide(policy, workload=None, dst=dst, dst_port=port, server_name=name, resolved=known)
+    partial = decide(policy, workload=None, dst=dst, dst_port=port, server_name=name, resolved=some)
+    assert (full.action, full.rule, full.upstream) == (
+        partial.action,
+        partial.rule,
+        partial.upstream,
+    )
