@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 a runtime failure (permissions, kernel refused),
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import ipaddress
 import json
@@ -15,12 +16,27 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, parse_address
 from egress_agent.bpf.loader import DEFAULT_PIN_DIR
-from egress_agent.policy.decide import decide, identify, should_divert
+from egress_agent.policy.decide import (
+    decide,
+    format_addresses,
+    identify,
+    names_to_resolve,
+    should_divert,
+)
 from egress_agent.policy.load import PolicyError, load_policy
-from egress_agent.policy.model import AzureSas, AzureSharedKey, Bearer, HttpRule
+from egress_agent.policy.model import (
+    Action,
+    AzureSas,
+    AzureSharedKey,
+    Bearer,
+    HttpRule,
+    Policy,
+    Resolution,
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -131,6 +147,18 @@ def _parser() -> argparse.ArgumentParser:
         "--to", dest="dst", required=True, help="destination ADDR:PORT or [V6]:PORT"
     )
     explain.add_argument("--server-name", help="TLS SNI or HTTP Host the client sends")
+    explain.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="NAME=ADDR[,ADDR...]",
+        help="take these as NAME's addresses instead of resolving it (repeatable)",
+    )
+    explain.add_argument(
+        "--no-resolve",
+        action="store_true",
+        help="resolve no name: names without --address then own no address",
+    )
     explain.add_argument("--interface", help="ingress interface (for interface-bound workloads)")
     explain.add_argument(
         "--workload",
@@ -322,6 +350,8 @@ def _status(args: argparse.Namespace) -> int:
         f"kernel:       {'in sync' if snap['kernel_in_sync'] else 'DRIFTED'}, "
         f"{snap['drift_repairs']} repairs since start"
     )
+    for line in describe_dns(snap.get("dns")):
+        print(line)
     print(
         f"connections:  {snap['connections_open']} open, "
         f"{snap['audit_records_written']} audit records written"
@@ -330,6 +360,41 @@ def _status(args: argparse.Namespace) -> int:
         f"ready:        {'yes' if snap['ready'] else 'no: ' + '; '.join(snap['not_ready_because'])}"
     )
     return EXIT_OK if snap["ready"] else EXIT_FAILURE
+
+
+# Cache entries `status` prints (all of them are in `status --json`).
+STATUS_DNS_ENTRIES = 20
+
+
+def describe_dns(dns: dict[str, Any] | None) -> list[str]:
+    """The proxy's resolver and DNS cache, as `status` prints them."""
+    if not dns:
+        return []
+    servers = ", ".join(dns["nameservers"]) or "none"
+    queries = dns["queries"]
+    head = f"dns:          nameservers {servers} ({dns['resolv_conf']})"
+    if dns.get("error"):
+        head += f"; ERROR: {dns['error']}"
+    lines = [
+        head,
+        f"              {dns['names']} names cached; queries: {queries['answer']} answered,"
+        f" {queries['nodata']} without addresses, {queries['nxdomain']} NXDOMAIN,"
+        f" {queries['failed']} failed",
+    ]
+    entries = dns["entries"]
+    width = max((len(e["name"]) for e in entries[:STATUS_DNS_ENTRIES]), default=0)
+    for entry in entries[:STATUS_DNS_ENTRIES]:
+        addresses = ", ".join(entry["addresses"]) or "-"
+        state = entry["state"]
+        if state in ("fresh", "stale"):
+            state += f", asks again in {max(entry['expires_in'], 0):g}s"
+        if entry["error"]:
+            state += f": {entry['error']}"
+        pinned = " (policy)" if entry["pinned"] else ""
+        lines.append(f"  {entry['name']:<{width}}  {addresses}  [{state}]{pinned}")
+    if len(entries) > STATUS_DNS_ENTRIES:
+        lines.append(f"  ... {len(entries) - STATUS_DNS_ENTRIES} more (status --json)")
+    return lines
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -375,15 +440,90 @@ def _explain(args: argparse.Namespace) -> int:
     if not diverted:
         print("diverted:  no (the kernel sends this flow directly; the proxy never sees it)")
         return EXIT_OK
-    verdict = decide(
+    print("diverted:  yes")
+    try:
+        given = _given_addresses(args.address)
+    except ValueError as exc:
+        print(f"egress-agent: explain: --address: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    names = names_to_resolve(
         policy, workload=workload, dst=dst, dst_port=port, server_name=args.server_name
     )
-    print("diverted:  yes")
+    resolved, how = _explain_names(policy, names, given, resolve=not args.no_resolve)
+    for i, name in enumerate(names):
+        got = resolved[name]
+        shown = format_addresses(got.addresses) if got.addresses else f"none ({got.error})"
+        label = "names:    " if i == 0 else "          "
+        print(f"{label} {name} -> {shown} {how[name]}")
+    verdict = decide(
+        policy,
+        workload=workload,
+        dst=dst,
+        dst_port=port,
+        server_name=args.server_name,
+        resolved=resolved,
+    )
     print(f"verdict:   {verdict.action.value} (rule {verdict.rule})")
+    if verdict.reason:
+        print(f"because:   {verdict.reason}")
+    if verdict.upstream is not None:
+        print(
+            f"connects:  {verdict.upstream} port {port}, not {dst} (the rule has resolve: connect)"
+        )
     if verdict.http is not None:
         for line in describe_http(verdict.http, dst_port=port):
             print(f"http:      {line}")
+    elif verdict.by_name and verdict.action is Action.ALLOW:
+        print("http:      plain HTTP: every request's Host is checked the same way (else 421)")
     return EXIT_OK
+
+
+def _given_addresses(items: Sequence[str]) -> dict[str, Resolution]:
+    out: dict[str, Resolution] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{item!r}: expected NAME=ADDR[,ADDR...]")
+        try:
+            addresses = frozenset(ipaddress.ip_address(a.strip()) for a in text.split(",") if a)
+        except ValueError as exc:
+            raise ValueError(f"{item!r}: {exc}") from None
+        out[name.strip().lower().rstrip(".")] = Resolution(addresses=addresses)
+    return out
+
+
+def _explain_names(
+    policy: Policy, names: Sequence[str], given: dict[str, Resolution], *, resolve: bool
+) -> tuple[dict[str, Resolution], dict[str, str]]:
+    """The addresses of the names a decision needs, and where each came from."""
+    resolved: dict[str, Resolution] = {}
+    how: dict[str, str] = {}
+    ask = [n for n in names if n not in given]
+    for name in names:
+        if name in given:
+            resolved[name], how[name] = given[name], "(given with --address)"
+    if ask and not resolve:
+        for name in ask:
+            resolved[name] = Resolution(error="not resolved: --no-resolve")
+            how[name] = ""
+    elif ask:
+        from egress_agent.proxy.resolver import Resolver
+
+        async def lookup() -> tuple[dict[str, Resolution], list[str]]:
+            resolver = Resolver(policy.dns)
+            try:
+                return await resolver.resolve_many(ask), resolver.nameservers()
+            finally:
+                await resolver.close()
+
+        answers, servers = asyncio.run(lookup())
+        note = (
+            f"(resolved by this command with {', '.join(servers) or 'no nameserver'} from"
+            " /etc/resolv.conf; the agent resolves with its own, and caches by TTL)"
+        )
+        for name in ask:
+            resolved[name], how[name] = answers[name], note
+    return resolved, how
 
 
 def describe_http(rule: HttpRule, *, dst_port: int) -> list[str]:

@@ -1,10 +1,12 @@
 """``egress-agent demo``: the product on one machine, in network namespaces.
 
 Builds a node, three pods and two "internet" hosts as namespaces (the root
-namespace is never touched), starts the agent in the node with the embedded
-policy (``demo-policy.yaml``), sends real flows and shows, for each, what the
-client got, what the server saw and what the audit log says. Everything is
-removed at the end, also on Ctrl-C or failure.
+namespace is never touched), with the hosts' names served by a real DNS
+server in a namespace of its own (the agent resolves them there), starts the
+agent in the node with the embedded policy (``demo-policy.yaml``), sends real
+flows -- one with an allowed name forged towards another host -- and shows,
+for each, what the client got, what the server saw and what the audit log
+says. Everything is removed at the end, also on Ctrl-C or failure.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Flow:
     expect_diverted: bool
     expect_allowed: bool
     server: str  # which server log to look in
+    sni: str | None = None  # the name the client sends, when not ``host``
 
 
 def _flows() -> list[Flow]:
@@ -68,6 +71,17 @@ def _flows() -> list[Flow]:
             expect_diverted=True,
             expect_allowed=False,
             server="elsewhere",
+        ),
+        Flow(
+            title="pg-primary -> 198.18.2.2:443 (TLS, forged SNI: blob)",
+            client="pg-primary",
+            host="198.18.2.2",
+            port=443,
+            tls=True,
+            expect_diverted=True,
+            expect_allowed=False,
+            server="elsewhere",
+            sni=BLOB,
         ),
         Flow(
             title="pg-primary -> pg-replica:5432 (replication)",
@@ -162,6 +176,8 @@ def run_demo() -> int:
                 f"name={rec['server_name'] or '-':<32} proto={rec['protocol']:<4} "
                 f"rule={rec['rule'] or '-':<14} up={rec['bytes_up']} down={rec['bytes_down']}"
             )
+            if rec["event"] == "denied" and rec["error"]:
+                print(f"          why: {rec['error']}")
         lines = audit.read_text().splitlines()
         print(f"\nraw record: {lines[0] if lines else '(none)'}")
         if failures:
@@ -184,6 +200,8 @@ def _show_flow(lab: Lab, flow: Flow, *, ca_path: Path, logs: dict[str, Path]) ->
     ]
     if flow.tls:
         argv += ["--tls", "--ca", str(ca_path)]
+    if flow.sni:
+        argv += ["--sni", flow.sni]
     result = json.loads(lab.run(flow.client, argv, check=False).stdout)
     seen = read_log(logs[flow.server])[before:]
     client_addr = str(lab.hosts[flow.client].ipv4)

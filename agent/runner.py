@@ -419,6 +419,7 @@ class Agent:
             "nft_rules_per_chain": counts,
             "kernel_in_sync": self.in_sync,
             "drift_repairs": self.repairs,
+            "dns": self.proxy.resolver.status() if self.proxy else None,
             "connections_open": len(self.proxy.connections) if self.proxy else 0,
             "audit_records_written": self.audit.written,
             "uptime_s": round(time.time() - self.started_at, 1),
@@ -746,12 +747,35 @@ class Agent:
         metric(
             "http_requests_total",
             "counter",
-            "HTTP requests served by http rules, by rule and status class.",
+            "HTTP requests served by http rules (and plain HTTP allowed by hosts), by rule"
+            " and status class.",
             [
                 (f'{{rule="{r}",status="{c}"}}', n)
                 for (r, c), n in sorted(self.audit.requests_by_outcome.items())
             ],
         )
+        if self.proxy is not None:
+            resolver = self.proxy.resolver
+            metric(
+                "dns_queries_total",
+                "counter",
+                "Names asked of the resolver (A and AAAA together) by outcome: answer,"
+                " nodata (no addresses), nxdomain, failed (timeout, unreachable, SERVFAIL).",
+                [(f'{{result="{k}"}}', v) for k, v in sorted(resolver.queries.items())],
+            )
+            metric(
+                "dns_lookups_total",
+                "counter",
+                "Names the proxy needed for a decision, by what it got: cached, queried,"
+                " stale (an expired answer while the resolver fails), failed (no address).",
+                [(f'{{result="{k}"}}', v) for k, v in sorted(resolver.lookups.items())],
+            )
+            metric(
+                "dns_cache_names",
+                "gauge",
+                "Names in the proxy's DNS cache.",
+                [("", len(resolver.cache))],
+            )
         return "\n".join(lines) + "\n"
 
 

@@ -53,6 +53,8 @@ from typing import Any, Literal
 
 from pyroute2 import IPRoute, netns
 
+from egress_agent.lab.dns import DEFAULT_TTL, LabDns, resolv_conf
+
 log = logging.getLogger(__name__)
 
 NETNS_RUN_DIR = Path("/run/netns")
@@ -189,7 +191,7 @@ class Lab:
     ``prefix`` defaults to ``"ea"`` + 6 random hex characters + ``"-"``.
     """
 
-    def __init__(self, prefix: str | None = None) -> None:
+    def __init__(self, prefix: str | None = None, *, dns_ttl: int = DEFAULT_TTL) -> None:
         if prefix is None:
             prefix = self._fresh_prefix()
         elif not _PREFIX_RE.match(prefix):
@@ -202,9 +204,14 @@ class Lab:
         self._iprs: dict[str, Any] = {}
         self._procs: list[subprocess.Popen[Any]] = []
         self._extra_hosts: list[tuple[str, str]] = []  # (address, hostname)
+        # What the lab's DNS server answers: (address, name). add_external's
+        # names have both of the host's addresses there (A and AAAA).
+        self._dns_names: list[tuple[str, str]] = []
         self._made_etc_netns = False
         self._started = False
         self._closed = False
+        self._dns_ttl = dns_ttl
+        self._dns: LabDns | None = None
 
     @staticmethod
     def _fresh_prefix() -> str:
@@ -261,9 +268,24 @@ class Lab:
                 scope=RT_SCOPE_LINK,
             )
             self._write_hosts_files()
+            # The node (where the agent runs) resolves with the lab's DNS
+            # server only: never with this machine's resolver.
+            with open(NETNS_ETC_DIR / self.node / "resolv.conf", "w") as fh:
+                fh.write(resolv_conf())
         except BaseException:
             self.close()
             raise
+
+    @property
+    def dns(self) -> LabDns:
+        """The lab's DNS server (dnsmasq in host ``dns``), started on first use:
+        it serves every name the externals register, to the node."""
+        self._require_started()
+        if self._dns is None:
+            self._dns = LabDns(self, ttl=self._dns_ttl)
+            self._dns.serve(self._dns_names)
+        self._dns.start()
+        return self._dns
 
     def close(self) -> None:
         """Stop processes, remove namespaces and /etc/netns folders. Idempotent."""
@@ -283,6 +305,8 @@ class Lab:
             except BaseException as exc:  # Ctrl-C: finish tearing down first
                 interrupted = interrupted or exc
 
+        if self._dns is not None:
+            step("stop the DNS server", self._dns.close)
         step("stop processes", self._stop_processes)
         for name in reversed(self._namespaces):
             step(f"stop leftover processes in {name}", self._kill_leftovers, name)
@@ -408,9 +432,11 @@ class Lab:
 
         ``ipv4``/``ipv6`` may carry a prefix length (default /24 and /64); the
         node takes the first address of that subnet. ``hostnames`` resolve to
-        the IPv4 address in every lab namespace (for ``ip netns exec``): with
-        both, glibc would pick the IPv6 one, since its built-in RFC 3484 table
-        ranks ULAs above IPv4. For names over IPv6 use ``add_hosts_entry``.
+        the IPv4 address in every lab namespace's hosts file (for ``ip netns
+        exec``): with both, glibc would pick the IPv6 one, since its built-in
+        RFC 3484 table ranks ULAs above IPv4. For names over IPv6 use
+        ``add_hosts_entry``. The lab's DNS server (see ``dns``), which the
+        agent in the node asks, answers them with both addresses (A and AAAA).
         """
         self._check_new(name)
         if isinstance(hostnames, str):
@@ -473,6 +499,9 @@ class Lab:
 
         self._extra_hosts += [(str(if4.ip), hostname) for hostname in hostnames]
         self._write_hosts_files()
+        if hostnames:
+            self._dns_names += [(str(a), n) for n in hostnames for a in (if4.ip, if6.ip)]
+            self.dns.serve(self._dns_names)
         return host
 
     def add_hosts_entry(self, hostname: str, address: str) -> None:
@@ -484,6 +513,8 @@ class Lab:
             _lab_ipv4(address) if addr.version == 4 else _lab_ipv6(address)
         self._extra_hosts.append((str(addr), hostname))
         self._write_hosts_files()
+        self._dns_names.append((str(addr), hostname))
+        self.dns.serve(self._dns_names)
 
     # -- running things -----------------------------------------------------
 

@@ -9,6 +9,15 @@ Three questions are answered here, and every datapath must answer them alike:
   intercept rule with ``non_tcp: drop``)? and
 * :func:`decide` -- what does the proxy do with a diverted connection?
 
+Names are bound to addresses: an allow rule that matches by server name (TLS
+SNI, HTTP Host) matches only when the original destination is one of that
+name's addresses (``resolve: verify``, the default), or re-targets the
+connection to one of them (``resolve: connect``); ``resolve: none`` trusts the
+name alone. A literal host also matches a flow that carries no name at all
+when the flow is headed to one of that host's addresses. The addresses are
+*data* here: the proxy resolves the names :func:`names_to_resolve` lists and
+hands the answers in, so every decision stays a pure function.
+
 Identity is by longest-prefix match of the source address over all workloads'
 CIDRs (equal prefixes in two workloads are refused when the policy loads). A
 workload bound to interfaces keeps its identity only for packets that arrived on
@@ -18,8 +27,10 @@ one of them; a packet from elsewhere with its address has no identity at all.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Mapping
 
 from egress_agent.policy.model import (
+    Action,
     EgressRule,
     InterceptRule,
     IPAddress,
@@ -27,8 +38,13 @@ from egress_agent.policy.model import (
     NonTcp,
     Policy,
     PortRange,
+    Resolution,
+    Resolve,
     Verdict,
 )
+
+# Addresses a refusal names at most (a CDN name may have dozens).
+_SHOWN_ADDRESSES = 6
 
 
 def identify(policy: Policy, src: IPAddress, *, interface: str | None = None) -> str | None:
@@ -121,14 +137,158 @@ def decide(
     dst: IPAddress,
     dst_port: int,
     server_name: str | None,
+    resolved: Mapping[str, Resolution] | None = None,
 ) -> Verdict:
-    """The proxy's verdict: the first egress rule that matches, else the default."""
+    """The proxy's verdict: the first egress rule that matches, else the default.
+
+    ``resolved`` holds the addresses of the names :func:`names_to_resolve`
+    lists for this flow (normalised: lower case, no trailing dot). A name
+    missing from it, or known only with an error, owns no address: an allow
+    rule that needs it does not match (fail closed), and the verdict's
+    ``reason`` says why when the rest of the policy then decides.
+    """
     dst = _unmap(dst)
     name = _normalise_name(server_name)
+    known: Mapping[str, Resolution] = resolved or {}
+    reason: str | None = None
     for rule in policy.egress:
-        if _matches(rule, workload=workload, dst=dst, dst_port=dst_port, server_name=name):
-            return Verdict(action=rule.action, rule=rule.name, workload=workload, http=rule.http)
-    return Verdict(action=policy.default, rule="default", workload=workload)
+        if not _matches_without_name(rule, workload=workload, dst=dst, dst_port=dst_port):
+            continue
+        if not rule.hosts:
+            return _verdict(rule, workload, reason=reason)
+        if name is not None:
+            if not any(host_matches(p, name) for p in rule.hosts):
+                continue
+            if rule.action is Action.DENY or rule.resolve is Resolve.NONE:
+                return _verdict(rule, workload, by_name=True, reason=reason)
+            bound = _bind(rule, name, dst, known.get(name))
+            if isinstance(bound, str):
+                reason = reason or bound
+                continue
+            return _verdict(rule, workload, by_name=True, upstream=bound[0])
+        if _binds_nameless(rule):
+            for host in _literal_hosts(rule):
+                answer = known.get(host)
+                if answer is not None and dst in _owned(answer):
+                    return _verdict(rule, workload, by_name=True)
+                if answer is None or (answer.error and not answer.addresses):
+                    why = answer.error if answer is not None else "not resolved"
+                    reason = reason or (
+                        f"rule {rule.name}: {host} could not be resolved ({why}),"
+                        f" so a flow without a server name to {dst} cannot be matched to it"
+                    )
+    return Verdict(action=policy.default, rule="default", workload=workload, reason=reason)
+
+
+def names_to_resolve(
+    policy: Policy,
+    *,
+    workload: str | None,
+    dst: IPAddress,
+    dst_port: int,
+    server_name: str | None,
+) -> tuple[str, ...]:
+    """The names whose addresses :func:`decide` needs for this flow: the
+    server name when an allow rule binds it, or, for a flow without a name,
+    the literal hosts of the allow rules that could match it."""
+    dst = _unmap(dst)
+    name = _normalise_name(server_name)
+    out: dict[str, None] = {}
+    for rule in policy.egress:
+        if not _matches_without_name(rule, workload=workload, dst=dst, dst_port=dst_port):
+            continue
+        if not rule.hosts:
+            break  # this rule decides whatever the names resolve to
+        if name is not None:
+            if not any(host_matches(p, name) for p in rule.hosts):
+                continue
+            if rule.action is Action.DENY or rule.resolve is Resolve.NONE:
+                break
+            return (name,)  # the only name a flow with a name needs
+        elif _binds_nameless(rule):
+            out.update((host, None) for host in _literal_hosts(rule))
+    return tuple(out)
+
+
+def names_to_keep_warm(policy: Policy) -> frozenset[str]:
+    """The literal hosts of allow rules that bind names to addresses: the
+    proxy keeps their answers fresh, so that a flow needing one (a flow with
+    no server name above all) never waits for the resolver."""
+    return frozenset(
+        host
+        for rule in policy.egress
+        if rule.action is Action.ALLOW and rule.resolve is not Resolve.NONE
+        for host in _literal_hosts(rule)
+    )
+
+
+def format_addresses(addresses: Iterable[IPAddress]) -> str:
+    """Addresses sorted, IPv4 first, at most a few shown."""
+    ordered = sorted(addresses, key=lambda a: (a.version, int(a)))
+    shown = ", ".join(str(a) for a in ordered[:_SHOWN_ADDRESSES])
+    more = len(ordered) - _SHOWN_ADDRESSES
+    return shown + (f" and {more} more" if more > 0 else "") if ordered else "none"
+
+
+def _bind(
+    rule: EgressRule, name: str, dst: IPAddress, answer: Resolution | None
+) -> tuple[IPAddress | None] | str:
+    """Whether ``name`` owns ``dst`` for ``rule``: a one-tuple with the address
+    to connect to instead (None: the original destination), or why not."""
+    if answer is None or not answer.addresses:
+        why = answer.error if answer is not None and answer.error else "no addresses known"
+        return (
+            f"rule {rule.name} allows {name} only at its own addresses, and none are known"
+            f" ({why}): refused {dst}"
+        )
+    if dst in _owned(answer):
+        return (None,)
+    if rule.resolve is Resolve.CONNECT:
+        return (_pick(answer.addresses, dst.version),)
+    return (
+        f"rule {rule.name} allows {name} only at its own addresses"
+        f" ({format_addresses(answer.addresses)}): the destination {dst} is not one of them"
+    )
+
+
+def _owned(answer: Resolution) -> frozenset[IPAddress]:
+    # An AAAA record may hold an IPv4-mapped address; destinations are unmapped.
+    return frozenset(_unmap(a) for a in answer.addresses)
+
+
+def _pick(addresses: frozenset[IPAddress], version: int) -> IPAddress:
+    """The address to re-target to: the lowest of the client's family, else the lowest."""
+    same = [a for a in addresses if a.version == version]
+    return min(same or addresses, key=lambda a: (a.version, int(a)))
+
+
+def _binds_nameless(rule: EgressRule) -> bool:
+    # An http rule needs a request that names its host; a deny rule by name
+    # denies what names it (deny an address with cidrs).
+    return rule.action is Action.ALLOW and rule.http is None and rule.resolve is not Resolve.NONE
+
+
+def _literal_hosts(rule: EgressRule) -> list[str]:
+    return [h for h in rule.hosts if not h.startswith("*.")]
+
+
+def _verdict(
+    rule: EgressRule,
+    workload: str | None,
+    *,
+    by_name: bool = False,
+    upstream: IPAddress | None = None,
+    reason: str | None = None,
+) -> Verdict:
+    return Verdict(
+        action=rule.action,
+        rule=rule.name,
+        workload=workload,
+        http=rule.http,
+        by_name=by_name,
+        upstream=upstream,
+        reason=reason,
+    )
 
 
 def needs_server_name(
@@ -166,23 +326,6 @@ def host_matches(pattern: str, name: str) -> bool:
     if pattern.startswith("*."):
         return name.endswith(pattern[1:]) and len(name) > len(pattern) - 1
     return name == pattern
-
-
-def _matches(
-    rule: EgressRule,
-    *,
-    workload: str | None,
-    dst: IPAddress,
-    dst_port: int,
-    server_name: str | None,
-) -> bool:
-    if not _matches_without_name(rule, workload=workload, dst=dst, dst_port=dst_port):
-        return False
-    if rule.hosts:
-        if server_name is None:
-            return False
-        return any(host_matches(p, server_name) for p in rule.hosts)
-    return True
 
 
 def _matches_without_name(

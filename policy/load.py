@@ -36,6 +36,7 @@ from egress_agent.policy.model import (
     Bearer,
     ClientTls,
     ConnectSettings,
+    DnsSettings,
     EgressRule,
     HeaderValue,
     HttpRule,
@@ -48,6 +49,7 @@ from egress_agent.policy.model import (
     PortRange,
     ProxyAuth,
     ProxySettings,
+    Resolve,
     Upstream,
     Workload,
     by_cgroup,
@@ -85,7 +87,14 @@ _TOP_KEYS = (
     "on_reload",
     "fail",
     "connect",
+    "dns",
 )
+_DNS_KEYS = ("min_ttl", "max_ttl", "serve_stale", "timeout", "cache_size")
+_RESOLVE_CHOICES = {
+    Resolve.VERIFY: "the original destination must be one of the name's addresses; the default",
+    Resolve.CONNECT: "connect to one of the name's own addresses, whatever the client dialled",
+    Resolve.NONE: "no check: the name alone decides, a forged name reaches any address (unsafe)",
+}
 _CONNECT_KEYS = ("port", "auth")
 _PROXY_AUTH_KEYS = ("users_file", "username", "password_file")
 _ON_RELOAD_KEYS = ("denied_connections",)
@@ -114,7 +123,7 @@ _LABEL_VALUE_RE = re.compile(f"({_LABEL_NAME})?")
 _NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _INTERCEPT_KEYS = ("from", "ports", "except_cidrs", "to_cidrs", "non_tcp")
 _EGRESS_KEYS = ("name", "from", "to", "action", "http")
-_TO_KEYS = ("hosts", "cidrs", "ports")
+_TO_KEYS = ("hosts", "cidrs", "ports", "resolve")
 _HTTP_KEYS = ("client_tls", "upstream", "set_headers", "remove_headers", "auth")
 _CLIENT_TLS_KEYS = ("cert", "key")
 _UPSTREAM_KEYS = ("tls", "port", "ca_file", "server_name")
@@ -336,6 +345,9 @@ class _Reader:
         connect = None
         if "connect" in top:
             connect = self.connect(top["connect"][1], "connect", known, proxy)
+        dns = DnsSettings()
+        if "dns" in top:
+            dns = self.dns(top["dns"][1], "dns")
 
         return Policy(
             version=SUPPORTED_VERSION,
@@ -347,6 +359,7 @@ class _Reader:
             close_denied_on_reload=close_denied,
             fail_open=fail_open,
             connect=connect,
+            dns=dns,
             source_name=self.source_name,
         )
 
@@ -696,6 +709,8 @@ class _Reader:
             hosts: tuple[str, ...] = ()
             cidrs: tuple[IPNetwork, ...] = ()
             ports: tuple[PortRange, ...] = ()
+            resolve = Resolve.VERIFY
+            resolve_key: tuple[Node, str] | None = None
             if "to" in fields:
                 t_path = _join(r_path, "to")
                 to = self.mapping(fields["to"][1], t_path, what="a destination", allowed=_TO_KEYS)
@@ -706,9 +721,26 @@ class _Reader:
                         cidrs = self.networks(to["cidrs"][1], _join(t_path, "cidrs"))
                     if "ports" in to:
                         ports = self.ports(to["ports"][1], _join(t_path, "ports"))
+                    if "resolve" in to:
+                        resolve_key = (to["resolve"][0], _join(t_path, "resolve"))
+                        resolve = self.resolve(to["resolve"][1], resolve_key[1])
+                        if "hosts" not in to:
+                            self.problem(
+                                resolve_key[0],
+                                resolve_key[1],
+                                "resolve says how a rule's hosts are bound to addresses, and"
+                                " this rule has no hosts: remove it, or add hosts",
+                            )
             action = Action.DENY
             if "action" in fields:
                 action = self.action(fields["action"][1], _join(r_path, "action")) or Action.DENY
+            if resolve_key is not None and "action" in fields and action is Action.DENY:
+                self.problem(
+                    resolve_key[0],
+                    resolve_key[1],
+                    "resolve applies to allow rules only: a deny rule refuses what names its"
+                    " hosts, wherever it goes (deny addresses with cidrs); remove it",
+                )
             http: HttpRule | None = None
             if "http" in fields:
                 h_key, h_node = fields["http"]
@@ -730,9 +762,66 @@ class _Reader:
                     cidrs=cidrs,
                     ports=ports,
                     http=http,
+                    resolve=resolve,
                 )
             )
         return tuple(rules)
+
+    def resolve(self, node: Node, path: str) -> Resolve:
+        """``to.resolve: verify | connect | none`` of an egress rule."""
+        value = self.scalar(node, path, what="verify, connect or none")
+        for choice in Resolve:
+            if value == choice.value:
+                return choice
+        if value is not None:
+            choices = "; ".join(f"{c.value} ({why})" for c, why in _RESOLVE_CHOICES.items())
+            self.problem(node, path, f"expected one of {choices}; found {self.describe(node)}")
+        return Resolve.VERIFY
+
+    def dns(self, node: Node, path: str) -> DnsSettings:
+        """``dns: {min_ttl, max_ttl, serve_stale, timeout, cache_size}``."""
+        fields = self.mapping(node, path, what="DNS settings", allowed=_DNS_KEYS)
+        defaults = DnsSettings()
+        if fields is None:
+            return defaults
+
+        def seconds(key: str, high: float, default: float, *, zero: bool = False) -> float:
+            if key not in fields:
+                return default
+            k_node = fields[key][1]
+            if zero and isinstance(k_node, ScalarNode) and k_node.value in ("0", "0.0"):
+                return 0.0
+            got = self.seconds(k_node, _join(path, key), high=high)
+            return default if got is None else got
+
+        min_ttl = seconds("min_ttl", 3600, defaults.min_ttl)
+        max_ttl = seconds("max_ttl", 86400, defaults.max_ttl)
+        if max_ttl < min_ttl and "max_ttl" in fields:
+            self.problem(
+                fields["max_ttl"][1],
+                _join(path, "max_ttl"),
+                f"max_ttl {max_ttl:g} is below min_ttl {min_ttl:g}: the ceiling on TTLs must"
+                " be at least the floor",
+            )
+        elif max_ttl < min_ttl:
+            self.problem(
+                fields["min_ttl"][1],
+                _join(path, "min_ttl"),
+                f"min_ttl {min_ttl:g} is above max_ttl ({max_ttl:g}, the default): set a"
+                " max_ttl of at least the floor too",
+            )
+        cache_size = defaults.cache_size
+        if "cache_size" in fields:
+            got = self.integer(fields["cache_size"][1], _join(path, "cache_size"), low=16,
+                               high=1_000_000)  # fmt: skip
+            cache_size = defaults.cache_size if got is None else got
+        return DnsSettings(
+            min_ttl=min_ttl,
+            max_ttl=max_ttl,
+            serve_stale=seconds("serve_stale", 86400, defaults.serve_stale, zero=True),
+            timeout=seconds("timeout", 60, defaults.timeout),
+            cache_size=cache_size,
+        )
 
     # -- http sections ------------------------------------------------------
 

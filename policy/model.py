@@ -179,13 +179,34 @@ class HttpRule:
     auth: Auth | None = None
 
 
+class Resolve(enum.Enum):
+    """How an allow rule's ``hosts`` are bound to addresses (``to.resolve``).
+
+    A server name comes from the client (TLS SNI, HTTP Host): alone it proves
+    nothing about where the connection goes. The proxy resolves the name
+    itself and holds the connection to that name's addresses.
+    """
+
+    # The original destination must be one of the name's current addresses
+    # (the default). A literal host also matches a flow that carries no name
+    # (SMTP, PostgreSQL, SSH) headed to one of its addresses.
+    VERIFY = "verify"
+    # Connect to one of the name's own addresses, whatever address the client
+    # dialled: for CDNs whose answers differ between resolvers.
+    CONNECT = "connect"
+    # No check: the name alone decides. A client that forges the name reaches
+    # any address. Unsafe; for names the proxy cannot resolve.
+    NONE = "none"
+
+
 @dataclass(frozen=True, kw_only=True)
 class EgressRule:
     """What the proxy lets through; the first matching rule wins.
 
     A rule matches when every field it sets matches: ``sources`` (None = any
     workload), ``hosts`` (TLS SNI or HTTP Host), ``cidrs`` and ``ports`` of the
-    original destination.
+    original destination. An allow rule's ``hosts`` are bound to addresses as
+    ``resolve`` says (see :class:`Resolve` and ``policy.decide``).
     """
 
     name: str
@@ -195,6 +216,7 @@ class EgressRule:
     cidrs: tuple[IPNetwork, ...] = ()
     ports: tuple[PortRange, ...] = ()
     http: HttpRule | None = None  # only with action allow
+    resolve: Resolve = Resolve.VERIFY  # only matters for allow rules with hosts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,6 +233,38 @@ class ProxySettings:
     peek_timeout: float = 5.0
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DnsSettings:
+    """How the proxy resolves the names it binds to addresses (``dns:``).
+
+    Answers are cached for their TTL, clamped to [``min_ttl``, ``max_ttl``];
+    names in use are refreshed before they expire. When the resolver cannot be
+    reached, an answer that expired less than ``serve_stale`` seconds ago is
+    still used; after that, flows that need the name are refused.
+    """
+
+    min_ttl: float = 5.0
+    max_ttl: float = 300.0
+    serve_stale: float = 30.0
+    timeout: float = 2.0  # per lookup (A and AAAA, all nameservers)
+    cache_size: int = 10000  # names
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resolution:
+    """What the proxy knows about one name's addresses, as data for
+    :func:`~egress_agent.policy.decide.decide`.
+
+    ``error`` says why there are no usable addresses (the name does not
+    exist, the resolver failed and no recent answer is known); ``stale``
+    marks an expired answer used because the resolver cannot be reached.
+    """
+
+    addresses: frozenset[IPAddress] = frozenset()
+    error: str | None = None
+    stale: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,6 +313,7 @@ class Policy:
     fail_open: bool = False
     # The explicit CONNECT listener; None: there is none.
     connect: ConnectSettings | None = None
+    dns: DnsSettings = DnsSettings()
     source_name: str = field(default="<policy>", compare=False)
 
     def workload(self, name: str) -> Workload:
@@ -317,3 +372,13 @@ class Verdict:
     rule: str  # an egress rule's name, or "default"
     workload: str | None
     http: HttpRule | None = None  # the allow rule's HTTP handling, if it has one
+    # The rule matched through its hosts: the client's server name, or a
+    # literal host's address for a flow without one (so a plain-HTTP
+    # connection must have every request's Host checked).
+    by_name: bool = False
+    # Where to connect instead of the original destination (resolve: connect).
+    upstream: IPAddress | None = None
+    # Why a rule that names the server did not match (its name does not own
+    # the destination, or could not be resolved): for the audit record of a
+    # connection the rest of the policy then refused.
+    reason: str | None = None

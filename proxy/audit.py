@@ -11,7 +11,9 @@ record whose ``event`` is
 
 ``id`` identifies the connection within this agent process (its start time
 and a counter); ``requests`` counts the HTTP requests served on a connection
-an ``http:`` rule handled (null for others).
+an ``http:`` rule handled, or plain HTTP a rule's hosts allowed (null for
+others); ``upstream`` is where the proxy connected when that is not ``dst``
+(a rule with ``resolve: connect`` sends a name to its own address).
 
 Such connections also get one record per HTTP request, with ``event``
 ``request`` and the connection's ``id`` in ``connection``: method, Host, the
@@ -65,6 +67,9 @@ class AuditRecord:
     connect_host: str | None = None
     id: str = ""  # the connection within this process: "<start time hex>-<counter>"
     requests: int | None = None  # HTTP requests served (http rules only)
+    # Where the proxy connected when that is not ``dst``: a name's own
+    # address (a rule with ``resolve: connect``).
+    upstream: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -41,13 +41,13 @@ import logging
 import os
 import socket
 
-from egress_agent.policy.decide import decide, host_matches, identify
-from egress_agent.policy.model import Action, IPAddress, Policy, Verdict
+from egress_agent.policy.decide import decide, host_matches, identify, names_to_resolve
+from egress_agent.policy.model import Action, IPAddress, Policy, Resolution, Verdict
 from egress_agent.proxy.audit import AuditRecord
 from egress_agent.proxy.connect_auth import AuthResult, CredentialFiles
 from egress_agent.proxy.connect_head import MAX_CONNECT_HEAD, ProxyRequest, parse_proxy_request
 from egress_agent.proxy.original_dst import Endpoint, endpoint_of
-from egress_agent.proxy.peek import Peeked, Protocol, sniff
+from egress_agent.proxy.peek import Peeked, Protocol
 from egress_agent.proxy.server import Connection, ProxyServer, _describe, _listener, _take
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class ConnectConnection(Connection):
                 return
         try:
             async with asyncio.timeout(settings.connect_timeout):
-                addresses = await self._resolve(request)
+                addresses, _answer = await self._resolve(request)
         except TimeoutError:
             self.respond(
                 504,
@@ -229,9 +229,7 @@ class ConnectConnection(Connection):
             return
         # The first address the resolver gives decides, as it would for a
         # client connecting by itself; further allowed ones are tried in turn.
-        first = decide(
-            policy, workload=self.workload, dst=addresses[0], dst_port=port, server_name=name
-        )
+        first = await self._verdict_for(addresses[0], port, name)
         if first.action is Action.DENY:
             self.dst = Endpoint(address=addresses[0], port=port)
             self._deny(first, host, port)
@@ -249,26 +247,44 @@ class ConnectConnection(Connection):
         # From now on the server's bytes go straight to the client, so
         # server-speaks-first protocols (SSH, SMTP) work; the client's bytes
         # wait until its first message's name has been checked.
-        self.upstream.peer = self.client
+        self.holding = True
+        self._wire_downstream()
         del self.buffer[: request.head_length]
         self._resume_client()
         await self._check_tunnel_name(host)
 
-    async def _resolve(self, request: ProxyRequest) -> list[IPAddress]:
-        if request.address is not None:
-            return [request.address]
-        assert request.host is not None
-        infos = await self.loop.getaddrinfo(
-            request.host, request.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    async def _verdict_for(self, address: IPAddress, port: int, name: str | None) -> Verdict:
+        """The verdict for the tunnel to ``address``: the names the policy
+        binds are resolved through the proxy's cache (the CONNECT host's own
+        answer is there already), so a name is allowed at its addresses."""
+        names = names_to_resolve(
+            self.policy, workload=self.workload, dst=address, dst_port=port, server_name=name
         )
-        result: list[IPAddress] = []
-        for _family, _type, _proto, _canon, sockaddr in infos:
-            addr = endpoint_of(sockaddr).address
-            if addr not in result:
-                result.append(addr)
-        if not result:
-            raise OSError(errno.ENOENT, "no addresses")
-        return result
+        resolved = await self.server.resolver.resolve_many(names) if names else None
+        return decide(
+            self.policy,
+            workload=self.workload,
+            dst=address,
+            dst_port=port,
+            server_name=name,
+            resolved=resolved,
+        )
+
+    async def _resolve(self, request: ProxyRequest) -> tuple[list[IPAddress], Resolution | None]:
+        """The target's addresses (IPv4 first, as a client would try them)
+        and, for a name, what the proxy's resolver knows of it (the same
+        cache the transparent path binds names with)."""
+        if request.address is not None:
+            return [request.address], None
+        assert request.host is not None
+        if _is_localhost_name(request.host):
+            # RFC 6761 section 6.3: the node's own loopback, whatever a DNS
+            # server would say (so it is refused as loopback below).
+            return [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")], None
+        got = await self.server.resolver.resolve(request.host)
+        if not got.addresses:
+            raise OSError(errno.ENOENT, got.error or "no addresses")
+        return sorted(got.addresses, key=lambda a: (a.version, int(a))), got
 
     async def _connect_any(self, addresses: list[IPAddress], port: int, name: str | None) -> bool:
         """Connect to the first allowed address that answers; on failure answer
@@ -276,9 +292,7 @@ class ConnectConnection(Connection):
         settings = self.policy.proxy
         last = ""
         for address in addresses:
-            verdict = decide(
-                self.policy, workload=self.workload, dst=address, dst_port=port, server_name=name
-            )
+            verdict = await self._verdict_for(address, port, name)
             if verdict.action is Action.DENY:
                 continue
             self.dst = Endpoint(address=address, port=port)
@@ -336,6 +350,8 @@ class ConnectConnection(Connection):
                 f" ({len(self.buffer)} bytes received)"
             )
             return
+        finally:
+            self.holding = False
         if peeked is not None:
             connect_name = self.peeked.server_name if self.peeked else None
             inner = peeked.server_name
@@ -357,43 +373,6 @@ class ConnectConnection(Connection):
             return
         self.event = "closed"
         self._start_relay()
-
-    async def _first_message(self, cap: int, timeout: float) -> Peeked | None:
-        """What the client's first bytes in the tunnel are; None if it ends
-        the tunnel without sending any.
-
-        Unlike the transparent path's peek there is no deadline before the
-        first byte: the client's bytes are held until they have been looked at
-        however long it waits (the server's bytes reach it meanwhile, so
-        server-speaks-first protocols just work, and the idle timeout ends a
-        tunnel where nobody speaks). A message that has started must be
-        complete within ``timeout``.
-        """
-        deadline: float | None = None
-        while True:
-            if self.buffer:
-                peeked = sniff(bytes(self.buffer[:cap]))
-                if peeked is not None:
-                    return peeked
-                if len(self.buffer) >= cap:
-                    raise ValueError(f"no complete TLS ClientHello or HTTP head in {cap} bytes")
-                if deadline is None:
-                    deadline = self.loop.time() + timeout
-            if self.client_eof or self.client.lost:
-                return None
-            self._data_event.clear()
-            if deadline is None:
-                await self._data_event.wait()
-                continue
-            remaining = deadline - self.loop.time()
-            if remaining <= 0:
-                raise TimeoutError
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._data_event.wait(), remaining)
-
-    def half_lost(self) -> None:
-        self._data_event.set()  # wake a wait for the client's bytes
-        super().half_lost()
 
     # -- answering -----------------------------------------------------------------
 
@@ -482,6 +461,11 @@ class ConnectConnection(Connection):
             )
             connect_host = f"{shown}:{request.port}"
         return dataclasses.replace(super().record(), via="connect", connect_host=connect_host)
+
+
+def _is_localhost_name(name: str) -> bool:
+    name = name.lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost")
 
 
 def _is_node_local(address: IPAddress) -> bool:

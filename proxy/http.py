@@ -135,6 +135,9 @@ class RequestHead:
     framing: Framing
     keep_alive: bool  # whether the client lets the connection carry another request
     expect_continue: bool
+    # The Upgrade header's value when Connection lists "upgrade" (a WebSocket
+    # handshake); only a pass-through relay forwards it.
+    upgrade: bytes | None = None
 
     @property
     def path(self) -> str:
@@ -188,12 +191,26 @@ def parse_request(buf: bytes) -> tuple[RequestHead, int] | None:
         framing=framing,
         keep_alive=keep_alive,
         expect_continue=bool(expect),
+        upgrade=_upgrade(headers, tokens, version),
     )
     return head, end
 
 
-def parse_response(buf: bytes, *, request_method: str) -> tuple[ResponseHead, int] | None:
-    """The response head at the start of ``buf`` (from the upstream server)."""
+def _upgrade(headers: Sequence[Header], tokens: set[bytes], version: str) -> bytes | None:
+    """The protocols a request asks to switch to (RFC 9110 section 7.8): an
+    Upgrade header that the Connection header names, on HTTP/1.1 only."""
+    values = _values(headers, b"upgrade")
+    if version != "HTTP/1.1" or b"upgrade" not in tokens or not values:
+        return None
+    return b", ".join(values)
+
+
+def parse_response(
+    buf: bytes, *, request_method: str, upgrade: bool = False
+) -> tuple[ResponseHead, int] | None:
+    """The response head at the start of ``buf`` (from the upstream server).
+    ``upgrade``: the request asked to switch protocols and the relay can
+    follow, so ``101 Switching Protocols`` is a valid answer."""
     end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
     if end < 0:
         if len(buf) >= MAX_HEAD:
@@ -218,8 +235,10 @@ def parse_response(buf: bytes, *, request_method: str) -> tuple[ResponseHead, in
     if status < 200 or status in (204, 304) or request_method == "HEAD":
         # RFC 9112 section 6.3 items 1-2: no content whatever the headers say.
         framing = Framing()
-        if status == 101:
+        if status == 101 and not upgrade:
             raise ValueError("101 Switching Protocols: upgrades are not forwarded")
+        if status == 101:
+            keep_alive = False  # the connection is no longer HTTP
     else:
         framing = _response_framing(headers)
         if framing.until_close:
@@ -436,20 +455,26 @@ def serialize_request(method: str, target: str, headers: Iterable[Header], *, cl
 def serialize_response(head: ResponseHead, *, close: bool, dechunk: bool = False) -> bytes:
     """The response head for the client: hop-by-hop headers dropped and the
     proxy's own Connection header; with ``dechunk`` also Transfer-Encoding
-    (the body then goes out bare, ended by the close)."""
+    (the body then goes out bare, ended by the close). A 101 keeps its
+    Upgrade and says ``Connection: Upgrade``."""
     drop = hop_by_hop(head.headers)
     if dechunk:
         drop.add(b"transfer-encoding")
+    switching = head.status == 101
+    if switching:
+        drop.discard(b"upgrade")
     reason = _REASONS.get(head.status, "Status")
     lines = [f"HTTP/1.1 {head.status} {reason}".encode("ascii")]
     lines += [n + b": " + v for n, v in head.headers if n.lower() not in drop]
+    if switching:
+        lines.append(b"Connection: Upgrade")
     if close and not head.interim:
         lines.append(b"Connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 _REASONS = {
-    100: "Continue", 102: "Processing", 103: "Early Hints",
+    100: "Continue", 101: "Switching Protocols", 102: "Processing", 103: "Early Hints",
     200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 206: "Partial Content",
     301: "Moved Permanently", 302: "Found", 304: "Not Modified", 307: "Temporary Redirect",
     400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",

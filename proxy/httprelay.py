@@ -24,7 +24,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -34,10 +34,11 @@ from egress_agent.policy.model import (
     Bearer,
     ClientTls,
     HttpRule,
+    IPAddress,
 )
 from egress_agent.proxy import http
 from egress_agent.proxy.audit import AuditLog, RequestRecord, rfc3339
-from egress_agent.proxy.original_dst import Endpoint, family_of
+from egress_agent.proxy.original_dst import Endpoint
 from egress_agent.proxy.secretfiles import FileCache, SecretError, Secrets
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,16 @@ class TcpStream:
 
     def close(self) -> None:
         self.writer.close()
+
+    async def read_untimed(self) -> bytes:
+        """Read without the idle bound (a switched connection: one direction
+        may stay quiet while the other talks; the proxy's idle sweep still
+        ends a connection quiet both ways)."""
+        return await self.reader.read(READ_SIZE)
+
+    async def write_untimed(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
 
     def at_eof(self) -> bool:
         """Whether the peer has closed (a kept-alive upstream connection that
@@ -262,6 +273,17 @@ def _load_client_context(paths: tuple[str, ...]) -> ssl.SSLContext:
     return ctx
 
 
+@dataclass(frozen=True, kw_only=True)
+class HostDecision:
+    """How the policy decides a request naming a Host on this connection:
+    the allowing rule (None: denied), the address to send it to (None: the
+    original destination's) and why a rule naming the host did not match."""
+
+    rule: str | None
+    address: IPAddress | None = None
+    reason: str | None = None
+
+
 @dataclass(kw_only=True)
 class HttpConnection:
     """What the server knows about the connection, and what this module
@@ -274,9 +296,13 @@ class HttpConnection:
     rule: str
     http: HttpRule
     tls: bool  # the client speaks TLS (terminated with client_tls)
-    # Returns the rule that would decide this connection for a request naming
-    # this Host; a request whose Host another rule (or none) decides is refused.
-    rule_for_host: Callable[[str | None], str]
+    # Decides this connection again for a request naming this Host (names
+    # resolved and bound to addresses); a request whose Host another rule
+    # (or none) allows is refused with 421.
+    decide_host: Callable[[str | None], Awaitable[HostDecision]]
+    # Plain HTTP a rule's hosts allowed, relayed without rewriting: only
+    # every request's Host is checked, and Upgrade (WebSocket) is passed on.
+    pass_through: bool = False
     connect_timeout: float
     idle_timeout: float
     upstream_mark: int
@@ -332,8 +358,12 @@ async def serve(
     conn: HttpConnection,
     transport: asyncio.Transport,
     initial: bytes,
+    *,
+    upstream: TcpStream | None = None,
 ) -> None:
-    """Serve HTTP on the client's ``transport`` until either side ends."""
+    """Serve HTTP on the client's ``transport`` until either side ends;
+    ``upstream`` is a plain connection to the original destination made
+    already (used for the first request that goes there)."""
     raw = take_over(transport, idle=conn.idle_timeout, touch=conn.touch)
     client: Stream = raw
     pending = initial
@@ -356,6 +386,10 @@ async def serve(
         client = tls
         pending = b""
     session = _Session(conn, client, bytearray(pending))
+    if upstream is not None:
+        session.upstream = upstream
+        session.upstream_address = conn.dst.address
+        conn.upstream_addr = str(conn.dst)
     try:
         await session.run()
     finally:
@@ -373,6 +407,8 @@ class _Session:
         self.buf = buf  # client bytes read but not used yet
         self.upstream: TcpStream | None = None
         self.upstream_name: str | None = None  # the SNI it was opened (and verified) with
+        self.upstream_address: IPAddress | None = None  # where it goes
+        self.target: IPAddress = conn.dst.address  # where the current request goes
         self.ubuf = bytearray()
         self.abort_client = False
 
@@ -431,6 +467,7 @@ class _Session:
             )  # fmt: skip
 
         try:
+            await self._check_host(head)
             forward = self._rewrite(head)
             if head.framing.chunked and not head.expect_continue:
                 # Check the first chunk line before anything goes upstream, so
@@ -522,22 +559,86 @@ class _Session:
             error = pump_error
             conn.error = conn.error or error
         record()
+        if response.status == 101 and pump_error is None:
+            await self._switched()
+            return False
         upstream_reusable = response.keep_alive and pump_error is None
         if not upstream_reusable:
             self.close_upstream()
         return head.keep_alive and not must_close and pump_error is None and error is None
 
+    async def _switched(self) -> None:
+        """After ``101 Switching Protocols`` (WebSocket): the connection is no
+        longer HTTP; bytes go both ways unchanged, each side's end of stream
+        passed on, until both have ended. Counted in the connection's record."""
+        assert self.upstream is not None
+        client, upstream = self.client, self.upstream
+        if not isinstance(client, TcpStream):
+            return  # only a plain client is passed through
+        conn = self.conn
+
+        async def pipe(src: TcpStream, buf: bytearray, dst: TcpStream, *, up: bool) -> None:
+            data = bytes(buf)  # read already, behind the request or response head
+            buf.clear()
+            while True:
+                if data:
+                    if up:
+                        conn.bytes_up += len(data)
+                    else:
+                        conn.bytes_down += len(data)
+                    await dst.write_untimed(data)
+                data = await src.read_untimed()
+                if not data:
+                    break
+                conn.touch()
+            if dst.writer.can_write_eof() and not dst.writer.transport.is_closing():
+                dst.writer.write_eof()
+
+        ups = asyncio.get_running_loop().create_task(
+            pipe(client, self.buf, upstream, up=True), name="websocket-up"
+        )
+        downs = asyncio.get_running_loop().create_task(
+            pipe(upstream, self.ubuf, client, up=False), name="websocket-down"
+        )
+        try:
+            done, _ = await asyncio.wait({ups, downs}, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                exc = task.exception()
+                if exc is not None:
+                    conn.error = conn.error or f"after the upgrade: {_reason(exc)}"
+                    self.abort_client = True
+                    upstream.abort()
+        finally:
+            for task in (ups, downs):
+                task.cancel()
+            await asyncio.gather(ups, downs, return_exceptions=True)
+
     # -- request side ---------------------------------------------------------
+
+    async def _check_host(self, head: http.RequestHead) -> None:
+        """Decide the request's Host as the connection was decided: by the
+        same rule, and (names bound to addresses) at an address of its own."""
+        conn = self.conn
+        decided = await conn.decide_host(head.host)
+        if decided.rule != conn.rule:
+            why = f" ({decided.reason})" if decided.reason else ""
+            raise _Refused(
+                421,
+                f"Host {head.host or '(none)'} is not served by rule {conn.rule} on this"
+                f" connection{why}",
+            )
+        self.target = decided.address or conn.dst.address
 
     def _rewrite(self, head: http.RequestHead) -> bytes:
         conn = self.conn
         rule = conn.http
-        decided = conn.rule_for_host(head.host)
-        if decided != conn.rule:
-            raise _Refused(
-                421,
-                f"Host {head.host or '(none)'} is not served by rule {conn.rule} on this"
-                " connection",
+        if conn.pass_through:
+            headers = http.build_request_head(head, set_headers=(), remove_headers=())
+            if head.upgrade is not None:
+                # Passed on, so the server may switch (101) to WebSocket.
+                headers += [(b"Connection", b"Upgrade"), (b"Upgrade", head.upgrade)]
+            return http.serialize_request(
+                head.method, http.origin_form(head.target), headers, close=False
             )
         # An origin server is sent origin-form (RFC 9112 section 3.2.1).
         target = http.origin_form(head.target)
@@ -630,10 +731,13 @@ class _Session:
         up = conn.http.upstream
         server_name = up.server_name or head.host
         if self.upstream is not None and (
-            self.upstream.at_eof() or (up.tls and server_name != self.upstream_name)
+            self.upstream.at_eof()
+            or (up.tls and server_name != self.upstream_name)
+            or self.upstream_address != self.target
         ):
-            # Dropped by the server while idle, or verified for another name
-            # than this request's Host (a wildcard rule allows several).
+            # Dropped by the server while idle, verified for another name
+            # than this request's Host (a wildcard rule allows several), or
+            # this Host lives at another address (resolve: connect).
             self.close_upstream()
         if self.upstream is not None:
             return
@@ -647,17 +751,18 @@ class _Session:
             except SecretError as exc:
                 log.error("rule %s: %s", conn.rule, exc)
                 raise _Refused(502, f"rule {conn.rule}: upstream ca_file {exc}") from None
-        address = str(conn.dst.address)
+        address = str(self.target)
         conn.upstream_addr = (
-            f"{address}:{port}" if conn.dst.address.version == 4 else f"[{address}]:{port}"
+            f"{address}:{port}" if self.target.version == 4 else f"[{address}]:{port}"
         )
-        sock = socket.socket(family_of(conn.dst), socket.SOCK_STREAM)
+        family = socket.AF_INET if self.target.version == 4 else socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, conn.upstream_mark)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setblocking(False)
             target: tuple[Any, ...] = (
-                (address, port) if conn.dst.address.version == 4 else (address, port, 0, 0)
+                (address, port) if self.target.version == 4 else (address, port, 0, 0)
             )
             loop = asyncio.get_running_loop()
             async with asyncio.timeout(conn.connect_timeout):
@@ -690,6 +795,7 @@ class _Session:
             ) from None
         self.upstream = TcpStream(reader, writer, idle=conn.idle_timeout, touch=conn.touch)
         self.upstream_name = server_name
+        self.upstream_address = self.target
         self.ubuf.clear()
 
     def close_upstream(self) -> None:
@@ -707,8 +813,10 @@ class _Session:
         upstream = self.upstream
         down = 0
 
+        upgrade = self.conn.pass_through and head.upgrade is not None
+
         def parse(buf: bytes) -> tuple[http.ResponseHead, int] | None:
-            return http.parse_response(buf, request_method=head.method)
+            return http.parse_response(buf, request_method=head.method, upgrade=upgrade)
 
         while True:
             parsed = await self._read_head(upstream, self.ubuf, parse)
@@ -724,6 +832,8 @@ class _Session:
             started[0] = True
             await self.client.write(out)
             down += len(out)
+            if response.status == 101:
+                return response, down, True  # the caller switches to a byte relay
             if response.interim:
                 continue
             counter = _Counter()

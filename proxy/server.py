@@ -27,8 +27,15 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, cast
 
-from egress_agent.policy.decide import candidate_rule, decide, identify, needs_server_name
-from egress_agent.policy.model import Action, HttpRule, Policy, Verdict
+from egress_agent.policy.decide import (
+    candidate_rule,
+    decide,
+    identify,
+    names_to_keep_warm,
+    names_to_resolve,
+    needs_server_name,
+)
+from egress_agent.policy.model import Action, HttpRule, IPAddress, Policy, Verdict
 from egress_agent.proxy import http, httprelay
 from egress_agent.proxy.audit import AuditLog, AuditRecord, Event, RequestRecord, rfc3339
 from egress_agent.proxy.original_dst import (
@@ -39,6 +46,7 @@ from egress_agent.proxy.original_dst import (
     original_dst,
 )
 from egress_agent.proxy.peek import HTTP_METHODS, Peeked, Protocol, sniff
+from egress_agent.proxy.resolver import Resolver
 from egress_agent.proxy.sockdiag import socket_mark
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,9 @@ IPV6_FREEBIND = 78
 # Write-buffer high-water mark per direction before the other side is paused.
 WRITE_HIGH_WATER = 256 * 1024
 SWEEP_INTERVAL = 1.0
+# Plain HTTP allowed by a rule's hosts is served by the HTTP relay without
+# rewriting anything, so that every request's Host is checked.
+PASS_THROUGH = HttpRule()
 
 
 class TaskSet:
@@ -149,7 +160,8 @@ class _Half(asyncio.Protocol):
         assert peer is not None and peer.transport is not None
         if peer.transport.can_write_eof() and not peer.transport.is_closing():
             peer.transport.write_eof()
-        if peer.eof:
+        if peer.eof and not self.conn.holding:
+            # Both ways are done; not while the client's bytes are still held.
             self.conn.close_both()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -175,13 +187,22 @@ class _Half(asyncio.Protocol):
         else:
             peer.transport.close()
 
+    def _source(self) -> _Half | None:
+        """The side whose bytes we are writing: our peer, or, while the
+        client's bytes are held and only the server's flow, the upstream."""
+        if self.peer is not None:
+            return self.peer
+        return self.conn.upstream if not self.upstream else None
+
     def pause_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.pause_reading()
+        source = self._source()
+        if source is not None and source.transport is not None:
+            source.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.resume_reading()
+        source = self._source()
+        if source is not None and source.transport is not None:
+            source.transport.resume_reading()
 
 
 class Connection:
@@ -218,6 +239,11 @@ class Connection:
         self._data_event = asyncio.Event()
         self.client_eof = False
         self.finished = False
+        # Connected early (allowed without a name): the server's bytes reach
+        # the client, the client's are held until its first message is checked.
+        self.holding = False
+        self.downstream_wired = False
+        self.upstream_address: IPAddress | None = None  # when not the original destination
 
     # -- client side, before relaying -------------------------------------------------
 
@@ -277,6 +303,14 @@ class Connection:
         if needs_server_name(
             policy, workload=self.workload, dst=self.dst.address, dst_port=self.dst.port
         ):
+            nameless = await self._decide(None)
+            if nameless.action is Action.ALLOW and nameless.http is None:
+                # Allowed even without a name (the destination is a literal
+                # host's address, or a later rule allows it): connect now, so
+                # a server that speaks first is not kept waiting; the client's
+                # bytes wait until its first message has been looked at.
+                await self._connect_then_check(nameless)
+                return
             try:
                 self.peeked = await self._peek(settings.peek_bytes, settings.peek_timeout)
             except ValueError as exc:
@@ -292,22 +326,23 @@ class Connection:
         else:
             self.sniff_buf = bytearray(self.buffer)
         name = self.peeked.server_name if self.peeked else None
-        self.verdict = decide(
-            policy,
-            workload=self.workload,
-            dst=self.dst.address,
-            dst_port=self.dst.port,
-            server_name=name,
-        )
+        self.verdict = await self._decide(name)
         if self.verdict.action is Action.DENY:
             self.event = "denied"
+            self.error = self.verdict.reason
             self.reset_client()
             return
         if self.verdict.http is not None:
             await self._serve_http(self.verdict.http)
             return
+        if self._check_every_request():
+            await self._serve_http(PASS_THROUGH)
+            return
+        self.upstream_address = self.verdict.upstream
         try:
-            await self._connect_upstream(settings.upstream_mark, settings.connect_timeout)
+            await self._connect_upstream(
+                settings.upstream_mark, settings.connect_timeout, address=self.verdict.upstream
+            )
         except TimeoutError:
             self.fail(f"upstream connect timed out after {settings.connect_timeout:g}s")
             return
@@ -322,6 +357,200 @@ class Connection:
             return
         self.event = "closed"
         self._start_relay()
+
+    async def _decide(self, server_name: str | None) -> Verdict:
+        """The verdict for this flow with ``server_name``, after resolving
+        the names the policy binds for it (see ``policy.decide``)."""
+        assert self.dst is not None
+        names = names_to_resolve(
+            self.policy,
+            workload=self.workload,
+            dst=self.dst.address,
+            dst_port=self.dst.port,
+            server_name=server_name,
+        )
+        resolved = await self.server.resolver.resolve_many(names) if names else None
+        return decide(
+            self.policy,
+            workload=self.workload,
+            dst=self.dst.address,
+            dst_port=self.dst.port,
+            server_name=server_name,
+            resolved=resolved,
+        )
+
+    def _check_every_request(self) -> bool:
+        """Plain HTTP allowed by a rule's hosts: one connection can carry
+        requests for several hosts served at one address, so each request's
+        Host must be decided, not only the first one's."""
+        verdict, peeked = self.verdict, self.peeked
+        return (
+            verdict is not None
+            and verdict.by_name
+            and peeked is not None
+            and peeked.protocol is Protocol.HTTP
+        )
+
+    async def _connect_then_check(self, nameless: Verdict) -> None:
+        """Connect upstream at once, let the server's bytes reach the client,
+        and hold the client's until its first message is known: a flow
+        without a name stays allowed; one whose message names a server is
+        decided again with that name, and refused (both sides reset) unless
+        the name is allowed *at this destination*."""
+        assert self.dst is not None
+        settings = self.policy.proxy
+        self.verdict = nameless
+        self.holding = True
+        try:
+            await self._connect_upstream(settings.upstream_mark, settings.connect_timeout)
+        except TimeoutError:
+            self.fail(f"upstream connect timed out after {settings.connect_timeout:g}s")
+            return
+        except OSError as exc:
+            self.fail(f"upstream connect failed: {_describe(exc)}")
+            return
+        assert self.upstream is not None and self.upstream.transport is not None
+        if self.client.lost:
+            self.upstream.transport.close()
+            self.event = "failed"
+            self.error = self.error or "client went away before the upstream connection was ready"
+            return
+        self._wire_downstream()
+        try:
+            peeked = await self._first_message(settings.peek_bytes, settings.peek_timeout)
+        except ValueError as exc:
+            self._refuse_held(f"malformed first bytes: {exc}", event="failed")
+            return
+        except TimeoutError:
+            self._refuse_held(
+                f"first message incomplete after {settings.peek_timeout:g}s"
+                f" ({len(self.buffer)} bytes received)",
+                event="failed",
+            )
+            return
+        self.peeked = peeked
+        if peeked is not None and peeked.server_name is not None:
+            named = await self._decide(peeked.server_name)
+            refusal = self._named_refusal(nameless, named, peeked)
+            if refusal is not None:
+                self.verdict = (
+                    named
+                    if named.action is Action.DENY
+                    else Verdict(action=Action.DENY, rule=named.rule, workload=self.workload)
+                )
+                self._refuse_held(refusal, event="denied")
+                return
+            self.verdict = named
+        if self.upstream.lost or self.client.lost:
+            # The server said its piece and closed, the client left, or the
+            # idle timeout ended it (the error says which).
+            self.holding = False
+            self.event = "closed"
+            self.close_both()
+            return
+        if peeked is not None and peeked.protocol is Protocol.HTTP and self.verdict.by_name:
+            if self.bytes_down:
+                self._refuse_held(
+                    "an HTTP request on a connection whose server spoke first: the requests"
+                    " cannot be checked one by one",
+                    event="denied",
+                )
+                return
+            upstream, self.upstream = self.upstream, None
+            self.holding = False
+            await self._serve_http(PASS_THROUGH, upstream=upstream)
+            return
+        self.holding = False
+        self.event = "closed"
+        self._start_relay()
+
+    def _named_refusal(self, nameless: Verdict, named: Verdict, peeked: Peeked) -> str | None:
+        """Why a connection made early (allowed without a name) cannot go on
+        once its first message names a server, or None if it can."""
+        assert self.dst is not None
+        what = "SNI" if peeked.protocol is Protocol.TLS else "Host"
+        name = peeked.server_name
+        if named.action is Action.DENY:
+            why = f": {named.reason}" if named.reason else ""
+            return f"{what} {name} is denied by rule {named.rule}{why}"
+        if named.upstream is not None and named.upstream != self.dst.address:
+            return (
+                f"{what} {name} is allowed by rule {named.rule} only at its own addresses,"
+                f" and {self.dst.address} is not one of them (the connection was made as a"
+                f" flow without a name, allowed by rule {nameless.rule})"
+            )
+        if named.http is not None:
+            return (
+                f"{what} {name} is served by rule {named.rule} (http:), but the connection"
+                f" was made as a flow without a name (rule {nameless.rule})"
+            )
+        return None
+
+    def _wire_downstream(self) -> None:
+        """From now on the server's bytes go straight to the client (also
+        what it sent, and its end, while the connection was being made);
+        the client's bytes stay held until :meth:`_start_relay`."""
+        upstream, client = self.upstream, self.client
+        assert upstream is not None and upstream.transport is not None
+        assert client.transport is not None
+        upstream.peer = client
+        self.downstream_wired = True
+        if upstream.early:
+            data = bytes(upstream.early)
+            upstream.early.clear()
+            self.bytes_down += len(data)
+            client.transport.write(data)
+        if upstream.eof:
+            upstream.pass_eof()
+        if upstream.lost:
+            upstream.pass_loss()
+            return
+        if upstream.paused_early:
+            upstream.paused_early = False
+            if client.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
+                upstream.transport.resume_reading()
+
+    def _refuse_held(self, reason: str, *, event: Event) -> None:
+        """Refuse a connection whose client bytes were held: none went up;
+        reset both sides."""
+        self.holding = False
+        self.event = event
+        self.error = reason
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.abort()
+        self.reset_client()
+
+    async def _first_message(self, cap: int, timeout: float) -> Peeked | None:
+        """What the client's first bytes are; None if it ends without sending any.
+
+        There is no deadline before the first byte: the client's bytes are
+        held until they have been looked at however long it waits (the
+        server's bytes reach it meanwhile, so server-speaks-first protocols
+        just work, and the idle timeout ends a connection where nobody
+        speaks). A message that has started must be complete within
+        ``timeout``.
+        """
+        deadline: float | None = None
+        while True:
+            if self.buffer:
+                peeked = sniff(bytes(self.buffer[:cap]))
+                if peeked is not None:
+                    return peeked
+                if len(self.buffer) >= cap:
+                    raise ValueError(f"no complete TLS ClientHello or HTTP head in {cap} bytes")
+                if deadline is None:
+                    deadline = self.loop.time() + timeout
+            if self.client_eof or self.client.lost:
+                return None
+            self._data_event.clear()
+            if deadline is None:
+                await self._data_event.wait()
+                continue
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._data_event.wait(), remaining)
 
     def _cgroup_workload(self, policy: Policy) -> str | None:
         """A node process's connection: its socket's mark names the cgroup
@@ -373,8 +602,9 @@ class Connection:
             self.client.lost = True  # the relay took the transport over and closed it
         return True
 
-    async def _serve_http(self, rule: HttpRule) -> None:
-        """Hand the connection to the HTTP relay (see ``httprelay``)."""
+    async def _serve_http(self, rule: HttpRule, *, upstream: _Half | None = None) -> None:
+        """Hand the connection to the HTTP relay (see ``httprelay``);
+        ``upstream`` is a connection already made to the destination."""
         assert self.src is not None and self.dst is not None and self.verdict is not None
         peeked = self.peeked
         tls = peeked is not None and peeked.protocol is Protocol.TLS
@@ -392,23 +622,27 @@ class Connection:
             self.reset_client()
             return
         assert transport is not None
-        policy, workload, dst = self.policy, self.workload, self.dst
+        verdict = self.verdict
 
-        def rule_for_host(host: str | None) -> str:
-            return decide(
-                policy, workload=workload, dst=dst.address, dst_port=dst.port, server_name=host
-            ).rule
+        async def decide_host(host: str | None) -> httprelay.HostDecision:
+            decided = await self._decide(host)
+            return httprelay.HostDecision(
+                rule=decided.rule if decided.action is Action.ALLOW else None,
+                address=decided.upstream,
+                reason=decided.reason,
+            )
 
-        settings = policy.proxy
+        settings = self.policy.proxy
         conn = httprelay.HttpConnection(
             conn_id=self.id,
             src=self.src,
             dst=self.dst,
             workload=self.workload,
-            rule=self.verdict.rule,
+            rule=verdict.rule,
             http=rule,
+            pass_through=rule is PASS_THROUGH,
             tls=tls,
-            rule_for_host=rule_for_host,
+            decide_host=decide_host,
             connect_timeout=settings.connect_timeout,
             idle_timeout=settings.idle_timeout,
             upstream_mark=settings.upstream_mark,
@@ -420,8 +654,15 @@ class Connection:
         self.requests = 0
         initial = bytes(self.buffer)
         self.buffer.clear()
+        early: httprelay.TcpStream | None = None
+        if upstream is not None and upstream.transport is not None:
+            early = httprelay.take_over(
+                upstream.transport, idle=settings.idle_timeout, touch=self._touch
+            )
+            if upstream.eof:
+                early.reader.feed_eof()  # it closed already: the relay connects anew
         try:
-            await httprelay.serve(conn, transport, initial)
+            await httprelay.serve(conn, transport, initial, upstream=early)
         finally:
             # The relay owned the client transport and has closed it.
             self.client.lost = True
@@ -463,18 +704,21 @@ class Connection:
                     return None
                 raise
 
-    async def _connect_upstream(self, mark: int, timeout: float) -> None:
+    async def _connect_upstream(
+        self, mark: int, timeout: float, *, address: IPAddress | None = None
+    ) -> None:
+        """Connect to the original destination, or to ``address`` on its
+        port (a name's own address, ``resolve: connect``)."""
         assert self.dst is not None
-        sock = socket.socket(family_of(self.dst), socket.SOCK_STREAM)
+        dst = self.dst if address is None else Endpoint(address=address, port=self.dst.port)
+        sock = socket.socket(family_of(dst), socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setblocking(False)
-            addr = str(self.dst.address)
+            addr = str(dst.address)
             target: tuple[Any, ...] = (
-                (addr, self.dst.port)
-                if self.dst.address.version == 4
-                else (addr, self.dst.port, 0, 0)
+                (addr, dst.port) if dst.address.version == 4 else (addr, dst.port, 0, 0)
             )
             async with asyncio.timeout(timeout):  # no extra Task, unlike wait_for
                 await self.loop.sock_connect(sock, target)
@@ -499,19 +743,23 @@ class Connection:
             self.bytes_up += len(data)
             upstream.transport.write(data)
         self.buffer.clear()
-        if upstream.early:
+        # Connected early, the server's side was wired already (its bytes,
+        # end and loss passed on): see _wire_downstream.
+        wired = self.downstream_wired
+        if upstream.early and not wired:
             data = bytes(upstream.early)
             upstream.early.clear()
             self.bytes_down += len(data)
             client.transport.write(data)
         if self.client_eof:
             client.pass_eof()
-        if upstream.eof:
+        if upstream.eof and not wired:
             upstream.pass_eof()
         if upstream.lost:
-            upstream.pass_loss()
+            if not wired:
+                upstream.pass_loss()
             return
-        if upstream.paused_early:
+        if upstream.paused_early and not wired:
             upstream.paused_early = False
             if client.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
                 upstream.transport.resume_reading()
@@ -552,6 +800,7 @@ class Connection:
     def half_lost(self) -> None:
         """Called whenever a side is gone; the record is written once both are
         and no decision is still under way."""
+        self._data_event.set()  # wake a wait for the client's bytes
         if self.deciding or not self.client.lost:
             return
         if self.upstream is None or self.upstream.lost:
@@ -585,6 +834,7 @@ class Connection:
             policy_hash=self.policy_hash,
             id=self.id,
             requests=self.requests,
+            upstream=_show(self.upstream_address, self.dst.port) if self.dst else None,
         )
 
 
@@ -592,9 +842,17 @@ class ProxyServer:
     """Listens on the proxy's addresses and serves diverted connections."""
 
     def __init__(
-        self, *, policy: Policy, audit: AuditLog, generation: int = 1, policy_hash: str = ""
+        self,
+        *,
+        policy: Policy,
+        audit: AuditLog,
+        generation: int = 1,
+        policy_hash: str = "",
+        resolver: Resolver | None = None,
     ) -> None:
         self.policy = policy
+        # Names are bound to addresses with the proxy's own lookups.
+        self.resolver = resolver if resolver is not None else Resolver(policy.dns)
         self.generation = generation
         self.policy_hash = policy_hash
         self.audit = audit
@@ -627,6 +885,8 @@ class ProxyServer:
         for sock in spare:
             sock.close()
         self._sweeper = self.tasks.spawn(self._sweep(), name="idle-sweeper")
+        self.resolver.keep_warm(names_to_keep_warm(self.policy))
+        self.tasks.spawn(self.resolver.run(), name="dns-refresh")
         self.listening = True
         log.info(
             "proxy listening on %s:%d and [%s]:%d",
@@ -664,6 +924,8 @@ class ProxyServer:
         self.policy = policy
         self.generation = generation
         self.policy_hash = policy_hash
+        self.resolver.configure(policy.dns)
+        self.resolver.keep_warm(names_to_keep_warm(policy))
         if not policy.close_denied_on_reload:
             return 0
         closed = 0
@@ -671,17 +933,22 @@ class ProxyServer:
             relayed = conn.upstream is not None or conn.requests is not None
             if not relayed or conn.src is None or conn.dst is None:
                 continue  # still being decided, under the policy it arrived with
+            workload = identify(policy, conn.src.address) or (
+                policy.workload_for_mark(conn.socket_mark) if conn.socket_mark is not None else None
+            )
+            name = conn.peeked.server_name if conn.peeked else None
+            names = names_to_resolve(
+                policy, workload=workload, dst=conn.dst.address, dst_port=conn.dst.port,
+                server_name=name,
+            )  # fmt: skip
+            # What the cache knows now: a reload does not wait for the resolver.
             verdict = decide(
                 policy,
-                workload=identify(policy, conn.src.address)
-                or (
-                    policy.workload_for_mark(conn.socket_mark)
-                    if conn.socket_mark is not None
-                    else None
-                ),
+                workload=workload,
                 dst=conn.dst.address,
                 dst_port=conn.dst.port,
-                server_name=conn.peeked.server_name if conn.peeked else None,
+                server_name=name,
+                resolved=self.resolver.known(names),
             )
             if verdict.action is Action.DENY:
                 conn.abort_both(
@@ -710,6 +977,7 @@ class ProxyServer:
         for conn in list(self.connections):
             conn.abort_both("proxy stopping")
         await self.tasks.cancel_all()
+        await self.resolver.close()
         await asyncio.sleep(0)  # let aborted transports report connection_lost
         for conn in list(self.connections):
             conn.finish()
@@ -760,6 +1028,12 @@ def _listener(address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int)
             exc.errno, f"cannot listen on {address}:{port}: {exc.strerror}{hint}"
         ) from exc
     return sock
+
+
+def _show(address: IPAddress | None, port: int) -> str | None:
+    if address is None:
+        return None
+    return f"{address}:{port}" if address.version == 4 else f"[{address}]:{port}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -176,7 +176,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         (work / "secrets" / name).write_text(value + "\n")
     with Lab() as lab:
         lab.add_pod("pg", "198.19.1.2", "fd00:19:1::2")
-        lab.add_external("azure", "198.18.1.2", "fd00:18:1::2", hostnames=[BLOB])
+        # Both names the server answers for resolve to it (the proxy checks).
+        lab.add_external("azure", "198.18.1.2", "fd00:18:1::2", hostnames=[BLOB, OTHER_BLOB])
         ca = make_ca(work / "ca")
         other = make_ca(work / "other-ca", name="some other CA")
         blob = ca.issue(work / "blob", [BLOB, OTHER_BLOB])

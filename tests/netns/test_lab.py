@@ -244,6 +244,40 @@ def test_bad_hosts_are_refused_before_anything_is_made(lab: Lab) -> None:
     assert list(lab.namespaces) == [lab.node, f"{lab.prefix}azure"]
 
 
+def test_the_node_resolves_the_lab_names_from_a_real_dns_server(lab: Lab) -> None:
+    build(lab)
+    lab.add_hosts_entry("v6only.test", "fd00:18:1::2")
+    code = """
+import json, dns.resolver
+r = dns.resolver.Resolver()
+out = {}
+for name in ("pgbackups.blob.core.windows.net", "v6only.test", "unknown.test"):
+    for rdtype in ("A", "AAAA"):
+        try:
+            got = r.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+            ttl = got.rrset.ttl if got.rrset else 0
+            out[name + " " + rdtype] = [str(x) for x in got.rrset or []] + [ttl]
+        except dns.resolver.NXDOMAIN:
+            out[name + " " + rdtype] = "NXDOMAIN"
+print(json.dumps(out))
+"""
+    got = json.loads(lab.run("node", [sys.executable, "-c", code]).stdout)
+    assert got == {
+        f"{BLOB} A": ["198.18.1.2", 30],
+        f"{BLOB} AAAA": ["fd00:18:1::2", 30],
+        "v6only.test A": [0],
+        "v6only.test AAAA": ["fd00:18:1::2", 30],
+        "unknown.test A": "NXDOMAIN",
+        "unknown.test AAAA": "NXDOMAIN",
+    }
+    assert lab.run("node", ["cat", "/etc/resolv.conf"]).stdout.count("nameserver") == 1
+    # Stopped, it answers nothing; started again, it serves the same names.
+    lab.dns.stop()
+    assert lab.run("node", [sys.executable, "-c", code], check=False).returncode != 0
+    lab.dns.start()
+    assert json.loads(lab.run("node", [sys.executable, "-c", code]).stdout) == got
+
+
 def test_close_removes_namespaces_folders_and_processes(require_root: None, tmp_path: Path) -> None:
     lab = Lab()
     pids: list[int] = []
@@ -261,13 +295,16 @@ def test_close_removes_namespaces_folders_and_processes(require_root: None, tmp_
         )
         assert parent.stdout is not None
         child = int(parent.stdout.readline())
-        pids = [server.pid, parent.pid, child]
+        pids = [server.pid, parent.pid, child, lab.dns.pid]
         assert all(pid_alive(pid) for pid in pids)
-        names = list(lab.namespaces)
-        assert len(names) == 4 and all((NETNS_ETC_DIR / n / "hosts").exists() for n in names)
+        names = list(lab.namespaces)  # node, two pods, azure and the DNS server's host
+        assert len(names) == 5 and all((NETNS_ETC_DIR / n / "hosts").exists() for n in names)
+        dns_folder = lab.dns.folder
+        assert dns_folder.exists()
     finally:
         lab.close()
     assert_all_gone(lab.prefix, names, pids)
+    assert not dns_folder.exists()
     lab.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         lab.add_pod("late", "198.19.9.2", "fd00:19:9::2")
@@ -284,8 +321,8 @@ def test_teardown_happens_when_the_body_raises(require_root: None, tmp_path: Pat
             lab, "pg-replica", name="r", listen=["198.19.2.2:5432"], tls=None,
             log=tmp_path / "r.jsonl",
         )  # fmt: skip
-        pids.append(server.pid)
+        pids += [server.pid, lab.dns.pid]
         names += lab.namespaces
         raise RuntimeError("boom")
-    assert prefix and len(names) == 4
+    assert prefix and len(names) == 5
     assert_all_gone(prefix, names, pids)

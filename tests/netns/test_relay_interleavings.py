@@ -136,8 +136,10 @@ egress:
   - {{name: lo-allowed, from: [lo], to: {{cidrs: [127.0.0.0/8]}}, action: allow}}
 default: deny
 """,
-    # A name rule first: the proxy peeks at the client's first bytes (or
-    # waits peek_timeout) before it connects; then the default allows.
+    # A name rule first, and the flow allowed without a name (by the
+    # default): the proxy connects at once, the server's bytes flow to the
+    # client, and the client's are held until its first message has been
+    # sniffed (it names no server here), then relayed: the early-connect path.
     "name": """
 version: 1
 proxy: {{port: {port}, address_v4: 127.0.0.1, address_v6: "::1", peek_timeout: 0.2}}
@@ -209,8 +211,10 @@ def wiring(monkeypatch: pytest.MonkeyPatch) -> Wiring:
     wiring = Wiring()
     connect = proxy_server.Connection._connect_upstream
 
-    async def slow_connect(self: proxy_server.Connection, mark: int, timeout: float) -> None:
-        await connect(self, mark, timeout)
+    async def slow_connect(
+        self: proxy_server.Connection, mark: int, timeout: float, **kw: Any
+    ) -> None:
+        await connect(self, mark, timeout, **kw)
         if wiring.delay:
             await asyncio.sleep(wiring.delay)
 

@@ -33,11 +33,37 @@ def policy(tmp_path: Path) -> Path:
 
 def test_explain_a_static_workload(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["explain", "--policy", str(policy), "--from", "10.0.5.9", "--to", "20.60.1.4:443"]
-    assert main([*args, "--server-name", "pgbackups.blob.core.windows.net"]) == 0
+    blob = ["--server-name", "pgbackups.blob.core.windows.net"]
+    owns = ["--address", "pgbackups.blob.core.windows.net=20.60.1.4,2603:1000::4"]
+    assert main([*args, *blob, *owns]) == 0
     out = capsys.readouterr().out
     assert "workload:  vm" in out and "verdict:   allow (rule azure-backups)" in out
+    assert (
+        "names:     pgbackups.blob.core.windows.net -> 20.60.1.4, 2603:1000::4"
+        " (given with --address)" in out
+    )
     assert main([*args, "--server-name", "evil.example"]) == 0
     assert "verdict:   deny (rule default)" in capsys.readouterr().out
+
+
+def test_explain_says_when_a_name_does_not_own_the_destination(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["explain", "--policy", str(policy), "--from", "10.0.5.9", "--to", "198.51.100.7:443"]
+    blob = ["--server-name", "pgbackups.blob.core.windows.net"]
+    assert main([*args, *blob, "--address", "pgbackups.blob.core.windows.net=20.60.1.4"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict:   deny (rule default)" in out
+    assert (
+        "because:   rule azure-backups allows pgbackups.blob.core.windows.net only at its own"
+        " addresses (20.60.1.4): the destination 198.51.100.7 is not one of them" in out
+    )
+    assert main([*args, *blob, "--no-resolve"]) == 0
+    out = capsys.readouterr().out
+    assert "-> none (not resolved: --no-resolve)" in out
+    assert "verdict:   deny (rule default)" in out
+    assert main([*args, *blob, "--address", "nonsense"]) == 2
+    assert "expected NAME=ADDR[,ADDR...]" in capsys.readouterr().err
 
 
 def test_explain_a_pod_workload_needs_its_name(

@@ -29,6 +29,7 @@ from egress_agent.policy.model import (
     NonTcp,
     Policy,
     PortRange,
+    Resolution,
     Workload,
 )
 
@@ -194,10 +195,13 @@ def test_should_divert(
         ("pods", "20.60.1.1", 443, "pgbackups.blob.core.windows.net", DENY, "default"),
         (None, "20.60.1.1", 443, "pgbackups.blob.core.windows.net", DENY, "default"),
         ("pg", "20.60.1.1", 443, "other.blob.core.windows.net", DENY, "default"),
-        # A rule with hosts never matches without a name.
-        ("pg", "20.60.1.1", 443, None, DENY, "default"),
-        ("pg", "20.60.1.1", 443, "", DENY, "default"),
-        ("pg", "20.60.1.1", 443, ".", DENY, "default"),
+        # Without a name, a literal host matches its own addresses only
+        # (SMTP, PostgreSQL, SSH carry no name); wildcards never do.
+        ("pg", "20.60.1.1", 443, None, ALLOW, "pg-backups"),
+        ("pg", "20.60.1.1", 443, "", ALLOW, "pg-backups"),
+        ("pg", "20.60.1.1", 443, ".", ALLOW, "pg-backups"),
+        ("pg", "20.60.1.2", 443, None, DENY, "default"),
+        (None, "192.0.2.2", 443, None, DENY, "default"),
         # Wildcards: any depth below, not the suffix itself; rules without
         # `from` apply to every workload and to traffic without one.
         (None, "192.0.2.1", 443, "x.evil.example", DENY, "deny-evil"),
@@ -233,8 +237,28 @@ def test_should_divert(
 def test_decide(
     workload: str | None, dst: str, port: int, name: str | None, action: Action, rule: str
 ) -> None:
-    verdict = decide(POLICY, workload=workload, dst=ip(dst), dst_port=port, server_name=name)
+    verdict = decide(
+        POLICY,
+        workload=workload,
+        dst=ip(dst),
+        dst_port=port,
+        server_name=name,
+        resolved=POLICY_ADDRESSES,
+    )
     assert (verdict.action, verdict.rule, verdict.workload) == (action, rule, workload)
+
+
+# What the names of the table above resolve to: each owns the destinations
+# the table sends it to, so these verdicts are about the rest of the rules.
+POLICY_ADDRESSES = {
+    "pgbackups.blob.core.windows.net": Resolution(
+        addresses=frozenset({ip("20.60.1.1"), ip("2603:1000::1")})
+    ),
+    **{
+        name: Resolution(addresses=frozenset({ip("192.0.2.1")}))
+        for name in ("www.example.org", "example.org", "deep.a.example.org")
+    },
+}
 
 
 DEFAULT_ALLOW = parse_policy(

@@ -20,6 +20,7 @@ from egress_agent.policy.model import (
     ClientTls,
     HeaderValue,
     HttpRule,
+    Resolution,
     Upstream,
 )
 
@@ -213,6 +214,7 @@ def test_verdict_carries_the_http_rule_and_the_proxy_peeks() -> None:
         dst=dst,
         dst_port=80,
         server_name="pgbackups.blob.core.windows.net",
+        resolved={"pgbackups.blob.core.windows.net": Resolution(addresses=frozenset({dst}))},
     )
     assert verdict.action is Action.ALLOW and verdict.http == policy.egress[0].http
     plain = parse_policy(
@@ -228,7 +230,8 @@ def test_explain_says_what_the_proxy_injects(
     path = tmp_path / "policy.yaml"
     path.write_text(FULL.replace("egress:", "intercept: [{from: [pg-main], ports: [80]}]\negress:"))
     args = ["explain", "--policy", str(path), "--from", "10.0.0.5", "--to", "20.60.1.4:80"]
-    assert main([*args, "--server-name", "pgbackups.blob.core.windows.net"]) == 0
+    name = "pgbackups.blob.core.windows.net"
+    assert main([*args, "--server-name", name, "--address", f"{name}=20.60.1.4"]) == 0
     out = capsys.readouterr().out
     assert "verdict:   allow (rule backups-injected)" in out
     assert "http:      client TLS terminated with /etc/egress/tls/blob.crt" in out

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from egress_agent.policy.load import PolicyError, Problem, load_policy, parse_policy
 from egress_agent.policy.model import (
     Action,
+    DnsSettings,
     EgressRule,
     InterceptRule,
     IPNetwork,
@@ -24,6 +25,7 @@ from egress_agent.policy.model import (
     Policy,
     PortRange,
     ProxySettings,
+    Resolve,
     Workload,
 )
 
@@ -980,7 +982,82 @@ BAD = [
         "proxy.port",
         "cannot read '80' as !port",
     ),
+    # Names bound to addresses.
+    Bad(
+        "resolve-unknown",
+        BASE + "egress:\n  - {name: x, action: allow, to: {hosts: [a.test], resolve: off}}\n",
+        7,
+        "egress[0].to.resolve",
+        "expected one of verify (the original destination must be one of the name's"
+        " addresses; the default); connect (",
+    ),
+    Bad(
+        "resolve-without-hosts",
+        BASE + "egress:\n  - {name: x, action: allow, to: {ports: [25], resolve: connect}}\n",
+        7,
+        "egress[0].to.resolve",
+        "resolve says how a rule's hosts are bound to addresses, and this rule has no hosts",
+    ),
+    Bad(
+        "resolve-on-deny",
+        BASE + "egress:\n  - {name: x, action: deny, to: {hosts: [a.test], resolve: none}}\n",
+        7,
+        "egress[0].to.resolve",
+        "resolve applies to allow rules only",
+    ),
+    Bad(
+        "dns-unknown-key",
+        BASE + "dns: {min_tll: 5}\n",
+        6,
+        "dns.min_tll",
+        "unknown key 'min_tll' (did you mean 'min_ttl'?)",
+    ),
+    Bad(
+        "dns-max-below-min",
+        BASE + "dns: {min_ttl: 60, max_ttl: 30}\n",
+        6,
+        "dns.max_ttl",
+        "max_ttl 30 is below min_ttl 60: the ceiling on TTLs must be at least the floor",
+    ),
+    Bad(
+        "dns-min-above-default-max",
+        BASE + "dns: {min_ttl: 600}\n",
+        6,
+        "dns.min_ttl",
+        "min_ttl 600 is above max_ttl (300, the default): set a max_ttl of at least the floor",
+    ),
+    Bad(
+        "dns-negative-stale",
+        BASE + "dns: {serve_stale: -1}\n",
+        6,
+        "dns.serve_stale",
+        "-1 is out of range",
+    ),
+    Bad(
+        "dns-cache-size",
+        BASE + "dns: {cache_size: 1}\n",
+        6,
+        "dns.cache_size",
+        "1 is out of range: expected an integer 16-1000000",
+    ),
 ]
+
+
+def test_names_are_verified_unless_a_rule_says_otherwise() -> None:
+    policy = parse_policy(
+        BASE
+        + "egress:\n"
+        + "  - {name: a, action: allow, to: {hosts: [a.test]}}\n"
+        + "  - {name: b, action: allow, to: {hosts: [b.test], resolve: connect}}\n"
+        + "  - {name: c, action: allow, to: {hosts: [c.test], resolve: none}}\n"
+        + "dns: {min_ttl: 1, max_ttl: 60, serve_stale: 0, timeout: 0.5, cache_size: 100}\n",
+        source_name="p.yaml",
+    )
+    assert [r.resolve for r in policy.egress] == [Resolve.VERIFY, Resolve.CONNECT, Resolve.NONE]
+    assert policy.dns == DnsSettings(
+        min_ttl=1, max_ttl=60, serve_stale=0, timeout=0.5, cache_size=100
+    )
+    assert parse_policy(BASE).dns == DnsSettings()
 
 
 def test_bad_table_is_big_enough() -> None:
