@@ -238,15 +238,17 @@ class IncrementalMaps:
             others = self._claims.get(key, 0) - own_old_claims
             if others > 0:
                 return True
-        # Two touched workloads claiming one prefix between them.
-        seen: set[tuple[str, bytes]] = set()
-        for wname in touched:
-            if wname in new_parts:
-                for name in _SOURCE_MAPS:
-                    for k in new_parts[wname][2][name]:
-                        if (name, k) in seen:
-                            return True
-                        seen.add((name, k))
+        # Two touched workloads claiming one prefix between them, before or
+        # after: which of them holds it depends on both.
+        for parts in (self._parts, new_parts):
+            seen: set[tuple[str, bytes]] = set()
+            for wname in touched:
+                if wname in parts:
+                    for name in _SOURCE_MAPS:
+                        for k in parts[wname][2][name]:
+                            if (name, k) in seen:
+                                return True
+                            seen.add((name, k))
         return False
 
     def _update_destinations(self, bits: dict[DstKey, tuple[int, int]]) -> MapDiff:
