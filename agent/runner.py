@@ -55,6 +55,8 @@ from egress_agent.agent.handover import (
     HandoverError,
     HandoverServer,
     Inherited,
+    abandon,
+    announce_accepting,
     predecessor_running,
     request_handover,
 )
@@ -604,10 +606,16 @@ class Agent:
     async def settle_handover(self, confirmed: bool, pid: int) -> None:
         assert self.proxy is not None
         if not confirmed:
+            # We never stopped accepting. The successor may have changed the
+            # kernel state before it failed: ours again, repaired at once.
             async with self._reload_lock:
                 if self.table.owned:
                     self.table.apply(self.doc)
                 self.handing_over = False
+            try:
+                await self.repair_drift()
+            except Exception as exc:  # the drift loop tries again
+                log.error("after the failed handover: drift check failed: %s", exc)
             return
         self.proxy.stop_accepting()
         if self.connect is not None:
@@ -866,6 +874,7 @@ async def run_agent(options: RunOptions) -> int:
     started = False
     handover: HandoverServer | None = None
     inherited: Inherited | None = None
+    abandoned = False
 
     def on_pods(pods: Snapshot) -> None:
         if not started:
@@ -899,10 +908,23 @@ async def run_agent(options: RunOptions) -> int:
         # From here on, discovery changes queue behind start-up on the reload lock.
         started = True
         if predecessor:
-            # Taken as late as possible: the predecessor serves until now.
             inherited = await _take_over()
+        try:
+            await agent.start(inherited)
+        except BaseException:
+            if inherited is not None:
+                # The predecessor never stopped accepting: it carries on, and
+                # the kernel state stays its own (no teardown below).
+                abandon(inherited)
+                abandoned = True
+            raise
+        if inherited is not None:
+            # Only now does the predecessor stop accepting (agent.handover):
+            # it served every connection while we started.
+            await asyncio.to_thread(announce_accepting, inherited)
+        if predecessor:
+            # Its status server holds the address until it drains.
             await status.start(retry_for=5.0)
-        await agent.start(inherited)
         drift = loop.create_task(watch_drift(), name="drift repair")
         if options.handover:
             handover = HandoverServer(give=agent.give_listeners, settle=agent.settle_handover)
@@ -940,7 +962,7 @@ async def run_agent(options: RunOptions) -> int:
             task.cancel()
         if handover is not None:
             await handover.close()
-        await agent.stop(teardown=not agent.handed_over.is_set())
+        await agent.stop(teardown=not agent.handed_over.is_set() and not abandoned)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
