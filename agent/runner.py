@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -76,7 +77,7 @@ from egress_agent.policy.load import PolicyError, parse_policy, read_policy_text
 from egress_agent.policy.model import IPAddress, Policy
 from egress_agent.proxy.audit import AuditLog
 from egress_agent.proxy.connect import ConnectListener
-from egress_agent.proxy.server import ProxyServer
+from egress_agent.proxy.server import FDS_PER_CONNECTION, ProxyServer
 from egress_agent.rules.apply import (
     NftablesError,
     Table,
@@ -320,6 +321,7 @@ class Agent:
             self.connect = ConnectListener(self.proxy, self.policy.connect.port)
             await self.connect.start(spare)
         await self.proxy.start(spare)
+        log_connection_caps(self.policy, self.proxy)
         self.table.apply(self.doc)
         problems = verify_applied(self.doc)
         if problems:
@@ -422,6 +424,21 @@ class Agent:
             "kernel_in_sync": self.in_sync,
             "drift_repairs": self.repairs,
             "connections_open": len(self.proxy.connections) if self.proxy else 0,
+            "connection_caps": {
+                "max_connections": self.proxy.max_connections,
+                "max_connections_per_workload": min(
+                    self.policy.proxy.max_connections_per_workload, self.proxy.max_connections
+                ),
+                "open_by_workload": {
+                    (w or "-"): n
+                    for w, n in sorted(
+                        self.proxy.open_by_workload.items(), key=lambda i: i[0] or ""
+                    )
+                },
+                "refused": sum(self.proxy.refused.values()),
+            }
+            if self.proxy
+            else None,
             "audit_records_written": self.audit.written,
             "uptime_s": round(time.time() - self.started_at, 1),
             "ready": not reasons,
@@ -485,10 +502,16 @@ class Agent:
             return self._failed(str(exc))
         self.generation += 1
         self.source_policy = source
+        caps_before = (
+            self.policy.proxy.max_connections,
+            self.policy.proxy.max_connections_per_workload,
+        )
         self.policy, self.policy_hash, self.doc = policy, digest, doc
         await self._sync_cgroups(policy)
         assert self.proxy is not None
         closed = self.proxy.update_policy(policy, generation=self.generation, policy_hash=digest)
+        if caps_before != (policy.proxy.max_connections, policy.proxy.max_connections_per_workload):
+            log_connection_caps(policy, self.proxy)  # open connections over a new cap stay
         log.info(
             "reloaded (%s): generation %d, sha256 %s (%s)%s",
             reason,
@@ -742,6 +765,32 @@ class Agent:
                 ('{direction="down"}', self.audit.bytes_down),
             ],
         )
+        if self.proxy is not None:
+            metric(
+                "connections_refused_total",
+                "counter",
+                "Connections refused because a cap on open connections was reached, by the"
+                " setting (proxy.max_connections, proxy.max_connections_per_workload) and"
+                " workload.",
+                [
+                    (f'{{cap="{c}",workload="{w}"}}', n)
+                    for (c, w), n in sorted(self.proxy.refused.items())
+                ],
+            )
+            metric(
+                "connections_max",
+                "gauge",
+                "The cap on open connections in force (the policy's, or lower to fit the"
+                " file descriptor limit).",
+                [("", self.proxy.max_connections)],
+            )
+            metric(
+                "listener_restarts_total",
+                "counter",
+                "Times a listening socket was served again after the event loop stopped"
+                " accepting on it.",
+                [("", sum(lst.restarts for lst in self.proxy.listeners))],
+            )
         metric(
             "connect_connections_total",
             "counter",
@@ -785,10 +834,45 @@ def _check_restart_only_settings(old: Policy, new: Policy) -> None:
         )
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft file descriptor limit to the hard one (each proxied
+    connection holds two descriptors); returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the file descriptor limit from %d to %d: %s", soft, hard, exc)
+            return soft
+        log.info("file descriptors: soft limit raised from %d to %d (the hard limit)", soft, hard)
+        return hard
+    log.info("file descriptors: limit %d", soft)
+    return soft
+
+
+def log_connection_caps(policy: Policy, proxy: ProxyServer) -> None:
+    settings = policy.proxy
+    if proxy.max_connections < settings.max_connections:
+        log.warning(
+            "proxy.max_connections %d needs up to %d file descriptors, more than the limit"
+            " allows: at most %d connections at once (raise the hard RLIMIT_NOFILE, e.g."
+            " LimitNOFILE= in the unit, or lower proxy.max_connections)",
+            settings.max_connections,
+            settings.max_connections * FDS_PER_CONNECTION,
+            proxy.max_connections,
+        )
+    log.info(
+        "connection caps: %d open in total, %d per workload",
+        proxy.max_connections,
+        min(settings.max_connections_per_workload, proxy.max_connections),
+    )
+
+
 async def run_agent(options: RunOptions) -> int:
     if os.geteuid() != 0:
         log.error("run needs root (CAP_NET_ADMIN for nftables and addresses): try sudo")
         return 1
+    raise_fd_limit()
     agent = Agent(options)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -21,10 +21,12 @@ import ipaddress
 import itertools
 import logging
 import os
+import resource
 import socket
 import struct
+import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, cast
 
 from egress_agent.policy.decide import candidate_rule, decide, identify, needs_server_name
@@ -49,6 +51,24 @@ IPV6_FREEBIND = 78
 # Write-buffer high-water mark per direction before the other side is paused.
 WRITE_HIGH_WATER = 256 * 1024
 SWEEP_INTERVAL = 1.0
+# A relayed connection holds two file descriptors (client and upstream); the
+# agent's own (listeners, netlink and BPF map descriptors, the audit log, the
+# status server) and short-lived ones (sock_diag, resolver) fit in a reserve.
+FDS_PER_CONNECTION = 2
+FD_RESERVE = 256
+# Audit and metrics name the cap that refused a connection by its setting.
+CAP_TOTAL = "proxy.max_connections"
+CAP_WORKLOAD = "proxy.max_connections_per_workload"
+CAP_WARNING_INTERVAL = 10.0
+
+
+def connection_budget() -> int:
+    """How many connections fit in this process's file descriptor limit
+    (the soft RLIMIT_NOFILE, which the agent raises to the hard one at start)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return sys.maxsize
+    return max(1, (soft - FD_RESERVE) // FDS_PER_CONNECTION)
 
 
 class TaskSet:
@@ -218,11 +238,14 @@ class Connection:
         self._data_event = asyncio.Event()
         self.client_eof = False
         self.finished = False
+        self.admitted = False  # counted against the connection caps
+        self.counted_as: str | None = None  # the workload it was counted for
 
     # -- client side, before relaying -------------------------------------------------
 
     def accepted(self, transport: asyncio.Transport) -> None:
         self.server.connections.add(self)
+        self.server.accepts += 1
         sock = transport.get_extra_info("socket")
         try:
             self.src = endpoint_of(transport.get_extra_info("peername"))
@@ -230,8 +253,27 @@ class Connection:
         except (NotDiverted, OSError, ValueError) as exc:
             self.fail(f"no original destination: {exc}")
             return
+        self.workload = identify(self.policy, self.src.address)
+        if self.workload is None and any(w.cgroups for w in self.policy.workloads):
+            self.workload = self._cgroup_workload(self.policy)
+        if not self.admit():
+            return
         self.deciding = True
         self.server.tasks.spawn(self.run(), name="connection")
+
+    def admit(self) -> bool:
+        """Count the connection against the caps on open connections, or
+        refuse it (a reset, and an audit record naming the cap)."""
+        refused = self.server.admit(self)
+        if refused is None:
+            self.admitted = True
+            return True
+        cap, reason = refused
+        self.event = "denied"
+        self.verdict = Verdict(action=Action.DENY, rule=cap, workload=self.workload)
+        self.error = reason
+        self.reset_client()
+        return False
 
     def buffer_client_bytes(self, data: bytes) -> None:
         self.buffer += data
@@ -271,9 +313,6 @@ class Connection:
         if self.server.is_own_endpoint(self.dst):
             self.fail("original destination is the proxy itself (loop refused)")
             return
-        self.workload = identify(policy, self.src.address)
-        if self.workload is None and any(w.cgroups for w in policy.workloads):
-            self.workload = self._cgroup_workload(policy)
         if needs_server_name(
             policy, workload=self.workload, dst=self.dst.address, dst_port=self.dst.port
         ):
@@ -562,6 +601,8 @@ class Connection:
             return
         self.finished = True
         self.server.connections.discard(self)
+        if self.admitted:
+            self.server.release(self)
         self.server.audit.write(self.record())
 
     def record(self) -> AuditRecord:
@@ -588,6 +629,117 @@ class Connection:
         )
 
 
+class Listener:
+    """One listening socket served by the event loop, and our own duplicate of it.
+
+    uvloop closes a listening handle for good when accept reports an error
+    that libuv does not absorb itself (libuv meets EMFILE and ENFILE by
+    closing a reserved descriptor, accepting and closing what is queued and
+    taking the reserve back; if that last step fails too, or for ENOBUFS and
+    ENOMEM, the error reaches uvloop, which closes the server without a word).
+    The duplicate keeps the socket listening, so connections queue instead of
+    being refused, and :meth:`check` notices a queue that nobody drains and
+    serves the socket again. Nothing spins meanwhile: the queue just waits.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+        factory: Callable[[], asyncio.Protocol], backlog: int,
+    ) -> None:  # fmt: skip
+        self.loop = loop
+        self.sock = sock  # ours: the loop's server gets a duplicate
+        self.name = _sockname(sock)
+        self._factory = factory
+        self._backlog = backlog
+        self.server: asyncio.Server | None = None
+        self.accepts = 0
+        self._seen = 0
+        self._stalled = False
+        self.closed = False
+        self.restarts = 0
+        self.owner: object = None  # the ProxyServer or ConnectListener it serves
+
+    def _counting_factory(self) -> asyncio.Protocol:
+        self.accepts += 1
+        return self._factory()
+
+    async def serve(self) -> None:
+        dup = self.sock.dup()
+        try:
+            self.server = await self.loop.create_server(
+                self._counting_factory, sock=dup, backlog=self._backlog
+            )
+        except BaseException:
+            dup.close()
+            raise
+
+    async def check(self) -> None:
+        """Called every sweep: a queue with connections waiting while nothing
+        was accepted for two sweeps in a row means the loop no longer serves
+        this socket."""
+        if self.closed:
+            return
+        try:
+            queued = _accept_queue(self.sock)
+        except OSError:
+            return
+        stalled = queued > 0 and self.accepts == self._seen
+        self._seen = self.accepts
+        if not (stalled and self._stalled):
+            self._stalled = stalled
+            return
+        self._stalled = False
+        log.error(
+            "listener %s: %d connections wait and none was accepted for %gs (the event loop"
+            " stopped serving it after an accept error): listening again",
+            self.name,
+            queued,
+            2 * SWEEP_INTERVAL,
+        )
+        old = self.server
+        try:
+            await self.serve()
+        except OSError as exc:
+            log.error("listener %s: cannot listen again yet: %s", self.name, _describe(exc))
+            return
+        self.restarts += 1
+        if old is not None:
+            old.close()
+
+    def duplicate(self) -> socket.socket:
+        return socket.socket(fileno=os.dup(self.sock.fileno()))
+
+    def close(self) -> None:
+        """Stop accepting here (a successor may hold the socket too)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.server is not None:
+            self.server.close()
+        self.sock.close()
+
+    async def wait_closed(self) -> None:
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 2)
+
+
+def _accept_queue(sock: socket.socket) -> int:
+    """Connections waiting in a listening socket's accept queue: for a
+    listener, TCP_INFO's tcpi_unacked is the queue length (tcp_get_info in
+    net/ipv4/tcp.c)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    queued: int = struct.unpack_from("I", info, 24)[0]
+    return queued
+
+
+def _sockname(sock: socket.socket) -> str:
+    try:
+        return str(endpoint_of(sock.getsockname()))
+    except (OSError, ValueError):
+        return f"fd {sock.fileno()}"
+
+
 class ProxyServer:
     """Listens on the proxy's addresses and serves diverted connections."""
 
@@ -606,10 +758,19 @@ class ProxyServer:
         self.id_prefix = f"{int(time.time()):x}"
         self.ids = itertools.count(1)
         self.http = httprelay.HttpResources()
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[Listener] = []  # ours first, then the CONNECT listener's
         self._own: set[tuple[str, int]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.listening = False
+        # Connection caps: open connections counted against them, in total
+        # and by workload (None: no workload identified); refusals by
+        # (cap, workload) for the metrics.
+        self.fd_budget = connection_budget()
+        self.admitted = 0
+        self.open_by_workload: dict[str | None, int] = {}
+        self.refused: dict[tuple[str, str], int] = {}
+        self._cap_warned = 0.0
+        self.accepts = 0  # connections accepted, for the listener watchdog
 
     async def start(self, inherited: Sequence[socket.socket] = ()) -> None:
         """Listen on the proxy's addresses: on ``inherited`` sockets that are
@@ -619,10 +780,7 @@ class ProxyServer:
         spare = list(inherited)
         for address in (settings.address_v4, settings.address_v6):
             sock = _take(spare, address, settings.port) or _listener(address, settings.port)
-            server = await self.loop.create_server(
-                lambda: Connection(self).client, sock=sock, backlog=4096
-            )
-            self._servers.append(server)
+            await self.listen(sock, lambda: Connection(self).client, backlog=4096)
             self._own.add((str(address), settings.port))
         for sock in spare:
             sock.close()
@@ -636,20 +794,37 @@ class ProxyServer:
             settings.port,
         )
 
+    @property
+    def listeners(self) -> list[Listener]:
+        return list(self._listeners)
+
     def listening_sockets(self) -> list[socket.socket]:
         """The listening sockets, for handing over to a successor (the caller
         sends their descriptors; they stay ours until ``stop_accepting``)."""
-        return [
-            socket.socket(fileno=os.dup(ts.fileno()))
-            for server in self._servers
-            for ts in server.sockets
-        ]
+        return [listener.duplicate() for listener in self._listeners if listener.owner is self]
+
+    async def listen(
+        self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], *, backlog: int,
+        owner: object = None,
+    ) -> Listener:  # fmt: skip
+        """Serve ``sock`` (a listening socket, now ours) with ``factory``'s
+        protocols, watched by the sweeper (see :class:`Listener`)."""
+        listener = Listener(self.loop, sock, factory, backlog)
+        listener.owner = owner if owner is not None else self
+        try:
+            await listener.serve()
+        except BaseException:
+            sock.close()
+            raise
+        self._listeners.append(listener)
+        return listener
 
     def stop_accepting(self) -> None:
         """Stop accepting; connections being relayed go on until they end."""
         self.listening = False
-        for server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            if listener.owner is self:
+                listener.close()
 
     def update_policy(self, policy: Policy, *, generation: int, policy_hash: str) -> int:
         """Swap the policy for new connections; returns how many open ones it closed.
@@ -694,6 +869,62 @@ class ProxyServer:
     def is_own_endpoint(self, ep: Endpoint) -> bool:
         return (str(ep.address), ep.port) in self._own
 
+    @property
+    def max_connections(self) -> int:
+        """The cap on open connections in force: the policy's, or less when
+        the file descriptor limit would not hold that many."""
+        return min(self.policy.proxy.max_connections, self.fd_budget)
+
+    def admit(self, conn: Connection) -> tuple[str, str] | None:
+        """Count ``conn`` as open, or say which cap refuses it and why."""
+        settings = conn.policy.proxy
+        workload = conn.workload
+        total_cap = min(settings.max_connections, self.fd_budget)
+        per_cap = min(settings.max_connections_per_workload, total_cap)
+        held = self.open_by_workload.get(workload, 0)
+        refused: tuple[str, str] | None = None
+        if self.admitted >= total_cap:
+            limit = (
+                f" (lowered from {settings.max_connections} to fit the file descriptor limit)"
+                if total_cap < settings.max_connections
+                else ""
+            )
+            refused = (
+                CAP_TOTAL,
+                f"refused: {self.admitted} connections open, the cap{limit} ({CAP_TOTAL})",
+            )
+        elif held >= per_cap:
+            who = f"workload {workload}" if workload else "sources with no workload"
+            refused = (
+                CAP_WORKLOAD,
+                f"refused: {held} connections open for {who}, the cap ({CAP_WORKLOAD})",
+            )
+        if refused is None:
+            self.admitted += 1
+            self.open_by_workload[workload] = held + 1
+            conn.counted_as = workload
+            return None
+        key = (refused[0], workload or "")
+        self.refused[key] = self.refused.get(key, 0) + 1
+        now = self.loop.time()
+        if now - self._cap_warned >= CAP_WARNING_INTERVAL:
+            self._cap_warned = now
+            log.warning(
+                "connection cap reached, refusing new connections: %s (connections"
+                " refused so far by cap: %s)",
+                refused[1],
+                ", ".join(f"{c} {w or '-'}: {n}" for (c, w), n in sorted(self.refused.items())),
+            )
+        return refused
+
+    def release(self, conn: Connection) -> None:
+        self.admitted -= 1
+        held = self.open_by_workload.get(conn.counted_as, 0) - 1
+        if held > 0:
+            self.open_by_workload[conn.counted_as] = held
+        else:
+            self.open_by_workload.pop(conn.counted_as, None)
+
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
@@ -702,20 +933,21 @@ class ProxyServer:
             for conn in list(self.connections):
                 if now - conn.last_activity > idle:
                     conn.abort_both(f"idle for more than {idle:g}s")
+            for listener in list(self._listeners):
+                await listener.check()
 
     async def close(self) -> None:
         self.listening = False
-        for server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            listener.close()
         for conn in list(self.connections):
             conn.abort_both("proxy stopping")
         await self.tasks.cancel_all()
         await asyncio.sleep(0)  # let aborted transports report connection_lost
         for conn in list(self.connections):
             conn.finish()
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2)
+        for listener in self._listeners:
+            await listener.wait_closed()
 
 
 def _take(

@@ -1,0 +1,338 @@
+"""The agent outlives resource attacks from a pod: floods of connections are
+capped (the excess is reset and audited, other workloads are still served),
+memory comes back after a flood, and a ClientHello trickled in 1-byte TLS
+records costs the proxy work in proportion to its bytes, not their square.
+
+Each attack runs from a pod namespace the way a workload with default
+capabilities would run it, and is judged from the other side: what a
+legitimate client and the server saw, the audit records, the agent's metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+import textwrap
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from egress_agent.lab.agentproc import AgentProcess
+from egress_agent.lab.netns import Lab
+
+pytestmark = pytest.mark.netns
+
+SINK = "198.18.1.2"
+
+
+def _policy(proxy: str = "{}", egress_hosts: bool = False) -> str:
+    name_rule = (
+        "  - {name: by-name, from: [attacker, legit], to: {hosts: [tls.example], ports: [9001]},"
+        " action: allow}\n"
+        if egress_hosts
+        else ""
+    )
+    return (
+        "version: 1\n"
+        f"proxy: {proxy}\n"
+        "workloads:\n"
+        "  attacker: {cidrs: [198.19.1.2/32]}\n"
+        "  legit: {cidrs: [198.19.2.2/32]}\n"
+        "intercept:\n"
+        "  - {from: [attacker, legit], ports: [9000, 9001]}\n"
+        "egress:\n"
+        f"{name_rule}"
+        "  - {name: sink, from: [attacker, legit], to: {cidrs: [198.18.1.0/24], ports: [9000]},"
+        " action: allow}\n"
+        "default: deny\n"
+    )
+
+
+def _start_agent(lab: Lab, work: Path, policy: str) -> AgentProcess:
+    (work / "policy.yaml").write_text(policy)
+    return AgentProcess(
+        lab,
+        policy=work / "policy.yaml",
+        audit=work / "audit.jsonl",
+        log=work / "agent.log",
+        extra_args=("--datapath", "nft"),
+    ).start()
+
+
+def _records(work: Path) -> list[dict[str, Any]]:
+    path = work / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _metrics(lab: Lab) -> str:
+    code = (
+        "import urllib.request;"
+        "print(urllib.request.urlopen('http://127.0.0.1:15021/metrics').read().decode())"
+    )
+    return lab.run("node", [sys.executable, "-c", code]).stdout
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = rf"^egress_agent_{name}(?:\{{{re.escape(want)}\}})? (\S+)$" if want else None
+    for line in text.splitlines():
+        if pattern and re.match(pattern, line):
+            return float(line.rsplit(" ", 1)[1])
+        if not pattern and line.startswith(f"egress_agent_{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture
+def two_pods(lab: Lab, tmp_path: Path) -> Lab:
+    """An attacker pod (198.19.1.2), a legitimate pod (198.19.2.2), and a sink
+    (198.18.1.2) that answers a line and then echoes, on 9000."""
+    from egress_agent.lab.servers import start_server
+
+    lab.add_pod("attacker", "198.19.1.2", "fd00:19:1::2")
+    lab.add_pod("legit", "198.19.2.2", "fd00:19:2::2")
+    lab.add_external("ext", "198.18.1.2", "fd00:18:1::2")
+    start_server(
+        lab, "ext", name="ext", listen=[f"{SINK}:9000"], tls=None, log=tmp_path / "server.jsonl"
+    )
+    return lab
+
+
+# Opens COUNT connections to the sink, sends a line on each and reads the
+# answer; prints how many were answered and how many were reset, then holds
+# them open until stdin closes.
+HOLD = """
+import json, socket, sys
+answered, refused, socks = 0, 0, []
+for _ in range(COUNT):
+    s = None
+    try:
+        # A reset can come before connect() returns: the proxy accepts at once.
+        s = socket.create_connection(("198.18.1.2", 9000), timeout=10)
+        s.sendall(b"hello\\n")
+        data = s.recv(200)
+        if not data:
+            raise ConnectionResetError("closed")
+        answered += 1
+        socks.append(s)
+    except OSError:
+        refused += 1
+        if s is not None:
+            s.close()
+print(json.dumps({"answered": answered, "refused": refused}), flush=True)
+sys.stdin.read()
+"""
+
+
+def _hold(lab: Lab, pod: str, count: int) -> Any:
+    proc = lab.popen(
+        pod,
+        [sys.executable, "-c", f"COUNT = {count}\n" + textwrap.dedent(HOLD)],
+        stdin=-1,
+        stdout=-1,
+        stderr=-1,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    assert line, proc.stderr.read()
+    return proc, json.loads(line)
+
+
+def test_connection_caps_refuse_the_excess_and_serve_others(two_pods: Lab, tmp_path: Path) -> None:
+    """A pod holding more connections than its cap gets the excess reset,
+    each audited with the cap's name; another workload is still served until
+    the total cap, and its excess is refused by that cap."""
+    lab = two_pods
+    agent = _start_agent(
+        lab, tmp_path, _policy("{max_connections: 60, max_connections_per_workload: 50}")
+    )
+    held = []
+    try:
+        attacker, flood = _hold(lab, "attacker", 80)
+        held.append(attacker)
+        assert flood == {"answered": 50, "refused": 30}, flood
+        legit, served = _hold(lab, "legit", 15)
+        held.append(legit)
+        assert served == {"answered": 10, "refused": 5}, served
+        metrics = _metrics(lab)
+        assert (
+            _metric(
+                metrics,
+                "connections_refused_total",
+                cap="proxy.max_connections_per_workload",
+                workload="attacker",
+            )
+            == 30
+        )
+        assert (
+            _metric(
+                metrics, "connections_refused_total", cap="proxy.max_connections", workload="legit"
+            )
+            == 5
+        )
+        assert _metric(metrics, "connections_max") == 60
+        records = _records(tmp_path)
+        refused = [r for r in records if r["event"] == "denied"]
+        by_cap = {(r["workload"], r["rule"]) for r in refused}
+        assert by_cap == {
+            ("attacker", "proxy.max_connections_per_workload"),
+            ("legit", "proxy.max_connections"),
+        }, by_cap
+        assert len(refused) == 35 and len(records) == 35  # the held ones are still open
+        assert all(
+            r["verdict"] == "deny" and "proxy.max_connections" in r["error"] for r in refused
+        )
+        per = next(r for r in refused if r["workload"] == "attacker")
+        assert per["error"] == (
+            "refused: 50 connections open for workload attacker, the cap"
+            " (proxy.max_connections_per_workload)"
+        )
+        # Once the flood ends, the attacker's workload is served again.
+        attacker.stdin.close()
+        attacker.wait(timeout=10)
+        held.remove(attacker)
+        deadline = time.monotonic() + 10
+        while len(_records(tmp_path)) < 85 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        out = lab.run(
+            "attacker", [sys.executable, "-m", "egress_agent.lab.client", SINK, "9000"]
+        ).stdout
+        assert json.loads(out)["ok"]
+    finally:
+        for proc in held:
+            proc.kill()
+        agent.stop()
+    assert (
+        "connection cap reached, refusing new connections" in (tmp_path / "agent.log").read_text()
+    )
+
+
+# Opens COUNT idle connections through the proxy to a sink that holds them,
+# reports, waits for a line on stdin, closes them all, reports again.
+FLOOD_SINK = """
+import asyncio, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+held = []
+async def serve(reader, writer):
+    held.append(writer)
+    data = await reader.read()
+    writer.write(data)
+    await writer.drain()
+    writer.close()
+async def main():
+    server = await asyncio.start_server(serve, "198.18.1.2", 9000, backlog=4096)
+    print("READY", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+FLOOD = """
+import asyncio, json, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+async def main():
+    conns = []
+    sem = asyncio.Semaphore(200)
+    async def one():
+        async with sem:
+            r, w = await asyncio.wait_for(asyncio.open_connection("198.18.1.2", 9000), 30)
+            conns.append(w)
+    results = await asyncio.gather(*(one() for _ in range(COUNT)), return_exceptions=True)
+    failed = [repr(r) for r in results if isinstance(r, BaseException)]
+    print(json.dumps({"open": len(conns), "failed": len(failed), "errors": failed[:3]}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    for w in conns:
+        w.close()
+    await asyncio.sleep(1)
+    print(json.dumps({"closed": len(conns)}), flush=True)
+asyncio.run(main())
+"""
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+FLOOD_CONNECTIONS = 10_000
+
+
+@pytest.mark.timeout(300)
+def test_memory_comes_back_after_a_flood_of_idle_connections(lab: Lab, tmp_path: Path) -> None:
+    """10,000 idle connections through the proxy (each with its upstream
+    connection), then none: the agent's resident memory before, during and
+    after, printed; after the flood it is back near where it started."""
+    lab.add_pod("attacker", "198.19.1.2", "fd00:19:1::2")
+    lab.add_pod("legit", "198.19.2.2", "fd00:19:2::2")
+    lab.add_external("ext", "198.18.1.2", "fd00:18:1::2")
+    sink = lab.popen(
+        "ext", [sys.executable, "-c", textwrap.dedent(FLOOD_SINK)], stdout=-1, text=True
+    )
+    assert sink.stdout.readline().strip() == "READY"
+    caps = f"{{max_connections: {FLOOD_CONNECTIONS + 100}, max_connections_per_workload: {FLOOD_CONNECTIONS + 100}}}"
+    agent = _start_agent(lab, tmp_path, _policy(caps))
+    assert agent.proc is not None
+    pid = agent.proc.pid
+    flood = lab.popen(
+        "attacker",
+        [sys.executable, "-c", f"COUNT = {FLOOD_CONNECTIONS}\n" + textwrap.dedent(FLOOD)],
+        stdin=-1,
+        stdout=-1,
+        stderr=-1,
+        text=True,
+    )
+    try:
+        # Warm up: a few hundred connections, so "before" includes what any
+        # connection allocates once (code paths, caches).
+        warm = lab.popen(
+            "legit",
+            [sys.executable, "-c", "COUNT = 300\n" + textwrap.dedent(FLOOD)],
+            stdin=-1,
+            stdout=-1,
+            text=True,
+        )
+        assert json.loads(warm.stdout.readline())["open"] == 300
+        warm.stdin.write("\n")
+        warm.stdin.flush()
+        warm.stdout.readline()
+        warm.wait(timeout=30)
+        time.sleep(2)
+        before = _rss_kib(pid)
+        opened = json.loads(flood.stdout.readline())
+        assert opened["open"] == FLOOD_CONNECTIONS, opened
+        time.sleep(1)
+        during = _rss_kib(pid)
+        flood.stdin.write("\n")
+        flood.stdin.flush()
+        assert json.loads(flood.stdout.readline())["closed"] == FLOOD_CONNECTIONS
+        deadline = time.monotonic() + 60
+        while len(_records(tmp_path)) < FLOOD_CONNECTIONS + 300 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # the next sweep (memory is given back there)
+        after = _rss_kib(pid)
+        out = lab.run(
+            "legit", [sys.executable, "-m", "egress_agent.lab.client", SINK, "9000"]
+        ).stdout
+        served = json.loads(out)
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+        agent.stop()
+    print(
+        f"\nRSS of the agent with {FLOOD_CONNECTIONS} idle connections: before {before / 1024:.1f}"
+        f" MiB, during {during / 1024:.1f} MiB, after {after / 1024:.1f} MiB"
+    )
+    records = _records(tmp_path)
+    assert len(records) == FLOOD_CONNECTIONS + 300
+    assert all(r["event"] == "closed" for r in records)
+    assert served["ok"]
+    grown = during - before
+    assert grown > 0
+    # What the flood took is mostly given back.
+    assert after - before < 0.25 * grown, (before, during, after)
