@@ -855,10 +855,12 @@ def log_connection_caps(policy: Policy, proxy: ProxyServer) -> None:
     if proxy.max_connections < settings.max_connections:
         log.warning(
             "proxy.max_connections %d needs up to %d file descriptors, more than the limit"
-            " allows: at most %d connections at once (raise the hard RLIMIT_NOFILE, e.g."
+            " leaves (%d): new connections are refused once the open ones hold them, at"
+            " %d relayed connections or more (raise the hard RLIMIT_NOFILE, e.g."
             " LimitNOFILE= in the unit, or lower proxy.max_connections)",
             settings.max_connections,
             settings.max_connections * FDS_PER_CONNECTION,
+            proxy.fd_room,
             proxy.max_connections,
         )
     log.info(

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import errno
+import functools
+import gc
 import ipaddress
 import itertools
 import logging
@@ -62,13 +66,30 @@ CAP_WORKLOAD = "proxy.max_connections_per_workload"
 CAP_WARNING_INTERVAL = 10.0
 
 
-def connection_budget() -> int:
-    """How many connections fit in this process's file descriptor limit
-    (the soft RLIMIT_NOFILE, which the agent raises to the hard one at start)."""
+# Give freed memory back to the system once this many connections have
+# ended since the peak (and at least half of those open then).
+TRIM_AFTER_DROP = 1000
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim(3), or None where the C library has none (musl)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+def descriptor_room() -> int:
+    """How many descriptors connections may hold: this process's soft
+    RLIMIT_NOFILE (the agent raises it to the hard one at start) less a
+    reserve for the agent's own."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return sys.maxsize
-    return max(1, (soft - FD_RESERVE) // FDS_PER_CONNECTION)
+    return max(FDS_PER_CONNECTION, soft - FD_RESERVE)
 
 
 class TaskSet:
@@ -175,6 +196,8 @@ class _Half(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.reset = exc is not None
+        if self.upstream:
+            self.conn.server.upstreams -= 1
         if exc is not None and self.conn.error is None:
             side = "upstream" if self.upstream else "client"
             self.conn.error = f"{side}: {_describe(exc)}"
@@ -505,6 +528,8 @@ class Connection:
     async def _connect_upstream(self, mark: int, timeout: float) -> None:
         assert self.dst is not None
         sock = socket.socket(family_of(self.dst), socket.SOCK_STREAM)
+        self.server.upstreams += 1  # until the upstream half is lost
+        half: _Half | None = None
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -521,6 +546,8 @@ class Connection:
             await self.loop.create_connection(lambda: half, sock=sock)
         except BaseException:
             sock.close()
+            if half is None or half.transport is None:
+                self.server.upstreams -= 1
             raise
         self.upstream = half
 
@@ -765,12 +792,14 @@ class ProxyServer:
         # Connection caps: open connections counted against them, in total
         # and by workload (None: no workload identified); refusals by
         # (cap, workload) for the metrics.
-        self.fd_budget = connection_budget()
+        self.fd_room = descriptor_room()
         self.admitted = 0
+        self.upstreams = 0  # upstream sockets open (the other descriptor of a relay)
         self.open_by_workload: dict[str | None, int] = {}
         self.refused: dict[tuple[str, str], int] = {}
         self._cap_warned = 0.0
         self.accepts = 0  # connections accepted, for the listener watchdog
+        self._peak_open = 0  # most connections open since memory was last given back
 
     async def start(self, inherited: Sequence[socket.socket] = ()) -> None:
         """Listen on the proxy's addresses: on ``inherited`` sockets that are
@@ -871,27 +900,30 @@ class ProxyServer:
 
     @property
     def max_connections(self) -> int:
-        """The cap on open connections in force: the policy's, or less when
-        the file descriptor limit would not hold that many."""
-        return min(self.policy.proxy.max_connections, self.fd_budget)
+        """The cap on open connections: the policy's, or as many relayed
+        connections (two descriptors each) as the descriptor limit holds."""
+        return min(self.policy.proxy.max_connections, self.fd_room // FDS_PER_CONNECTION)
 
     def admit(self, conn: Connection) -> tuple[str, str] | None:
         """Count ``conn`` as open, or say which cap refuses it and why."""
         settings = conn.policy.proxy
         workload = conn.workload
-        total_cap = min(settings.max_connections, self.fd_budget)
+        total_cap = settings.max_connections
         per_cap = min(settings.max_connections_per_workload, total_cap)
         held = self.open_by_workload.get(workload, 0)
+        in_use = self.admitted + self.upstreams
         refused: tuple[str, str] | None = None
         if self.admitted >= total_cap:
-            limit = (
-                f" (lowered from {settings.max_connections} to fit the file descriptor limit)"
-                if total_cap < settings.max_connections
-                else ""
-            )
             refused = (
                 CAP_TOTAL,
-                f"refused: {self.admitted} connections open, the cap{limit} ({CAP_TOTAL})",
+                f"refused: {self.admitted} connections open, the cap ({CAP_TOTAL})",
+            )
+        elif in_use + FDS_PER_CONNECTION > self.fd_room:
+            # Below the policy's cap, the descriptor limit is the cap.
+            refused = (
+                CAP_TOTAL,
+                f"refused: {self.admitted} connections open hold {in_use} of the {self.fd_room}"
+                f" file descriptors the limit leaves them ({CAP_TOTAL} is more than fits)",
             )
         elif held >= per_cap:
             who = f"workload {workload}" if workload else "sources with no workload"
@@ -935,6 +967,25 @@ class ProxyServer:
                     conn.abort_both(f"idle for more than {idle:g}s")
             for listener in list(self._listeners):
                 await listener.check()
+            self._give_memory_back()
+
+    def _give_memory_back(self) -> None:
+        """After a flood of connections has ended, hand the memory it took
+        back to the system: glibc keeps freed heap memory for reuse (and
+        Python's small-object arenas go back only when empty), so the agent's
+        RSS would otherwise stay at the flood's peak."""
+        open_now = len(self.connections)
+        self._peak_open = max(self._peak_open, open_now)
+        if self._peak_open - open_now < TRIM_AFTER_DROP or open_now > self._peak_open // 2:
+            return
+        self._peak_open = open_now
+        # A connection's objects refer to each other (the connection, its
+        # halves, their transports): only the cycle collector frees them,
+        # and its oldest generation may not run for a long while.
+        gc.collect()
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
 
     async def close(self) -> None:
         self.listening = False
