@@ -47,7 +47,7 @@ from egress_agent.proxy.audit import AuditRecord
 from egress_agent.proxy.connect_auth import AuthResult, CredentialFiles
 from egress_agent.proxy.connect_head import MAX_CONNECT_HEAD, ProxyRequest, parse_proxy_request
 from egress_agent.proxy.original_dst import Endpoint, endpoint_of
-from egress_agent.proxy.peek import Peeked, Protocol, sniff
+from egress_agent.proxy.peek import Peeked, Protocol, Sniffer
 from egress_agent.proxy.server import (
     Connection,
     Listener,
@@ -383,9 +383,12 @@ class ConnectConnection(Connection):
         complete within ``timeout``.
         """
         deadline: float | None = None
+        sniffer, fed = Sniffer(), 0  # fed what arrives, not all of it each time
         while True:
             if self.buffer:
-                peeked = sniff(bytes(self.buffer[:cap]))
+                chunk = bytes(self.buffer[fed:cap])
+                fed += len(chunk)
+                peeked = sniffer.feed(chunk)
                 if peeked is not None:
                     return peeked
                 if len(self.buffer) >= cap:

@@ -44,7 +44,7 @@ from egress_agent.proxy.original_dst import (
     family_of,
     original_dst,
 )
-from egress_agent.proxy.peek import HTTP_METHODS, Peeked, Protocol, sniff
+from egress_agent.proxy.peek import HTTP_METHODS, Peeked, Protocol, Sniffer
 from egress_agent.proxy.sockdiag import socket_mark
 
 log = logging.getLogger(__name__)
@@ -258,6 +258,10 @@ class Connection:
         self.deciding = False
         self.buffer = bytearray()
         self.sniff_buf: bytearray | None = None
+        # Fed the client's first bytes as they arrive (see peek.Sniffer):
+        # a trickle costs work in proportion to its bytes.
+        self.sniffer = Sniffer()
+        self.sniffed = 0  # bytes fed to it
         self._data_event = asyncio.Event()
         self.client_eof = False
         self.finished = False
@@ -311,14 +315,18 @@ class Connection:
     def sniff_more(self, data: bytes) -> None:
         # Relaying already (the verdict did not need the server name): learn
         # protocol and name for the audit record from the first bytes only.
+        # sniff_buf holds what the sniffer has not been fed yet.
         assert self.sniff_buf is not None
         self.sniff_buf += data
         cap = self.policy.proxy.peek_bytes
+        chunk = bytes(self.sniff_buf[: cap - self.sniffed])
+        self.sniff_buf.clear()
+        self.sniffed += len(chunk)
         try:
-            peeked = sniff(bytes(self.sniff_buf))
+            peeked = self.sniffer.feed(chunk)
         except ValueError:
             peeked = Peeked(protocol=Protocol.TCP, server_name=None)
-        if peeked is not None or len(self.sniff_buf) >= cap:
+        if peeked is not None or self.sniffed >= cap:
             self.peeked = peeked
             self.sniff_buf = None
 
@@ -504,8 +512,10 @@ class Connection:
         (server-speaks-first protocols) or closed before sending."""
         deadline = self.loop.time() + timeout
         while True:
-            if self.buffer:
-                peeked = sniff(bytes(self.buffer[:cap]))
+            if len(self.buffer) > self.sniffed:
+                chunk = bytes(self.buffer[self.sniffed : cap])
+                self.sniffed += len(chunk)
+                peeked = self.sniffer.feed(chunk)
                 if peeked is not None:
                     return peeked
                 if len(self.buffer) >= cap:
