@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import sys
 import textwrap
 import time
@@ -360,3 +361,109 @@ def _wait_records(work: Path, count: int, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{len(_records(work))} audit records, expected {count}")
         time.sleep(0.2)
+
+
+# CONNECTIONS connections each send a ClientHello (BODY bytes) to port 9001,
+# where a name rule makes the proxy read it before deciding, one 1-byte TLS
+# record per write, every GAP seconds; a connection that ends is replaced,
+# until SECONDS have passed.
+TRICKLE = """
+import asyncio, socket, struct, time
+def hello():
+    name = b"tls.example"
+    sni = struct.pack("!BH", 0, len(name)) + name
+    exts = struct.pack("!HH", 0, len(sni) + 2) + struct.pack("!H", len(sni)) + sni
+    exts += struct.pack("!HH", 21, BODY) + bytes(BODY)
+    body = b"\\x03\\x03" + bytes(32) + b"\\x00" + b"\\x00\\x02\\x13\\x01" + b"\\x01\\x00"
+    body += struct.pack("!H", len(exts)) + exts
+    hs = b"\\x01" + struct.pack("!I", len(body))[1:] + body
+    return [b"\\x16\\x03\\x01\\x00\\x01" + hs[i:i + 1] for i in range(len(hs))]
+RECORDS = hello()
+sent = 0
+async def trickle(end):
+    global sent
+    while time.monotonic() < end:
+        try:
+            r, w = await asyncio.open_connection("198.18.1.2", 9001)
+            w.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for record in RECORDS:
+                if time.monotonic() > end:
+                    break
+                w.write(record)
+                sent += 1
+                await asyncio.sleep(GAP)
+            w.close()
+        except OSError:
+            await asyncio.sleep(0.05)
+async def main():
+    end = time.monotonic() + SECONDS
+    await asyncio.gather(*(trickle(end) for _ in range(CONNECTIONS)))
+    print(sent, flush=True)
+asyncio.run(main())
+"""
+
+# COUNT requests one after the other to the sink through the proxy (a CIDR
+# rule: no peek); prints each one's time to the answer, in seconds.
+LATENCY = """
+import json, socket, time
+times = []
+for _ in range(COUNT):
+    t0 = time.monotonic()
+    with socket.create_connection(("198.18.1.2", 9000), timeout=30) as s:
+        s.sendall(b"hello\\n")
+        assert b" saw " in s.recv(200)
+    times.append(time.monotonic() - t0)
+    time.sleep(0.05)
+print(json.dumps(times))
+"""
+
+# Bound on a legitimate connection's median latency while 150 connections
+# trickle ClientHellos. Without an attack it is 2-3 ms; under this one 18-44 ms
+# (on a machine with a load average of 3-11), and 190-260 ms when each
+# wake-up parsed the whole buffer again.
+TRICKLE_MEDIAN_BOUND = 0.15
+
+
+@pytest.mark.timeout(120)
+def test_a_trickled_client_hello_flood_leaves_others_served(two_pods: Lab, tmp_path: Path) -> None:
+    """150 connections send ClientHellos in 1-byte TLS records; a legitimate
+    client's median latency stays low."""
+    lab = two_pods
+    agent = _start_agent(lab, tmp_path, _policy("{peek_timeout: 30}", egress_hosts=True))
+
+    def latencies(count: int) -> list[float]:
+        out = lab.run(
+            "legit",
+            [sys.executable, "-c", f"COUNT = {count}\n" + textwrap.dedent(LATENCY)],
+            timeout=90,
+        ).stdout
+        times: list[float] = json.loads(out)
+        return times
+
+    try:
+        quiet = statistics.median(latencies(20))
+        attack = lab.popen(
+            "attacker",
+            [
+                sys.executable,
+                "-c",
+                "CONNECTIONS = 150\nBODY = 3000\nGAP = 0.01\nSECONDS = 20\n"
+                + textwrap.dedent(TRICKLE),
+            ],
+            stdout=-1,
+            stderr=-1,
+            text=True,
+        )
+        time.sleep(6)  # the trickles are under way, their hellos long
+        under_attack = latencies(40)
+        out, err = attack.communicate(timeout=60)
+        records_sent = int(out)
+    finally:
+        agent.stop()
+    median = statistics.median(under_attack)
+    print(
+        f"\nlegitimate median latency: {quiet * 1000:.1f} ms quiet, {median * 1000:.1f} ms while"
+        f" 150 connections trickled {records_sent} 1-byte TLS records"
+    )
+    assert records_sent > 50_000, err  # the attack really ran
+    assert median < TRICKLE_MEDIAN_BOUND, under_attack
