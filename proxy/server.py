@@ -592,8 +592,13 @@ class Connection:
             if client.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
                 upstream.transport.resume_reading()
             # else: the client side's resume_writing resumes it once drained
-        if not self.client_eof:
+        if not self.client_eof and upstream.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
             client.transport.resume_reading()
+        # else: the replay filled the upstream write buffer (its pause_writing
+        # paused the client already); the upstream side's resume_writing
+        # resumes the client once it drains. Resuming here would let the
+        # client fill it without bound: the transport reports crossing the
+        # high-water mark only once.
 
     # -- ending --------------------------------------------------------------------------
 
