@@ -10,6 +10,7 @@ legitimate client and the server saw, the audit records, the agent's metrics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import statistics
@@ -467,3 +468,55 @@ def test_a_trickled_client_hello_flood_leaves_others_served(two_pods: Lab, tmp_p
     )
     assert records_sent > 50_000, err  # the attack really ran
     assert median < TRICKLE_MEDIAN_BOUND, under_attack
+
+
+def test_a_listener_the_event_loop_stops_serving_is_served_again(
+    require_root: None, tmp_path: Path
+) -> None:
+    """uvloop closes a listening handle for good after some accept errors
+    (see proxy.server.Listener). Closing it the same way here: connections
+    queue on the proxy's own duplicate of the socket, and within seconds the
+    proxy serves the socket again and accepts them."""
+    import asyncio
+    import socket
+
+    import uvloop
+
+    from egress_agent.policy.load import parse_policy
+    from egress_agent.proxy.audit import AuditLog
+    from egress_agent.proxy.server import ProxyServer
+
+    async def scenario() -> tuple[int, float]:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        policy = parse_policy(
+            "version: 1\n"
+            f"proxy: {{port: {port}, address_v4: 127.0.0.1, address_v6: '::1'}}\n"
+            "workloads: {lo: {cidrs: [127.0.0.0/8]}}\n"
+            "default: deny\n"
+        )
+        audit = AuditLog(str(tmp_path / "audit.jsonl"))
+        proxy = ProxyServer(policy=policy, audit=audit)
+        await proxy.start()
+        try:
+            listener = proxy.listeners[0]
+            assert listener.server is not None
+            listener.server.close()  # what uvloop's fatal accept error does
+            t0 = asyncio.get_running_loop().time()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            # Not diverted, so the proxy resets it once it accepts it.
+            with contextlib.suppress(ConnectionResetError):
+                await asyncio.wait_for(reader.read(1024), 10)
+            waited = asyncio.get_running_loop().time() - t0
+            writer.close()
+            return listener.restarts, waited
+        finally:
+            await proxy.close()
+            audit.close()
+
+    restarts, waited = uvloop.run(scenario())
+    assert restarts == 1
+    assert waited < 5.0
+    (record,) = _records(tmp_path)  # accepted, and audited
+    assert record["event"] == "failed" and record["error"].startswith("no original destination")
