@@ -118,7 +118,6 @@ class ConnectConnection(Connection):
 
     def accepted(self, transport: asyncio.Transport) -> None:
         self.server.connections.add(self)
-        self.server.accepts += 1
         try:
             self.src = endpoint_of(transport.get_extra_info("peername"))
         except (OSError, ValueError) as exc:

@@ -272,7 +272,6 @@ class Connection:
 
     def accepted(self, transport: asyncio.Transport) -> None:
         self.server.connections.add(self)
-        self.server.accepts += 1
         sock = transport.get_extra_info("socket")
         try:
             self.src = endpoint_of(transport.get_extra_info("peername"))
@@ -813,7 +812,6 @@ class ProxyServer:
         self.open_by_workload: dict[str | None, int] = {}
         self.refused: dict[tuple[str, str], int] = {}
         self._cap_warned = 0.0
-        self.accepts = 0  # connections accepted, for the listener watchdog
         self._peak_open = 0  # most connections open since memory was last given back
 
     async def start(self, inherited: Sequence[socket.socket] = ()) -> None:

@@ -118,7 +118,9 @@ async def _play(
             writer.write_eof()
             await reading
         writer.close()
-    except OSError:  # reset by the peer (ECONNRESET, EPIPE, ENOTCONN)
+    # Reset by the peer (ECONNRESET, EPIPE, ENOTCONN); uvloop raises
+    # RuntimeError for a write to a transport a reset has already closed.
+    except (OSError, RuntimeError):
         side.ended = "reset"
         writer.transport.abort()
     finally:
