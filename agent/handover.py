@@ -4,11 +4,22 @@ Restarting the agent (an upgrade, a new DaemonSet pod) must neither refuse
 new connections nor cut the ones being relayed, and must not leave the node
 unenforced in between. So a starting agent first asks a running one for its
 listening sockets; the running one passes them over (``SCM_RIGHTS``, see
-unix(7)), stops accepting, keeps relaying what it holds until those
-connections end, and leaves the kernel state (table, addresses) in place for
-its successor, which installs its own ruleset over it in one transaction.
-The listening sockets never close, so connections arriving during the switch
-wait in their accept queue instead of being refused.
+unix(7)), keeps relaying what it holds until those connections end, and
+leaves the kernel state (table, addresses) in place for its successor, which
+installs its own ruleset over it in one transaction. The listening sockets
+never close, so no connection arriving during the switch is refused.
+
+Nor does one wait for the successor's start-up (loading the policy,
+compiling and attaching its BPF program, installing the table: seconds). A
+listening socket held by two processes hands each new connection to
+whichever accepts it, so the predecessor goes on accepting and serving on
+its own descriptors after passing them, until the successor says it accepts
+too (``{"op": "accepting"}``); only then does it stop and drain. A successor
+that fails or dies before that closes the rendezvous without saying so, and
+the predecessor simply carries on as before, kernel state included. (A
+successor that does not ask for this, by ``"until_accepting"`` in its
+request, gets the older answer: the predecessor stops once the descriptors
+have arrived.)
 
 The rendezvous is an abstract unix socket: its name lives in the network
 namespace (unix(7), "abstract sockets are ... scoped to the network
@@ -47,11 +58,40 @@ class HandoverError(Exception):
 
 @dataclass(frozen=True, kw_only=True)
 class Inherited:
-    """What a predecessor handed over: its listening sockets and who it was."""
+    """What a predecessor handed over: its listening sockets and who it was.
+
+    ``channel`` is the rendezvous, kept open while the predecessor still
+    accepts: :func:`announce_accepting` tells it to stop, closing it without
+    that tells it to carry on."""
 
     sockets: list[socket.socket] = field(default_factory=list)
     pid: int = 0
     generation: int = 0
+    channel: socket.socket | None = None
+
+
+def announce_accepting(inherited: Inherited) -> None:
+    """Tell the predecessor that we accept on the inherited sockets now, so
+    it stops accepting (and drains). A predecessor that is gone already, or
+    stopped without waiting for this, does not need to hear it."""
+    channel = inherited.channel
+    if channel is None:
+        return
+    try:
+        channel.send(json.dumps({"op": "accepting", "pid": os.getpid()}).encode())
+    except OSError as exc:
+        log.debug("predecessor pid %d did not hear that we accept: %s", inherited.pid, exc)
+    finally:
+        channel.close()
+
+
+def abandon(inherited: Inherited) -> None:
+    """We will not serve after all (start-up failed): the predecessor, still
+    accepting, carries on and owns the kernel state again."""
+    for sock in inherited.sockets:
+        sock.close()
+    if inherited.channel is not None:
+        inherited.channel.close()
 
 
 def predecessor_running(name: bytes = HANDOVER_NAME) -> bool:
@@ -68,15 +108,19 @@ def predecessor_running(name: bytes = HANDOVER_NAME) -> bool:
 
 def request_handover(name: bytes = HANDOVER_NAME, *, timeout: float = TIMEOUT) -> Inherited | None:
     """Ask a running agent in this network namespace for its listening
-    sockets. None when no agent runs here. Blocking: run it off the loop."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sockets. None when no agent runs here. Blocking: run it off the loop.
+    The predecessor keeps accepting until :func:`announce_accepting`."""
+    sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    assert sock is not None
     sock.settimeout(timeout)
     try:
         try:
             sock.connect(name)
         except (ConnectionRefusedError, FileNotFoundError):
             return None
-        sock.send(json.dumps({"op": "takeover", "pid": os.getpid()}).encode())
+        sock.send(
+            json.dumps({"op": "takeover", "pid": os.getpid(), "until_accepting": True}).encode()
+        )
         msg, fds, _, _ = socket.recv_fds(sock, 65536, MAX_SOCKETS)
         inherited = [socket.socket(fileno=fd) for fd in fds]
         try:
@@ -90,15 +134,19 @@ def request_handover(name: bytes = HANDOVER_NAME, *, timeout: float = TIMEOUT) -
                 f"the running agent refused the handover: {answer.get('error', 'no sockets')}"
             )
         sock.send(b'{"op": "ok"}')
+        sock.settimeout(None)
+        kept, sock = sock, None  # open until we accept: see announce_accepting
         return Inherited(
             sockets=inherited,
             pid=int(answer.get("pid", 0)),
             generation=int(answer.get("generation", 0)),
+            channel=kept,
         )
     except (OSError, TimeoutError) as exc:
         raise HandoverError(f"the handover from the running agent failed: {exc}") from exc
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
 
 
 Give = Callable[[], Awaitable[tuple[list[socket.socket], dict[str, Any]]]]
@@ -109,8 +157,9 @@ class HandoverServer:
     """Answers a successor's takeover request, once.
 
     ``give`` returns the listening sockets and facts to send; ``settle`` is
-    told whether the successor confirmed (True: stop accepting and drain;
-    False: keep serving as before) and the successor's pid.
+    told whether the successor took over (True: it accepts now, stop
+    accepting and drain; False: keep serving as before) and its pid.
+    Between the two the predecessor goes on accepting.
     """
 
     def __init__(self, *, give: Give, settle: Settle, name: bytes = HANDOVER_NAME) -> None:
@@ -168,25 +217,42 @@ class HandoverServer:
         request = await asyncio.wait_for(loop.sock_recv(conn, 4096), TIMEOUT)
         if not request:
             return False  # a probe (predecessor_running): it just looked
-        if json.loads(request).get("op") != "takeover":
+        asked = json.loads(request)
+        if asked.get("op") != "takeover":
             conn.send(json.dumps({"error": "expected a takeover request"}).encode())
             return False
         log.info("pid %d asks to take over: handing over the listening sockets", pid)
         sockets, facts = await self._give()
-        conn.setblocking(True)
-        conn.settimeout(TIMEOUT)
         try:
+            conn.setblocking(True)
+            conn.settimeout(TIMEOUT)
             await asyncio.to_thread(
                 socket.send_fds,
                 conn,
                 [json.dumps({**facts, "pid": os.getpid()}).encode()],
                 [s.fileno() for s in sockets],
             )
-            confirmed = json.loads(await asyncio.to_thread(conn.recv, 4096) or b"{}")
-            ok = bool(confirmed.get("op") == "ok")
-        except (OSError, ValueError) as exc:
+            conn.setblocking(False)
+            confirmed = await asyncio.wait_for(loop.sock_recv(conn, 4096), TIMEOUT)
+            ok = bool(json.loads(confirmed or b"{}").get("op") == "ok")
+            if ok and asked.get("until_accepting"):
+                log.info("pid %d has the listening sockets; serving until it accepts", pid)
+                # No time limit: however long the successor takes to start,
+                # we serve meanwhile; its exit closes the rendezvous.
+                said = await loop.sock_recv(conn, 4096)
+                ok = bool(json.loads(said or b"{}").get("op") == "accepting")
+                if not ok:
+                    log.error(
+                        "pid %d took the listening sockets but stopped before accepting:"
+                        " serving on",
+                        pid,
+                    )
+        except (OSError, ValueError, TimeoutError) as exc:
             log.error("handover to pid %d failed (%s): serving on", pid, exc)
             ok = False
+        finally:
+            for sock in sockets:
+                sock.close()  # our duplicates; the successor holds its own
         if ok:
             self._release()
         await self._settle(ok, pid)

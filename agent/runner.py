@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -55,6 +56,8 @@ from egress_agent.agent.handover import (
     HandoverError,
     HandoverServer,
     Inherited,
+    abandon,
+    announce_accepting,
     predecessor_running,
     request_handover,
 )
@@ -74,7 +77,7 @@ from egress_agent.policy.load import PolicyError, parse_policy, read_policy_text
 from egress_agent.policy.model import IPAddress, Policy
 from egress_agent.proxy.audit import AuditLog
 from egress_agent.proxy.connect import ConnectListener
-from egress_agent.proxy.server import ProxyServer
+from egress_agent.proxy.server import FDS_PER_CONNECTION, ProxyServer
 from egress_agent.rules.apply import (
     NftablesError,
     Table,
@@ -318,6 +321,7 @@ class Agent:
             self.connect = ConnectListener(self.proxy, self.policy.connect.port)
             await self.connect.start(spare)
         await self.proxy.start(spare)
+        log_connection_caps(self.policy, self.proxy)
         self.table.apply(self.doc)
         problems = verify_applied(self.doc)
         if problems:
@@ -421,6 +425,21 @@ class Agent:
             "drift_repairs": self.repairs,
             "dns": self.proxy.resolver.status() if self.proxy else None,
             "connections_open": len(self.proxy.connections) if self.proxy else 0,
+            "connection_caps": {
+                "max_connections": self.proxy.max_connections,
+                "max_connections_per_workload": min(
+                    self.policy.proxy.max_connections_per_workload, self.proxy.max_connections
+                ),
+                "open_by_workload": {
+                    (w or "-"): n
+                    for w, n in sorted(
+                        self.proxy.open_by_workload.items(), key=lambda i: i[0] or ""
+                    )
+                },
+                "refused": sum(self.proxy.refused.values()),
+            }
+            if self.proxy
+            else None,
             "audit_records_written": self.audit.written,
             "uptime_s": round(time.time() - self.started_at, 1),
             "ready": not reasons,
@@ -484,10 +503,16 @@ class Agent:
             return self._failed(str(exc))
         self.generation += 1
         self.source_policy = source
+        caps_before = (
+            self.policy.proxy.max_connections,
+            self.policy.proxy.max_connections_per_workload,
+        )
         self.policy, self.policy_hash, self.doc = policy, digest, doc
         await self._sync_cgroups(policy)
         assert self.proxy is not None
         closed = self.proxy.update_policy(policy, generation=self.generation, policy_hash=digest)
+        if caps_before != (policy.proxy.max_connections, policy.proxy.max_connections_per_workload):
+            log_connection_caps(policy, self.proxy)  # open connections over a new cap stay
         log.info(
             "reloaded (%s): generation %d, sha256 %s (%s)%s",
             reason,
@@ -605,10 +630,16 @@ class Agent:
     async def settle_handover(self, confirmed: bool, pid: int) -> None:
         assert self.proxy is not None
         if not confirmed:
+            # We never stopped accepting. The successor may have changed the
+            # kernel state before it failed: ours again, repaired at once.
             async with self._reload_lock:
                 if self.table.owned:
                     self.table.apply(self.doc)
                 self.handing_over = False
+            try:
+                await self.repair_drift()
+            except Exception as exc:  # the drift loop tries again
+                log.error("after the failed handover: drift check failed: %s", exc)
             return
         self.proxy.stop_accepting()
         if self.connect is not None:
@@ -735,6 +766,32 @@ class Agent:
                 ('{direction="down"}', self.audit.bytes_down),
             ],
         )
+        if self.proxy is not None:
+            metric(
+                "connections_refused_total",
+                "counter",
+                "Connections refused because a cap on open connections was reached, by the"
+                " setting (proxy.max_connections, proxy.max_connections_per_workload) and"
+                " workload.",
+                [
+                    (f'{{cap="{c}",workload="{w}"}}', n)
+                    for (c, w), n in sorted(self.proxy.refused.items())
+                ],
+            )
+            metric(
+                "connections_max",
+                "gauge",
+                "The cap on open connections in force (the policy's, or lower to fit the"
+                " file descriptor limit).",
+                [("", self.proxy.max_connections)],
+            )
+            metric(
+                "listener_restarts_total",
+                "counter",
+                "Times a listening socket was served again after the event loop stopped"
+                " accepting on it.",
+                [("", sum(lst.restarts for lst in self.proxy.listeners))],
+            )
         metric(
             "connect_connections_total",
             "counter",
@@ -801,10 +858,47 @@ def _check_restart_only_settings(old: Policy, new: Policy) -> None:
         )
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft file descriptor limit to the hard one (each proxied
+    connection holds two descriptors); returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the file descriptor limit from %d to %d: %s", soft, hard, exc)
+            return soft
+        log.info("file descriptors: soft limit raised from %d to %d (the hard limit)", soft, hard)
+        return hard
+    log.info("file descriptors: limit %d", soft)
+    return soft
+
+
+def log_connection_caps(policy: Policy, proxy: ProxyServer) -> None:
+    settings = policy.proxy
+    if proxy.max_connections < settings.max_connections:
+        log.warning(
+            "proxy.max_connections %d needs up to %d file descriptors, more than the limit"
+            " leaves (%d): new connections are refused once the open ones hold them, at"
+            " %d relayed connections or more (raise the hard RLIMIT_NOFILE, e.g."
+            " LimitNOFILE= in the unit, or lower proxy.max_connections)",
+            settings.max_connections,
+            settings.max_connections * FDS_PER_CONNECTION,
+            proxy.fd_room,
+            proxy.max_connections,
+        )
+    log.info(
+        "connection caps: %d open in total, %d per workload",
+        proxy.max_connections,
+        min(settings.max_connections_per_workload, proxy.max_connections),
+    )
+
+
 async def run_agent(options: RunOptions) -> int:
     if os.geteuid() != 0:
         log.error("run needs root (CAP_NET_ADMIN for nftables and addresses): try sudo")
         return 1
+    raise_fd_limit()
     agent = Agent(options)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -890,6 +984,7 @@ async def run_agent(options: RunOptions) -> int:
     started = False
     handover: HandoverServer | None = None
     inherited: Inherited | None = None
+    abandoned = False
 
     def on_pods(pods: Snapshot) -> None:
         if not started:
@@ -923,10 +1018,23 @@ async def run_agent(options: RunOptions) -> int:
         # From here on, discovery changes queue behind start-up on the reload lock.
         started = True
         if predecessor:
-            # Taken as late as possible: the predecessor serves until now.
             inherited = await _take_over()
+        try:
+            await agent.start(inherited)
+        except BaseException:
+            if inherited is not None:
+                # The predecessor never stopped accepting: it carries on, and
+                # the kernel state stays its own (no teardown below).
+                abandon(inherited)
+                abandoned = True
+            raise
+        if inherited is not None:
+            # Only now does the predecessor stop accepting (agent.handover):
+            # it served every connection while we started.
+            await asyncio.to_thread(announce_accepting, inherited)
+        if predecessor:
+            # Its status server holds the address until it drains.
             await status.start(retry_for=5.0)
-        await agent.start(inherited)
         drift = loop.create_task(watch_drift(), name="drift repair")
         if options.handover:
             handover = HandoverServer(give=agent.give_listeners, settle=agent.settle_handover)
@@ -964,7 +1072,7 @@ async def run_agent(options: RunOptions) -> int:
             task.cancel()
         if handover is not None:
             await handover.close()
-        await agent.stop(teardown=not agent.handed_over.is_set())
+        await agent.stop(teardown=not agent.handed_over.is_set() and not abandoned)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 

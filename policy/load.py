@@ -110,6 +110,8 @@ _PROXY_KEYS = (
     "peek_timeout",
     "connect_timeout",
     "idle_timeout",
+    "max_connections",
+    "max_connections_per_workload",
 )
 _WORKLOAD_KEYS = ("cidrs", "pods", "interfaces", "cgroups")
 _PODS_KEYS = ("namespace", "labels", "namespaceLabels", "hostNetwork")
@@ -424,6 +426,19 @@ class _Reader:
                     f"cgroup_mark_mask {cgroup_mark_mask:#x} shares bits with {other}"
                     f" {mark:#x}: give the cgroup workloads' marks bits of their own",
                 )
+        max_connections = int_field("max_connections", 1, 1_000_000, defaults.max_connections)
+        per_workload = int_field(
+            "max_connections_per_workload", 1, 1_000_000, defaults.max_connections_per_workload
+        )
+        n = value("max_connections_per_workload")
+        if per_workload > max_connections and n is not None:
+            self.problem(
+                n,
+                _join(path, "max_connections_per_workload"),
+                f"max_connections_per_workload {per_workload} is above max_connections"
+                f" {max_connections}: no workload could reach it; lower it or raise"
+                " max_connections",
+            )
         return ProxySettings(
             port=int_field("port", 1, 65535, defaults.port),
             address_v4=address_v4,
@@ -435,6 +450,8 @@ class _Reader:
             peek_timeout=seconds_field("peek_timeout", 60, defaults.peek_timeout),
             connect_timeout=seconds_field("connect_timeout", 300, defaults.connect_timeout),
             idle_timeout=seconds_field("idle_timeout", 86400, defaults.idle_timeout),
+            max_connections=max_connections,
+            max_connections_per_workload=min(per_workload, max_connections),
         )
 
     def workloads(self, node: Node, path: str) -> dict[str, Workload] | None:

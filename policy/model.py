@@ -233,6 +233,13 @@ class ProxySettings:
     peek_timeout: float = 5.0
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0
+    # Caps on connections open at once (transparent and CONNECT): beyond
+    # them new ones are reset and audited. Each relayed connection holds two
+    # file descriptors; the defaults fit well below the limits systemd and
+    # container runtimes give (524288 and more), and the proxy lowers the
+    # total further when the process's descriptor limit is smaller.
+    max_connections: int = 20000
+    max_connections_per_workload: int = 5000
 
 
 @dataclass(frozen=True, kw_only=True)

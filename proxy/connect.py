@@ -48,7 +48,14 @@ from egress_agent.proxy.connect_auth import AuthResult, CredentialFiles
 from egress_agent.proxy.connect_head import MAX_CONNECT_HEAD, ProxyRequest, parse_proxy_request
 from egress_agent.proxy.original_dst import Endpoint, endpoint_of
 from egress_agent.proxy.peek import Peeked, Protocol
-from egress_agent.proxy.server import Connection, ProxyServer, _describe, _listener, _take
+from egress_agent.proxy.server import (
+    Connection,
+    Listener,
+    ProxyServer,
+    _describe,
+    _listener,
+    _take,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +122,11 @@ class ConnectConnection(Connection):
             self.src = endpoint_of(transport.get_extra_info("peername"))
         except (OSError, ValueError) as exc:
             self.fail(f"no peer address: {exc}")
+            return
+        # Counted against the caps by its address's workload (an unknown
+        # source is refused later, with its own answer).
+        self.workload = identify(self.policy, self.src.address)
+        if not self.admit():
             return
         self.deciding = True
         self.server.tasks.spawn(self.run(), name="connect")
@@ -487,7 +499,7 @@ class ConnectListener:
         self.server = server
         self.port = port
         self.credentials = CredentialFiles()
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[Listener] = []
         self._own: set[tuple[str, int]] = set()
 
     async def start(self, spare: list[socket.socket] | None = None) -> None:
@@ -508,10 +520,10 @@ class ConnectListener:
                         " set connect.port)",
                     ) from exc
                 raise
-            server = await self.server.loop.create_server(
-                lambda: ConnectConnection(self).client, sock=sock, backlog=1024
+            listener = await self.server.listen(
+                sock, lambda: ConnectConnection(self).client, backlog=1024, owner=self
             )
-            self._servers.append(server)
+            self._listeners.append(listener)
             self._own.add((str(address), self.port))
         log.info(
             "CONNECT listener on %s:%d and [%s]:%d",
@@ -526,27 +538,22 @@ class ConnectListener:
 
     def listening_sockets(self) -> list[socket.socket]:
         """Duplicates of the listening sockets, for handing over to a successor."""
-        return [
-            socket.socket(fileno=os.dup(ts.fileno()))
-            for server in self._servers
-            for ts in server.sockets
-        ]
+        return [listener.duplicate() for listener in self._listeners]
 
     def stop_accepting(self) -> None:
         """Stop accepting; open tunnels go on until they end."""
-        for server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            listener.close()
 
     async def close(self) -> None:
         """Stop accepting and end this listener's connections (each writes its
         record); the proxy server's close would end them too."""
-        for server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            listener.close()
         for conn in list(self.server.connections):
             if isinstance(conn, ConnectConnection):
                 conn.abort_both("proxy stopping")
         await asyncio.sleep(0)  # let aborted transports report connection_lost
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2)
-        self._servers.clear()
+        for listener in self._listeners:
+            await listener.wait_closed()
+        self._listeners.clear()

@@ -44,15 +44,22 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from collections.abc import Generator
 from dataclasses import dataclass
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 __all__ = [
     "HTTP_METHODS",
     "MAX_CLIENT_HELLO",
     "MAX_HTTP_HEAD",
     "MAX_TLS_RECORD",
+    "ClientHelloParser",
+    "HttpHeadParser",
     "Peeked",
     "Protocol",
+    "Sniffer",
     "parse_client_hello",
     "parse_http_request_head",
     "sniff",
@@ -100,10 +107,6 @@ class Peeked:
     target: str | None = None
 
 
-class _NeedMore(Exception):
-    """The buffer ends inside the message (internal; becomes ``None``)."""
-
-
 # ---------------------------------------------------------------- TLS
 
 _CONTENT_HANDSHAKE = 0x16
@@ -113,6 +116,10 @@ _NAME_TYPE_HOST_NAME = 0
 _RECORD_HEADER = 5
 _HANDSHAKE_HEADER = 4
 
+# What a body parsing step yields while it waits: the length the handshake
+# bytes must reach before it can go on.
+_Steps = Generator[int, None, _T]
+
 
 def parse_client_hello(buf: bytes) -> Peeked | None:
     """The SNI of the TLS ClientHello at the start of ``buf``.
@@ -120,50 +127,112 @@ def parse_client_hello(buf: bytes) -> Peeked | None:
     ``buf`` starts with TLS records. Returns a :class:`Peeked` (TLS, with
     ``server_name`` None when the hello has no server_name extension), None when
     the hello is not complete yet, or raises ValueError when it is malformed.
+    One-shot form of :class:`ClientHelloParser`.
     """
-    try:
-        body, length = _reassemble_handshake(buf)
-        name = _parse_hello_body(body, length)
-    except _NeedMore:
+    return ClientHelloParser().feed(buf)
+
+
+class ClientHelloParser:
+    """Incremental :func:`parse_client_hello`: :meth:`feed` takes the bytes
+    that arrived since the last call and answers as ``parse_client_hello``
+    would for everything fed so far.
+
+    Each byte is looked at once: the record layer is followed as a stream
+    (a record header, then its payload, then the next header), and the
+    ClientHello body is parsed by a generator that waits where the bytes
+    end and resumes there. A hello trickled in 1-byte records thus costs
+    work in proportion to its length, where parsing the whole buffer again
+    at every wake-up cost its square.
+    """
+
+    __slots__ = (
+        "_body",
+        "_declared",
+        "_first",
+        "_handshake",
+        "_header",
+        "_message_end",
+        "_need",
+        "_outcome",
+        "_payload_left",
+        "examined",
+    )
+
+    def __init__(self) -> None:
+        self._header = bytearray()  # the record header being received (< 5 bytes)
+        self._payload_left = 0  # bytes of the current record's payload still to come
+        self._first = True  # no record header complete yet
+        self._declared = 0  # sum of the records' declared payload lengths
+        self._message_end: int | None = None  # handshake header + body length
+        self._handshake = bytearray()  # the handshake message so far
+        self._body: _Steps[str | None] | None = None
+        self._need = 0  # handshake length the body parser waits for
+        self._outcome: Peeked | ValueError | None = None
+        self.examined = 0  # bytes taken in (for tests of the parsing cost)
+
+    def feed(self, data: bytes) -> Peeked | None:
+        if self._outcome is None:
+            try:
+                self._outcome = self._advance(data)
+            except ValueError as exc:
+                self._outcome = exc
+        if isinstance(self._outcome, ValueError):
+            raise self._outcome
+        return self._outcome
+
+    def _advance(self, data: bytes) -> Peeked | None:
+        self._read_records(data)
+        if self._message_end is None:
+            return None
+        if self._body is None:
+            self._body = _hello_body(self._handshake, self._message_end - _HANDSHAKE_HEADER)
+        available = len(self._handshake)
+        try:
+            while self._need <= available:
+                self._need = next(self._body)
+        except StopIteration as done:
+            return Peeked(protocol=Protocol.TLS, server_name=done.value)
         return None
-    return Peeked(protocol=Protocol.TLS, server_name=name)
 
+    def _read_records(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._payload_left:
+                take = min(self._payload_left, end - pos)
+                self._handshake += data[pos : pos + take]
+                self.examined += take
+                self._payload_left -= take
+                pos += take
+                self._check_handshake()
+                continue
+            if self._message_end is not None and self._declared >= self._message_end:
+                return  # bytes after the ClientHello are never looked at
+            take = min(_RECORD_HEADER - len(self._header), end - pos)
+            self._header += data[pos : pos + take]
+            self.examined += take
+            pos += take
+            _check_record_header(bytes(self._header), first=self._first)
+            if len(self._header) < _RECORD_HEADER:
+                return
+            length = int.from_bytes(self._header[3:5], "big")
+            if length == 0:
+                # RFC 8446 section 5.1, RFC 5246 section 6.2.1.
+                raise ValueError("zero-length TLS handshake record")
+            if length > MAX_TLS_RECORD:
+                raise ValueError(f"TLS record length {length} exceeds {MAX_TLS_RECORD}")
+            self._header.clear()
+            self._first = False
+            self._declared += length
+            self._payload_left = length
+            self._check_handshake()
 
-def _reassemble_handshake(buf: bytes) -> tuple[bytes, int]:
-    """The ClientHello body received so far (maybe truncated) and its declared
-    length, collected from as many handshake records as it spans."""
-    handshake = bytearray()
-    declared = 0  # sum of the records' declared payload lengths
-    message_end: int | None = None
-    pos = 0
-    while message_end is None or declared < message_end:
-        header = buf[pos : pos + _RECORD_HEADER]
-        _check_record_header(header, first=pos == 0)
-        if len(header) < _RECORD_HEADER:
-            break
-        length = int.from_bytes(header[3:5], "big")
-        if length == 0:
-            # RFC 8446 section 5.1, RFC 5246 section 6.2.1.
-            raise ValueError("zero-length TLS handshake record")
-        if length > MAX_TLS_RECORD:
-            raise ValueError(f"TLS record length {length} exceeds {MAX_TLS_RECORD}")
-        payload = buf[pos + _RECORD_HEADER : pos + _RECORD_HEADER + length]
-        handshake += payload
-        declared += length
-        pos += _RECORD_HEADER + length
-        if message_end is None:
-            body_length = _check_handshake_header(handshake)
+    def _check_handshake(self) -> None:
+        if self._message_end is None:
+            body_length = _check_handshake_header(self._handshake)
             if body_length is not None:
-                message_end = _HANDSHAKE_HEADER + body_length
-        if message_end is not None and declared > message_end:
+                self._message_end = _HANDSHAKE_HEADER + body_length
+        if self._message_end is not None and self._declared > self._message_end:
             raise ValueError("TLS record carries bytes after the ClientHello")
-        if len(payload) < length:
-            break
-    body_length = _check_handshake_header(handshake)
-    if body_length is None:
-        raise _NeedMore
-    body = bytes(handshake[_HANDSHAKE_HEADER : _HANDSHAKE_HEADER + body_length])
-    return body, body_length
 
 
 def _check_record_header(header: bytes, *, first: bool) -> None:
@@ -193,14 +262,15 @@ def _check_handshake_header(handshake: bytearray) -> int | None:
     return length
 
 
-class _Reader:
-    """A cursor over a length-delimited TLS structure whose bytes may not all
-    have arrived: going past the declared end is malformed (ValueError), going
-    past the received bytes only means "need more" (_NeedMore)."""
+class _Cursor:
+    """A cursor over a length-delimited TLS structure inside a buffer that is
+    still filling up: going past the structure's declared end is malformed
+    (ValueError, at once), going past the bytes received so far means
+    waiting (the step yields the length it needs and resumes there)."""
 
     __slots__ = ("_data", "_end", "_pos", "_what")
 
-    def __init__(self, data: bytes, start: int, end: int, what: str) -> None:
+    def __init__(self, data: bytearray, start: int, end: int, what: str) -> None:
         self._data = data
         self._pos = start
         self._end = end
@@ -221,84 +291,88 @@ class _Reader:
         self._pos += n
         return start
 
-    def take(self, n: int, what: str) -> bytes:
+    def take(self, n: int, what: str) -> _Steps[bytes]:
         start = self._advance(n, what)
-        if start + n > len(self._data):
-            raise _NeedMore
-        return self._data[start : start + n]
+        while start + n > len(self._data):
+            yield start + n
+        return bytes(self._data[start : start + n])
 
-    def uint(self, size: int, what: str) -> int:
-        return int.from_bytes(self.take(size, what), "big")
+    def uint(self, size: int, what: str) -> _Steps[int]:
+        return int.from_bytes((yield from self.take(size, what)), "big")
 
-    def vector(self, size: int, what: str) -> _Reader:
+    def vector(self, size: int, what: str) -> _Steps[_Cursor]:
         """The vector behind a ``size``-byte length prefix; the cursor moves
         past it whether or not its bytes have arrived yet."""
-        length = self.uint(size, f"length of {what}")
+        length = yield from self.uint(size, f"length of {what}")
         start = self._advance(length, what)
-        return _Reader(self._data, start, start + length, what)
+        return _Cursor(self._data, start, start + length, what)
 
-    def rest(self) -> bytes:
-        return self.take(self.left, self._what)
+    def rest(self) -> _Steps[bytes]:
+        return (yield from self.take(self.left, self._what))
+
+    def wait_for_end(self) -> _Steps[None]:
+        while self._end > len(self._data):
+            yield self._end
 
 
-def _parse_hello_body(body: bytes, length: int) -> str | None:
+def _hello_body(handshake: bytearray, length: int) -> _Steps[str | None]:
     """The host_name in a ClientHello body (RFC 8446 section 4.1.2, RFC 5246
-    section 7.4.1.2); ``body`` may be a prefix of the ``length`` bytes."""
-    hello = _Reader(body, 0, length, "ClientHello")
-    version = hello.uint(2, "legacy_version")
+    section 7.4.1.2): the ``length`` bytes after the handshake header in
+    ``handshake``, which may still be arriving."""
+    hello = _Cursor(handshake, _HANDSHAKE_HEADER, _HANDSHAKE_HEADER + length, "ClientHello")
+    version = yield from hello.uint(2, "legacy_version")
     if version >> 8 != 0x03 or version & 0xFF > 0x04:
         raise ValueError(f"ClientHello version 0x{version:04x} is not 0x0300-0x0304")
-    hello.take(32, "random")
-    session_id = hello.vector(1, "legacy_session_id")
+    yield from hello.take(32, "random")
+    session_id = yield from hello.vector(1, "legacy_session_id")
     if session_id.left > 32:
         raise ValueError(f"session id of {session_id.left} bytes, at most 32 allowed")
-    suites = hello.vector(2, "cipher_suites")
+    suites = yield from hello.vector(2, "cipher_suites")
     if suites.left < 2 or suites.left % 2:
         raise ValueError(f"cipher_suites of {suites.left} bytes, expected an even number >= 2")
-    compression = hello.vector(1, "legacy_compression_methods")
+    compression = yield from hello.vector(1, "legacy_compression_methods")
     # The list must offer null (0) (RFC 5246 section 7.4.1.2); TLS 1.3 clients
     # send exactly that one byte (RFC 8446 section 4.1.2).
-    if 0 not in compression.rest():
+    if 0 not in (yield from compression.rest()):
         raise ValueError("compression methods do not offer null (0)")
     name = None
     # An SSLv3-style hello ends here; extensions are recognised by there being
     # bytes after the compression methods (RFC 5246 section 7.4.1.2).
     if not hello.at_end:
-        extensions = hello.vector(2, "extensions")
+        extensions = yield from hello.vector(2, "extensions")
         if not hello.at_end:
             raise ValueError(f"{hello.left} bytes after the ClientHello extensions")
         seen: set[int] = set()
         while not extensions.at_end:
-            kind = extensions.uint(2, "extension type")
-            data = extensions.vector(2, f"extension {kind}")
+            kind = yield from extensions.uint(2, "extension type")
+            data = yield from extensions.vector(2, f"extension {kind}")
             if kind in seen:
                 # RFC 8446 section 4.2, RFC 5246 section 7.4.1.4.
                 raise ValueError(f"extension {kind} appears twice")
             seen.add(kind)
             if kind == _EXT_SERVER_NAME:
-                name = _parse_server_name(data)
-    if len(body) < length:
-        raise _NeedMore
+                name = yield from _server_name(data)
+    yield from hello.wait_for_end()
     return name
 
 
-def _parse_server_name(ext: _Reader) -> str:
+def _server_name(ext: _Cursor) -> _Steps[str]:
     """The host_name in a server_name extension (RFC 6066 section 3)."""
-    names = ext.vector(2, "server_name_list")
+    names = yield from ext.vector(2, "server_name_list")
     if not ext.at_end:
         raise ValueError(f"{ext.left} bytes after server_name_list")
     name = None
     while not names.at_end:
-        kind = names.uint(1, "name_type")
+        kind = yield from names.uint(1, "name_type")
         if kind != _NAME_TYPE_HOST_NAME:
             # host_name is the only type defined, and the entry of an unknown
             # type cannot be delimited (RFC 6066 section 3).
             raise ValueError(f"server name type {kind}, only host_name (0) is defined")
-        host = names.vector(2, "host_name")
+        host = yield from names.vector(2, "host_name")
         if name is not None:
             # "MUST NOT contain more than one name of the same name_type".
             raise ValueError("more than one host_name in server_name")
-        name = _hostname(host.rest(), "server name")
+        name = _hostname((yield from host.rest()), "server name")
     if name is None:
         raise ValueError("empty server_name_list")
     return name
@@ -385,52 +459,180 @@ def parse_http_request_head(buf: bytes) -> Peeked | None:
 
     Returns a :class:`Peeked` (HTTP) once the head's closing empty line has
     arrived, None while ``buf`` is a valid prefix of a head shorter than
-    :data:`MAX_HTTP_HEAD`, and raises ValueError otherwise.
+    :data:`MAX_HTTP_HEAD`, and raises ValueError otherwise. One-shot form of
+    :class:`HttpHeadParser`.
     """
-    end = buf.find(b"\r\n\r\n", 0, MAX_HTTP_HEAD)
-    complete = end >= 0
-    region = buf[:end] if complete else buf[:MAX_HTTP_HEAD]
-    if not complete and region.endswith(b"\r"):
-        region = region[:-1]  # may be the first half of a CRLF
-    _check_line_endings(region)
-    lines = region.split(b"\r\n")
-    partial = b"" if complete else lines.pop()
+    return HttpHeadParser().feed(buf)
 
-    if not lines:
-        # Still inside the request line.
-        _check_request_line_prefix(partial)
-        _check_head_size(buf)
-        return None
-    method, target = _parse_request_line(lines[0])
-    host_seen = False
-    host_name: str | None = None
-    for line in lines[1:]:
-        name, value = _parse_field_line(line)
-        if name.lower() == b"host":
-            if host_seen:
-                raise ValueError("more than one Host header (RFC 9112 section 3.2)")
-            host_seen = True
-            host_name = _host_header(value)
-    if not complete:
-        _check_field_line_prefix(partial)
-        _check_head_size(buf)
-        return None
 
-    target_name = _target_host(method, target)
-    if target_name is not None and host_name is not None and target_name != host_name:
-        raise ValueError("Host header names another server than the request-target")
-    return Peeked(
-        protocol=Protocol.HTTP,
-        server_name=target_name or host_name,
-        method=method.decode("ascii"),
-        target=target.decode("ascii"),
+class HttpHeadParser:
+    """Incremental :func:`parse_http_request_head`: :meth:`feed` takes the
+    bytes that arrived since the last call and answers as
+    ``parse_http_request_head`` would for everything fed so far.
+
+    Each complete line is parsed once, when its CRLF arrives; the line still
+    arriving is checked as it grows, only its new bytes each time. A head
+    trickled byte by byte thus costs work in proportion to its length.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_checked",
+        "_host_name",
+        "_host_seen",
+        "_in_value",
+        "_line_start",
+        "_name_len",
+        "_outcome",
+        "_part_len",
+        "_parts",
+        "_request",
+        "_scan",
+        "_total",
+        "_version",
     )
 
+    def __init__(self) -> None:
+        self._buf = bytearray()  # the first MAX_HTTP_HEAD bytes
+        self._total = 0  # bytes fed, also past the cap
+        self._line_start = 0  # where the line being received starts in _buf
+        self._scan = 0  # where the search for the next CRLF goes on
+        self._request: tuple[bytes, bytes] | None = None  # method, request-target
+        self._host_seen = False
+        self._host_name: str | None = None
+        self._outcome: Peeked | ValueError | None = None
+        self._new_line()
 
-def _check_head_size(buf: bytes) -> None:
-    """An unfinished head may still become valid only below the cap."""
-    if len(buf) >= MAX_HTTP_HEAD:
-        raise ValueError(f"no end of the HTTP request head within {MAX_HTTP_HEAD} bytes")
+    def _new_line(self) -> None:
+        """State of the checks of the line being received, so far."""
+        self._checked = 0  # its bytes checked already
+        self._parts = 0  # request line: spaces seen
+        self._part_len = 0  # request line: bytes of the current part
+        self._version = b""  # request line: the HTTP-version part
+        self._in_value = False  # field line: past the colon
+        self._name_len = 0  # field line: bytes of the name
+
+    def feed(self, data: bytes) -> Peeked | None:
+        if self._outcome is None:
+            try:
+                self._outcome = self._advance(data)
+            except ValueError as exc:
+                self._outcome = exc
+        if isinstance(self._outcome, ValueError):
+            raise self._outcome
+        return self._outcome
+
+    def _advance(self, data: bytes) -> Peeked | None:
+        buf = self._buf
+        buf += data[: MAX_HTTP_HEAD - len(buf)]
+        self._total += len(data)
+        while (end := buf.find(b"\r\n", self._scan)) >= 0:
+            line = bytes(buf[self._line_start : end])
+            self._line_start = self._scan = end + 2
+            self._new_line()
+            if self._complete_line(line):
+                return self._result()
+        # The line still arriving; a CR at its end may be the first half of a CRLF.
+        self._scan = max(self._line_start, len(buf) - 1)
+        end = len(buf)
+        if end > self._line_start and buf[end - 1] == 0x0D:
+            end -= 1
+        start = self._line_start + self._checked
+        if end > start:
+            self._check_partial(bytes(buf[start:end]))
+            self._checked = end - self._line_start
+        if self._total >= MAX_HTTP_HEAD:
+            raise ValueError(f"no end of the HTTP request head within {MAX_HTTP_HEAD} bytes")
+        return None
+
+    def _complete_line(self, line: bytes) -> bool:
+        """Parse one complete line; True when it is the empty line ending the head."""
+        # RFC 9112 section 2.2: a bare CR is invalid; a bare LF we refuse too
+        # (see the module docstring).
+        if b"\r" in line:
+            raise ValueError("bare CR in HTTP request head")
+        if b"\n" in line:
+            raise ValueError("bare LF in HTTP request head, lines must end in CRLF")
+        if self._request is None:
+            self._request = _parse_request_line(line)
+            return False
+        if not line:
+            return True
+        name, value = _parse_field_line(line)
+        if name.lower() == b"host":
+            if self._host_seen:
+                raise ValueError("more than one Host header (RFC 9112 section 3.2)")
+            self._host_seen = True
+            self._host_name = _host_header(value)
+        return False
+
+    def _result(self) -> Peeked:
+        assert self._request is not None
+        method, target = self._request
+        target_name = _target_host(method, target)
+        host_name = self._host_name
+        if target_name is not None and host_name is not None and target_name != host_name:
+            raise ValueError("Host header names another server than the request-target")
+        return Peeked(
+            protocol=Protocol.HTTP,
+            server_name=target_name or host_name,
+            method=method.decode("ascii"),
+            target=target.decode("ascii"),
+        )
+
+    def _check_partial(self, new: bytes) -> None:
+        """Refuse the line being received, from its ``new`` bytes, as soon as
+        it cannot become a valid line (what ``_check_request_line_prefix``
+        and ``_check_field_line_prefix`` check, one piece at a time)."""
+        if b"\n" in new:
+            raise ValueError("bare LF in HTTP request head, lines must end in CRLF")
+        if b"\r" in new:
+            raise ValueError("bare CR in HTTP request head")
+        if self._request is None:
+            self._check_request_line_piece(new)
+        else:
+            self._check_field_line_piece(new)
+
+    def _check_request_line_piece(self, new: bytes) -> None:
+        for i, piece in enumerate(new.split(b" ")):
+            if i:  # a space ends the current part
+                if self._parts == 0 and self._part_len == 0:
+                    raise ValueError("HTTP method b'' is not a token")
+                if self._parts == 1 and self._part_len == 0:
+                    raise ValueError(
+                        "request-target is empty or has bytes other than visible ASCII"
+                    )
+                self._parts += 1
+                self._part_len = 0
+                if self._parts > 2:
+                    raise ValueError("request line has more than two spaces")
+            if not piece:
+                continue
+            if self._parts == 0 and piece.translate(None, _TCHAR):
+                raise ValueError(f"HTTP method {_excerpt(piece)} is not a token")
+            if self._parts == 1 and piece.translate(None, _VCHAR):
+                raise ValueError("request-target is empty or has bytes other than visible ASCII")
+            if self._parts == 2:
+                self._version += piece
+                if not any(v.startswith(self._version) for v in _VERSIONS):
+                    raise ValueError("HTTP version is not HTTP/1.0 or HTTP/1.1")
+            self._part_len += len(piece)
+
+    def _check_field_line_piece(self, new: bytes) -> None:
+        if self._checked == 0 and new[:1] in (b" ", b"\t"):
+            # obs-fold, or whitespace before the first field (RFC 9112 sections
+            # 5.2 and 2.2): both may be rejected, and we do.
+            raise ValueError("header line starts with whitespace (obsolete line folding)")
+        value = new
+        if not self._in_value:
+            name, colon, value = new.partition(b":")
+            self._name_len += len(name)
+            if name.translate(None, _TCHAR) or (colon and not self._name_len):
+                # Includes whitespace before the colon (RFC 9112 section 5.1).
+                raise ValueError("header name is empty or not a token")
+            self._in_value = bool(colon)
+        if self._in_value and value.translate(None, _FIELD_VALUE):
+            raise ValueError("control byte in a header value")
 
 
 def _check_line_endings(region: bytes) -> None:
@@ -545,18 +747,56 @@ def sniff(buf: bytes) -> Peeked | None:
     a method from :data:`HTTP_METHODS` and a space start an HTTP/1 request
     (:func:`parse_http_request_head`); anything else is plain TCP with no name.
     None while too few bytes have arrived to tell, or to finish the parse;
-    ValueError for a malformed ClientHello or request head.
+    ValueError for a malformed ClientHello or request head. One-shot form of
+    :class:`Sniffer`.
     """
-    if not buf:
-        return None
-    if buf[0] == _CONTENT_HANDSHAKE:
-        if len(buf) < 2:
+    return Sniffer().feed(buf)
+
+
+_TCP = Peeked(protocol=Protocol.TCP, server_name=None)
+
+
+class Sniffer:
+    """Incremental :func:`sniff` for the bytes of one connection as they
+    arrive: :meth:`feed` takes what arrived since the last call and answers
+    as ``sniff`` would for everything fed so far, at a cost in proportion to
+    the new bytes (see :class:`ClientHelloParser` and :class:`HttpHeadParser`).
+    Once it has answered with a value or an error, it keeps that answer."""
+
+    __slots__ = ("_outcome", "_parser", "_start")
+
+    def __init__(self) -> None:
+        self._start = b""  # the first bytes, until they tell the protocol (a few)
+        self._parser: ClientHelloParser | HttpHeadParser | None = None
+        self._outcome: Peeked | ValueError | None = None
+
+    def feed(self, data: bytes) -> Peeked | None:
+        if self._outcome is None:
+            try:
+                self._outcome = self._advance(data)
+            except ValueError as exc:
+                self._outcome = exc
+        if isinstance(self._outcome, ValueError):
+            raise self._outcome
+        return self._outcome
+
+    def _advance(self, data: bytes) -> Peeked | None:
+        if self._parser is not None:
+            return self._parser.feed(data)
+        buf = self._start = self._start + data
+        if not buf:
             return None
-        if buf[1] == 0x03:
-            return parse_client_hello(buf)
-        return Peeked(protocol=Protocol.TCP, server_name=None)
-    if buf.startswith(_HTTP_STARTS):
-        return parse_http_request_head(buf)
-    if any(start.startswith(buf) for start in _HTTP_STARTS):
-        return None
-    return Peeked(protocol=Protocol.TCP, server_name=None)
+        if buf[0] == _CONTENT_HANDSHAKE:
+            if len(buf) < 2:
+                return None
+            if buf[1] != 0x03:
+                return _TCP
+            self._parser = ClientHelloParser()
+        elif buf.startswith(_HTTP_STARTS):
+            self._parser = HttpHeadParser()
+        elif any(start.startswith(buf) for start in _HTTP_STARTS):
+            return None
+        else:
+            return _TCP
+        self._start = b""
+        return self._parser.feed(buf)

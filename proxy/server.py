@@ -16,15 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import errno
+import functools
+import gc
 import ipaddress
 import itertools
 import logging
 import os
+import resource
 import socket
 import struct
+import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, cast
 
 from egress_agent.policy.decide import (
@@ -45,7 +51,7 @@ from egress_agent.proxy.original_dst import (
     family_of,
     original_dst,
 )
-from egress_agent.proxy.peek import HTTP_METHODS, Peeked, Protocol, sniff
+from egress_agent.proxy.peek import HTTP_METHODS, Peeked, Protocol, Sniffer
 from egress_agent.proxy.resolver import Resolver
 from egress_agent.proxy.sockdiag import socket_mark
 
@@ -60,6 +66,41 @@ SWEEP_INTERVAL = 1.0
 # Plain HTTP allowed by a rule's hosts is served by the HTTP relay without
 # rewriting anything, so that every request's Host is checked.
 PASS_THROUGH = HttpRule()
+# A relayed connection holds two file descriptors (client and upstream); the
+# agent's own (listeners, netlink and BPF map descriptors, the audit log, the
+# status server) and short-lived ones (sock_diag, resolver) fit in a reserve.
+FDS_PER_CONNECTION = 2
+FD_RESERVE = 256
+# Audit and metrics name the cap that refused a connection by its setting.
+CAP_TOTAL = "proxy.max_connections"
+CAP_WORKLOAD = "proxy.max_connections_per_workload"
+CAP_WARNING_INTERVAL = 10.0
+
+
+# Give freed memory back to the system once this many connections have
+# ended since the peak (and at least half of those open then).
+TRIM_AFTER_DROP = 1000
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim(3), or None where the C library has none (musl)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+def descriptor_room() -> int:
+    """How many descriptors connections may hold: this process's soft
+    RLIMIT_NOFILE (the agent raises it to the hard one at start) less a
+    reserve for the agent's own."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return sys.maxsize
+    return max(FDS_PER_CONNECTION, soft - FD_RESERVE)
 
 
 class TaskSet:
@@ -167,6 +208,8 @@ class _Half(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.reset = exc is not None
+        if self.upstream:
+            self.conn.server.upstreams -= 1
         if exc is not None and self.conn.error is None:
             side = "upstream" if self.upstream else "client"
             self.conn.error = f"{side}: {_describe(exc)}"
@@ -236,6 +279,10 @@ class Connection:
         self.deciding = False
         self.buffer = bytearray()
         self.sniff_buf: bytearray | None = None
+        # Fed the client's first bytes as they arrive (see peek.Sniffer):
+        # a trickle costs work in proportion to its bytes.
+        self.sniffer = Sniffer()
+        self.sniffed = 0  # bytes fed to it
         self._data_event = asyncio.Event()
         self.client_eof = False
         self.finished = False
@@ -244,6 +291,8 @@ class Connection:
         self.holding = False
         self.downstream_wired = False
         self.upstream_address: IPAddress | None = None  # when not the original destination
+        self.admitted = False  # counted against the connection caps
+        self.counted_as: str | None = None  # the workload it was counted for
 
     # -- client side, before relaying -------------------------------------------------
 
@@ -256,8 +305,27 @@ class Connection:
         except (NotDiverted, OSError, ValueError) as exc:
             self.fail(f"no original destination: {exc}")
             return
+        self.workload = identify(self.policy, self.src.address)
+        if self.workload is None and any(w.cgroups for w in self.policy.workloads):
+            self.workload = self._cgroup_workload(self.policy)
+        if not self.admit():
+            return
         self.deciding = True
         self.server.tasks.spawn(self.run(), name="connection")
+
+    def admit(self) -> bool:
+        """Count the connection against the caps on open connections, or
+        refuse it (a reset, and an audit record naming the cap)."""
+        refused = self.server.admit(self)
+        if refused is None:
+            self.admitted = True
+            return True
+        cap, reason = refused
+        self.event = "denied"
+        self.verdict = Verdict(action=Action.DENY, rule=cap, workload=self.workload)
+        self.error = reason
+        self.reset_client()
+        return False
 
     def buffer_client_bytes(self, data: bytes) -> None:
         self.buffer += data
@@ -272,14 +340,18 @@ class Connection:
     def sniff_more(self, data: bytes) -> None:
         # Relaying already (the verdict did not need the server name): learn
         # protocol and name for the audit record from the first bytes only.
+        # sniff_buf holds what the sniffer has not been fed yet.
         assert self.sniff_buf is not None
         self.sniff_buf += data
         cap = self.policy.proxy.peek_bytes
+        chunk = bytes(self.sniff_buf[: cap - self.sniffed])
+        self.sniff_buf.clear()
+        self.sniffed += len(chunk)
         try:
-            peeked = sniff(bytes(self.sniff_buf))
+            peeked = self.sniffer.feed(chunk)
         except ValueError:
             peeked = Peeked(protocol=Protocol.TCP, server_name=None)
-        if peeked is not None or len(self.sniff_buf) >= cap:
+        if peeked is not None or self.sniffed >= cap:
             self.peeked = peeked
             self.sniff_buf = None
 
@@ -297,9 +369,6 @@ class Connection:
         if self.server.is_own_endpoint(self.dst):
             self.fail("original destination is the proxy itself (loop refused)")
             return
-        self.workload = identify(policy, self.src.address)
-        if self.workload is None and any(w.cgroups for w in policy.workloads):
-            self.workload = self._cgroup_workload(policy)
         if needs_server_name(
             policy, workload=self.workload, dst=self.dst.address, dst_port=self.dst.port
         ):
@@ -532,14 +601,11 @@ class Connection:
         """
         deadline: float | None = None
         while True:
-            if self.buffer:
-                peeked = sniff(bytes(self.buffer[:cap]))
-                if peeked is not None:
-                    return peeked
-                if len(self.buffer) >= cap:
-                    raise ValueError(f"no complete TLS ClientHello or HTTP head in {cap} bytes")
-                if deadline is None:
-                    deadline = self.loop.time() + timeout
+            peeked = self._sniff_buffered(cap)
+            if peeked is not None:
+                return peeked
+            if self.buffer and deadline is None:
+                deadline = self.loop.time() + timeout
             if self.client_eof or self.client.lost:
                 return None
             self._data_event.clear()
@@ -551,6 +617,20 @@ class Connection:
                 raise TimeoutError
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._data_event.wait(), remaining)
+
+    def _sniff_buffered(self, cap: int) -> Peeked | None:
+        """Feed the sniffer what arrived since it was last fed (so a trickle
+        costs work in proportion to its bytes): the first message once it is
+        complete, else None; ValueError when ``cap`` bytes hold none."""
+        if len(self.buffer) > self.sniffed:
+            chunk = bytes(self.buffer[self.sniffed : cap])
+            self.sniffed += len(chunk)
+            peeked = self.sniffer.feed(chunk)
+            if peeked is not None:
+                return peeked
+            if len(self.buffer) >= cap:
+                raise ValueError(f"no complete TLS ClientHello or HTTP head in {cap} bytes")
+        return None
 
     def _cgroup_workload(self, policy: Policy) -> str | None:
         """A node process's connection: its socket's mark names the cgroup
@@ -683,12 +763,9 @@ class Connection:
         (server-speaks-first protocols) or closed before sending."""
         deadline = self.loop.time() + timeout
         while True:
-            if self.buffer:
-                peeked = sniff(bytes(self.buffer[:cap]))
-                if peeked is not None:
-                    return peeked
-                if len(self.buffer) >= cap:
-                    raise ValueError(f"no complete TLS ClientHello or HTTP head in {cap} bytes")
+            peeked = self._sniff_buffered(cap)
+            if peeked is not None:
+                return peeked
             if self.client_eof or self.client.lost:
                 return None
             remaining = deadline - self.loop.time()
@@ -712,6 +789,8 @@ class Connection:
         assert self.dst is not None
         dst = self.dst if address is None else Endpoint(address=address, port=self.dst.port)
         sock = socket.socket(family_of(dst), socket.SOCK_STREAM)
+        self.server.upstreams += 1  # until the upstream half is lost
+        half: _Half | None = None
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -726,6 +805,8 @@ class Connection:
             await self.loop.create_connection(lambda: half, sock=sock)
         except BaseException:
             sock.close()
+            if half is None or half.transport is None:
+                self.server.upstreams -= 1
             raise
         self.upstream = half
 
@@ -764,8 +845,13 @@ class Connection:
             if client.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
                 upstream.transport.resume_reading()
             # else: the client side's resume_writing resumes it once drained
-        if not self.client_eof:
+        if not self.client_eof and upstream.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
             client.transport.resume_reading()
+        # else: the replay filled the upstream write buffer (its pause_writing
+        # paused the client already); the upstream side's resume_writing
+        # resumes the client once it drains. Resuming here would let the
+        # client fill it without bound: the transport reports crossing the
+        # high-water mark only once.
 
     # -- ending --------------------------------------------------------------------------
 
@@ -811,6 +897,8 @@ class Connection:
             return
         self.finished = True
         self.server.connections.discard(self)
+        if self.admitted:
+            self.server.release(self)
         self.server.audit.write(self.record())
 
     def record(self) -> AuditRecord:
@@ -836,6 +924,117 @@ class Connection:
             requests=self.requests,
             upstream=_show(self.upstream_address, self.dst.port) if self.dst else None,
         )
+
+
+class Listener:
+    """One listening socket served by the event loop, and our own duplicate of it.
+
+    uvloop closes a listening handle for good when accept reports an error
+    that libuv does not absorb itself (libuv meets EMFILE and ENFILE by
+    closing a reserved descriptor, accepting and closing what is queued and
+    taking the reserve back; if that last step fails too, or for ENOBUFS and
+    ENOMEM, the error reaches uvloop, which closes the server without a word).
+    The duplicate keeps the socket listening, so connections queue instead of
+    being refused, and :meth:`check` notices a queue that nobody drains and
+    serves the socket again. Nothing spins meanwhile: the queue just waits.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+        factory: Callable[[], asyncio.Protocol], backlog: int,
+    ) -> None:  # fmt: skip
+        self.loop = loop
+        self.sock = sock  # ours: the loop's server gets a duplicate
+        self.name = _sockname(sock)
+        self._factory = factory
+        self._backlog = backlog
+        self.server: asyncio.Server | None = None
+        self.accepts = 0
+        self._seen = 0
+        self._stalled = False
+        self.closed = False
+        self.restarts = 0
+        self.owner: object = None  # the ProxyServer or ConnectListener it serves
+
+    def _counting_factory(self) -> asyncio.Protocol:
+        self.accepts += 1
+        return self._factory()
+
+    async def serve(self) -> None:
+        dup = self.sock.dup()
+        try:
+            self.server = await self.loop.create_server(
+                self._counting_factory, sock=dup, backlog=self._backlog
+            )
+        except BaseException:
+            dup.close()
+            raise
+
+    async def check(self) -> None:
+        """Called every sweep: a queue with connections waiting while nothing
+        was accepted for two sweeps in a row means the loop no longer serves
+        this socket."""
+        if self.closed:
+            return
+        try:
+            queued = _accept_queue(self.sock)
+        except OSError:
+            return
+        stalled = queued > 0 and self.accepts == self._seen
+        self._seen = self.accepts
+        if not (stalled and self._stalled):
+            self._stalled = stalled
+            return
+        self._stalled = False
+        log.error(
+            "listener %s: %d connections wait and none was accepted for %gs (the event loop"
+            " stopped serving it after an accept error): listening again",
+            self.name,
+            queued,
+            2 * SWEEP_INTERVAL,
+        )
+        old = self.server
+        try:
+            await self.serve()
+        except OSError as exc:
+            log.error("listener %s: cannot listen again yet: %s", self.name, _describe(exc))
+            return
+        self.restarts += 1
+        if old is not None:
+            old.close()
+
+    def duplicate(self) -> socket.socket:
+        return socket.socket(fileno=os.dup(self.sock.fileno()))
+
+    def close(self) -> None:
+        """Stop accepting here (a successor may hold the socket too)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.server is not None:
+            self.server.close()
+        self.sock.close()
+
+    async def wait_closed(self) -> None:
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 2)
+
+
+def _accept_queue(sock: socket.socket) -> int:
+    """Connections waiting in a listening socket's accept queue: for a
+    listener, TCP_INFO's tcpi_unacked is the queue length (tcp_get_info in
+    net/ipv4/tcp.c)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    queued: int = struct.unpack_from("I", info, 24)[0]
+    return queued
+
+
+def _sockname(sock: socket.socket) -> str:
+    try:
+        return str(endpoint_of(sock.getsockname()))
+    except (OSError, ValueError):
+        return f"fd {sock.fileno()}"
 
 
 class ProxyServer:
@@ -864,10 +1063,20 @@ class ProxyServer:
         self.id_prefix = f"{int(time.time()):x}"
         self.ids = itertools.count(1)
         self.http = httprelay.HttpResources()
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[Listener] = []  # ours first, then the CONNECT listener's
         self._own: set[tuple[str, int]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.listening = False
+        # Connection caps: open connections counted against them, in total
+        # and by workload (None: no workload identified); refusals by
+        # (cap, workload) for the metrics.
+        self.fd_room = descriptor_room()
+        self.admitted = 0
+        self.upstreams = 0  # upstream sockets open (the other descriptor of a relay)
+        self.open_by_workload: dict[str | None, int] = {}
+        self.refused: dict[tuple[str, str], int] = {}
+        self._cap_warned = 0.0
+        self._peak_open = 0  # most connections open since memory was last given back
 
     async def start(self, inherited: Sequence[socket.socket] = ()) -> None:
         """Listen on the proxy's addresses: on ``inherited`` sockets that are
@@ -877,10 +1086,7 @@ class ProxyServer:
         spare = list(inherited)
         for address in (settings.address_v4, settings.address_v6):
             sock = _take(spare, address, settings.port) or _listener(address, settings.port)
-            server = await self.loop.create_server(
-                lambda: Connection(self).client, sock=sock, backlog=4096
-            )
-            self._servers.append(server)
+            await self.listen(sock, lambda: Connection(self).client, backlog=4096)
             self._own.add((str(address), settings.port))
         for sock in spare:
             sock.close()
@@ -896,20 +1102,37 @@ class ProxyServer:
             settings.port,
         )
 
+    @property
+    def listeners(self) -> list[Listener]:
+        return list(self._listeners)
+
     def listening_sockets(self) -> list[socket.socket]:
         """The listening sockets, for handing over to a successor (the caller
         sends their descriptors; they stay ours until ``stop_accepting``)."""
-        return [
-            socket.socket(fileno=os.dup(ts.fileno()))
-            for server in self._servers
-            for ts in server.sockets
-        ]
+        return [listener.duplicate() for listener in self._listeners if listener.owner is self]
+
+    async def listen(
+        self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], *, backlog: int,
+        owner: object = None,
+    ) -> Listener:  # fmt: skip
+        """Serve ``sock`` (a listening socket, now ours) with ``factory``'s
+        protocols, watched by the sweeper (see :class:`Listener`)."""
+        listener = Listener(self.loop, sock, factory, backlog)
+        listener.owner = owner if owner is not None else self
+        try:
+            await listener.serve()
+        except BaseException:
+            sock.close()
+            raise
+        self._listeners.append(listener)
+        return listener
 
     def stop_accepting(self) -> None:
         """Stop accepting; connections being relayed go on until they end."""
         self.listening = False
-        for server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            if listener.owner is self:
+                listener.close()
 
     def update_policy(self, policy: Policy, *, generation: int, policy_hash: str) -> int:
         """Swap the policy for new connections; returns how many open ones it closed.
@@ -961,6 +1184,65 @@ class ProxyServer:
     def is_own_endpoint(self, ep: Endpoint) -> bool:
         return (str(ep.address), ep.port) in self._own
 
+    @property
+    def max_connections(self) -> int:
+        """The cap on open connections: the policy's, or as many relayed
+        connections (two descriptors each) as the descriptor limit holds."""
+        return min(self.policy.proxy.max_connections, self.fd_room // FDS_PER_CONNECTION)
+
+    def admit(self, conn: Connection) -> tuple[str, str] | None:
+        """Count ``conn`` as open, or say which cap refuses it and why."""
+        settings = conn.policy.proxy
+        workload = conn.workload
+        total_cap = settings.max_connections
+        per_cap = min(settings.max_connections_per_workload, total_cap)
+        held = self.open_by_workload.get(workload, 0)
+        in_use = self.admitted + self.upstreams
+        refused: tuple[str, str] | None = None
+        if self.admitted >= total_cap:
+            refused = (
+                CAP_TOTAL,
+                f"refused: {self.admitted} connections open, the cap ({CAP_TOTAL})",
+            )
+        elif in_use + FDS_PER_CONNECTION > self.fd_room:
+            # Below the policy's cap, the descriptor limit is the cap.
+            refused = (
+                CAP_TOTAL,
+                f"refused: {self.admitted} connections open hold {in_use} of the {self.fd_room}"
+                f" file descriptors the limit leaves them ({CAP_TOTAL} is more than fits)",
+            )
+        elif held >= per_cap:
+            who = f"workload {workload}" if workload else "sources with no workload"
+            refused = (
+                CAP_WORKLOAD,
+                f"refused: {held} connections open for {who}, the cap ({CAP_WORKLOAD})",
+            )
+        if refused is None:
+            self.admitted += 1
+            self.open_by_workload[workload] = held + 1
+            conn.counted_as = workload
+            return None
+        key = (refused[0], workload or "")
+        self.refused[key] = self.refused.get(key, 0) + 1
+        now = self.loop.time()
+        if now - self._cap_warned >= CAP_WARNING_INTERVAL:
+            self._cap_warned = now
+            log.warning(
+                "connection cap reached, refusing new connections: %s (connections"
+                " refused so far by cap: %s)",
+                refused[1],
+                ", ".join(f"{c} {w or '-'}: {n}" for (c, w), n in sorted(self.refused.items())),
+            )
+        return refused
+
+    def release(self, conn: Connection) -> None:
+        self.admitted -= 1
+        held = self.open_by_workload.get(conn.counted_as, 0) - 1
+        if held > 0:
+            self.open_by_workload[conn.counted_as] = held
+        else:
+            self.open_by_workload.pop(conn.counted_as, None)
+
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
@@ -969,11 +1251,32 @@ class ProxyServer:
             for conn in list(self.connections):
                 if now - conn.last_activity > idle:
                     conn.abort_both(f"idle for more than {idle:g}s")
+            for listener in list(self._listeners):
+                await listener.check()
+            self._give_memory_back()
+
+    def _give_memory_back(self) -> None:
+        """After a flood of connections has ended, hand the memory it took
+        back to the system: glibc keeps freed heap memory for reuse (and
+        Python's small-object arenas go back only when empty), so the agent's
+        RSS would otherwise stay at the flood's peak."""
+        open_now = len(self.connections)
+        self._peak_open = max(self._peak_open, open_now)
+        if self._peak_open - open_now < TRIM_AFTER_DROP or open_now > self._peak_open // 2:
+            return
+        self._peak_open = open_now
+        # A connection's objects refer to each other (the connection, its
+        # halves, their transports): only the cycle collector frees them,
+        # and its oldest generation may not run for a long while.
+        gc.collect()
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
 
     async def close(self) -> None:
         self.listening = False
-        for server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            listener.close()
         for conn in list(self.connections):
             conn.abort_both("proxy stopping")
         await self.tasks.cancel_all()
@@ -981,9 +1284,8 @@ class ProxyServer:
         await asyncio.sleep(0)  # let aborted transports report connection_lost
         for conn in list(self.connections):
             conn.finish()
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2)
+        for listener in self._listeners:
+            await listener.wait_closed()
 
 
 def _take(

@@ -181,3 +181,106 @@ def test_without_handover_a_second_agent_says_the_ports_are_taken(
         assert first.proc is not None and first.proc.poll() is None  # untouched
     finally:
         assert first.stop() == 0
+
+
+# One connection at a time, back to back, for SECONDS: how long each waited
+# for the sink's answer, and whether the sink saw the pod itself (direct).
+LATENCY_PROBE = """
+import socket, time
+waits, failed, direct, errors = [], 0, 0, []
+end = time.time() + SECONDS
+while time.time() < end:
+    t0 = time.monotonic()
+    try:
+        with socket.create_connection(("198.18.1.2", 9000), timeout=15) as s:
+            s.sendall(b"probe\\n")
+            reply = s.recv(200).decode()
+        if " saw " not in reply:
+            raise ConnectionError("no answer")
+        waits.append(time.monotonic() - t0)
+        if " saw 198.19.1.2:" in reply:
+            direct += 1
+    except OSError as exc:
+        failed += 1; errors.append(repr(exc))
+print(json.dumps({"ok": len(waits), "failed": failed, "direct": direct,
+                  "longest": max(waits or [0]), "errors": errors[:5]}))
+"""
+
+# The longest any new connection may wait across a handover. Without one a
+# connection here is answered in milliseconds; a successor that starts in
+# seconds (compiling its BPF program) must not show through.
+HANDOVER_WAIT_BOUND = 1.0
+
+
+@pytest.mark.parametrize("datapath", ["bpf", "nft"])
+def test_no_new_connection_waits_for_the_successor_to_start(
+    pod_and_sink: Lab, tmp_path: Path, datapath: str
+) -> None:
+    """The predecessor accepts and serves until its successor accepts: a pod
+    connecting continuously across the handover never waits for the
+    successor's start-up (policy, BPF compile and attach, table)."""
+    lab = pod_and_sink
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    pins = f"/sys/fs/bpf/egress-{lab.prefix.rstrip('-')}"
+    args = ("--datapath", datapath, "--bpf-pin-dir", pins)
+    old = _agent(lab, tmp_path, "old", *args).start(timeout=60)
+    new = _agent(lab, tmp_path, "new", *args)
+    probe = lab.popen(
+        "pod", [sys.executable, "-c", _script(LATENCY_PROBE, 12.0)], stdout=-1, stderr=-1, text=True
+    )
+    try:
+        time.sleep(1.0)
+        new.start(timeout=60)
+        out, err = probe.communicate(timeout=60)
+        assert probe.returncode == 0, err
+        probed = json.loads(out)
+        assert old.proc is not None and old.proc.wait(timeout=10) == 0
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+        new.stop()
+        if old.proc is not None and old.proc.poll() is None:
+            old.kill()
+    print(f"handover ({datapath}): {probed}")
+    assert probed["failed"] == 0 and probed["direct"] == 0, probed
+    assert probed["ok"] > 100, probed
+    assert probed["longest"] < HANDOVER_WAIT_BOUND, probed
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert len(records) == probed["ok"], (len(records), probed)
+
+
+def test_a_successor_that_fails_to_start_leaves_the_predecessor_serving(
+    pod_and_sink: Lab, tmp_path: Path
+) -> None:
+    """The successor takes the sockets, then its start-up fails (its BPF
+    datapath cannot pin where it is told to): the predecessor, which never
+    stopped accepting, serves on and keeps the kernel state."""
+    lab = pod_and_sink
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    old = _agent(lab, tmp_path, "old", "--datapath", "nft").start()
+    ruleset = _ruleset(lab)
+    doomed = _agent(
+        lab, tmp_path, "doomed", "--datapath", "bpf", "--bpf-pin-dir", "/proc/egress-agent-no"
+    )
+    probe = lab.popen(
+        "pod", [sys.executable, "-c", _script(LATENCY_PROBE, 8.0)], stdout=-1, stderr=-1, text=True
+    )
+    try:
+        time.sleep(0.5)
+        with pytest.raises(RuntimeError, match="exited with"):
+            doomed.start(timeout=60)
+        out, err = probe.communicate(timeout=60)
+        assert probe.returncode == 0, err
+        probed = json.loads(out)
+        assert old.proc is not None and old.proc.poll() is None  # still the agent
+        assert _ruleset(lab) == ruleset
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+        old.stop()
+    assert probed["failed"] == 0 and probed["direct"] == 0, probed
+    assert probed["longest"] < HANDOVER_WAIT_BOUND, probed
+    old_log = (tmp_path / "old.log").read_text()
+    assert "stopped before accepting: serving on" in old_log
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert len(records) == probed["ok"]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -117,7 +118,9 @@ async def _play(
             writer.write_eof()
             await reading
         writer.close()
-    except OSError:  # reset by the peer (ECONNRESET, EPIPE, ENOTCONN)
+    # Reset by the peer (ECONNRESET, EPIPE, ENOTCONN); uvloop raises
+    # RuntimeError for a write to a transport a reset has already closed.
+    except (OSError, RuntimeError):
         side.ended = "reset"
         writer.transport.abort()
     finally:
@@ -202,6 +205,7 @@ async def _scenario(
 class Wiring:
     delay: float = 0.0  # after the upstream connect, before the relay is wired
     port: int = 0  # the test server's port: the "original destination"
+    sndbuf: int = 0  # if set: the upstream socket's SO_SNDBUF (no autotuning)
 
 
 @pytest.fixture
@@ -215,6 +219,9 @@ def wiring(monkeypatch: pytest.MonkeyPatch) -> Wiring:
         self: proxy_server.Connection, mark: int, timeout: float, **kw: Any
     ) -> None:
         await connect(self, mark, timeout, **kw)
+        if wiring.sndbuf and self.upstream is not None and self.upstream.transport is not None:
+            sock = self.upstream.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, wiring.sndbuf)
         if wiring.delay:
             await asyncio.sleep(wiring.delay)
 
@@ -249,7 +256,12 @@ def _check(
         assert record["bytes_down"] == len(server.sent), record
 
 
+# The agent runs on uvloop, whose transports are not asyncio's: both.
+LOOPS = {"asyncio": asyncio.run, "uvloop": uvloop.run}
+
+
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("loop", sorted(LOOPS))
 @pytest.mark.parametrize("policy_kind", ["cidr", "name"])
 @given(
     client_script=scripts(speaks_first=False),
@@ -265,29 +277,31 @@ def test_every_byte_reaches_the_other_side_in_order(
     require_root: None,
     wiring: Wiring,
     tmp_path: Path,
+    loop: str,
     policy_kind: str,
     client_script: Script,
     server_script: Script,
     delay: float,
 ) -> None:
     wiring.delay = delay
-    client, server, records = asyncio.run(
+    client, server, records = LOOPS[loop](
         _scenario(tmp_path, policy_kind, client_script, server_script, wiring)
     )
     _check(client, server, records, client_script, server_script)
 
 
+@pytest.mark.parametrize("loop", sorted(LOOPS))
 @pytest.mark.parametrize("delay", [0.0, 0.05])
 @pytest.mark.parametrize("policy_kind", ["cidr", "name"])
 def test_a_server_that_writes_a_line_and_closes(
-    require_root: None, wiring: Wiring, tmp_path: Path, policy_kind: str, delay: float
+    require_root: None, wiring: Wiring, tmp_path: Path, loop: str, policy_kind: str, delay: float
 ) -> None:
     """The "whoami" server: one line, then close, before the client says
     anything. The line reaches the client, nothing goes upstream, and the
     record counts it."""
     wiring.delay = delay
     for _ in range(20):
-        client, server, records = asyncio.run(
+        client, server, records = LOOPS[loop](
             _scenario(
                 tmp_path,
                 policy_kind,
@@ -301,3 +315,71 @@ def test_a_server_that_writes_a_line_and_closes(
         assert [(r["bytes_up"], r["bytes_down"], r["event"]) for r in records] == [
             (0, 45, "closed")
         ]
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_wiring_keeps_back_pressure_on_a_client_that_floods(
+    require_root: None,
+    wiring: Wiring,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    loop: str,
+) -> None:
+    """What the client sent while the connection was decided is written
+    upstream when the relay is wired. If that alone fills the upstream write
+    buffer, the client stays paused until it drains: a client flooding a
+    server that does not read never grows the proxy's buffers without bound."""
+    # A high-water mark below the peek cap: the replayed bytes cross it.
+    monkeypatch.setattr(proxy_server, "WRITE_HIGH_WATER", 16 * 1024)
+    wiring.delay = 0.1  # the client's bytes pile up until the peek cap meanwhile
+    wiring.sndbuf = 4096  # and the kernel holds little of what goes upstream
+    LOOPS[loop](_flood(tmp_path, wiring))
+
+
+async def _flood(tmp: Path, wiring: Wiring) -> None:
+    server_reads = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server_reads.wait()
+        while await reader.read(1 << 20):
+            pass
+        writer.close()
+
+    # A server with a small receive window (accepted sockets inherit it): the
+    # kernel holds little of what it does not read, the proxy the rest.
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    upstream = await asyncio.start_server(serve, sock=listener)
+    wiring.port = upstream.sockets[0].getsockname()[1]
+    audit = AuditLog(str(tmp / "audit.jsonl"))
+    port = _free_port()
+    proxy = proxy_server.ProxyServer(
+        policy=parse_policy(POLICIES["cidr"].format(port=port)), audit=audit
+    )
+    await proxy.start()
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        chunk = b"x" * (1 << 20)
+
+        async def flood() -> None:
+            for _ in range(64):
+                writer.write(chunk)
+                await writer.drain()
+
+        flooding = asyncio.create_task(flood())
+        largest = 0
+        for _ in range(100):  # one second of a server that does not read
+            await asyncio.sleep(0.01)
+            for conn in proxy.connections:
+                if conn.upstream is not None and conn.upstream.transport is not None:
+                    size = conn.upstream.transport.get_write_buffer_size()
+                    largest = max(largest, size)
+        assert largest < 4 << 20, f"{largest} bytes held for a server that does not read"
+        server_reads.set()
+        await asyncio.wait_for(flooding, 30)
+        writer.close()
+    finally:
+        await proxy.close()
+        audit.close()
+        upstream.close()

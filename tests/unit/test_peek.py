@@ -10,8 +10,9 @@ import random
 import ssl
 import string
 import struct
+import sys
 from collections.abc import Callable, Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,8 +23,11 @@ from egress_agent.proxy.peek import (
     MAX_CLIENT_HELLO,
     MAX_HTTP_HEAD,
     MAX_TLS_RECORD,
+    ClientHelloParser,
+    HttpHeadParser,
     Peeked,
     Protocol,
+    Sniffer,
     parse_client_hello,
     parse_http_request_head,
     sniff,
@@ -801,3 +805,185 @@ def test_generated_http_heads(
     assert sniff(raw) == expected
     for cut in range(len(raw)):
         assert parse_http_request_head(raw[:cut]) is None
+
+
+# ---------------------------------------------------------------- incremental parsing
+
+# The parsers as they were before they became incremental (a whole pass per
+# call): the reference the incremental ones must agree with, and the
+# quadratic baseline below.
+import peek_reference  # noqa: E402
+
+
+def _kind(outcome: object) -> object:
+    """An outcome comparable across the two implementations' Peeked classes."""
+    if outcome is None or outcome is ValueError:
+        return outcome
+    return (outcome.protocol.value, outcome.server_name, outcome.method, outcome.target)  # type: ignore[attr-defined]
+
+
+def _reference(parse: Callable[[bytes], object], buf: bytes) -> object:
+    try:
+        return _kind(parse(buf))
+    except ValueError:
+        return ValueError
+
+
+def _fed(parser: object, pieces: Sequence[bytes]) -> list[object]:
+    """The answer after each piece, fed one by one."""
+    answers: list[object] = []
+    for piece in pieces:
+        try:
+            answers.append(_kind(parser.feed(piece)))  # type: ignore[attr-defined]
+        except ValueError:
+            answers.append(ValueError)
+    return answers
+
+
+@st.composite
+def chopped(draw: st.DrawFn, bufs: st.SearchStrategy[bytes]) -> list[bytes]:
+    """A buffer cut into pieces at random places (1-byte pieces included)."""
+    buf = draw(bufs)
+    if draw(st.booleans()):
+        cuts = list(range(1, len(buf)))  # byte by byte
+    else:
+        cuts = sorted(draw(st.sets(st.integers(1, max(1, len(buf) - 1)), max_size=12)))
+    bounds = [0, *(c for c in cuts if 0 < c < len(buf)), len(buf)]
+    return [buf[a:b] for a, b in itertools.pairwise(bounds)] or [b""]
+
+
+INCREMENTAL = [
+    ("sniff", Sniffer, peek_reference.sniff, TLS_SEEDS + HTTP_SEEDS),
+    ("tls", ClientHelloParser, peek_reference.parse_client_hello, TLS_SEEDS),
+    ("http", HttpHeadParser, peek_reference.parse_http_request_head, HTTP_SEEDS),
+]
+
+
+@pytest.mark.parametrize(("what", "parser", "reference", "seeds"), INCREMENTAL)
+@FUZZ
+@given(data=st.data())
+def test_incremental_parsers_answer_like_the_whole_buffer_parsers(
+    what: str,
+    parser: Callable[[], object],
+    reference: Callable[[bytes], object],
+    seeds: Sequence[bytes],
+    data: st.DataObject,
+) -> None:
+    """Fed in any pieces, after every piece the incremental parser says what
+    the reference says of everything fed so far: the same value, None, or
+    ValueError."""
+    pieces = data.draw(chopped(st.one_of(arbitrary_or_mutated(seeds), st.sampled_from(seeds))))
+    answers = _fed(parser(), pieces)
+    prefix = b""
+    for piece, answer in zip(pieces, answers, strict=True):
+        prefix += piece
+        assert answer == _reference(reference, prefix), (what, prefix)
+
+
+def test_incremental_parsers_on_real_hellos_and_heads_byte_by_byte() -> None:
+    for raw, name in REAL_HELLOS.values():
+        for reframed in (raw, frame(handshake_of(raw), range(1, len(handshake_of(raw))))):
+            answers = _fed(Sniffer(), [reframed[i : i + 1] for i in range(len(reframed))])
+            assert answers[:-1] == [None] * (len(reframed) - 1)
+            assert answers[-1] == ("tls", name, None, None)
+    for raw in HTTP_SEEDS:
+        answers = _fed(Sniffer(), [raw[i : i + 1] for i in range(len(raw))])
+        assert answers[-1] == _reference(peek_reference.sniff, raw)
+
+
+def _line_events(parse: Callable[[], None], module_file: str) -> int:
+    """How many lines of ``module_file`` run while ``parse`` runs: the work
+    done, counted by the interpreter rather than timed."""
+    count = 0
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal count
+        if frame.f_code.co_filename != module_file:
+            return None
+        if event == "line":
+            count += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        parse()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+def _trickled_hello(padding: int) -> bytes:
+    """A ClientHello with ``padding`` bytes of extension, one byte per TLS record."""
+    handshake = client_hello(hello_body([sni(b"example.org"), (21, bytes(padding))]))
+    return frame(handshake, range(1, len(handshake)))
+
+
+def test_a_hello_trickled_in_1_byte_records_costs_work_linear_in_its_bytes() -> None:
+    """Each wake-up of the proxy feeds what arrived (here: one record). The
+    work, in lines of the parser run, grows with the hello's length; the
+    whole-buffer reference's grows with its square."""
+    import egress_agent.proxy.peek as peek_module
+
+    def incremental(buf: bytes) -> Callable[[], None]:
+        def run() -> None:
+            sniffer = Sniffer()
+            for i in range(0, len(buf), 6):  # a 1-byte record is 6 bytes on the wire
+                sniffer.feed(buf[i : i + 6])
+            assert sniffer.feed(b"") == tls("example.org")
+
+        return run
+
+    def whole_buffer(buf: bytes) -> Callable[[], None]:
+        def run() -> None:
+            for i in range(6, len(buf) + 1, 6):
+                peek_reference.sniff(buf[:i])
+
+        return run
+
+    sizes = (250, 500, 1000)
+    ours = [
+        _line_events(incremental(_trickled_hello(n)), peek_module.__file__) for n in sizes
+    ]
+    theirs = [
+        _line_events(whole_buffer(_trickled_hello(n)), peek_reference.__file__) for n in sizes
+    ]
+    # Sizes double: linear work adds twice as much from one size to the next
+    # as from the one before (fixed costs cancel out), quadratic work four times.
+    assert _growth(ours) < 2.2, ours
+    assert _growth(theirs) > 3.5, theirs
+
+
+def _growth(work: Sequence[int]) -> float:
+    """For work measured at sizes n, 2n, 4n: how much the second step adds
+    compared with the first (2 for linear work, 4 for quadratic)."""
+    return (work[2] - work[1]) / (work[1] - work[0])
+
+
+def test_an_http_head_trickled_byte_by_byte_costs_work_linear_in_its_bytes() -> None:
+    import egress_agent.proxy.peek as peek_module
+
+    def head(n: int) -> bytes:
+        fields = b"".join(b"X-F%d: %s\r\n" % (i, b"v" * 20) for i in range(n))
+        return b"GET / HTTP/1.1\r\nHost: example.org\r\n" + fields + b"\r\n"
+
+    def run(buf: bytes) -> Callable[[], None]:
+        def go() -> None:
+            sniffer = Sniffer()
+            for i in range(len(buf)):
+                sniffer.feed(buf[i : i + 1])
+            assert sniffer.feed(b"") == http("example.org", "GET", "/")
+
+        return go
+
+    work = [_line_events(run(head(n)), peek_module.__file__) for n in (25, 50, 100)]
+    assert _growth(work) < 2.2, work
+    reference = [
+        _line_events(
+            (lambda buf: lambda: [peek_reference.sniff(buf[:i]) for i in range(1, len(buf) + 1)])(
+                head(n)
+            ),
+            peek_reference.__file__,
+        )
+        for n in (25, 50, 100)
+    ]
+    assert _growth(reference) > 3.5, reference

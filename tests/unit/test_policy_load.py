@@ -422,6 +422,21 @@ BAD = [
         "expected an integer 512-65536",
     ),
     Bad(
+        "max-connections-0",
+        BASE + "proxy:\n  max_connections: 0\n",
+        7,
+        "proxy.max_connections",
+        "0 is out of range: expected an integer 1-1000000",
+    ),
+    Bad(
+        "per-workload-cap-above-the-total",
+        BASE + "proxy:\n  max_connections: 100\n  max_connections_per_workload: 500\n",
+        8,
+        "proxy.max_connections_per_workload",
+        "max_connections_per_workload 500 is above max_connections 100: no workload could"
+        " reach it; lower it or raise max_connections",
+    ),
+    Bad(
         "peek-timeout-0",
         BASE + "proxy:\n  peek_timeout: 0\n",
         7,
@@ -1337,6 +1352,8 @@ def policy_documents(draw: st.DrawFn) -> tuple[dict[str, Any], Policy]:
         peek_timeout=draw(seconds),
         connect_timeout=draw(seconds),
         idle_timeout=draw(seconds),
+        max_connections=(total := draw(st.integers(1, 1_000_000))),
+        max_connections_per_workload=draw(st.integers(1, total)),
     )
     policy = Policy(
         version=1,
@@ -1361,6 +1378,8 @@ def policy_documents(draw: st.DrawFn) -> tuple[dict[str, Any], Policy]:
             "peek_timeout": proxy.peek_timeout,
             "connect_timeout": proxy.connect_timeout,
             "idle_timeout": proxy.idle_timeout,
+            "max_connections": proxy.max_connections,
+            "max_connections_per_workload": proxy.max_connections_per_workload,
         },
         "workloads": {
             w.name: {"cidrs": [str(n) for n in w.cidrs]}
