@@ -44,6 +44,7 @@ from egress_agent.policy.decide import (
 from egress_agent.policy.model import Action, HttpRule, IPAddress, Policy, Verdict
 from egress_agent.proxy import http, httprelay
 from egress_agent.proxy.audit import AuditLog, AuditRecord, Event, RequestRecord, rfc3339
+from egress_agent.proxy.conntrack import Conntrack
 from egress_agent.proxy.original_dst import (
     Endpoint,
     NotDiverted,
@@ -305,6 +306,7 @@ class Connection:
         except (NotDiverted, OSError, ValueError) as exc:
             self.fail(f"no original destination: {exc}")
             return
+        self.src = self._original_source(sock, self.src)
         self.workload = identify(self.policy, self.src.address)
         if self.workload is None and any(w.cgroups for w in self.policy.workloads):
             self.workload = self._cgroup_workload(self.policy)
@@ -312,6 +314,22 @@ class Connection:
             return
         self.deciding = True
         self.server.tasks.spawn(self.run(), name="connection")
+
+    def _original_source(self, sock: socket.socket, seen: Endpoint) -> Endpoint:
+        """The client's own address and port: conntrack may have moved the
+        source port on the way in (see ``proxy.conntrack``); ``seen`` when it
+        cannot say."""
+        try:
+            local = endpoint_of(sock.getsockname())
+            address, port = self.server.conntrack.original_source(
+                local=local.address, local_port=local.port, peer=seen.address, peer_port=seen.port
+            )
+        except (OSError, ValueError) as exc:
+            log.debug("no conntrack entry for %s: %s", seen, exc)
+            return seen
+        if port == seen.port and address == seen.address:
+            return seen
+        return Endpoint(address=address, port=port)
 
     def admit(self) -> bool:
         """Count the connection against the caps on open connections, or
@@ -1063,6 +1081,7 @@ class ProxyServer:
         self.id_prefix = f"{int(time.time()):x}"
         self.ids = itertools.count(1)
         self.http = httprelay.HttpResources()
+        self.conntrack = Conntrack()
         self._listeners: list[Listener] = []  # ours first, then the CONNECT listener's
         self._own: set[tuple[str, int]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -1281,6 +1300,7 @@ class ProxyServer:
             conn.abort_both("proxy stopping")
         await self.tasks.cancel_all()
         await self.resolver.close()
+        self.conntrack.close()
         await asyncio.sleep(0)  # let aborted transports report connection_lost
         for conn in list(self.connections):
             conn.finish()
