@@ -50,6 +50,8 @@ from egress_agent.agent.addresses import (
     remove_proxy_addresses,
 )
 from egress_agent.agent.cgroups import CgroupWorkloads
+from egress_agent.agent.counters import Count, RuleCounters
+from egress_agent.agent.counters import summary as counter_summary
 from egress_agent.agent.discovery import pod_addresses, resolve, uses_pods
 from egress_agent.agent.handover import (
     HandoverError,
@@ -71,16 +73,19 @@ from egress_agent.bpf.datapath import BpfDatapath
 from egress_agent.bpf.loader import DEFAULT_PIN_DIR, BpfConfig, BpfError
 from egress_agent.bpf.maps import UnsupportedPolicy
 from egress_agent.policy.load import PolicyError, parse_policy, read_policy_text
-from egress_agent.policy.model import IPAddress, Policy
+from egress_agent.policy.model import IPAddress, NonTcp, Policy
 from egress_agent.proxy.audit import AuditLog
 from egress_agent.proxy.connect import ConnectListener
 from egress_agent.proxy.server import ProxyServer
 from egress_agent.rules.apply import (
     NftablesError,
+    RuleCounter,
     Table,
+    read_counters,
     render_output_update,
     verify_applied,
 )
+from egress_agent.rules.apply import context as nft_context
 from egress_agent.rules.render import Json, Selection, render_ruleset
 
 log = logging.getLogger(__name__)
@@ -193,6 +198,10 @@ class Agent:
         # hostNetwork pods' uid -> cgroup path, for pod selectors with hostNetwork.
         self.pod_cgroups: dict[str, str] = {}
         self.doc = self._render(self.policy)
+        # The one libnftables context, made now while file descriptors are
+        # plentiful (see rules.apply): no later call makes another.
+        nft_context()
+        self.counters = RuleCounters(read=self._read_counters)
         # fail: open makes the table the kernel's to remove when we end.
         self.table = Table(owned=self.policy.fail_open)
         self.audit = AuditLog(options.audit_path)
@@ -276,10 +285,17 @@ class Agent:
         if doc == self.doc:
             return
         partial = render_output_update(self.doc, doc) if self.selection == "bpf" else None
-        if partial is not None:
-            self.table.change(partial)
-        else:
-            self.table.apply(doc)
+        with self.counters.around_change():
+            if partial is not None:
+                self.table.change(partial)
+            else:
+                self.table.apply(doc)
+
+    def _read_counters(self) -> list[RuleCounter]:
+        chains = [
+            c["add"]["chain"]["name"] for c in self.doc["nftables"] if "chain" in c.get("add", {})
+        ]
+        return read_counters(chains)
 
     async def links_changed(self) -> None:
         """An interface appeared, went or changed: attach where it belongs."""
@@ -357,7 +373,8 @@ class Agent:
                 await asyncio.to_thread(ensure_proxy_addresses, self.policy.proxy)
             if self.bpf is not None and bpf_problems:
                 await asyncio.to_thread(self.bpf.repair)
-            self.table.apply(self.doc)
+            with self.counters.around_change():
+                self.table.apply(self.doc)
             self.repairs += 1
             self.in_sync = not verify_applied(self.doc)
             if self.bpf is not None:
@@ -399,6 +416,10 @@ class Agent:
             rule = cmd.get("add", {}).get("rule")
             if rule is not None:
                 counts[rule["chain"]] = counts.get(rule["chain"], 0) + 1
+        counted, counters_error = self._counts()
+        counters = counter_summary(counted, bpf_drops=self._bpf_drops())
+        if counters_error is not None:
+            counters["error"] = counters_error
         return {
             "policy": {
                 "path": self.path,
@@ -408,7 +429,17 @@ class Agent:
                 "intercept_rules": len(self.policy.intercept),
                 "egress_rules": len(self.policy.egress),
                 "default": self.policy.default.value,
+                # Intercept rules that drop their workloads' non-TCP traffic.
+                "non_tcp_drop": [
+                    f"intercept[{r.index}]"
+                    for r in self.policy.intercept
+                    if r.non_tcp is NonTcp.DROP
+                ],
+                "reverse_path_interfaces": list(self.policy.reverse_path_interfaces()),
             },
+            "diverted": counters["diverted"],
+            "drops": counters["drops"],
+            "counters_error": counters_error,
             "last_reload": asdict(self.last_reload) if self.last_reload else None,
             "datapath": "bpf" if self.bpf is not None else "nftables",
             "datapath_requested": self.options.datapath,
@@ -425,6 +456,19 @@ class Agent:
             "ready": not reasons,
             "not_ready_because": reasons,
         }
+
+    def _counts(self) -> tuple[list[Count], str | None]:
+        """The rule counters, or none and why they could not be read."""
+        try:
+            return self.counters.read(), None
+        except NftablesError as exc:
+            return [], str(exc)
+
+    def _bpf_drops(self) -> dict[str, int]:
+        """The classifier's own drops by reason (BPF datapath only)."""
+        if self.bpf is None:
+            return {}
+        return {}
 
     def _bpf_snapshot(self) -> dict[str, Any] | None:
         if self.bpf is None:
@@ -694,12 +738,43 @@ class Agent:
             "1 when ready (rules, proxy and discovery in place).",
             [("", 1 if snap["ready"] else 0)],
         )
+        counted, _ = self._counts()
+        diverted = [c for c in counted if c.kind == "diverted"]
+        dropped = [c for c in counted if c.kind == "dropped"]
+        for unit in ("packets", "bytes"):
+            metric(
+                f"diverted_{unit}_total",
+                "counter",
+                f"{unit.capitalize()} DNAT-ed to the proxy, by nftables chain and rule.",
+                [
+                    (f'{{chain="{c.chain}",rule="{_label(c.rule)}"}}', getattr(c, unit))
+                    for c in diverted
+                ],
+            )
+        bpf_drops = self._bpf_drops()
+        for unit in ("packets", "bytes"):
+            samples = [
+                (f'{{reason="{c.reason}",rule="{_label(c.rule)}"}}', getattr(c, unit))
+                for c in dropped
+            ]
+            if unit == "packets":
+                samples += [
+                    (f'{{reason="bpf_{reason}",rule="BPF classifier"}}', n)
+                    for reason, n in sorted(bpf_drops.items())
+                ]
+            metric(
+                f"dropped_{unit}_total",
+                "counter",
+                f"{unit.capitalize()} the datapath dropped, by reason and rule"
+                " (nftables rule comments; the BPF classifier's own drops have bpf_ reasons).",
+                samples,
+            )
         if self.bpf is not None:
             counters = self.bpf.workload_counters()
             for i, (kind, what) in enumerate(
                 (
-                    ("packets", "diverted"),
-                    ("bytes", "diverted"),
+                    ("packets", "marked"),
+                    ("bytes", "marked"),
                     ("packets", "bypassed"),
                     ("bytes", "bypassed"),
                 )
@@ -707,7 +782,12 @@ class Agent:
                 metric(
                     f"bpf_{what}_{kind}_total",
                     "counter",
-                    f"TCP {kind} of a workload the BPF classifier {what}.",
+                    f"TCP {kind} of a workload the BPF classifier {what}"
+                    + (
+                        " for the proxy (diverted_* counts what was DNAT-ed)."
+                        if what == "marked"
+                        else "."
+                    ),
                     [(f'{{workload="{w}"}}', v[i]) for w, v in sorted(counters.items())],
                 )
         metric(
@@ -753,6 +833,11 @@ class Agent:
             ],
         )
         return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _check_restart_only_settings(old: Policy, new: Policy) -> None:

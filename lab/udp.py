@@ -14,6 +14,7 @@ It prints ``READY`` once every socket is bound (see ``servers.wait_ready``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import selectors
 import signal
@@ -55,25 +56,23 @@ def serve(listen: Sequence[tuple[str, int]], log: Path, *, echo: bool) -> int:
     with open(log, "a", buffering=1) as out:
         while not stop:
             for key, _ in sel.select(timeout=0.2):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
                 try:
-                    data, peer = sock.recvfrom(65535)
+                    data, peer = ready.recvfrom(65535)
                 except OSError:
                     continue  # an ICMP error about an earlier echo
                 record = {
                     "peer": format_addr(peer),
-                    "local": format_addr(sock.getsockname()),
+                    "local": format_addr(ready.getsockname()),
                     "bytes": len(data),
                     "data": data[:64].decode(errors="replace"),
                     "time": time.time(),
                 }
                 out.write(json.dumps(record) + "\n")
                 if echo:
-                    try:
-                        sock.sendto(data, peer)
-                    except OSError:
-                        pass
+                    with contextlib.suppress(OSError):
+                        ready.sendto(data, peer)
     return 0
 
 

@@ -48,6 +48,7 @@ from egress_agent.policy.model import (
     PortRange,
     ProxyAuth,
     ProxySettings,
+    ReversePath,
     Upstream,
     Workload,
     by_cgroup,
@@ -85,7 +86,9 @@ _TOP_KEYS = (
     "on_reload",
     "fail",
     "connect",
+    "reverse_path",
 )
+_REVERSE_PATH_KEYS = ("interfaces",)
 _CONNECT_KEYS = ("port", "auth")
 _PROXY_AUTH_KEYS = ("users_file", "username", "password_file")
 _ON_RELOAD_KEYS = ("denied_connections",)
@@ -336,6 +339,9 @@ class _Reader:
         connect = None
         if "connect" in top:
             connect = self.connect(top["connect"][1], "connect", known, proxy)
+        reverse_path = ReversePath()
+        if "reverse_path" in top:
+            reverse_path = self.reverse_path(top["reverse_path"][1], "reverse_path")
 
         return Policy(
             version=SUPPORTED_VERSION,
@@ -347,6 +353,7 @@ class _Reader:
             close_denied_on_reload=close_denied,
             fail_open=fail_open,
             connect=connect,
+            reverse_path=reverse_path,
             source_name=self.source_name,
         )
 
@@ -1199,6 +1206,32 @@ class _Reader:
             )
         return NonTcp.PASS
 
+    def reverse_path(self, node: Node, path: str) -> ReversePath:
+        """``reverse_path: {interfaces: [name or name*, ...]}``."""
+        fields = self.mapping(
+            node, path, what="reverse-path check settings", allowed=_REVERSE_PATH_KEYS
+        )
+        if not fields or "interfaces" not in fields:
+            return ReversePath()
+        i_path = _join(path, "interfaces")
+        items = self.sequence(
+            fields["interfaces"][1], i_path, what='a list of interface names or patterns ("cali*")'
+        )
+        names: list[str] = []
+        for i, item in enumerate(items or ()):
+            item_path = f"{i_path}[{i}]"
+            name = self.text(item, item_path, what="an interface name or pattern")
+            if name is None:
+                continue
+            why = _interface_pattern_problem(name)
+            if why:
+                self.problem(
+                    item, item_path, f"{name!r} is not an interface name or pattern: {why}"
+                )
+            elif name not in names:
+                names.append(name)
+        return ReversePath(interfaces=tuple(names))
+
     def fail(self, node: Node, path: str) -> bool:
         """``fail: closed | open``; True means open."""
         value = self.scalar(node, path, what="closed or open")
@@ -1569,6 +1602,19 @@ def _interface_name_problem(name: str) -> str | None:
     if any(c in "/:" or c.isspace() for c in name):
         return "'/', ':' and whitespace are not allowed"
     return None
+
+
+def _interface_pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is neither an interface name nor ``prefix*``, or None."""
+    if pattern == "*":
+        return (
+            "a bare '*' would check every interface, the node's uplinks too, where"
+            " routes may be asymmetric: name the pod-facing ones, e.g. 'cali*' or 'veth*'"
+        )
+    name = pattern[:-1] if pattern.endswith("*") else pattern
+    if "*" in name:
+        return "'*' may only end a pattern, as in 'veth*'"
+    return _interface_name_problem(name)
 
 
 def _host_pattern(text: str) -> tuple[str | None, str]:

@@ -119,7 +119,9 @@ default: deny
 
 
 @pytest.fixture(scope="module", params=["nft", "bpf"])
-def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
     datapath: str = request.param
     work = tmp_path_factory.mktemp(f"non-tcp-{datapath}")
     with Lab() as lab:
@@ -132,7 +134,12 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         # Echo servers in the pods answer flows that the external host starts.
         start_udp_server(lab, "app", listen=_listen(app, 7), log=work / "app-udp.jsonl", echo=True)
         start_server(
-            lab, "app", name="app-tcp", listen=_listen(app, 8080), tls=None, log=work / "app-tcp.jsonl"
+            lab,
+            "app",
+            name="app-tcp",
+            listen=_listen(app, 8080),
+            tls=None,
+            log=work / "app-tcp.jsonl",
         )
         _start_resolver(lab, dns, work)
         policy = work / "policy.yaml"
@@ -343,5 +350,3 @@ def _read(path: Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     return [json.loads(line) for line in text.split("\n")[:-1] if line]
-
-
