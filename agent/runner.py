@@ -357,7 +357,12 @@ class Agent:
             # Cgroups that appeared or were made again since the last round.
             await self._sync_cgroups(self.policy)
             problems = verify_applied(self.doc)
-            missing = await asyncio.to_thread(missing_proxy_addresses, self.policy.proxy)
+            try:
+                missing = await asyncio.to_thread(missing_proxy_addresses, self.policy.proxy)
+            except OSError as exc:
+                # Not knowing is no reason to leave the table unrepaired.
+                log.error("drift: cannot check the proxy addresses on lo: %s", exc)
+                missing = []
             problems += [f"proxy address {a} missing from lo" for a in missing]
             bpf_problems: list[str] = []
             if self.bpf is not None:
