@@ -62,7 +62,9 @@ def test_the_drift_check_outlives_exhausted_file_descriptors(tmp_path: Path) -> 
         soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         try:
             # Not one descriptor more than the agent holds now.
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), hard))
+            resource.prlimit(
+                pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), hard)
+            )
             # Someone empties a chain meanwhile: the next round must notice
             # and restore it, over the socket the agent already has.
             lab.run("node", ["nft", "flush", "chain", "inet", "egress_agent", "forward"])
