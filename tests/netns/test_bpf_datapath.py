@@ -266,7 +266,7 @@ def test_workload_changes_apply_within_a_second_without_touching_the_table(
         diverted = [
             line
             for line in metrics.splitlines()
-            if line.startswith('egress_agent_bpf_diverted_packets_total{workload="pa"}')
+            if line.startswith('egress_agent_bpf_marked_packets_total{workload="pa"}')
         ]
         assert diverted and float(diverted[0].split()[-1]) > 0
         text = world.lab.run("node", [sys.executable, "-m", "egress_agent.agent.cli", "status"])
