@@ -218,14 +218,21 @@ def test_workload_changes_apply_within_a_second_without_touching_the_table(
         prerouting = world.prerouting_rules()
         target = ("198.18.1.2", 9000)
         assert world.seen_by_server("pa", [target])[target] == "198.19.1.2"
-        # A connection open before the change keeps going, direct, afterwards.
+        # A direct connection open before the change is cut by it: its
+        # packets are now marked, and forward drops marked TCP whose entry
+        # was not DNAT-ed (an undiverted entry is what a pre-seed leaves).
         code = textwrap.dedent(
             """
             import socket, sys, time
             s = socket.create_connection(("198.18.1.2", 9000), timeout=5)
             s.sendall(b"first\\n"); print(s.recv(200).decode().strip(), flush=True)
             sys.stdin.readline()
-            s.sendall(b"again\\n"); print(s.recv(200).decode().strip(), flush=True)
+            s.settimeout(2)
+            s.sendall(b"again\\n")
+            try:
+                print(s.recv(200).decode().strip(), flush=True)
+            except TimeoutError:
+                print("no answer", flush=True)
             """
         )
         held = world.lab.popen("pa", [sys.executable, "-c", code], stdin=-1, stdout=-1, text=True)
@@ -248,8 +255,15 @@ def test_workload_changes_apply_within_a_second_without_touching_the_table(
 
         held.stdin.write("go\n")
         held.stdin.flush()
-        assert held.stdout.readline().strip() == "again"  # echoed on the same direct flow
+        assert held.stdout.readline().strip() == "no answer"
         held.wait(10)
+        dropped = [
+            float(line.rsplit(" ", 1)[1])
+            for line in world.http_text("/metrics").splitlines()
+            if line.startswith("egress_agent_dropped_packets_total")
+            and 'reason="tcp_not_diverted"' in line
+        ]
+        assert sum(dropped) > 0
 
         # Removing the CIDR again: direct within a second, same table.
         policy.write_text(LIVE.format(cidrs='"fd00:19:1::2/128"'))
