@@ -63,7 +63,8 @@ class ClassifierCounters:
     proxy is its own rule counters' business. ``workloads``: by workload
     name. ``non_tcp``: by intercept rule index (``InterceptRule.index``), the
     non-TCP packets marked because that rule, the first with ``non_tcp: drop``
-    covering them, says so; only rules that counted any.
+    covering them, says so, since the rule at that position last changed;
+    only rules that counted any.
     """
 
     reasons: Mapping[layout.Reason, int]
@@ -164,6 +165,16 @@ class BpfDatapath:
         self._check_capacity(policy)
         change = self.planner.update(policy, self.ifindexes)
         self.classifier.apply(change)
+        if self.policy is not None:
+            # A rule's non-TCP count is that rule's: a position whose rule
+            # changed starts again from zero (as nftables' counters do).
+            old, new = self.policy.intercept, policy.intercept
+            changed = [
+                i
+                for i in range(min(max(len(old), len(new)), layout.MAX_RULES))
+                if i >= len(old) or i >= len(new) or old[i] != new[i]
+            ]
+            self.classifier.reset_non_tcp(changed)
         self.policy = policy
         if change.deletes.get(layout.WORKLOADS):
             self.classifier.forget_workloads(self.ids)

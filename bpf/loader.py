@@ -30,7 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -350,6 +350,18 @@ class Classifier:
             if sums is not None and sums[0]:
                 out[bit] = (sums[0], sums[1])
         return out
+
+    def reset_non_tcp(self, bits: Iterable[int]) -> None:
+        """Zero the non-TCP counters of these rule bits on every CPU."""
+        m = self.maps[layout.NON_TCP]
+        slot = (layout.RULE_COUNTER.size + 7) // 8 * 8
+        zeros = ct.create_string_buffer(slot * self._cpus)
+        for bit in bits:
+            k = ct.create_string_buffer(layout.u32(bit), m.key_size)
+            rc = self._lib.bpf_map_update_elem(m.fd, k, zeros, 0)
+            if rc < 0:
+                err = _errno(rc)
+                raise OSError(err, f"update {m.name}: {os.strerror(err)}")
 
     def forget_workloads(self, ids: Mapping[str, int]) -> None:
         """Drop counters of workload ids no longer in use."""

@@ -53,6 +53,7 @@ from scapy.all import (
 )
 
 from egress_agent.bpf import layout
+from egress_agent.bpf.datapath import BpfDatapath, Traffic, WorkloadCounters
 from egress_agent.bpf.loader import BpfConfig, Classifier
 from egress_agent.bpf.maps import assign_ids, desired_maps, diff
 from egress_agent.lab import policygen
@@ -615,3 +616,68 @@ def test_the_contract_case_by_case(
     e = expected(policy, packet, interface)
     assert (e.verdict, e.reason) == (layout.REASON_VERDICT[reason], reason)
     _check(classifier, policy, [(packet, interface)])
+
+
+def test_the_datapath_reports_counters_by_workload_rule_and_reason(
+    classifier: Classifier,
+) -> None:
+    """``BpfDatapath.counters()``, what the agent reads: workloads by name,
+    non-TCP marks by intercept rule index, drops by reason."""
+    policy = parse_policy(POLICY)
+    classifier.apply(diff(classifier.read(), {}))  # the datapath writes from empty
+    for key in list(classifier.maps[layout.COUNTERS].keys()):
+        classifier.maps[layout.COUNTERS].delete(key)
+    datapath = BpfDatapath(config=classifier.config, classifier=classifier, ifindexes=IFINDEX)
+    datapath.update(policy)
+    before = datapath.counters()
+    sent = [
+        (Packet(), PA),  # marked
+        (Packet(dport=80), PA),  # passed
+        (Packet(frag="first"), PA),  # dropped
+        (Packet(proto="udp"), PA),  # non-TCP marked for intercept[0]
+        (Packet(proto="udp", dst="198.18.2.2"), PA),  # non-TCP passed: by reason only
+        (Packet(src="198.19.1.3", chain=("ah",)), PB),  # dropped
+        (Packet(), PB),  # pa's address elsewhere: dropped, not pa's
+    ]
+    sizes = [len(build(p)) for p, _ in sent]
+    for p, interface in sent:
+        run_classifier(
+            classifier.prog_fd, build(p), mark=p.mark, ingress_ifindex=INTERFACES[interface]
+        )
+    after = datapath.counters()
+    assert dict(after.workloads) == {
+        "pa": WorkloadCounters(
+            marked=Traffic(packets=2, bytes=sizes[0] + sizes[3]),
+            passed=Traffic(packets=1, bytes=sizes[1]),
+            dropped=Traffic(packets=1, bytes=sizes[2]),
+        ),
+        "pb": WorkloadCounters(
+            marked=Traffic(), passed=Traffic(), dropped=Traffic(packets=1, bytes=sizes[5])
+        ),
+    }
+    # Rule counters live as long as the program (an array): compare growth.
+    old = before.non_tcp.get(0, Traffic())
+    assert set(after.non_tcp) == {0}
+    assert after.non_tcp[0] == Traffic(packets=old.packets + 1, bytes=old.bytes + sizes[3])
+    grew = {r: n - before.reasons[r] for r, n in after.reasons.items() if n != before.reasons[r]}
+    assert grew == {
+        Reason.MARKED: 1,
+        Reason.NO_RULE: 1,
+        Reason.FRAGMENT: 1,
+        Reason.NON_TCP_MARKED: 1,
+        Reason.NOT_TCP: 1,
+        Reason.AH: 1,
+        Reason.WRONG_INTERFACE: 1,
+    }
+    dropped = after.dropped()
+    assert set(dropped) == {r for r, v in layout.REASON_VERDICT.items() if v is Verdict.DROP}
+    assert dropped[Reason.WRONG_INTERFACE] - before.reasons[Reason.WRONG_INTERFACE] == 1
+    assert datapath.workload_counters()["pa"] == (2, sizes[0] + sizes[3], 1, sizes[1])
+    # A reload that changes the rule starts its count again; an unchanged one keeps it.
+    datapath.update(policy)
+    assert datapath.counters().non_tcp == after.non_tcp
+    changed = dataclasses.replace(
+        policy, intercept=(dataclasses.replace(policy.intercept[0], ports=()),)
+    )
+    datapath.update(changed)
+    assert datapath.counters().non_tcp == {}
