@@ -473,15 +473,22 @@ class Agent:
         """The classifier's own drops by reason (BPF datapath only)."""
         if self.bpf is None:
             return {}
-        return {}
+        return {r.name.lower(): n for r, n in self.bpf.counters().dropped().items()}
 
     def _bpf_snapshot(self) -> dict[str, Any] | None:
         if self.bpf is None:
             return {"fallback_reason": self.bpf_fallback} if self.bpf_fallback else None
+        counters = self.bpf.counters()
         return {
             **self.bpf.status(),
             "in_sync": not self.bpf.last_problems,
             "problems": self.bpf.last_problems,
+            # Non-TCP the classifier marked for each non_tcp: drop rule (replies
+            # among them pass in nftables; what was dropped is in `drops`).
+            "non_tcp_marked": {
+                f"intercept[{index}]": traffic.packets
+                for index, traffic in sorted(counters.non_tcp.items())
+            },
         }
 
     async def reload(self, reason: str) -> ReloadResult:
@@ -775,6 +782,27 @@ class Agent:
                 samples,
             )
         if self.bpf is not None:
+            classified = self.bpf.counters()
+            for unit in ("packets", "bytes"):
+                metric(
+                    f"bpf_non_tcp_marked_{unit}_total",
+                    "counter",
+                    f"Non-TCP {unit} the BPF classifier marked for an intercept rule with"
+                    " non_tcp: drop (replies among them pass in nftables).",
+                    [
+                        (f'{{rule="intercept[{index}]"}}', getattr(traffic, unit))
+                        for index, traffic in sorted(classified.non_tcp.items())
+                    ],
+                )
+            metric(
+                "bpf_verdicts_total",
+                "counter",
+                "Packets the BPF classifier saw, by the reason of its verdict.",
+                [
+                    (f'{{reason="{reason.name.lower()}"}}', n)
+                    for reason, n in sorted(classified.reasons.items())
+                ],
+            )
             counters = self.bpf.workload_counters()
             for i, (kind, what) in enumerate(
                 (

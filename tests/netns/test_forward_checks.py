@@ -120,15 +120,26 @@ class World:
         return [p for p in read_packets(self.work / "packets.jsonl") if p["src"] == address]
 
     def dropped(self, reason: str) -> float:
-        code = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:15021/metrics').read().decode())"
+        """Packets dropped for ``reason`` (in the BPF datapath the classifier
+        drops some packets before nftables sees them: its reason counts too)."""
+        code = (
+            "import urllib.request;"
+            "print(urllib.request.urlopen('http://127.0.0.1:15021/metrics').read().decode())"
+        )
+        reasons = {reason}
+        if self.datapath == "bpf":
+            reasons.add(_CLASSIFIER_REASON.get(reason, reason))
         total = 0.0
         for line in self.python("node", code).splitlines():
-            if (
-                line.startswith("egress_agent_dropped_packets_total{")
-                and f'reason="{reason}"' in line
+            if line.startswith("egress_agent_dropped_packets_total{") and any(
+                f'reason="{r}"' in line for r in reasons
             ):
                 total += float(line.rpartition(" ")[2])
         return total
+
+
+# The classifier's reason for what nftables would drop later.
+_CLASSIFIER_REASON = {"reverse_path": "bpf_wrong_interface", "ah": "bpf_ah"}
 
 
 def _addr(host: Host, family: int) -> str:
