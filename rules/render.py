@@ -8,11 +8,12 @@ What the ruleset does (``nft list table inet egress_agent`` shows the same):
 
 * ``reverse_path`` (filter, prerouting, priority -300: after conntrack's
   defragmentation at -400, before conntrack itself at -200) drops packets
-  that arrive on a workload's interface (or one ``reverse_path`` names) with
-  a source address that is not routed back through that interface
-  (``fib saddr . iif oif missing``, IPv4 and IPv6). A spoofed packet never
-  reaches conntrack, so it cannot leave an entry that a later connection
-  of the workload would inherit without NAT.
+  whose source address is not routed back through the interface they
+  arrived on (``fib saddr . iif oif missing``, IPv4 and IPv6): all packets
+  on a workload's interface (or one ``reverse_path`` names), and packets
+  towards a workload on any interface. A spoofed packet never reaches
+  conntrack, so it cannot leave an entry that a later connection of the
+  workload would inherit without NAT.
 * ``prerouting`` (nat, before kube-proxy's dstnat) diverts forwarded traffic
   of workloads; ``output`` (nat) does the same for locally generated traffic.
   Diverting is a DNAT to the proxy's own address and port, not ``redirect``:
@@ -42,12 +43,19 @@ What the ruleset does (``nft list table inet egress_agent`` shows the same):
   path is by source address too.
 
 Which TCP packets the forward check looks at: a workload's packets in the
-original direction of an entry without NAT, and TCP SYNs (no ACK) in the
-reply direction. Matching is by packet headers (interface, source,
-destination, port), as prerouting selects, so an entry pre-seeded in the
-reply direction (a SYN claiming to come from the server) is caught too;
-other reply-direction packets are the workload's answers to connections
-opened from outside and pass.
+original direction of an entry without NAT, TCP SYNs (no ACK) in the reply
+direction, and untracked ones (a notrack rule: no NAT without conntrack).
+Matching is by packet headers (interface, source, destination, port), as
+prerouting selects, so a connection on an entry pre-seeded in the reply
+direction (a SYN claiming to come from the server) is caught too; other
+reply-direction packets are the workload's answers to connections opened
+from outside and pass. An entry can only be pre-seeded in the reply
+direction by a packet towards the workload with the server's address,
+which the reverse-path check drops wherever it arrives.
+
+Non-TCP drop rules match the entry's original destination (what the
+workload addressed, before kube-proxy's DNAT), and, for untracked packets
+(conntrack leaves IPv6 neighbour discovery alone), the headers' one.
 
 Identity follows :func:`egress_agent.policy.decide.identify`: longest prefix
 wins. nftables interval sets cannot hold overlapping elements, and a rule for a
@@ -101,6 +109,7 @@ REVERSE_PATH_SET = "rp_interfaces"
 
 # Rule comments that counters are read by.
 REVERSE_PATH_COMMENT = "reverse-path check: source not routed back through its interface"
+REVERSE_PATH_TO_WORKLOADS_COMMENT = "reverse-path check towards workloads"
 NON_TCP_RELATED_COMMENT = "non-TCP: ICMP errors about allowed flows pass"
 NON_TCP_REPLY_COMMENT = "non-TCP: replies to flows opened from elsewhere pass"
 BPF_NON_TCP_COMMENT = "non-TCP marked by the BPF classifier"
@@ -224,6 +233,23 @@ def render_ruleset(policy: Policy, *, selection: Selection = "nft") -> Json:
                             f"{comment} non_tcp",
                         )
                     )
+                    if selection == "nft":
+                        # Untracked packets (conntrack leaves neighbour
+                        # discovery alone, for one) have no entry to read
+                        # the destination from: their headers say it.
+                        untracked = [_match(_ct("state"), "untracked", op="in")]
+                        if to:
+                            untracked.append(_match(_payload(fam, "daddr"), f"@ic{i}_to_{suffix}"))
+                        if ex:
+                            untracked.append(
+                                _match(_payload(fam, "daddr"), f"@ic{i}_except_{suffix}", op="!=")
+                            )
+                        non_tcp.append(
+                            _rule_body(
+                                [*origin, *untracked, {"counter": None}, {"drop": None}],
+                                f"{comment} non_tcp",
+                            )
+                        )
                     non_tcp_local = non_tcp_local or local
             cgroup_rules = _cgroup_rules(policy, rule, cgroup_marks, fam, to, ex)
             cgroup_nat_rules += [(body, "output") for body in cgroup_rules]
@@ -233,14 +259,14 @@ def render_ruleset(policy: Policy, *, selection: Selection = "nft") -> Json:
                 non_tcp_local = non_tcp_local or bool(cgroup_drops)
 
     bpf_non_tcp = selection == "bpf" and any(r.non_tcp is NonTcp.DROP for r in policy.intercept)
-    reverse_path = bool(policy.reverse_path_interfaces()) or any(
+    by_interface = bool(policy.reverse_path_interfaces()) or any(
         w.pods is not None for w in policy.workloads
     )
-    if reverse_path:
+    if by_interface:
         sets.append(_set(REVERSE_PATH_SET, "ifname", list(policy.reverse_path_interfaces())))
 
     chains = []
-    if reverse_path:
+    if by_interface or checked:
         chains.append(_chain(REVERSE_PATH_CHAIN, "filter", "prerouting", RAW_PRIORITY))
     chains += [
         _chain("prerouting", "nat", "prerouting", NAT_PRIORITY),
@@ -257,19 +283,39 @@ def render_ruleset(policy: Policy, *, selection: Selection = "nft") -> Json:
     cmds += [{"add": {"chain": c}} for c in chains]
 
     rules: list[Json] = []
-    if reverse_path:
+    misrouted = _match({"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, False)
+    if by_interface:
         rules.append(
             _rule(
                 REVERSE_PATH_CHAIN,
                 [
                     _match(_meta("iifname"), f"@{REVERSE_PATH_SET}"),
-                    _match({"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, False),
+                    misrouted,
                     {"counter": None},
                     {"drop": None},
                 ],
                 REVERSE_PATH_COMMENT,
             )
         )
+    if checked:
+        # Whatever the interface: a packet towards a workload whose source
+        # is not routed back through where it came from. A first packet
+        # claiming to come from a server (a neighbour pod's, or the
+        # workload's own) would otherwise open an entry whose reply
+        # direction is the workload's connection to that server.
+        for fam, proto in _PROTO.items():
+            rules.append(
+                _rule(
+                    REVERSE_PATH_CHAIN,
+                    [
+                        _match(_payload(fam, "daddr"), f"@{WORKLOADS_SET[fam]}"),
+                        misrouted,
+                        {"counter": None},
+                        {"drop": None},
+                    ],
+                    f"{REVERSE_PATH_TO_WORKLOADS_COMMENT} ({proto})",
+                )
+            )
     # Never divert what is already addressed to the proxy (a loop), in either hook.
     for chain in ("prerouting", "output"):
         for fam in ("ip", "ip6"):
@@ -383,7 +429,12 @@ def render_ruleset(policy: Policy, *, selection: Selection = "nft") -> Json:
         rules.append(
             _rule(
                 OUTPUT_FILTER_CHAIN,
-                [_match(_meta("l4proto"), "tcp", op="!="), {"jump": {"target": NON_TCP_CHAIN}}],
+                [
+                    _match(_meta("l4proto"), "tcp", op="!="),
+                    # The node's own neighbour discovery is untracked.
+                    _match(_ct("state"), "untracked", op="!="),
+                    {"jump": {"target": NON_TCP_CHAIN}},
+                ],
                 "non-TCP of local workloads",
             )
         )
@@ -411,6 +462,8 @@ def _forward_checks(
     rules: list[Json] = []
     not_dnat = _match({"&": [_ct("status"), "dnat"]}, 0)
     original = _match(_ct("direction"), "original")
+    # Without conntrack (a notrack rule) there is no NAT either.
+    untracked = _match(_ct("state"), "untracked", op="in")
     reply_syn = [
         _match(_ct("direction"), "reply"),
         _match({"&": [_payload("tcp", "flags"), {"|": ["syn", "ack"]}]}, "syn"),
@@ -447,6 +500,13 @@ def _forward_checks(
                     f"workload TCP SYN in a reply direction ({proto})",
                 )
             )
+            rules.append(
+                _rule(
+                    "forward",
+                    [source, _match(_meta("l4proto"), "tcp"), untracked, jump],
+                    f"untracked workload TCP ({proto})",
+                )
+            )
     if selection == "bpf" and checked:
         dmark = policy.proxy.divert_mark
         marked_tcp = [
@@ -466,6 +526,13 @@ def _forward_checks(
                 "forward",
                 [*marked_tcp, *reply_syn, {"counter": None}, {"drop": None}],
                 "TCP SYN marked by the BPF classifier in a reply direction",
+            )
+        )
+        rules.append(
+            _rule(
+                "forward",
+                [*marked_tcp[:2], untracked, {"counter": None}, {"drop": None}],
+                "TCP marked by the BPF classifier: untracked",
             )
         )
     if checked:

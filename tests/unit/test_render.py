@@ -233,7 +233,7 @@ def test_reverse_path_check_runs_before_conntrack_on_bound_and_named_interfaces(
     doc = render_ruleset(parse_policy(NON_TCP_POLICY), selection=selection)  # type: ignore[arg-type]
     chain = _chains(doc)["reverse_path"]
     assert (chain["type"], chain["hook"], chain["prio"]) == ("filter", "prerouting", -300)
-    [rule] = _rules(doc, "reverse_path")
+    rule, *towards = _rules(doc, "reverse_path")
     assert rule["expr"] == [
         {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "@rp_interfaces"}},
         {
@@ -252,8 +252,26 @@ def test_reverse_path_check_runs_before_conntrack_on_bound_and_named_interfaces(
         if c.get("add", {}).get("set", {}).get("name") == "rp_interfaces"
     ]
     assert rp_set["type"] == "ifname" and rp_set["elem"] == ["veth-a", "cali*"]
-    # Nothing bound, nothing named: no check at all.
-    assert "reverse_path" not in _chains(render_ruleset(parse_policy(_demo_policy_text())))
+    # On every interface: packets towards a workload (a forged "server" packet
+    # would open an entry whose reply direction is the workload's connection).
+    assert [r["comment"] for r in towards] == [
+        "reverse-path check towards workloads (ipv4)",
+        "reverse-path check towards workloads (ipv6)",
+    ]
+    assert towards[0]["expr"][0] == {
+        "match": {
+            "op": "==",
+            "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+            "right": "@workloads_v4",
+        }
+    }
+    # Nothing bound, nothing named: only the check towards workloads.
+    demo = render_ruleset(parse_policy(_demo_policy_text()))
+    assert [r["comment"] for r in _rules(demo, "reverse_path")] == [
+        "reverse-path check towards workloads (ipv4)",
+        "reverse-path check towards workloads (ipv6)",
+    ]
+    assert "rp_interfaces" not in json.dumps(demo)
 
 
 def test_forward_checks_come_in_order_and_only_for_workloads() -> None:
@@ -266,8 +284,10 @@ def test_forward_checks_come_in_order_and_only_for_workloads() -> None:
         "invalid conntrack state from workloads (ipv6)",
         "workload TCP without NAT (ipv4)",
         "workload TCP SYN in a reply direction (ipv4)",
+        "untracked workload TCP (ipv4)",
         "workload TCP without NAT (ipv6)",
         "workload TCP SYN in a reply direction (ipv6)",
+        "untracked workload TCP (ipv6)",
         "AH from workloads (ipv4)",
         "AH from workloads (ipv6)",
         "non-TCP from workloads (ipv4)",
@@ -300,22 +320,33 @@ def test_non_tcp_lets_replies_and_related_errors_pass_before_the_drops() -> None
         "non-TCP: ICMP errors about allowed flows pass",
         "non-TCP: replies to flows opened from elsewhere pass",
     ]
+    # Each address workload's rule twice: by the entry's original
+    # destination (before kube-proxy's DNAT), and by the headers of untracked
+    # packets (neighbour discovery has no entry).
     assert comments[2:] == [
         "intercept[0] from pods non_tcp",
+        "intercept[0] from pods non_tcp",
+        "intercept[0] from vm non_tcp",
         "intercept[0] from vm non_tcp",
         "intercept[0] from job non_tcp (cgroup mark)",
         "intercept[0] from pods non_tcp",
+        "intercept[0] from pods non_tcp",
         "intercept[0] from job non_tcp (cgroup mark)",
     ]
-    # Destinations are the entry's original ones (before kube-proxy's DNAT).
-    vm = _rules(doc, "non_tcp")[3]
-    assert {"ct": {"key": "ip daddr", "dir": "original"}} in [
-        e["match"]["left"] for e in vm["expr"] if "match" in e
-    ]
+    tracked, untracked = _rules(doc, "non_tcp")[4:6]
+    lefts = [e["match"]["left"] for e in tracked["expr"] if "match" in e]
+    assert {"ct": {"key": "ip daddr", "dir": "original"}} in lefts
+    lefts = [e["match"] for e in untracked["expr"] if "match" in e]
+    assert {"op": "in", "left": {"ct": {"key": "state"}}, "right": "untracked"} in lefts
     # Locally generated traffic reaches the chain through output_filter.
     chain = _chains(doc)["output_filter"]
     assert (chain["type"], chain["hook"], chain["prio"]) == ("filter", "output", 0)
-    assert [r["comment"] for r in _rules(doc, "output_filter")] == ["non-TCP of local workloads"]
+    [jump] = _rules(doc, "output_filter")
+    assert jump["comment"] == "non-TCP of local workloads"
+    # The node's own neighbour discovery (untracked) never enters the chain.
+    assert {"match": {"op": "!=", "left": {"ct": {"key": "state"}}, "right": "untracked"}} in (
+        jump["expr"]
+    )
     # No rule with non_tcp: drop, no chain.
     assert "non_tcp" not in _chains(render_ruleset(parse_policy(_demo_policy_text())))
 
