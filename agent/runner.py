@@ -750,29 +750,27 @@ class Agent:
             "1 when ready (rules, proxy and discovery in place).",
             [("", 1 if snap["ready"] else 0)],
         )
-        counted, _ = self._counts()
-        diverted = [c for c in counted if c.kind == "diverted"]
-        dropped = [c for c in counted if c.kind == "dropped"]
+        # The rule counters as the snapshot read them (one read per scrape).
         for unit in ("packets", "bytes"):
             metric(
                 f"diverted_{unit}_total",
                 "counter",
                 f"{unit.capitalize()} DNAT-ed to the proxy, by nftables chain and rule.",
                 [
-                    (f'{{chain="{c.chain}",rule="{_label(c.rule)}"}}', getattr(c, unit))
-                    for c in diverted
+                    (f'{{chain="{row["chain"]}",rule="{_label(row["rule"])}"}}', row[unit])
+                    for row in snap["diverted"]["rules"]
                 ],
             )
-        bpf_drops = self._bpf_drops()
         for unit in ("packets", "bytes"):
             samples = [
-                (f'{{reason="{c.reason}",rule="{_label(c.rule)}"}}', getattr(c, unit))
-                for c in dropped
+                (f'{{reason="{row["reason"]}",rule="{_label(row["rule"])}"}}', row[unit])
+                for row in snap["drops"]["rules"]
             ]
             if unit == "packets":
                 samples += [
-                    (f'{{reason="bpf_{reason}",rule="BPF classifier"}}', n)
-                    for reason, n in sorted(bpf_drops.items())
+                    (f'{{reason="{reason}",rule="BPF classifier"}}', n)
+                    for reason, n in snap["drops"]["by_reason"].items()
+                    if reason.startswith("bpf_")
                 ]
             metric(
                 f"dropped_{unit}_total",
