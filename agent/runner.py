@@ -194,6 +194,7 @@ class Agent:
         self.selection: Selection = "nft"
         self.bpf: BpfDatapath | None = None
         self.bpf_fallback: str | None = None
+        self._datapath_ready = False  # loaded by prepare(), before start()
         self.cgroups = CgroupWorkloads(root=options.cgroup_root, bpf_pin_dir=options.bpf_pin_dir)
         # hostNetwork pods' uid -> cgroup path, for pod selectors with hostNetwork.
         self.pod_cgroups: dict[str, str] = {}
@@ -223,6 +224,21 @@ class Agent:
     async def start(self, inherited: Inherited | None = None) -> None:
         async with self._reload_lock:
             await self._start(inherited)
+
+    async def prepare(self) -> None:
+        """Load the BPF classifier (compiling takes seconds) before anything
+        else: before a predecessor's listening sockets are taken over, which
+        stops it accepting, so that no connection waits for the compiler.
+        Loading changes nothing the predecessor serves with: the new
+        classifier replaces its filters with the same decisions, and its
+        table stays until ours replaces it. (The nftables datapath's removal
+        of BPF filters waits for ``start``: a BPF-mode predecessor's table
+        still needs its marks.)"""
+        if self.options.datapath == "nft":
+            return
+        async with self._reload_lock:
+            await self._start_datapath()
+            self._datapath_ready = True
 
     def _render(self, policy: Policy) -> Json:
         return render_ruleset(policy, selection=self.selection)
@@ -318,7 +334,10 @@ class Agent:
             )
         # pyroute2 drives its own asyncio loop internally: keep it off ours.
         await asyncio.to_thread(ensure_proxy_addresses, self.policy.proxy)
-        await self._start_datapath()
+        if not self._datapath_ready:
+            await self._start_datapath()
+        elif self.bpf is not None:
+            await self._update_bpf(self.policy)  # pods may have been resolved since
         await self._sync_cgroups(self.policy)
         self.doc = self._render(self.policy)
         self.proxy = ProxyServer(
@@ -1014,6 +1033,7 @@ async def run_agent(options: RunOptions) -> int:
                 )
         # From here on, discovery changes queue behind start-up on the reload lock.
         started = True
+        await agent.prepare()
         if predecessor:
             # Taken as late as possible: the predecessor serves until now.
             inherited = await _take_over()
