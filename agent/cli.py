@@ -25,6 +25,7 @@ from egress_agent.policy.decide import (
     format_addresses,
     identify,
     names_to_resolve,
+    non_tcp_drop,
     should_divert,
 )
 from egress_agent.policy.load import PolicyError, load_policy
@@ -34,6 +35,7 @@ from egress_agent.policy.model import (
     AzureSharedKey,
     Bearer,
     HttpRule,
+    NonTcp,
     Policy,
     Resolution,
 )
@@ -133,6 +135,12 @@ def _parser() -> argparse.ArgumentParser:
         "--show-rules", action="store_true", help="print the nftables JSON it renders to"
     )
     check.add_argument(
+        "--datapath",
+        choices=["nft", "bpf"],
+        default="nft",
+        help="render the ruleset of this datapath for --show-rules and --dry-run (default nft)",
+    )
+    check.add_argument(
         "--dry-run",
         action="store_true",
         help="also ask libnftables whether the ruleset would apply (root; changes nothing)",
@@ -213,6 +221,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from egress_agent.agent.kubernetes import KubernetesConfigError
     from egress_agent.agent.runner import DatapathError, RunOptions, run_agent
+    from egress_agent.rules.apply import NftablesError
 
     options = RunOptions(
         policy_path=args.policy,
@@ -234,6 +243,9 @@ def _run(args: argparse.Namespace) -> int:
     except KubernetesConfigError as exc:
         logging.getLogger("egress_agent").error("pod discovery cannot start: %s", exc)
         return EXIT_BAD_INPUT
+    except NftablesError as exc:
+        logging.getLogger("egress_agent").error("%s", exc)
+        return EXIT_FAILURE
     except OSError as exc:
         logging.getLogger("egress_agent").error("%s", exc)
         return EXIT_FAILURE
@@ -244,7 +256,7 @@ def _check(args: argparse.Namespace) -> int:
     from egress_agent.rules.render import render_ruleset
 
     policy = load_policy(args.policy)
-    doc = render_ruleset(policy)
+    doc = render_ruleset(policy, selection=args.datapath)
     if args.dry_run:
         from egress_agent.rules.apply import NftablesError, check_ruleset
 
@@ -262,7 +274,27 @@ def _check(args: argparse.Namespace) -> int:
     if args.show_rules:
         print(json.dumps(doc, indent=2))
     print(f"{args.policy}: ok ({summary(policy)})", file=sys.stderr)
+    for line in describe_kernel_checks(policy):
+        print(f"  {line}", file=sys.stderr)
     return EXIT_OK
+
+
+def describe_kernel_checks(policy: Policy) -> list[str]:
+    """What the kernel drops besides diverting, in words (for ``check``)."""
+    lines = []
+    for rule in policy.intercept:
+        if rule.non_tcp is NonTcp.DROP:
+            to = ", ".join(map(str, rule.to_cidrs)) or "any destination"
+            ex = ", ".join(map(str, rule.except_cidrs))
+            lines.append(
+                f"intercept[{rule.index}]: non-TCP from {', '.join(rule.sources)} to {to}"
+                + (f" except {ex}" if ex else "")
+                + " is dropped (replies and related ICMP errors pass)"
+            )
+    interfaces = policy.reverse_path_interfaces()
+    if interfaces:
+        lines.append("reverse-path check on: " + ", ".join(interfaces))
+    return lines
 
 
 def _bpf_dump(args: argparse.Namespace) -> int:
@@ -350,7 +382,7 @@ def _status(args: argparse.Namespace) -> int:
         f"kernel:       {'in sync' if snap['kernel_in_sync'] else 'DRIFTED'}, "
         f"{snap['drift_repairs']} repairs since start"
     )
-    for line in describe_dns(snap.get("dns")):
+    for line in [*describe_counters(snap), *describe_dns(snap.get("dns"))]:
         print(line)
     print(
         f"connections:  {snap['connections_open']} open, "
@@ -397,6 +429,33 @@ def describe_dns(dns: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def describe_counters(snap: dict[str, object]) -> list[str]:
+    """The ``diverted:`` and ``drops:`` lines of ``status``."""
+    lines = []
+    error = snap.get("counters_error")
+    if error:
+        lines.append(f"counters:     cannot be read: {error}")
+    diverted = snap.get("diverted")
+    if isinstance(diverted, dict):
+        lines.append(
+            f"diverted:     {diverted['packets']} packets DNAT-ed to the proxy"
+            f" ({diverted['bytes']} bytes)"
+        )
+    drops = snap.get("drops")
+    if isinstance(drops, dict):
+        by_reason = {k: v for k, v in drops["by_reason"].items() if v}
+        if not by_reason:
+            lines.append("drops:        none")
+        else:
+            lines.append(
+                "drops:        " + ", ".join(f"{k} {v}" for k, v in sorted(by_reason.items()))
+            )
+            for row in drops["rules"]:
+                if row["packets"]:
+                    lines.append(f"                {row['packets']:>8}  {row['rule']}")
+    return lines
+
+
 def _explain(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     try:
@@ -437,6 +496,14 @@ def _explain(args: argparse.Namespace) -> int:
         )
     diverted = should_divert(policy, src=src, dst=dst, dst_port=port, interface=args.interface)
     print(f"workload:  {workload or '(none)'}")
+    dropping = non_tcp_drop(policy, src=src, dst=dst, interface=args.interface)
+    if dropping is not None:
+        print(
+            f"non-tcp:   dropped by intercept[{dropping.index}] (non_tcp: drop); replies to"
+            " flows opened from outside and related ICMP errors pass"
+        )
+    elif workload is not None:
+        print("non-tcp:   passes (no intercept rule with non_tcp: drop covers this destination)")
     if not diverted:
         print("diverted:  no (the kernel sends this flow directly; the proxy never sees it)")
         return EXIT_OK

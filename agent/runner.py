@@ -51,6 +51,8 @@ from egress_agent.agent.addresses import (
     remove_proxy_addresses,
 )
 from egress_agent.agent.cgroups import CgroupWorkloads
+from egress_agent.agent.counters import Count, RuleCounters
+from egress_agent.agent.counters import summary as counter_summary
 from egress_agent.agent.discovery import pod_addresses, resolve, uses_pods
 from egress_agent.agent.handover import (
     HandoverError,
@@ -74,16 +76,19 @@ from egress_agent.bpf.datapath import BpfDatapath
 from egress_agent.bpf.loader import DEFAULT_PIN_DIR, BpfConfig, BpfError
 from egress_agent.bpf.maps import UnsupportedPolicy
 from egress_agent.policy.load import PolicyError, parse_policy, read_policy_text
-from egress_agent.policy.model import IPAddress, Policy
+from egress_agent.policy.model import IPAddress, NonTcp, Policy
 from egress_agent.proxy.audit import AuditLog
 from egress_agent.proxy.connect import ConnectListener
 from egress_agent.proxy.server import FDS_PER_CONNECTION, ProxyServer
 from egress_agent.rules.apply import (
     NftablesError,
+    RuleCounter,
     Table,
+    read_counters,
     render_output_update,
     verify_applied,
 )
+from egress_agent.rules.apply import context as nft_context
 from egress_agent.rules.render import Json, Selection, render_ruleset
 
 log = logging.getLogger(__name__)
@@ -192,10 +197,15 @@ class Agent:
         self.selection: Selection = "nft"
         self.bpf: BpfDatapath | None = None
         self.bpf_fallback: str | None = None
+        self._datapath_ready = False  # loaded by prepare(), before start()
         self.cgroups = CgroupWorkloads(root=options.cgroup_root, bpf_pin_dir=options.bpf_pin_dir)
         # hostNetwork pods' uid -> cgroup path, for pod selectors with hostNetwork.
         self.pod_cgroups: dict[str, str] = {}
         self.doc = self._render(self.policy)
+        # The one libnftables context, made now while file descriptors are
+        # plentiful (see rules.apply): no later call makes another.
+        nft_context()
+        self.counters = RuleCounters(read=self._read_counters)
         # fail: open makes the table the kernel's to remove when we end.
         self.table = Table(owned=self.policy.fail_open)
         self.audit = AuditLog(options.audit_path)
@@ -217,6 +227,21 @@ class Agent:
     async def start(self, inherited: Inherited | None = None) -> None:
         async with self._reload_lock:
             await self._start(inherited)
+
+    async def prepare(self) -> None:
+        """Load the BPF classifier (compiling takes seconds) before anything
+        else: before a predecessor's listening sockets are taken over, which
+        stops it accepting, so that no connection waits for the compiler.
+        Loading changes nothing the predecessor serves with: the new
+        classifier replaces its filters with the same decisions, and its
+        table stays until ours replaces it. (The nftables datapath's removal
+        of BPF filters waits for ``start``: a BPF-mode predecessor's table
+        still needs its marks.)"""
+        if self.options.datapath == "nft":
+            return
+        async with self._reload_lock:
+            await self._start_datapath()
+            self._datapath_ready = True
 
     def _render(self, policy: Policy) -> Json:
         return render_ruleset(policy, selection=self.selection)
@@ -279,10 +304,17 @@ class Agent:
         if doc == self.doc:
             return
         partial = render_output_update(self.doc, doc) if self.selection == "bpf" else None
-        if partial is not None:
-            self.table.change(partial)
-        else:
-            self.table.apply(doc)
+        with self.counters.around_change():
+            if partial is not None:
+                self.table.change(partial)
+            else:
+                self.table.apply(doc)
+
+    def _read_counters(self) -> list[RuleCounter]:
+        chains = [
+            c["add"]["chain"]["name"] for c in self.doc["nftables"] if "chain" in c.get("add", {})
+        ]
+        return read_counters(chains)
 
     async def links_changed(self) -> None:
         """An interface appeared, went or changed: attach where it belongs."""
@@ -305,7 +337,10 @@ class Agent:
             )
         # pyroute2 drives its own asyncio loop internally: keep it off ours.
         await asyncio.to_thread(ensure_proxy_addresses, self.policy.proxy)
-        await self._start_datapath()
+        if not self._datapath_ready:
+            await self._start_datapath()
+        elif self.bpf is not None:
+            await self._update_bpf(self.policy)  # pods may have been resolved since
         await self._sync_cgroups(self.policy)
         self.doc = self._render(self.policy)
         self.proxy = ProxyServer(
@@ -345,7 +380,12 @@ class Agent:
             # Cgroups that appeared or were made again since the last round.
             await self._sync_cgroups(self.policy)
             problems = verify_applied(self.doc)
-            missing = await asyncio.to_thread(missing_proxy_addresses, self.policy.proxy)
+            try:
+                missing = await asyncio.to_thread(missing_proxy_addresses, self.policy.proxy)
+            except OSError as exc:
+                # Not knowing is no reason to leave the table unrepaired.
+                log.error("drift: cannot check the proxy addresses on lo: %s", exc)
+                missing = []
             problems += [f"proxy address {a} missing from lo" for a in missing]
             bpf_problems: list[str] = []
             if self.bpf is not None:
@@ -361,7 +401,8 @@ class Agent:
                 await asyncio.to_thread(ensure_proxy_addresses, self.policy.proxy)
             if self.bpf is not None and bpf_problems:
                 await asyncio.to_thread(self.bpf.repair)
-            self.table.apply(self.doc)
+            with self.counters.around_change():
+                self.table.apply(self.doc)
             self.repairs += 1
             self.in_sync = not verify_applied(self.doc)
             if self.bpf is not None:
@@ -403,6 +444,10 @@ class Agent:
             rule = cmd.get("add", {}).get("rule")
             if rule is not None:
                 counts[rule["chain"]] = counts.get(rule["chain"], 0) + 1
+        counted, counters_error = self._counts()
+        counters = counter_summary(counted, bpf_drops=self._bpf_drops())
+        if counters_error is not None:
+            counters["error"] = counters_error
         return {
             "policy": {
                 "path": self.path,
@@ -412,7 +457,17 @@ class Agent:
                 "intercept_rules": len(self.policy.intercept),
                 "egress_rules": len(self.policy.egress),
                 "default": self.policy.default.value,
+                # Intercept rules that drop their workloads' non-TCP traffic.
+                "non_tcp_drop": [
+                    f"intercept[{r.index}]"
+                    for r in self.policy.intercept
+                    if r.non_tcp is NonTcp.DROP
+                ],
+                "reverse_path_interfaces": list(self.policy.reverse_path_interfaces()),
             },
+            "diverted": counters["diverted"],
+            "drops": counters["drops"],
+            "counters_error": counters_error,
             "last_reload": asdict(self.last_reload) if self.last_reload else None,
             "datapath": "bpf" if self.bpf is not None else "nftables",
             "datapath_requested": self.options.datapath,
@@ -446,13 +501,33 @@ class Agent:
             "not_ready_because": reasons,
         }
 
+    def _counts(self) -> tuple[list[Count], str | None]:
+        """The rule counters, or none and why they could not be read."""
+        try:
+            return self.counters.read(), None
+        except NftablesError as exc:
+            return [], str(exc)
+
+    def _bpf_drops(self) -> dict[str, int]:
+        """The classifier's own drops by reason (BPF datapath only)."""
+        if self.bpf is None:
+            return {}
+        return {r.name.lower(): n for r, n in self.bpf.counters().dropped().items()}
+
     def _bpf_snapshot(self) -> dict[str, Any] | None:
         if self.bpf is None:
             return {"fallback_reason": self.bpf_fallback} if self.bpf_fallback else None
+        counters = self.bpf.counters()
         return {
             **self.bpf.status(),
             "in_sync": not self.bpf.last_problems,
             "problems": self.bpf.last_problems,
+            # Non-TCP the classifier marked for each non_tcp: drop rule (replies
+            # among them pass in nftables; what was dropped is in `drops`).
+            "non_tcp_marked": {
+                f"intercept[{index}]": traffic.packets
+                for index, traffic in sorted(counters.non_tcp.items())
+            },
         }
 
     async def reload(self, reason: str) -> ReloadResult:
@@ -726,12 +801,62 @@ class Agent:
             "1 when ready (rules, proxy and discovery in place).",
             [("", 1 if snap["ready"] else 0)],
         )
+        # The rule counters as the snapshot read them (one read per scrape).
+        for unit in ("packets", "bytes"):
+            metric(
+                f"diverted_{unit}_total",
+                "counter",
+                f"{unit.capitalize()} DNAT-ed to the proxy, by nftables chain and rule.",
+                [
+                    (f'{{chain="{row["chain"]}",rule="{_label(row["rule"])}"}}', row[unit])
+                    for row in snap["diverted"]["rules"]
+                ],
+            )
+        for unit in ("packets", "bytes"):
+            samples = [
+                (f'{{reason="{row["reason"]}",rule="{_label(row["rule"])}"}}', row[unit])
+                for row in snap["drops"]["rules"]
+            ]
+            if unit == "packets":
+                samples += [
+                    (f'{{reason="{reason}",rule="BPF classifier"}}', n)
+                    for reason, n in snap["drops"]["by_reason"].items()
+                    if reason.startswith("bpf_")
+                ]
+            metric(
+                f"dropped_{unit}_total",
+                "counter",
+                f"{unit.capitalize()} the datapath dropped, by reason and rule"
+                " (nftables rule comments; the BPF classifier's own drops have bpf_ reasons).",
+                samples,
+            )
         if self.bpf is not None:
+            classified = self.bpf.counters()
+            for unit in ("packets", "bytes"):
+                metric(
+                    f"bpf_non_tcp_marked_{unit}_total",
+                    "counter",
+                    f"Non-TCP {unit} the BPF classifier marked for an intercept rule with"
+                    " non_tcp: drop (replies among them pass in nftables).",
+                    [
+                        (f'{{rule="intercept[{index}]"}}', getattr(traffic, unit))
+                        for index, traffic in sorted(classified.non_tcp.items())
+                    ],
+                )
+            metric(
+                "bpf_verdicts_total",
+                "counter",
+                "Packets the BPF classifier saw, by the reason of its verdict.",
+                [
+                    (f'{{reason="{reason.name.lower()}"}}', n)
+                    for reason, n in sorted(classified.reasons.items())
+                ],
+            )
             counters = self.bpf.workload_counters()
             for i, (kind, what) in enumerate(
                 (
-                    ("packets", "diverted"),
-                    ("bytes", "diverted"),
+                    ("packets", "marked"),
+                    ("bytes", "marked"),
                     ("packets", "bypassed"),
                     ("bytes", "bypassed"),
                 )
@@ -739,7 +864,12 @@ class Agent:
                 metric(
                     f"bpf_{what}_{kind}_total",
                     "counter",
-                    f"TCP {kind} of a workload the BPF classifier {what}.",
+                    f"TCP {kind} of a workload the BPF classifier {what}"
+                    + (
+                        " for the proxy (diverted_* counts what was DNAT-ed)."
+                        if what == "marked"
+                        else "."
+                    ),
                     [(f'{{workload="{w}"}}', v[i]) for w, v in sorted(counters.items())],
                 )
         metric(
@@ -834,6 +964,11 @@ class Agent:
                 [("", len(resolver.cache))],
             )
         return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _check_restart_only_settings(old: Policy, new: Policy) -> None:
@@ -1017,6 +1152,7 @@ async def run_agent(options: RunOptions) -> int:
                 )
         # From here on, discovery changes queue behind start-up on the reload lock.
         started = True
+        await agent.prepare()
         if predecessor:
             inherited = await _take_over()
         try:

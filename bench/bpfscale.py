@@ -15,17 +15,16 @@ every packet runs the whole lookup chain and none is diverted).
 from __future__ import annotations
 
 import argparse
-import ctypes as ct
 import dataclasses
 import ipaddress
 import json
-import os
 import struct
 import sys
 import time
 
 from egress_agent.bpf.datapath import BpfDatapath, entry_counts
 from egress_agent.bpf.loader import BpfConfig
+from egress_agent.lab.bpfrun import run_classifier
 from egress_agent.policy.model import (
     Action,
     InterceptRule,
@@ -69,32 +68,6 @@ def scale_policy(workloads: int, cidrs: int, client: str) -> Policy:
     )
 
 
-BPF_PROG_TEST_RUN = 10  # include/uapi/linux/bpf.h, enum bpf_cmd
-SYS_BPF = 321  # x86_64
-
-
-class _TestRunAttr(ct.Structure):
-    # union bpf_attr, the BPF_PROG_TEST_RUN member (include/uapi/linux/bpf.h).
-    _fields_ = [  # noqa: RUF012 - ctypes reads it
-        ("prog_fd", ct.c_uint32),
-        ("retval", ct.c_uint32),
-        ("data_size_in", ct.c_uint32),
-        ("data_size_out", ct.c_uint32),
-        ("data_in", ct.c_uint64),
-        ("data_out", ct.c_uint64),
-        ("repeat", ct.c_uint32),
-        ("duration", ct.c_uint32),
-        ("ctx_size_in", ct.c_uint32),
-        ("ctx_size_out", ct.c_uint32),
-        ("ctx_in", ct.c_uint64),
-        ("ctx_out", ct.c_uint64),
-        ("flags", ct.c_uint32),
-        ("cpu", ct.c_uint32),
-        ("batch_size", ct.c_uint32),
-        ("pad", ct.c_uint32),
-    ]
-
-
 def tcp_syn(src: str, dst: str, dport: int) -> bytes:
     """Ethernet + IPv4 + TCP SYN, as the classifier sees it at tc ingress."""
     eth = b"\x02" * 6 + b"\x04" * 6 + struct.pack("!H", 0x0800)
@@ -107,28 +80,22 @@ def tcp_syn(src: str, dst: str, dport: int) -> bytes:
     return eth + ip + tcp
 
 
+def udp(src: str, dst: str, dport: int) -> bytes:
+    """Ethernet + IPv4 + UDP with 8 bytes of payload."""
+    eth = b"\x02" * 6 + b"\x04" * 6 + struct.pack("!H", 0x0800)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45, 0, 36, 1, 0, 64, 17, 0,
+        ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed,
+    )  # fmt: skip
+    return eth + ip + struct.pack("!HHHH", 40000, dport, 16, 0) + b"x" * 8
+
+
 def ns_per_packet(prog_fd: int, packet: bytes, repeat: int) -> tuple[float, int]:
     """The kernel runs the program ``repeat`` times on ``packet`` and reports
     the mean time per run (BPF_PROG_TEST_RUN); also returns the mark it set."""
-    data = ct.create_string_buffer(packet, len(packet))
-    out = ct.create_string_buffer(len(packet) + 256)
-    ctx_out = ct.create_string_buffer(256)
-    attr = _TestRunAttr(
-        prog_fd=prog_fd,
-        data_size_in=len(packet),
-        data_size_out=len(out),
-        data_in=ct.addressof(data),
-        data_out=ct.addressof(out),
-        repeat=repeat,
-        ctx_size_out=len(ctx_out),
-        ctx_out=ct.addressof(ctx_out),
-    )
-    libc = ct.CDLL(None, use_errno=True)
-    if libc.syscall(SYS_BPF, BPF_PROG_TEST_RUN, ct.byref(attr), ct.sizeof(attr)) != 0:
-        err = ct.get_errno()
-        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
-    mark: int = struct.unpack_from("=I", ctx_out.raw, 8)[0]  # struct __sk_buff.mark
-    return float(attr.duration), mark
+    run = run_classifier(prog_fd, packet, repeat=repeat)
+    return run.ns, run.mark
 
 
 def pod_workloads(policy: Policy) -> Policy:
@@ -206,6 +173,8 @@ def main() -> int:
             ("workload_not_diverted", tcp_syn(args.client, "198.18.1.2", 5201)),
             ("workload_diverted", tcp_syn(args.client, "198.18.1.2", 443)),
             ("workload_excepted", tcp_syn(args.client, "172.16.0.9", 443)),
+            ("no_identity_udp", udp("198.51.100.7", "198.18.1.2", 443)),
+            ("workload_udp", udp(args.client, "198.18.1.2", 443)),
         ):
             ns, mark = ns_per_packet(fd, packet, 200_000)
             cost[label] = {"ns": ns, "diverted": bool(mark & proxy.divert_mark)}

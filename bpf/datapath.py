@@ -11,13 +11,14 @@ Blocking calls (bcc, netlink): the agent runs them in a worker thread.
   refreshes interface bindings (ifindexes change when a veth is re-made).
 * ``verify``/``repair`` find and fix a removed filter or edited map entries.
 * ``stop`` detaches everywhere, removes pins, releases the program.
+* ``counters`` reads what the classifier counted (:class:`ClassifierCounters`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,48 @@ log = logging.getLogger(__name__)
 # else on every MAP_CHECK_EVERY-th (every 10 s with the agent's 2 s rounds).
 SMALL_MAPS = 2000
 MAP_CHECK_EVERY = 5
+
+
+@dataclass(frozen=True, kw_only=True)
+class Traffic:
+    packets: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkloadCounters:
+    """One workload's packets by the classifier's verdict (only packets from
+    its addresses on interfaces it may use; spoofs of it are in
+    ``ClassifierCounters.reasons[Reason.WRONG_INTERFACE]``)."""
+
+    marked: Traffic  # TCP marked for the proxy, non-TCP marked for a non_tcp: drop rule
+    passed: Traffic
+    dropped: Traffic  # fragments of TCP, AH, too many extension headers, truncated
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassifierCounters:
+    """What the classifier counted since it was loaded, summed over CPUs.
+
+    ``reasons``: packets by reason, every reason present (``layout.REASON_VERDICT``
+    says whether a reason passes, marks or drops; :meth:`dropped` picks the
+    drops). "Marked" is the classifier's count: what nftables DNAT-ed to the
+    proxy is its own rule counters' business. ``workloads``: by workload
+    name. ``non_tcp``: by intercept rule index (``InterceptRule.index``), the
+    non-TCP packets marked because that rule, the first with ``non_tcp: drop``
+    covering them, says so, since the rule at that position last changed;
+    only rules that counted any.
+    """
+
+    reasons: Mapping[layout.Reason, int]
+    workloads: Mapping[str, WorkloadCounters]
+    non_tcp: Mapping[int, Traffic]
+
+    def dropped(self) -> dict[layout.Reason, int]:
+        """Packets dropped, by reason (every dropping reason present)."""
+        return {
+            r: n for r, n in self.reasons.items() if layout.REASON_VERDICT[r] is layout.Verdict.DROP
+        }
 
 
 @dataclass(kw_only=True)
@@ -122,6 +165,16 @@ class BpfDatapath:
         self._check_capacity(policy)
         change = self.planner.update(policy, self.ifindexes)
         self.classifier.apply(change)
+        if self.policy is not None:
+            # A rule's non-TCP count is that rule's: a position whose rule
+            # changed starts again from zero (as nftables' counters do).
+            old, new = self.policy.intercept, policy.intercept
+            changed = [
+                i
+                for i in range(min(max(len(old), len(new)), layout.MAX_RULES))
+                if i >= len(old) or i >= len(new) or old[i] != new[i]
+            ]
+            self.classifier.reset_non_tcp(changed)
         self.policy = policy
         if change.deletes.get(layout.WORKLOADS):
             self.classifier.forget_workloads(self.ids)
@@ -193,14 +246,41 @@ class BpfDatapath:
             "map_ids": c.map_ids() if c else {},
             "pin_dir": self.config.pin_dir,
             "attached": sorted(self.attached),
-            "reasons": c.reasons() if c else {},
+            "reasons": {r.name.lower(): n for r, n in c.reasons().items()} if c else {},
         }
 
-    def workload_counters(self) -> dict[str, tuple[int, int, int, int]]:
-        if self.classifier is None:
-            return {}
+    def counters(self) -> ClassifierCounters:
+        """Everything the classifier counted (empty before start and after stop)."""
+        c = self.classifier
+        if c is None:
+            return ClassifierCounters(
+                reasons={r: 0 for r in layout.Reason}, workloads={}, non_tcp={}
+            )
         by_id = {wid: name for name, wid in self.ids.items()}
-        return {by_id[wid]: v for wid, v in self.classifier.counters().items() if wid in by_id}
+        workloads = {
+            by_id[wid]: WorkloadCounters(
+                marked=Traffic(packets=v[0], bytes=v[1]),
+                passed=Traffic(packets=v[2], bytes=v[3]),
+                dropped=Traffic(packets=v[4], bytes=v[5]),
+            )
+            for wid, v in c.counters().items()
+            if wid in by_id
+        }
+        rules = self.policy.intercept if self.policy is not None else ()
+        non_tcp = {
+            rules[bit].index: Traffic(packets=packets, bytes=size)
+            for bit, (packets, size) in c.non_tcp().items()
+            if bit < len(rules)
+        }
+        return ClassifierCounters(reasons=c.reasons(), workloads=workloads, non_tcp=non_tcp)
+
+    def workload_counters(self) -> dict[str, tuple[int, int, int, int]]:
+        """Workload name -> (marked packets, bytes, passed packets, bytes):
+        the older shape of ``counters().workloads``."""
+        return {
+            name: (w.marked.packets, w.marked.bytes, w.passed.packets, w.passed.bytes)
+            for name, w in self.counters().workloads.items()
+        }
 
 
 def entry_counts(

@@ -16,15 +16,18 @@ from egress_agent.policy.model import IPNetwork
 
 
 class Verdict(enum.IntEnum):
-    BYPASS = 0
-    DIVERT = 1
+    """What the classifier does with a packet (``EGRESS_VERDICT_*``)."""
+
+    PASS = 0  # on its way, divert mark cleared
+    MARK = 1  # divert mark set: nftables DNATs TCP to the proxy, decides non-TCP
+    DROP = 2  # TC_ACT_SHOT
 
 
 class Reason(enum.IntEnum):
     """Why the classifier gave a packet its verdict (``egress_reasons`` index).
-    Numbers are never reused."""
+    Numbers are never reused; :data:`REASON_VERDICT` gives each one's verdict."""
 
-    DIVERTED = 0
+    MARKED = 0
     NOT_TCP = 1
     NO_IDENTITY = 2
     WRONG_INTERFACE = 3
@@ -33,9 +36,32 @@ class Reason(enum.IntEnum):
     UPSTREAM_MARK = 6
     MALFORMED = 7
     FRAGMENT = 8
+    NOT_IP = 9
+    NON_TCP_MARKED = 10
+    AH = 11
+    VLAN_TAGS = 12
+    EXT_HEADERS = 13
+    TCP_TRUNCATED = 14
 
 
-REASON_COUNT = 9
+REASON_COUNT = 15
+REASON_VERDICT: dict[Reason, Verdict] = {
+    Reason.MARKED: Verdict.MARK,
+    Reason.NOT_TCP: Verdict.PASS,
+    Reason.NO_IDENTITY: Verdict.PASS,
+    Reason.WRONG_INTERFACE: Verdict.DROP,
+    Reason.NO_RULE: Verdict.PASS,
+    Reason.TO_PROXY: Verdict.PASS,
+    Reason.UPSTREAM_MARK: Verdict.PASS,
+    Reason.MALFORMED: Verdict.DROP,
+    Reason.FRAGMENT: Verdict.DROP,
+    Reason.NOT_IP: Verdict.PASS,
+    Reason.NON_TCP_MARKED: Verdict.MARK,
+    Reason.AH: Verdict.DROP,
+    Reason.VLAN_TAGS: Verdict.DROP,
+    Reason.EXT_HEADERS: Verdict.DROP,
+    Reason.TCP_TRUNCATED: Verdict.DROP,
+}
 WORKLOAD_BOUND = 1
 MAX_RULES = 64
 
@@ -49,6 +75,9 @@ PORTS = "egress_ports"
 SETTINGS = "egress_settings"
 COUNTERS = "egress_counters"
 REASONS = "egress_reasons"
+NON_TCP = "egress_non_tcp"
+# The maps the classifier counts in (the agent only reads them).
+COUNTER_MAPS = (COUNTERS, REASONS, NON_TCP)
 # The maps the agent writes, in the order a change is applied: what a lookup
 # reaches last (settings, ports, destinations, bindings, workloads) is written
 # before what points at it (sources), so a new source never meets a half-made
@@ -63,7 +92,11 @@ _U64 = struct.Struct("=Q")
 _WORKLOAD = struct.Struct("=QII")
 _BIND = struct.Struct("=II")
 _TWO_U64 = struct.Struct("=QQ")
-COUNTER = struct.Struct("=QQQQ")
+_SETTINGS = struct.Struct("=QQQ")
+# egress_counter_value: marked, passed, dropped (packets, bytes) of a workload.
+COUNTER = struct.Struct("=QQQQQQ")
+# egress_rule_counter_value: packets, bytes.
+RULE_COUNTER = struct.Struct("=QQ")
 
 
 def lpm_key(net: IPNetwork) -> bytes:
@@ -120,8 +153,19 @@ def bind_key(*, workload: int, ifindex: int) -> bytes:
 
 
 def masks_value(first: int, second: int) -> bytes:
-    """``egress_dst_*`` (to, except) and ``egress_settings`` (any_dst, any_port)."""
+    """``egress_dst_*`` values: (to, except) rule bits."""
     return _TWO_U64.pack(first, second)
+
+
+def settings_value(*, any_dst: int, any_port: int, non_tcp: int) -> bytes:
+    """``egress_settings[0]``: rules with no to_cidrs, with no ports, with non_tcp: drop."""
+    return _SETTINGS.pack(any_dst, any_port, non_tcp)
+
+
+def unpack_settings(raw: bytes) -> tuple[int, int, int]:
+    """(any_dst, any_port, non_tcp) rule bits."""
+    any_dst, any_port, non_tcp = _SETTINGS.unpack(raw)
+    return any_dst, any_port, non_tcp
 
 
 def unpack_masks(raw: bytes) -> tuple[int, int]:

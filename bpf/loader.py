@@ -30,7 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,8 +92,8 @@ def dump(config: BpfConfig) -> str:
         f"// source  {SOURCE}",
         f"// header  {HEADER}",
         f"// cflags  {' '.join(cflags(config))}",
-        f"// pinned  {config.pin_dir}/{{{PROGRAM},{','.join(layout.CONFIG_MAPS)},"
-        f"{layout.COUNTERS},{layout.REASONS}}}",
+        f"// pinned  {config.pin_dir}/{{{PROGRAM},"
+        f"{','.join((*layout.CONFIG_MAPS, *layout.COUNTER_MAPS))}}}",
         "",
         SOURCE.read_text(),
     ]
@@ -309,28 +309,59 @@ class Classifier:
             return None
         return [v.raw[i * slot : i * slot + width] for i in range(self._cpus)]
 
-    def counters(self) -> dict[int, tuple[int, int, int, int]]:
-        """Workload id -> (diverted packets, bytes, bypassed packets, bytes), all CPUs."""
+    def _sum_per_cpu(self, m: RawMap, key: bytes, layout_: Any) -> tuple[int, ...] | None:
+        """A per-CPU value's fields (a ``struct.Struct`` of u64s), summed over CPUs."""
+        values = self._per_cpu(m, key, layout_.size)
+        if values is None:
+            return None
+        sums = [0] * len(layout_.unpack(values[0]))
+        for raw in values:
+            for i, n in enumerate(layout_.unpack(raw)):
+                sums[i] += n
+        return tuple(sums)
+
+    def counters(self) -> dict[int, tuple[int, ...]]:
+        """Workload id -> (marked packets, bytes, passed packets, bytes,
+        dropped packets, bytes), all CPUs."""
         m = self.maps[layout.COUNTERS]
         out = {}
         for key in list(m.keys()):
-            values = self._per_cpu(m, key, layout.COUNTER.size)
-            if values is None:
-                continue
-            sums = [0, 0, 0, 0]
-            for raw in values:
-                for i, n in enumerate(layout.COUNTER.unpack(raw)):
-                    sums[i] += n
-            out[layout.unpack_u32(key)] = (sums[0], sums[1], sums[2], sums[3])
+            sums = self._sum_per_cpu(m, key, layout.COUNTER)
+            if sums is not None:
+                out[layout.unpack_u32(key)] = sums
         return out
 
-    def reasons(self) -> dict[str, int]:
+    def reasons(self) -> dict[layout.Reason, int]:
+        """Packets by reason, all CPUs."""
         m = self.maps[layout.REASONS]
         out = {}
         for reason in layout.Reason:
             values = self._per_cpu(m, layout.u32(reason.value), 8)
-            out[reason.name.lower()] = sum(map(layout.unpack_u64, values or []))
+            out[reason] = sum(map(layout.unpack_u64, values or []))
         return out
+
+    def non_tcp(self) -> dict[int, tuple[int, int]]:
+        """Rule bit -> (packets, bytes) of non-TCP marked for it, all CPUs;
+        only rules that counted any."""
+        m = self.maps[layout.NON_TCP]
+        out = {}
+        for bit in range(layout.MAX_RULES):
+            sums = self._sum_per_cpu(m, layout.u32(bit), layout.RULE_COUNTER)
+            if sums is not None and sums[0]:
+                out[bit] = (sums[0], sums[1])
+        return out
+
+    def reset_non_tcp(self, bits: Iterable[int]) -> None:
+        """Zero the non-TCP counters of these rule bits on every CPU."""
+        m = self.maps[layout.NON_TCP]
+        slot = (layout.RULE_COUNTER.size + 7) // 8 * 8
+        zeros = ct.create_string_buffer(slot * self._cpus)
+        for bit in bits:
+            k = ct.create_string_buffer(layout.u32(bit), m.key_size)
+            rc = self._lib.bpf_map_update_elem(m.fd, k, zeros, 0)
+            if rc < 0:
+                err = _errno(rc)
+                raise OSError(err, f"update {m.name}: {os.strerror(err)}")
 
     def forget_workloads(self, ids: Mapping[str, int]) -> None:
         """Drop counters of workload ids no longer in use."""
@@ -352,7 +383,7 @@ def _config_json(config: BpfConfig) -> dict[str, Any]:
 
 def _compile_and_pin(config: BpfConfig) -> dict[str, Any]:
     """In the loader child: compile with bcc, load, pin everything."""
-    names = [*layout.CONFIG_MAPS, layout.COUNTERS, layout.REASONS]
+    names = [*layout.CONFIG_MAPS, *layout.COUNTER_MAPS]
     return compile_load_pin(
         source=SOURCE,
         cflags=cflags(config),

@@ -6,9 +6,10 @@ entries as raw key/value bytes; ``diff`` turns "what the kernel holds" and
 other. The agent applies only those: a workload or CIDR change touches a few
 entries, never the program or the nftables table.
 
-``classify`` is the classifier's decision re-done in Python over the same
-map contents, so unit tests can check the maps against
-``policy.decide.should_divert`` without a kernel.
+``classify`` and ``classify_non_tcp`` are the classifier's decisions re-done
+in Python over the same map contents, so unit tests can check the maps
+against ``policy.decide.should_divert`` and ``non_tcp_drop`` without a
+kernel (packets it cannot parse are the netns tests' business).
 
 How the decision maps to lookups (see ``classifier.bpf.c``):
 
@@ -18,7 +19,9 @@ How the decision maps to lookups (see ``classifier.bpf.c``):
 * binding: a workload with ``interfaces`` has the BOUND flag and one
   ``egress_bind`` entry per (workload id, ifindex) of those interfaces that
   exist now. A packet from another interface gets no identity at all.
-* intercept rules are bits (rule position in the policy, at most 64). A
+* intercept rules are bits (rule position in the policy, at most 64);
+  ``egress_settings`` says which have no ``to_cidrs``, no ports, and
+  ``non_tcp: drop``. A
   destination LPM entry holds the union of the to/except bits of every
   configured prefix containing it, so the longest match alone gives "which
   rules' to_cidrs and except_cidrs contain this address".
@@ -33,7 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from egress_agent.bpf import layout
-from egress_agent.policy.model import IPAddress, IPNetwork, Policy, Workload
+from egress_agent.policy.model import IPAddress, IPNetwork, NonTcp, Policy, Workload
 
 MapContents = dict[str, dict[bytes, bytes]]
 
@@ -338,7 +341,7 @@ def _rule_bits(policy: Policy) -> _RuleBits:
             f"{layout.MAX_RULES} (merge rules, or use --datapath nft)"
         )
     rules_of: dict[str, int] = {}
-    any_dst = any_port = 0
+    any_dst = any_port = non_tcp = 0
     dst: dict[DstKey, tuple[int, int]] = {}
     port_bits: dict[int, int] = {}
     for bit, rule in enumerate(policy.intercept):
@@ -349,6 +352,8 @@ def _rule_bits(policy: Policy) -> _RuleBits:
             any_dst |= mask
         if not rule.ports:
             any_port |= mask
+        if rule.non_tcp is NonTcp.DROP:
+            non_tcp |= mask
         for nets, which in ((rule.to_cidrs, 0), (rule.except_cidrs, 1)):
             for net in nets:
                 key = (net.version, net.prefixlen, int(net.network_address))
@@ -359,7 +364,7 @@ def _rule_bits(policy: Policy) -> _RuleBits:
                 port_bits[port] = port_bits.get(port, 0) | mask
     return _RuleBits(
         rules_of=rules_of,
-        settings=layout.masks_value(any_dst, any_port),
+        settings=layout.settings_value(any_dst=any_dst, any_port=any_port, non_tcp=non_tcp),
         ports={layout.u16(p): layout.u64(m) for p, m in port_bits.items()},
         dst=dst,
     )
@@ -457,31 +462,69 @@ def classify(
     dst_port: int,
     ifindex: int,
 ) -> tuple[layout.Verdict, layout.Reason, int | None]:
-    """The classifier's decision over ``maps`` for one TCP packet:
-    (verdict, reason, workload id)."""
-    src_map, dst_map = (
-        (layout.SRC_V4, layout.DST_V4) if src.version == 4 else (layout.SRC_V6, layout.DST_V6)
-    )
+    """The classifier's decision over ``maps`` for one TCP packet it can
+    parse: (verdict, reason, workload id)."""
+    found = _workload(maps, src=src, ifindex=ifindex)
+    if isinstance(found, layout.Reason):
+        return layout.REASON_VERDICT[found], found, None
+    wid, rules = found
+    any_dst, any_port, _ = layout.unpack_settings(maps[layout.SETTINGS][layout.u32(0)])
+    port_raw = maps.get(layout.PORTS, {}).get(layout.u16(dst_port))
+    rules &= (layout.unpack_u64(port_raw) if port_raw else 0) | any_port
+    to, except_ = _dst_bits(maps, src=src, dst=dst)
+    rules &= (to | any_dst) & ~except_
+    if rules:
+        return layout.Verdict.MARK, layout.Reason.MARKED, wid
+    return layout.Verdict.PASS, layout.Reason.NO_RULE, wid
+
+
+def classify_non_tcp(
+    maps: Mapping[str, Mapping[bytes, bytes]],
+    *,
+    src: IPAddress,
+    dst: IPAddress,
+    ifindex: int,
+) -> tuple[layout.Verdict, layout.Reason, int | None]:
+    """The classifier's decision over ``maps`` for one non-TCP packet it can
+    parse: (verdict, reason, the rule bit it is counted for or None)."""
+    found = _workload(maps, src=src, ifindex=ifindex)
+    if isinstance(found, layout.Reason):
+        return layout.REASON_VERDICT[found], found, None
+    _, rules = found
+    any_dst, _, non_tcp = layout.unpack_settings(maps[layout.SETTINGS][layout.u32(0)])
+    to, except_ = _dst_bits(maps, src=src, dst=dst)
+    rules &= non_tcp & (to | any_dst) & ~except_
+    if rules:
+        first = (rules & -rules).bit_length() - 1
+        return layout.Verdict.MARK, layout.Reason.NON_TCP_MARKED, first
+    return layout.Verdict.PASS, layout.Reason.NOT_TCP, None
+
+
+def _workload(
+    maps: Mapping[str, Mapping[bytes, bytes]], *, src: IPAddress, ifindex: int
+) -> tuple[int, int] | layout.Reason:
+    """(workload id, its rule bits), or the reason the source has none."""
+    src_map = layout.SRC_V4 if src.version == 4 else layout.SRC_V6
     found = _longest(maps.get(src_map, {}), src)
     if found is None:
-        return layout.Verdict.BYPASS, layout.Reason.NO_IDENTITY, None
+        return layout.Reason.NO_IDENTITY
     wid = layout.unpack_u32(found)
     raw = maps.get(layout.WORKLOADS, {}).get(layout.u32(wid))
     if raw is None:
-        return layout.Verdict.BYPASS, layout.Reason.NO_IDENTITY, None
+        return layout.Reason.NO_IDENTITY
     rules, flags = layout.unpack_workload(raw)
     bound = flags & layout.WORKLOAD_BOUND
     if bound and layout.bind_key(workload=wid, ifindex=ifindex) not in maps.get(layout.BIND, {}):
-        return layout.Verdict.BYPASS, layout.Reason.WRONG_INTERFACE, None
-    any_dst, any_port = layout.unpack_masks(maps[layout.SETTINGS][layout.u32(0)])
-    port_raw = maps.get(layout.PORTS, {}).get(layout.u16(dst_port))
-    rules &= (layout.unpack_u64(port_raw) if port_raw else 0) | any_port
+        return layout.Reason.WRONG_INTERFACE
+    return wid, rules
+
+
+def _dst_bits(
+    maps: Mapping[str, Mapping[bytes, bytes]], *, src: IPAddress, dst: IPAddress
+) -> tuple[int, int]:
+    dst_map = layout.DST_V4 if src.version == 4 else layout.DST_V6
     dst_raw = _longest(maps.get(dst_map, {}), dst) if dst.version == src.version else None
-    to, except_ = layout.unpack_masks(dst_raw) if dst_raw else (0, 0)
-    rules &= (to | any_dst) & ~except_
-    if rules:
-        return layout.Verdict.DIVERT, layout.Reason.DIVERTED, wid
-    return layout.Verdict.BYPASS, layout.Reason.NO_RULE, wid
+    return layout.unpack_masks(dst_raw) if dst_raw else (0, 0)
 
 
 def _longest(trie: Mapping[bytes, bytes], addr: IPAddress) -> bytes | None:

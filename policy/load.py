@@ -50,6 +50,7 @@ from egress_agent.policy.model import (
     ProxyAuth,
     ProxySettings,
     Resolve,
+    ReversePath,
     Upstream,
     Workload,
     by_cgroup,
@@ -88,6 +89,7 @@ _TOP_KEYS = (
     "fail",
     "connect",
     "dns",
+    "reverse_path",
 )
 _DNS_KEYS = ("min_ttl", "max_ttl", "serve_stale", "timeout", "cache_size")
 _RESOLVE_CHOICES = {
@@ -95,6 +97,7 @@ _RESOLVE_CHOICES = {
     Resolve.CONNECT: "connect to one of the name's own addresses, whatever the client dialled",
     Resolve.NONE: "no check: the name alone decides, a forged name reaches any address (unsafe)",
 }
+_REVERSE_PATH_KEYS = ("interfaces",)
 _CONNECT_KEYS = ("port", "auth")
 _PROXY_AUTH_KEYS = ("users_file", "username", "password_file")
 _ON_RELOAD_KEYS = ("denied_connections",)
@@ -350,6 +353,9 @@ class _Reader:
         dns = DnsSettings()
         if "dns" in top:
             dns = self.dns(top["dns"][1], "dns")
+        reverse_path = ReversePath()
+        if "reverse_path" in top:
+            reverse_path = self.reverse_path(top["reverse_path"][1], "reverse_path")
 
         return Policy(
             version=SUPPORTED_VERSION,
@@ -362,6 +368,7 @@ class _Reader:
             fail_open=fail_open,
             connect=connect,
             dns=dns,
+            reverse_path=reverse_path,
             source_name=self.source_name,
         )
 
@@ -1305,6 +1312,32 @@ class _Reader:
             )
         return NonTcp.PASS
 
+    def reverse_path(self, node: Node, path: str) -> ReversePath:
+        """``reverse_path: {interfaces: [name or name*, ...]}``."""
+        fields = self.mapping(
+            node, path, what="reverse-path check settings", allowed=_REVERSE_PATH_KEYS
+        )
+        if not fields or "interfaces" not in fields:
+            return ReversePath()
+        i_path = _join(path, "interfaces")
+        items = self.sequence(
+            fields["interfaces"][1], i_path, what='a list of interface names or patterns ("cali*")'
+        )
+        names: list[str] = []
+        for i, item in enumerate(items or ()):
+            item_path = f"{i_path}[{i}]"
+            name = self.text(item, item_path, what="an interface name or pattern")
+            if name is None:
+                continue
+            why = _interface_pattern_problem(name)
+            if why:
+                self.problem(
+                    item, item_path, f"{name!r} is not an interface name or pattern: {why}"
+                )
+            elif name not in names:
+                names.append(name)
+        return ReversePath(interfaces=tuple(names))
+
     def fail(self, node: Node, path: str) -> bool:
         """``fail: closed | open``; True means open."""
         value = self.scalar(node, path, what="closed or open")
@@ -1675,6 +1708,19 @@ def _interface_name_problem(name: str) -> str | None:
     if any(c in "/:" or c.isspace() for c in name):
         return "'/', ':' and whitespace are not allowed"
     return None
+
+
+def _interface_pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is neither an interface name nor ``prefix*``, or None."""
+    if pattern == "*":
+        return (
+            "a bare '*' would check every interface, the node's uplinks too, where"
+            " routes may be asymmetric: name the pod-facing ones, e.g. 'cali*' or 'veth*'"
+        )
+    name = pattern[:-1] if pattern.endswith("*") else pattern
+    if "*" in name:
+        return "'*' may only end a pattern, as in 'veth*'"
+    return _interface_name_problem(name)
 
 
 def _host_pattern(text: str) -> tuple[str | None, str]:

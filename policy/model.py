@@ -305,6 +305,17 @@ class ConnectSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReversePath:
+    """Interfaces on which the kernel drops packets whose source address is
+    not routed back through the interface they arrived on (a strict
+    reverse-path check, before conntrack), besides the interfaces workloads
+    are bound to, which are always checked. A name ending in ``*`` matches
+    every interface that starts with what precedes it (``cali*``)."""
+
+    interfaces: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class Policy:
     version: int
     proxy: ProxySettings
@@ -321,7 +332,17 @@ class Policy:
     # The explicit CONNECT listener; None: there is none.
     connect: ConnectSettings | None = None
     dns: DnsSettings = DnsSettings()
+    reverse_path: ReversePath = ReversePath()
     source_name: str = field(default="<policy>", compare=False)
+
+    def reverse_path_interfaces(self) -> tuple[str, ...]:
+        """Every interface (or ``name*`` pattern) the reverse-path check runs
+        on: those workloads are bound to, then those ``reverse_path`` names."""
+        names: list[str] = []
+        for w in self.workloads:
+            names += [n for n in w.interfaces if n not in names]
+        names += [n for n in self.reverse_path.interfaces if n not in names]
+        return tuple(names)
 
     def workload(self, name: str) -> Workload:
         for w in self.workloads:

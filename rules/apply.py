@@ -3,20 +3,39 @@
 The one module in ``rules`` with a side effect. Every change is one
 ``json_cmd`` transaction, so the kernel holds either the old table or the new
 one, never a mix. Only ``table inet egress_agent`` is ever touched.
+
+One libnftables context serves the whole process (:func:`context`), made
+once at start-up and kept: libnftables opens its netlink socket when a
+context is made and calls ``exit()`` when it cannot (nftables 1.0.6,
+``netlink_init_error``), so a context made later -- with the process's file
+descriptors exhausted by idle connections, say -- would end the agent.
+A kept context talks over its open socket, and a failure to talk to the
+kernel comes back as a return code, raised here as :class:`NftablesError`.
+The other path to ``exit()`` is libnftables' interface-name cache (its own
+rtnetlink socket), used by ``meta iif``/``oif`` with names: the rendered
+rules match names with ``iifname`` only, which needs no lookup.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from egress_agent.rules.render import FAMILY, TABLE, Json, render_teardown
+from egress_agent.rules.render import (
+    FAMILY,
+    NON_TCP_CHAIN,
+    TABLE,
+    Json,
+    counted_rule,
+    render_teardown,
+)
 
 
 class NftablesError(Exception):
-    """libnftables refused a command; carries what it said."""
+    """libnftables refused a command, or could not be reached; carries what it said."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,28 +47,72 @@ class TableSummary:
     rules: tuple[tuple[str, str], ...]  # (chain, comment) in kernel order
 
 
-def _nft(*, dry_run: bool = False, json_output: bool = False) -> Any:
-    try:
-        import nftables  # Debian's python3-nftables; seen through --system-site-packages
-    except ImportError as exc:  # pragma: no cover - depends on the machine
-        raise NftablesError(
-            "the nftables Python bindings are missing: install Debian's python3-nftables "
-            "and use a virtualenv made with --system-site-packages (./run setup does both)"
-        ) from exc
-    nft = nftables.Nftables()
-    nft.set_json_output(json_output)
-    nft.set_handle_output(False)
-    if dry_run:
-        nft.set_dry_run(True)
-    return nft
+class Nft:
+    """A libnftables context with its flags set per call, one caller at a time.
+
+    libnftables keeps output flags and the dry-run switch in the context, so
+    calls from different threads (the agent runs some in worker threads) are
+    serialised by a lock.
+    """
+
+    def __init__(self) -> None:
+        try:
+            import nftables  # Debian's python3-nftables; seen through --system-site-packages
+        except ImportError as exc:  # pragma: no cover - depends on the machine
+            raise NftablesError(
+                "the nftables Python bindings are missing: install Debian's python3-nftables "
+                "and use a virtualenv made with --system-site-packages (./run setup does both)"
+            ) from exc
+        self._nft = nftables.Nftables()
+        self._nft.set_handle_output(False)
+        self._lock = threading.Lock()
+
+    def cmd(self, command: str, *, json_output: bool = False) -> tuple[int, str, str]:
+        """Run a command in nft's own syntax: (rc, output, error)."""
+        with self._lock:
+            try:
+                self._nft.set_json_output(json_output)
+                rc, output, error = self._nft.cmd(command)
+            except Exception as exc:  # the bindings' own failures (ctypes, decoding)
+                raise NftablesError(f"libnftables failed on {command!r}: {exc}") from exc
+            finally:
+                self._nft.set_json_output(False)
+        return int(rc), str(output or ""), str(error or "")
+
+    def json_cmd(self, doc: Json, *, dry_run: bool = False) -> tuple[int, Any, str]:
+        """Run a JSON document as one transaction: (rc, output, error)."""
+        with self._lock:
+            try:
+                self._nft.set_dry_run(dry_run)
+                rc, output, error = self._nft.json_cmd(doc)
+            except Exception as exc:
+                raise NftablesError(f"libnftables failed: {exc}") from exc
+            finally:
+                self._nft.set_dry_run(False)
+        return int(rc), output, str(error or "")
 
 
-def _run(doc: Json, *, dry_run: bool = False, json_output: bool = False) -> str:
-    nft = _nft(dry_run=dry_run, json_output=json_output)
-    rc, output, error = nft.json_cmd(doc)
+_context: Nft | None = None
+_context_lock = threading.Lock()
+
+
+def context() -> Nft:
+    """The process's libnftables context, made on first use.
+
+    The agent calls this at start-up, while file descriptors are plentiful,
+    so that no later call has to make one."""
+    global _context
+    with _context_lock:
+        if _context is None:
+            _context = Nft()
+        return _context
+
+
+def _run(doc: Json, *, dry_run: bool = False) -> str:
+    rc, output, error = context().json_cmd(doc, dry_run=dry_run)
     if rc != 0:
         hint = ""
-        if "Operation not permitted" in (error or ""):
+        if "Operation not permitted" in error:
             hint = " (nftables needs CAP_NET_ADMIN: run as root)"
         raise NftablesError(f"nftables refused the change (rc={rc}): {error.strip()}{hint}")
     if isinstance(output, str):
@@ -82,13 +145,14 @@ class Table:
 
     def __init__(self, *, owned: bool) -> None:
         self.owned = owned
-        self._nft: Any = _nft() if owned else None
+        self._nft: Nft | None = context() if owned else None
         self._created = False
 
     def apply(self, doc: Json) -> None:
         if not self.owned:
             _run(doc)
             return
+        assert self._nft is not None
         if not self._created:
             # Replace a plain table a fail-closed run left behind; refused if
             # another process owns the table.
@@ -125,6 +189,7 @@ class Table:
         if not self.owned:
             _run(doc)
             return
+        assert self._nft is not None
         rc, _, error = self._nft.json_cmd(doc)
         if rc != 0:
             raise NftablesError(f"nftables refused the change (rc={rc}): {error.strip()}")
@@ -133,7 +198,7 @@ class Table:
         if not self.owned:
             remove_table()
             return
-        if self._created:
+        if self._created and self._nft is not None:
             rc, _, error = self._nft.cmd(f"delete table {FAMILY} {TABLE}")
             if rc != 0 and "No such file" not in error:
                 raise NftablesError(f"cannot delete table {FAMILY} {TABLE}: {error.strip()}")
@@ -158,13 +223,12 @@ def read_table() -> Json | None:
     libnftables 1.0.6 prints broken JSON for a table with the ``owner`` flag
     (see :class:`Table`), and only the table object itself carries flags.
     """
-    text = _nft()
-    rc, output, error = text.cmd(f"list tables {FAMILY}")
+    nft = context()
+    rc, output, error = nft.cmd(f"list tables {FAMILY}")
     if rc != 0:
         raise NftablesError(f"cannot list the nftables tables: {error.strip()}")
     if f"table {FAMILY} {TABLE}" not in output.splitlines():
         return None
-    nft = _nft(json_output=True)
     items: list[Json] = []
     try:
         for kind in ("chains", "sets"):
@@ -179,14 +243,61 @@ def read_table() -> Json | None:
     return {"nftables": items}
 
 
-def _list(nft: Any, command: str) -> list[Json]:
-    rc, output, error = nft.cmd(command)
+def _list(nft: Nft, command: str) -> list[Json]:
+    rc, output, error = nft.cmd(command, json_output=True)
     if rc != 0:
         if "No such file or directory" in (error or ""):
             raise FileNotFoundError(command)
         raise NftablesError(f"cannot read table {FAMILY} {TABLE} ({command}): {error.strip()}")
     items: list[Json] = json.loads(output).get("nftables", []) if output.strip() else []
     return items
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuleCounter:
+    """The counter of one counted rule of the agent's table, as the kernel
+    holds it: ``kind`` is ``diverted`` or ``dropped``, ``reason`` says why
+    (see :func:`egress_agent.rules.render.counted_rule`)."""
+
+    chain: str
+    rule: str  # the rule's comment, as `nft list` shows it
+    kind: str
+    reason: str
+    packets: int
+    bytes: int
+
+
+def read_counters(chains: Iterable[str]) -> list[RuleCounter]:
+    """The counters of the counted rules in ``chains`` of the agent's table,
+    in kernel order (empty when the table is absent). Rules that share a
+    comment (one per address family) are reported separately."""
+    nft = context()
+    out: list[RuleCounter] = []
+    for chain in chains:
+        try:
+            items = _list(nft, f"list chain {FAMILY} {TABLE} {chain}")
+        except FileNotFoundError:
+            continue
+        for item in items:
+            rule = item.get("rule")
+            if rule is None:
+                continue
+            exprs = rule.get("expr", [])
+            counted = counted_rule(chain, rule.get("comment", ""), exprs)
+            if counted is None:
+                continue
+            counter: Json = next((e["counter"] for e in exprs if "counter" in e), {})
+            out.append(
+                RuleCounter(
+                    chain=chain,
+                    rule=rule.get("comment", ""),
+                    kind=counted.kind,
+                    reason=counted.reason,
+                    packets=int(counter.get("packets", 0)),
+                    bytes=int(counter.get("bytes", 0)),
+                )
+            )
+    return out
 
 
 def summarize_table(listing: Json) -> TableSummary:
@@ -236,34 +347,40 @@ def verify_applied(doc: Json) -> list[str]:
     return problems
 
 
+# Chains whose rules a workload change can alter in a BPF-mode document (the
+# selection of locally generated traffic, and its non-TCP drops).
+IN_PLACE_CHAINS = ("output", NON_TCP_CHAIN)
+
+
 def render_output_update(old: Json, new: Json) -> Json | None:
     """A transaction that turns the table of ``old`` into that of ``new`` when
-    they differ only in the ``output`` chain's rules and in sets (what a
+    they differ only in the rules of ``IN_PLACE_CHAINS`` and in sets (what a
     workload change does to a BPF-mode document), without replacing the
     table: it keeps its handle and the other chains are untouched. None when
     anything else differs (then replace the table whole)."""
 
-    def parts(doc: Json) -> tuple[list[Json], dict[str, Json], list[Json]]:
-        other, sets, output = [], {}, []
+    def parts(doc: Json) -> tuple[list[Json], dict[str, Json], dict[str, list[Json]]]:
+        other: list[Json] = []
+        sets: dict[str, Json] = {}
+        chains: dict[str, list[Json]] = {name: [] for name in IN_PLACE_CHAINS}
         for cmd in doc.get("nftables", []):
             add = cmd.get("add", {})
             if "set" in add:
                 sets[add["set"]["name"]] = add["set"]
-            elif "rule" in add and add["rule"]["chain"] == "output":
-                output.append(add["rule"])
+            elif "rule" in add and add["rule"]["chain"] in chains:
+                chains[add["rule"]["chain"]].append(add["rule"])
             else:
                 other.append(cmd)
-        return other, sets, output
+        return other, sets, chains
 
-    old_other, old_sets, _ = parts(old)
-    new_other, new_sets, new_output = parts(new)
+    old_other, old_sets, old_chains = parts(old)
+    new_other, new_sets, new_chains = parts(new)
     if old_other != new_other:
         return None
     table = {"family": FAMILY, "table": TABLE}
-    cmds: list[Json] = [
-        {"metainfo": {"json_schema_version": 1}},
-        {"flush": {"chain": {**table, "name": "output"}}},
-    ]
+    changed = [name for name in IN_PLACE_CHAINS if old_chains[name] != new_chains[name]]
+    cmds: list[Json] = [{"metainfo": {"json_schema_version": 1}}]
+    cmds += [{"flush": {"chain": {**table, "name": name}}} for name in changed]
     for name, s in old_sets.items():
         if name not in new_sets or new_sets[name]["type"] != s["type"]:
             cmds.append({"delete": {"set": {**table, "name": name}}})
@@ -277,5 +394,6 @@ def render_output_update(old: Json, new: Json) -> Json | None:
                 cmds.append({"add": {"element": {**table, "name": name, "elem": s["elem"]}}})
         else:
             cmds.append({"add": {"set": s}})
-    cmds += [{"add": {"rule": r}} for r in new_output]
+    for name in changed:
+        cmds += [{"add": {"rule": r}} for r in new_chains[name]]
     return {"nftables": cmds}

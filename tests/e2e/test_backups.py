@@ -472,7 +472,7 @@ def test_replication_streams_directly_never_through_the_proxy(s: Scenario) -> No
 
     def diverted_packets(workload: str) -> int:
         if status["datapath"] == "bpf":
-            prefix = f'egress_agent_bpf_diverted_packets_total{{workload="{workload}"}} '
+            prefix = f'egress_agent_bpf_marked_packets_total{{workload="{workload}"}} '
             values = [
                 line[len(prefix) :] for line in metrics.splitlines() if line.startswith(prefix)
             ]

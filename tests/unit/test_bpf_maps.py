@@ -1,9 +1,10 @@
 """The BPF maps decide like the reference model, and change by small diffs.
 
-``bpf.maps.classify`` re-does the classifier's lookups over the map
-contents; hypothesis draws policies with overlapping CIDRs (IPv4 and IPv6),
-port ranges, except lists and interface bindings, and every flow of the
-lab's address plan must get ``policy.decide.should_divert``'s answer.
+``bpf.maps.classify`` and ``classify_non_tcp`` re-do the classifier's lookups
+over the map contents; hypothesis draws policies with overlapping CIDRs (IPv4
+and IPv6), port ranges, except lists, interface bindings and ``non_tcp:
+drop`` rules, and every flow of the lab's address plan must get
+``policy.decide.should_divert``'s and ``non_tcp_drop``'s answer.
 The netns tests then check the kernel does what these maps say.
 """
 
@@ -26,13 +27,14 @@ from egress_agent.bpf.maps import (
     UnsupportedPolicy,
     assign_ids,
     classify,
+    classify_non_tcp,
     desired_maps,
     diff,
 )
 from egress_agent.lab import policygen
-from egress_agent.policy.decide import should_divert
+from egress_agent.policy.decide import identify, non_tcp_drop, should_divert
 from egress_agent.policy.load import parse_policy
-from egress_agent.policy.model import InterceptRule, Policy, Workload
+from egress_agent.policy.model import InterceptRule, NonTcp, Policy, Workload
 
 HEADER = Path(__file__).resolve().parents[2] / "bpf" / "egress.h"
 IFINDEX = {policygen.pod_ifname(i, p[0]): 10 + i for i, p in enumerate(policygen.PODS)}
@@ -47,8 +49,17 @@ def test_python_mirror_matches_the_c_header() -> None:
     }
     assert reasons == {r.name: r.value for r in layout.Reason}
     assert int(defines["EGRESS_REASON_COUNT"]) == layout.REASON_COUNT == len(layout.Reason)
-    assert int(defines["EGRESS_VERDICT_DIVERT"]) == layout.Verdict.DIVERT
-    assert int(defines["EGRESS_VERDICT_BYPASS"]) == layout.Verdict.BYPASS
+    verdicts = {
+        k[len("EGRESS_VERDICT_") :]: int(v)
+        for k, v in defines.items()
+        if k.startswith("EGRESS_VERDICT_")
+    }
+    assert verdicts == {v.name: v.value for v in layout.Verdict}
+    # Each reason's comment names the verdict it gives, as REASON_VERDICT does.
+    commented = dict(
+        re.findall(r"#define EGRESS_REASON_(\w+) \d+ +/\* \[(\w+)\]", HEADER.read_text())
+    )
+    assert commented == {r.name: v.name.lower() for r, v in layout.REASON_VERDICT.items()}
     assert int(defines["EGRESS_WORKLOAD_BOUND"]) == layout.WORKLOAD_BOUND
     assert int(defines["EGRESS_MAX_RULES"]) == layout.MAX_RULES
 
@@ -66,7 +77,68 @@ def test_maps_decide_like_the_model(seed: int) -> None:
             got, reason, _ = classify(
                 maps, src=src, dst=dst, dst_port=flow.port, ifindex=IFINDEX[interface]
             )
-            assert (got == layout.Verdict.DIVERT) == want, (flow, interface, reason, policy)
+            assert (got == layout.Verdict.MARK) == want, (flow, interface, reason, policy)
+
+
+def with_non_tcp(rng: random.Random, policy: Policy) -> Policy:
+    """Some of the policy's intercept rules made ``non_tcp: drop``."""
+    rules = tuple(
+        dataclasses.replace(r, non_tcp=NonTcp.DROP) if rng.random() < 0.5 else r
+        for r in policy.intercept
+    )
+    return dataclasses.replace(policy, intercept=rules)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=2**32))
+def test_maps_drop_non_tcp_like_the_model(seed: int) -> None:
+    rng = random.Random(seed)
+    policy = with_non_tcp(rng, policygen.random_policy(rng))
+    maps = desired_maps(policy, ids=assign_ids(policy, {}), ifindexes=IFINDEX)
+    flows = {(f.src, f.dst, f.interface) for f in policygen.all_flows()}
+    for src_text, dst_text, own in sorted(flows):
+        for interface in (own, policygen.pod_ifname(2, "pc")):
+            src, dst = ipaddress.ip_address(src_text), ipaddress.ip_address(dst_text)
+            want = non_tcp_drop(policy, src=src, dst=dst, interface=interface)
+            got, reason, bit = classify_non_tcp(maps, src=src, dst=dst, ifindex=IFINDEX[interface])
+            if (
+                identify(policy, src) is not None
+                and identify(policy, src, interface=interface) is None
+            ):
+                assert (got, reason) == (layout.Verdict.DROP, layout.Reason.WRONG_INTERFACE)
+            elif want is None:
+                assert got == layout.Verdict.PASS, (src, dst, interface, reason, policy)
+            else:
+                assert got == layout.Verdict.MARK, (src, dst, interface, reason, policy)
+                assert bit is not None and policy.intercept[bit] is want
+
+
+def test_settings_hold_the_non_tcp_drop_rules() -> None:
+    policy = parse_policy(
+        "version: 1\n"
+        "workloads:\n  w: {cidrs: [10.0.0.0/8]}\n"
+        "intercept:\n"
+        "  - {from: [w], ports: [443]}\n"
+        "  - {from: [w], to_cidrs: [192.0.2.0/24], non_tcp: drop}\n"
+        "  - {from: [w], non_tcp: drop, except_cidrs: [10.96.0.10/32]}\n"
+        "default: deny\n"
+    )
+    maps = desired_maps(policy, ids=assign_ids(policy, {}), ifindexes={})
+    raw = maps[layout.SETTINGS][layout.u32(0)]
+    assert layout.unpack_settings(raw) == (0b101, 0b110, 0b110)  # any_dst, any_port, non_tcp
+    cases = {
+        "192.0.2.7": (layout.Verdict.MARK, 1),  # the first non_tcp rule covering it
+        "198.51.100.1": (layout.Verdict.MARK, 2),
+        "10.96.0.10": (layout.Verdict.PASS, None),  # the cluster resolver, excepted
+    }
+    for dst, (verdict, bit) in cases.items():
+        got, _, got_bit = classify_non_tcp(
+            maps,
+            src=ipaddress.ip_address("10.1.2.3"),
+            dst=ipaddress.ip_address(dst),
+            ifindex=1,
+        )
+        assert (got, got_bit) == (verdict, bit), dst
 
 
 @settings(max_examples=100, deadline=None)
@@ -134,7 +206,7 @@ def test_bound_workload_without_its_interface_has_no_binding() -> None:
         dst_port=443,
         ifindex=10,
     )
-    assert verdict == layout.Verdict.BYPASS and reason == layout.Reason.WRONG_INTERFACE
+    assert verdict == layout.Verdict.DROP and reason == layout.Reason.WRONG_INTERFACE
 
 
 def test_ten_thousand_entries_compute_in_well_under_a_second() -> None:

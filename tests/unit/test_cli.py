@@ -107,3 +107,72 @@ def test_bpf_dump_prints_the_program_its_flags_and_a_policys_entries(
     assert "// workload ids: pg-main=1, vm=2" in out
     # vm's 10.0.5.0/24 as an LPM key (prefix length 24, then the address).
     assert "//   180000000a000500 -> 02000000" in out
+
+
+NON_TCP = """
+version: 1
+workloads:
+  web: {cidrs: [10.0.1.0/24], interfaces: [veth-web]}
+intercept:
+  - from: [web]
+    ports: [443]
+    except_cidrs: [10.96.0.10/32]
+    non_tcp: drop
+reverse_path: {interfaces: ["cali*"]}
+default: deny
+"""
+
+
+def test_explain_says_whether_non_tcp_is_dropped_and_by_which_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(NON_TCP)
+    base = ["explain", "--policy", str(path), "--from", "10.0.1.5"]
+    assert main([*base, "--to", "8.8.8.8:53"]) == 0
+    out = capsys.readouterr().out
+    assert "non-tcp:   dropped by intercept[0] (non_tcp: drop)" in out
+    assert "diverted:  no" in out  # port 53 is not intercepted for TCP
+    assert main([*base, "--to", "10.96.0.10:53"]) == 0
+    assert "non-tcp:   passes" in capsys.readouterr().out
+    # From the wrong interface the source is no workload: nothing to say.
+    assert main([*base, "--to", "8.8.8.8:53", "--interface", "veth-other"]) == 0
+    out = capsys.readouterr().out
+    assert "workload:  (none)" in out and "non-tcp" not in out
+
+
+def test_check_lists_what_the_kernel_drops(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(NON_TCP)
+    assert main(["check", str(path), "--show-rules", "--datapath", "bpf"]) == 0
+    captured = capsys.readouterr()
+    assert "intercept[0]: non-TCP from web to any destination except 10.96.0.10/32" in (
+        captured.err
+    )
+    assert "reverse-path check on: veth-web, cali*" in captured.err
+    assert '"non-TCP marked by the BPF classifier"' in captured.out
+
+
+def test_status_lines_for_counters() -> None:
+    from egress_agent.agent.cli import describe_counters
+
+    snap = {
+        "counters_error": None,
+        "diverted": {"packets": 12, "bytes": 900, "rules": []},
+        "drops": {
+            "by_reason": {"non_tcp": 3, "ah": 0, "reverse_path": 1},
+            "rules": [
+                {"rule": "intercept[0] from web non_tcp", "packets": 3},
+                {"rule": "AH from workloads (ipv4)", "packets": 0},
+                {"rule": "reverse-path check: source not routed back", "packets": 1},
+            ],
+        },
+    }
+    assert describe_counters(snap) == [
+        "diverted:     12 packets DNAT-ed to the proxy (900 bytes)",
+        "drops:        non_tcp 3, reverse_path 1",
+        "                       3  intercept[0] from web non_tcp",
+        "                       1  reverse-path check: source not routed back",
+    ]

@@ -131,6 +131,18 @@ def test_minimal_policy_gets_the_documented_defaults() -> None:
     assert policy.source_name == "<policy>"
 
 
+def test_reverse_path_interfaces_add_to_the_bound_ones() -> None:
+    policy = parse_policy(
+        "version: 1\nworkloads:\n  web: {cidrs: [10.0.1.0/24], interfaces: [veth-web, eth1]}\n"
+        "reverse_path: {interfaces: [cali*, eth1, cali*]}\ndefault: deny\n"
+    )
+    assert policy.reverse_path.interfaces == ("cali*", "eth1")
+    # Bound interfaces first, then the key's, each once.
+    assert policy.reverse_path_interfaces() == ("veth-web", "eth1", "cali*")
+    plain = parse_policy("version: 1\nworkloads: {}\ndefault: deny\n")
+    assert plain.reverse_path_interfaces() == ()
+
+
 def test_non_tcp_is_pass_unless_a_rule_says_drop() -> None:
     policy = parse_policy(
         "version: 1\nworkloads: {web: {cidrs: [10.0.1.0/24]}}\n"
@@ -989,6 +1001,41 @@ BAD = [
         7,
         "egress[0]",
         "merge keys (<<) are not supported",
+    ),
+    Bad(
+        "reverse-path-bare-star",
+        BASE + "reverse_path: {interfaces: [cali*, '*']}\n",
+        6,
+        "reverse_path.interfaces[1]",
+        "'*' is not an interface name or pattern: a bare '*' would check every interface",
+    ),
+    Bad(
+        "reverse-path-inner-star",
+        BASE + "reverse_path:\n  interfaces:\n    - ve*th\n",
+        8,
+        "reverse_path.interfaces[0]",
+        "'*' may only end a pattern, as in 'veth*'",
+    ),
+    Bad(
+        "reverse-path-long-name",
+        BASE + "reverse_path: {interfaces: [veth0123456789ab*]}\n",
+        6,
+        "reverse_path.interfaces[0]",
+        "Linux interface names are at most 15 bytes",
+    ),
+    Bad(
+        "reverse-path-unknown-key",
+        BASE + "reverse_path: {interface: [veth*]}\n",
+        6,
+        "reverse_path.interface",
+        "unknown key 'interface' (did you mean 'interfaces'?)",
+    ),
+    Bad(
+        "reverse-path-not-a-list",
+        BASE + "reverse_path: {interfaces: veth*}\n",
+        6,
+        "reverse_path.interfaces",
+        "expected a list of interface names or patterns",
     ),
     Bad(
         "unknown-tag",

@@ -9,12 +9,18 @@ import os
 from importlib import resources
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from egress_agent.policy.decide import identify
 from egress_agent.policy.load import parse_policy
-from egress_agent.rules.render import identity_networks, render_ruleset, render_teardown
+from egress_agent.rules.render import (
+    counted_rule,
+    identity_networks,
+    render_ruleset,
+    render_teardown,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -178,3 +184,228 @@ def test_bpf_mode_changes_of_workloads_touch_only_output_and_sets() -> None:
         changed, proxy=dataclasses.replace(changed.proxy, divert_mark=0x10)
     )
     assert render_output_update(old, render_ruleset(remarked, selection="bpf")) is None
+
+
+NON_TCP_POLICY = """
+version: 1
+workloads:
+  pods: {cidrs: [10.10.0.0/16, "fd00:10::/32"], interfaces: [veth-a]}
+  vm: {cidrs: [10.20.0.0/24]}
+  job: {cgroups: [system.slice/job.service]}
+intercept:
+  - from: [pods, vm, job]
+    to_cidrs: [0.0.0.0/0, "::/0"]
+    except_cidrs: [10.96.0.10/32, "fd00:96::a/128"]
+    non_tcp: drop
+  - from: [vm]
+    ports: [443]
+reverse_path: {interfaces: ["cali*"]}
+egress: []
+default: deny
+"""
+
+
+def _rules(doc: dict[str, object], chain: str | None = None) -> list[dict[str, object]]:
+    cmds = doc["nftables"]
+    assert isinstance(cmds, list)
+    rules = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
+    return [r for r in rules if chain is None or r["chain"] == chain]
+
+
+def _chains(doc: dict[str, object]) -> dict[str, dict[str, object]]:
+    cmds = doc["nftables"]
+    assert isinstance(cmds, list)
+    return {
+        c["add"]["chain"]["name"]: c["add"]["chain"] for c in cmds if "chain" in c.get("add", {})
+    }
+
+
+@pytest.mark.parametrize("selection", ["nft", "bpf"])
+def test_non_tcp_and_reverse_path_render_to_golden_rulesets(selection: str) -> None:
+    doc = render_ruleset(parse_policy(NON_TCP_POLICY), selection=selection)  # type: ignore[arg-type]
+    _check_golden(f"non-tcp-ruleset-{selection}.json", doc)
+
+
+@pytest.mark.parametrize("selection", ["nft", "bpf"])
+def test_reverse_path_check_runs_before_conntrack_on_bound_and_named_interfaces(
+    selection: str,
+) -> None:
+    doc = render_ruleset(parse_policy(NON_TCP_POLICY), selection=selection)  # type: ignore[arg-type]
+    chain = _chains(doc)["reverse_path"]
+    assert (chain["type"], chain["hook"], chain["prio"]) == ("filter", "prerouting", -300)
+    rule, *towards = _rules(doc, "reverse_path")
+    assert rule["expr"] == [
+        {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "@rp_interfaces"}},
+        {
+            "match": {
+                "op": "==",
+                "left": {"fib": {"result": "oif", "flags": ["saddr", "iif"]}},
+                "right": False,
+            }
+        },
+        {"counter": None},
+        {"drop": None},
+    ]
+    [rp_set] = [
+        c["add"]["set"]
+        for c in doc["nftables"]
+        if c.get("add", {}).get("set", {}).get("name") == "rp_interfaces"
+    ]
+    assert rp_set["type"] == "ifname" and rp_set["elem"] == ["veth-a", "cali*"]
+    # On every interface: packets towards a workload (a forged "server" packet
+    # would open an entry whose reply direction is the workload's connection).
+    assert [r["comment"] for r in towards] == [
+        "reverse-path check towards workloads (ipv4)",
+        "reverse-path check towards workloads (ipv6)",
+    ]
+    assert towards[0]["expr"][0] == {
+        "match": {
+            "op": "==",
+            "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+            "right": "@workloads_v4",
+        }
+    }
+    # Nothing bound, nothing named: only the check towards workloads.
+    demo = render_ruleset(parse_policy(_demo_policy_text()))
+    assert [r["comment"] for r in _rules(demo, "reverse_path")] == [
+        "reverse-path check towards workloads (ipv4)",
+        "reverse-path check towards workloads (ipv6)",
+    ]
+    assert "rp_interfaces" not in json.dumps(demo)
+
+
+def test_forward_checks_come_in_order_and_only_for_workloads() -> None:
+    doc = render_ruleset(parse_policy(NON_TCP_POLICY))
+    comments = [r["comment"] for r in _rules(doc, "forward")]
+    assert comments == [
+        "diverted traffic never leaves the node (fail closed)",
+        "diverted traffic never leaves the node (fail closed)",
+        "invalid conntrack state from workloads (ipv4)",
+        "invalid conntrack state from workloads (ipv6)",
+        "workload TCP without NAT (ipv4)",
+        "workload TCP SYN in a reply direction (ipv4)",
+        "untracked workload TCP (ipv4)",
+        "workload TCP without NAT (ipv6)",
+        "workload TCP SYN in a reply direction (ipv6)",
+        "untracked workload TCP (ipv6)",
+        "AH from workloads (ipv4)",
+        "AH from workloads (ipv6)",
+        "non-TCP from workloads (ipv4)",
+        "non-TCP from workloads (ipv6)",
+    ]
+    # The not-DNAT-ed check repeats prerouting's selection, rule for rule.
+    prerouting = [r for r in _rules(doc, "prerouting") if "intercept" in str(r["comment"])]
+    undiverted = _rules(doc, "undiverted_tcp")
+    assert [f"{r['comment']}: TCP not diverted" for r in prerouting] == [
+        r["comment"] for r in undiverted
+    ]
+    for p, u in zip(prerouting, undiverted, strict=True):
+        assert p["expr"][:-2] == u["expr"][:-2] and u["expr"][-1] == {"drop": None}
+    # workloads_v4 holds the intercepted workloads' addresses.
+    [union] = [
+        c["add"]["set"]
+        for c in doc["nftables"]
+        if c.get("add", {}).get("set", {}).get("name") == "workloads_v4"
+    ]
+    assert union["elem"] == [
+        {"prefix": {"addr": "10.10.0.0", "len": 16}},
+        {"prefix": {"addr": "10.20.0.0", "len": 24}},
+    ]
+
+
+def test_non_tcp_lets_replies_and_related_errors_pass_before_the_drops() -> None:
+    doc = render_ruleset(parse_policy(NON_TCP_POLICY))
+    comments = [r["comment"] for r in _rules(doc, "non_tcp")]
+    assert comments[:2] == [
+        "non-TCP: ICMP errors about allowed flows pass",
+        "non-TCP: replies to flows opened from elsewhere pass",
+    ]
+    # Each address workload's rule twice: by the entry's original
+    # destination (before kube-proxy's DNAT), and by the headers of untracked
+    # packets (neighbour discovery has no entry).
+    assert comments[2:] == [
+        "intercept[0] from pods non_tcp",
+        "intercept[0] from pods non_tcp",
+        "intercept[0] from vm non_tcp",
+        "intercept[0] from vm non_tcp",
+        "intercept[0] from job non_tcp (cgroup mark)",
+        "intercept[0] from pods non_tcp",
+        "intercept[0] from pods non_tcp",
+        "intercept[0] from job non_tcp (cgroup mark)",
+    ]
+    tracked, untracked = _rules(doc, "non_tcp")[4:6]
+    lefts = [e["match"]["left"] for e in tracked["expr"] if "match" in e]
+    assert {"ct": {"key": "ip daddr", "dir": "original"}} in lefts
+    lefts = [e["match"] for e in untracked["expr"] if "match" in e]
+    assert {"op": "in", "left": {"ct": {"key": "state"}}, "right": "untracked"} in lefts
+    # Locally generated traffic reaches the chain through output_filter.
+    chain = _chains(doc)["output_filter"]
+    assert (chain["type"], chain["hook"], chain["prio"]) == ("filter", "output", 0)
+    [jump] = _rules(doc, "output_filter")
+    assert jump["comment"] == "non-TCP of local workloads"
+    # The node's own neighbour discovery (untracked) never enters the chain.
+    assert {"match": {"op": "!=", "left": {"ct": {"key": "state"}}, "right": "untracked"}} in (
+        jump["expr"]
+    )
+    # No rule with non_tcp: drop, no chain.
+    assert "non_tcp" not in _chains(render_ruleset(parse_policy(_demo_policy_text())))
+
+
+def test_bpf_mode_drops_marked_traffic_and_keeps_local_selections() -> None:
+    doc = render_ruleset(parse_policy(NON_TCP_POLICY), selection="bpf")
+    forward = [r["comment"] for r in _rules(doc, "forward")]
+    assert "TCP marked by the BPF classifier: not diverted" in forward
+    assert "TCP SYN marked by the BPF classifier in a reply direction" in forward
+    assert forward[-1] == "non-TCP marked by the BPF classifier"
+    assert "undiverted_tcp" not in _chains(doc)
+    comments = [r["comment"] for r in _rules(doc, "non_tcp")]
+    assert comments[2:] == [
+        "non-TCP marked by the BPF classifier",
+        "intercept[0] from vm non_tcp",
+        "intercept[0] from job non_tcp (cgroup mark)",
+        "intercept[0] from job non_tcp (cgroup mark)",
+    ]
+
+
+POLICIES = {
+    "demo": _demo_policy_text(),
+    "non-tcp": NON_TCP_POLICY,
+}
+
+
+@pytest.mark.parametrize("selection", ["nft", "bpf"])
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_counted_rule_says_what_it_counts(name: str, selection: str) -> None:
+    doc = render_ruleset(parse_policy(POLICIES[name]), selection=selection)  # type: ignore[arg-type]
+    for rule in _rules(doc):
+        exprs = rule["expr"]
+        assert isinstance(exprs, list)
+        counted = counted_rule(str(rule["chain"]), str(rule["comment"]), exprs)
+        if any("counter" in e for e in exprs):
+            assert counted is not None and counted.reason != "other", rule["comment"]
+
+
+@pytest.mark.parametrize("selection", ["nft", "bpf"])
+def test_no_rule_needs_an_interface_index_lookup(selection: str) -> None:
+    # libnftables resolves interface names to indexes through a netlink
+    # socket it opens on demand, and exits the process when it cannot:
+    # names are matched with iifname only (see rules.apply).
+    for text in POLICIES.values():
+        doc = json.dumps(render_ruleset(parse_policy(text), selection=selection))  # type: ignore[arg-type]
+        assert '"key": "iif"' not in doc and '"key": "oif"' not in doc
+
+
+def test_bpf_mode_workload_changes_with_non_tcp_stay_in_place() -> None:
+    from egress_agent.rules.apply import render_output_update
+
+    old = render_ruleset(parse_policy(NON_TCP_POLICY), selection="bpf")
+    moved = NON_TCP_POLICY.replace("vm: {cidrs: [10.20.0.0/24]}", 'vm: {cidrs: ["fd00:20::/64"]}')
+    new = render_ruleset(parse_policy(moved), selection="bpf")
+    partial = render_output_update(old, new)
+    assert partial is not None
+    flushed = [
+        c["flush"]["chain"]["name"] for c in partial["nftables"] if "chain" in c.get("flush", {})
+    ]
+    assert flushed == ["output", "non_tcp"]
+    chains = {c["add"]["rule"]["chain"] for c in partial["nftables"] if "rule" in c.get("add", {})}
+    assert chains == {"output", "non_tcp"}
