@@ -1,0 +1,104 @@
+"""Conntrack pre-seeding: a crafted first packet decides NAT for a 4-tuple,
+and the pod's real connection on that 4-tuple inherits "no NAT".
+
+NAT is decided once per conntrack entry, on its first packet. If the first
+packet for (pod:P, server:443) is one the datapath does not divert, the
+entry says "no NAT", and the pod's ordinary kernel connection from port P
+later goes straight out. The crafted packet carries a TCP-MD5 option, so
+no host here answers it (a host without the key drops it silently, RFC 2385).
+
+Judged at the target: any packet from the pod's own address, or a connection
+the server accepted from it, is a leak.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from adversary import DENIED_PORT, Range, assert_held
+from scapy.all import IP, TCP, IPv6, Packet
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
+
+FAMILIES = ["ipv4", "ipv6"]
+
+
+def seed_syn(family: str, *, src: str, dst: str, sport: int, dport: int) -> Packet:
+    """A SYN no host accepts: a TCP-MD5 option with a key nobody has."""
+    ip = IP(src=src, dst=dst) if family == "ipv4" else IPv6(src=src, dst=dst)
+    options = [("MSS", 1400), ("MD5", b"\x00" * 16)]
+    return ip / TCP(
+        sport=sport, dport=dport, flags="S", seq=random.getrandbits(32), options=options
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reply_direction_preseed_opens_no_direct_path(
+    rng: Range, datapath: str, family: str
+) -> None:
+    """From the pod, a SYN that claims to come *from* the server (src
+    server:443, dst pod:P); then the pod's kernel connects from P to the
+    server. The real SYN is the entry's reply direction (a simultaneous
+    open), and the entry has no NAT."""
+    server, pod = rng.addr(rng.inet, family), rng.addr(rng.pa, family)
+    port = rng.next_port()
+    mark = rng.mark()
+    seed = seed_syn(family, src=server, dst=pod, sport=DENIED_PORT, dport=port)
+    rng.send_frames("pa", [rng.l2("pa", seed)])
+    real = rng.connect(family, DENIED_PORT, src_port=port)
+    attempt = rng.judge(mark, family=family, real=real, src_port=port)
+    assert_held(
+        attempt,
+        f"reply-direction pre-seed let the pod reach {server}:{DENIED_PORT} directly from {pod}",
+        datapath=datapath,
+    )
+    rng.assert_still_serving(family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_preseed_from_a_neighbour_workload_opens_no_direct_path(
+    rng: Range, datapath: str, family: str
+) -> None:
+    """pn (a workload bound to its own veth) sends a SYN with pa's address
+    from pn's veth; then pa's kernel connects on that 4-tuple. Nothing with
+    pa's address may reach the target: not the spoofed SYN (a workload's
+    address arriving on another workload's interface is dropped), not pa's
+    connection."""
+    server, pod = rng.addr(rng.inet, family), rng.addr(rng.pa, family)
+    port = rng.next_port()
+    mark = rng.mark()
+    seed = seed_syn(family, src=pod, dst=server, sport=port, dport=DENIED_PORT)
+    rng.send_frames("pn", [rng.l2("pn", seed)])
+    real = rng.connect(family, DENIED_PORT, src_port=port)
+    attempt = rng.judge(mark, family=family, real=real, src_port=port)
+    assert_held(
+        attempt,
+        f"a neighbour's spoofed SYN pre-seeded {pod}:{port} -> {server}:{DENIED_PORT}, "
+        f"and the pod's own connection went direct",
+        datapath=datapath,
+    )
+    rng.assert_still_serving(family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_preseed_from_a_pod_under_no_policy_opens_no_direct_path(
+    rng: Range, datapath: str, family: str
+) -> None:
+    """The same from po, a pod no workload names: po's own packets go where
+    they like (so its crafted SYN may arrive), but pa's real connection on
+    the pre-seeded 4-tuple must still be diverted or dropped."""
+    server, pod = rng.addr(rng.inet, family), rng.addr(rng.pa, family)
+    port = rng.next_port()
+    mark = rng.mark()
+    seed = seed_syn(family, src=pod, dst=server, sport=port, dport=DENIED_PORT)
+    rng.send_frames("po", [rng.l2("po", seed)])
+    real = rng.connect(family, DENIED_PORT, src_port=port)
+    attempt = rng.judge(mark, family=family, real=real, src_port=port, ignore_seeds=True)
+    assert_held(
+        attempt,
+        f"a spoofed SYN from a pod under no policy pre-seeded {pod}:{port} -> "
+        f"{server}:{DENIED_PORT}, and the pod's own connection went direct",
+        datapath=datapath,
+    )
+    rng.assert_still_serving(family)
