@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scapy.all import Dot1AD, Dot1Q, Ether, Packet, conf
+from scapy.all import IP, TCP, Dot1AD, Dot1Q, Ether, IPv6, Packet, Raw, conf
 
 from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Host, Lab
@@ -65,6 +65,7 @@ PROXY_PORT = 15001
 PROXY_V4 = "169.254.99.1"
 PROXY_V6 = "fd65:6772:6573::1"
 CONNECT_TIMEOUT = 3.0
+MTU = 9001
 SETTLE = 0.3  # what the network still delivers after an attempt ends
 
 POLICY = """\
@@ -86,8 +87,38 @@ default: deny
 """
 
 
-def fam_of(family: str) -> int:
-    return 4 if family == "ipv4" else 6
+def ip_header(family: str, src: str, dst: str, **kw: Any) -> Packet:
+    return IP(src=src, dst=dst, **kw) if family == "ipv4" else IPv6(src=src, dst=dst, **kw)
+
+
+def seed_syn(
+    family: str,
+    *,
+    src: str,
+    dst: str,
+    sport: int,
+    dport: int,
+    data: bytes = b"",
+    seq: int | None = None,
+) -> Packet:
+    """A SYN no host here accepts: a TCP-MD5 option with a key nobody has
+    (a host without the key drops it silently, RFC 2385), so it can only
+    ever seed conntrack."""
+    tcp = TCP(
+        sport=sport,
+        dport=dport,
+        flags="S",
+        seq=random.getrandbits(32) if seq is None else seq,
+        options=[("MSS", 1400), ("MD5", b"\x00" * 16)],
+    )
+    pkt = ip_header(family, src, dst) / tcp
+    return pkt / Raw(data) if data else pkt
+
+
+def segment(pkt: Packet) -> bytes:
+    """The bytes above the IP header (checksums computed for its addresses),
+    to be put behind other headers."""
+    return bytes(pkt)[20 if IP in pkt else 40 :]
 
 
 def endpoint(address: str, port: int) -> str:
@@ -167,6 +198,9 @@ def _describe(p: dict[str, Any]) -> str:
         p["proto"], f"protocol {p['proto']}"
     )
     where = f" {p['sport']}->{p['dport']}" if "sport" in p else ""
+    if "flags" in p:
+        names = "".join(c for bit, c in enumerate("FSRPAUEC") if p["flags"] >> bit & 1)
+        where += f" [{names}]"
     frag = " (fragment)" if p.get("frag") else ""
     return f"{proto}{where}{frag}"
 
@@ -182,6 +216,7 @@ class Range:
     dns: Host
     attackers: dict[str, LineProcess] = field(default_factory=dict)
     node_probe: LineProcess | None = None
+    twin: LineProcess | None = None
     sniff_logs: dict[str, Path] = field(default_factory=dict)
     server_log: Path | None = None
     agent: AgentProcess | None = None
@@ -268,6 +303,37 @@ class Range:
     def send_frames(self, pod: str, frames: list[bytes], **extra: Any) -> None:
         answer = self.attack(pod, {"op": "frames", "frames": [f.hex() for f in frames], **extra})
         assert answer.get("sent"), f"the attacker in {pod} could not send: {answer}"
+
+    def seed_seq(self, family: str, port: int, *, ahead: bool = False) -> int:
+        """A sequence number for a SYN that seeds (pa:port -> target:443):
+        a quarter of the sequence space behind the ISN the pod's kernel will
+        use on that 4-tuple (or ahead of it).
+
+        Behind: the pod's real SYN re-initialises conntrack's window
+        tracking (RFC 793 "sequence numbers larger than those recently
+        used"), so the entry keeps only the seed's NAT decision, whatever
+        the pod's ISN. Ahead: the real SYN falls in the seed's window
+        without re-initialising it, and the connection's later segments
+        look out of window to conntrack.
+
+        The ISN is read in ``twin``, a namespace of its own with pa's
+        addresses: Linux keys the ISN hash per boot, not per namespace. An
+        attacker in the pod learns the same from a connection of its own on
+        the 4-tuple and waits for its conntrack entry to expire; the twin
+        keeps this suite from waiting.
+        """
+        assert self.twin is not None
+        answer = self.twin.ask(
+            {
+                "op": "isn",
+                "src": self.addr(self.pa, family),
+                "dst": self.addr(self.inet, family),
+                "port": DENIED_PORT,
+                "src_port": port,
+            }
+        )
+        isn_now = answer["isn"] + (time.time_ns() - answer["t_ns"]) // 64
+        return (isn_now + (1 << 30 if ahead else -(1 << 30))) % (1 << 32)
 
     def connect(
         self, family: str, port: int, *, src_port: int | None = None, pod: str = "pa", **extra: Any
@@ -476,13 +542,20 @@ NODE_PROBE = textwrap.dedent(
 @contextlib.contextmanager
 def build_range(work: Path) -> Iterator[Range]:
     """The lab, servers, sniffers and attackers (no agent yet); all removed after."""
-    with Lab() as lab:
+    with Lab() as lab, Lab() as twin_lab:
         pa = lab.add_pod("pa", "198.19.1.2", "fd00:19:1::2")
         pn = lab.add_pod("pn", "198.19.2.2", "fd00:19:2::2")
         po = lab.add_pod("po", "198.19.3.2", "fd00:19:3::2")
         inet = lab.add_external("inet", "198.18.1.2", "fd00:18:1::2")
         dns = lab.add_external("dns", "198.18.2.2", "fd00:18:2::2")
         rng = Range(lab=lab, work=work, pa=pa, pn=pn, po=po, inet=inet, dns=dns)
+        # Jumbo frames, as pods get them on AWS (the VPC CNI gives them an MTU
+        # of 9001): an AF_PACKET frame longer than a page is what the kernel
+        # builds as a non-linear skb (net/packet/af_packet.c,
+        # packet_alloc_skb), and a 1500-byte link could not carry one.
+        for host in (pa, pn, po, inet, dns):
+            lab.run("node", ["ip", "link", "set", "dev", host.node_ifname, "mtu", str(MTU)])
+            lab.run(host.name, ["ip", "link", "set", "dev", host.ifname, "mtu", str(MTU)])
         # Reverse-path filtering off, as Cilium sets it on nodes (Calico and
         # others choose per interface). Loose mode would not do here: on an
         # interface without an IPv4 address (the lab's pod veths, like
@@ -527,6 +600,11 @@ def build_range(work: Path) -> Iterator[Range]:
                 "not CAP_NET_RAW alone"
             )
             rng.attackers[pod.name] = attacker
+        # The twin: pa's addresses in a lab of their own (see Range.seed_seq).
+        twin_lab.add_pod("twin", str(pa.ipv4), str(pa.ipv6))
+        rng.twin = LineProcess(
+            twin_lab, "twin", [sys.executable, "-u", str(ATTACKER)], "the ISN reader"
+        )
         rng.node_probe = LineProcess(
             lab, "node", [sys.executable, "-u", "-c", NODE_PROBE], "the node's status probe"
         )

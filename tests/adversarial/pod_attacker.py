@@ -19,6 +19,12 @@ Commands (``op``):
   the SYN (TCP Fast Open, MSG_FASTOPEN); sends ``payload``, reads one line.
   Answers ``outcome`` (``replied`` / ``reset`` / ``refused`` / ``timeout`` /
   ``closed`` / ``error``), the local address used, and the reply.
+* ``isn`` -- the initial sequence number this kernel uses for a 4-tuple
+  now: a non-blocking connect from ``src_port``, its SYN read back from
+  ``eth0``, the socket reset at once. Linux derives the ISN from a keyed
+  hash of the 4-tuple (one key per boot, not per namespace) plus a clock
+  ticking every 64 ns (net/core/secure_seq.c, seq_scale), so the next SYN
+  on that 4-tuple is predictable from this one and the time.
 * ``udp`` -- datagrams from a kernel UDP socket (the kernel fragments what
   exceeds the MTU).
 """
@@ -38,6 +44,7 @@ ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15  # include/uapi/linux/if_packet.h
 MSG_FASTOPEN = 0x20000000
+PACKET_OUTGOING = 4
 
 
 def caps() -> dict[str, Any]:
@@ -120,6 +127,51 @@ def connect(cmd: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def isn(cmd: dict[str, Any]) -> dict[str, Any]:
+    dst, port = cmd["dst"], int(cmd["src_port"])
+    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    cap.bind((cmd.get("ifname", "eth0"), 0))
+    cap.settimeout(1.0)
+    sock = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cmd["src"], port))
+        sock.setblocking(False)
+        t_ns = time.time_ns()
+        sock.connect_ex((dst, int(cmd["port"])))
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                frame, addr = cap.recvfrom(65535)
+            except TimeoutError:
+                break
+            if addr[2] != PACKET_OUTGOING:
+                continue
+            seq = _syn_seq(frame, port)
+            if seq is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return {"isn": seq, "t_ns": t_ns}
+        return {"error": f"no SYN from port {port} seen on the pod's interface"}
+    finally:
+        sock.close()
+        cap.close()
+
+
+def _syn_seq(frame: bytes, sport: int) -> int | None:
+    ethertype = struct.unpack("!H", frame[12:14])[0]
+    if ethertype == 0x0800 and frame[23] == 6:
+        tcp = frame[14 + (frame[14] & 0x0F) * 4 :]
+    elif ethertype == 0x86DD and frame[20] == 6:
+        tcp = frame[54:]
+    else:
+        return None
+    if len(tcp) < 20 or struct.unpack("!H", tcp[:2])[0] != sport or tcp[13] & 0x12 != 0x02:
+        return None
+    seq: int = struct.unpack("!I", tcp[4:8])[0]
+    return seq
+
+
 def udp(cmd: dict[str, Any]) -> dict[str, Any]:
     dst = cmd["dst"]
     fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
@@ -139,7 +191,13 @@ def udp(cmd: dict[str, Any]) -> dict[str, Any]:
         sock.close()
 
 
-OPS = {"caps": lambda cmd: caps(), "frames": frames, "connect": connect, "udp": udp}
+OPS = {
+    "caps": lambda cmd: caps(),
+    "frames": frames,
+    "connect": connect,
+    "isn": isn,
+    "udp": udp,
+}
 
 
 def main() -> None:

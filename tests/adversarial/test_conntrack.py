@@ -1,5 +1,8 @@
-"""Conntrack pre-seeding: a crafted first packet decides NAT for a 4-tuple,
-and the pod's real connection on that 4-tuple inherits "no NAT".
+"""Conntrack as the way around the datapath: pre-seeded 4-tuples, and
+segments conntrack calls invalid.
+
+Pre-seeding: a crafted first packet decides NAT for a 4-tuple, and the
+pod's real connection on that 4-tuple inherits "no NAT".
 
 NAT is decided once per conntrack entry, on its first packet. If the first
 packet for (pod:P, server:443) is one the datapath does not divert, the
@@ -7,30 +10,23 @@ entry says "no NAT", and the pod's ordinary kernel connection from port P
 later goes straight out. The crafted packet carries a TCP-MD5 option, so
 no host here answers it (a host without the key drops it silently, RFC 2385).
 
+Invalid segments: NAT needs a conntrack entry, and a segment that cannot
+start one (a SYN-ACK, a FIN out of nowhere) has none, so nothing rewrites
+it: it is routed to where it is addressed, data and all.
+
 Judged at the target: any packet from the pod's own address, or a connection
 the server accepted from it, is a leak.
 """
 
 from __future__ import annotations
 
-import random
-
 import pytest
-from adversary import DENIED_PORT, Range, assert_held
-from scapy.all import IP, TCP, IPv6, Packet
+from adversary import DENIED_PORT, Range, assert_held, seed_syn
+from scapy.all import IP, TCP, IPv6, Raw
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 
 FAMILIES = ["ipv4", "ipv6"]
-
-
-def seed_syn(family: str, *, src: str, dst: str, sport: int, dport: int) -> Packet:
-    """A SYN no host accepts: a TCP-MD5 option with a key nobody has."""
-    ip = IP(src=src, dst=dst) if family == "ipv4" else IPv6(src=src, dst=dst)
-    options = [("MSS", 1400), ("MD5", b"\x00" * 16)]
-    return ip / TCP(
-        sport=sport, dport=dport, flags="S", seq=random.getrandbits(32), options=options
-    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -67,8 +63,9 @@ def test_preseed_from_a_neighbour_workload_opens_no_direct_path(
     connection."""
     server, pod = rng.addr(rng.inet, family), rng.addr(rng.pa, family)
     port = rng.next_port()
+    seq = rng.seed_seq(family, port)
     mark = rng.mark()
-    seed = seed_syn(family, src=pod, dst=server, sport=port, dport=DENIED_PORT)
+    seed = seed_syn(family, src=pod, dst=server, sport=port, dport=DENIED_PORT, seq=seq)
     rng.send_frames("pn", [rng.l2("pn", seed)])
     real = rng.connect(family, DENIED_PORT, src_port=port)
     attempt = rng.judge(mark, family=family, real=real, src_port=port)
@@ -90,8 +87,9 @@ def test_preseed_from_a_pod_under_no_policy_opens_no_direct_path(
     the pre-seeded 4-tuple must still be diverted or dropped."""
     server, pod = rng.addr(rng.inet, family), rng.addr(rng.pa, family)
     port = rng.next_port()
+    seq = rng.seed_seq(family, port)
     mark = rng.mark()
-    seed = seed_syn(family, src=pod, dst=server, sport=port, dport=DENIED_PORT)
+    seed = seed_syn(family, src=pod, dst=server, sport=port, dport=DENIED_PORT, seq=seq)
     rng.send_frames("po", [rng.l2("po", seed)])
     real = rng.connect(family, DENIED_PORT, src_port=port)
     attempt = rng.judge(mark, family=family, real=real, src_port=port, ignore_seeds=True)
@@ -100,5 +98,62 @@ def test_preseed_from_a_pod_under_no_policy_opens_no_direct_path(
         f"a spoofed SYN from a pod under no policy pre-seeded {pod}:{port} -> "
         f"{server}:{DENIED_PORT}, and the pod's own connection went direct",
         datapath=datapath,
+    )
+    rng.assert_still_serving(family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_diverted_preseed_ahead_of_the_pods_isn_sends_nothing_direct(
+    rng: Range, datapath: str, family: str
+) -> None:
+    """The pod's own SYN-shaped seed, diverted like any SYN, but a quarter
+    of the sequence space ahead of the ISN its kernel will use next (learnt
+    from a connection of its own). The real SYN fits the seed's window and
+    is diverted too, but conntrack keeps the seed's sequence numbers, so
+    the pod's next segments are out of window: invalid, so un-NAT-ed, so
+    routed straight to the target."""
+    server, pod = rng.addr(rng.inet, family), rng.addr(rng.pa, family)
+    port = rng.next_port()
+    seq = rng.seed_seq(family, port, ahead=True)
+    mark = rng.mark()
+    seed = seed_syn(family, src=pod, dst=server, sport=port, dport=DENIED_PORT, seq=seq)
+    rng.send_frames("pa", [rng.l2("pa", seed)])
+    real = rng.connect(family, DENIED_PORT, src_port=port)
+    attempt = rng.judge(mark, family=family, real=real, src_port=port)
+    assert_held(
+        attempt,
+        f"after a diverted seed ahead of its ISN, the pod's connection {pod}:{port} -> "
+        f"{server}:{DENIED_PORT} sent segments conntrack calls invalid straight to the target",
+        datapath=datapath,
+    )
+    rng.assert_still_serving(family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_segments_conntrack_calls_invalid_never_reach_the_target(
+    rng: Range, datapath: str, family: str
+) -> None:
+    """Data in segments that cannot start a conntrack entry (SYN-ACK, and
+    FIN-PSH-ACK without a connection): no entry, no NAT. A server that
+    wants them (the attacker's own, reading its link) gets the data."""
+    server, pod = rng.addr(rng.inet, family), rng.addr(rng.pa, family)
+    port = rng.next_port()
+    mark = rng.mark()
+    ip = IP(src=pod, dst=server) if family == "ipv4" else IPv6(src=pod, dst=server)
+    frames = [
+        rng.l2("pa", ip / TCP(sport=port, dport=DENIED_PORT, flags=flags, seq=seq, ack=1) / data)
+        for flags, seq, data in (("SA", 1000, Raw(b"exfil-1\n")), ("FPA", 2000, Raw(b"exfil-2\n")))
+    ]
+    rng.send_frames("pa", frames, gap=0.05)
+    attempt = rng.judge(mark, family=family, src_port=port)
+    assert_held(
+        attempt,
+        f"TCP segments that conntrack calls invalid carried data from {pod} to "
+        f"{server}:{DENIED_PORT} with no NAT",
+        datapath=datapath,
+        accounted=False,
+    )
+    assert attempt.drops > 0, (
+        f"[{datapath}] the invalid segments were held, but no drop counter of the agent grew"
     )
     rng.assert_still_serving(family)
