@@ -475,28 +475,22 @@ def seen_peer(reply: str) -> str | None:
 
 
 def drop_total(metrics: str) -> float:
-    """Everything the agent says it dropped: the sum of every sample of
-    every metric family whose name mentions a drop."""
-    total = 0.0
+    """Everything the agent says it dropped: every sample of every metric
+    family whose name mentions a drop."""
+    return sum(families(metrics, "drop").values())
+
+
+def families(metrics: str, word: str) -> dict[str, float]:
+    """Each metric family whose name contains ``word``, with the sum of its
+    samples (any breakdown by label adds up to the family's total)."""
+    totals: dict[str, float] = {}
     for line in metrics.splitlines():
         if line.startswith("#") or not line.strip():
             continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if "drop" in name:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def divert_total(metrics: str) -> float:
-    """What the agent says it diverted (every metric family naming it)."""
-    total = 0.0
-    for line in metrics.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if "divert" in name:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+        if word in name:
+            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
 
 
 def _size(path: Path) -> int:

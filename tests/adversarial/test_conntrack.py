@@ -21,7 +21,7 @@ the server accepted from it, is a leak.
 from __future__ import annotations
 
 import pytest
-from adversary import DENIED_PORT, Range, assert_held, seed_syn
+from adversary import ALLOWED_PORT, DENIED_PORT, Range, assert_held, families, seed_syn
 from scapy.all import IP, TCP, IPv6, Raw
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
@@ -157,3 +157,34 @@ def test_segments_conntrack_calls_invalid_never_reach_the_target(
         f"[{datapath}] the invalid segments were held, but no drop counter of the agent grew"
     )
     rng.assert_still_serving(family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_diverted_count_is_what_reached_the_proxy(
+    rng: Range, datapath: str, family: str
+) -> None:
+    """A reply-direction pre-seed, the pod's connection on its 4-tuple, then
+    one legitimate connection: the agent's diverted count grows by the
+    connections the proxy received (each has its audit record), not by
+    packets, and never by a connection that went around the proxy."""
+    server, pod = rng.addr(rng.inet, family), rng.addr(rng.pa, family)
+    port = rng.next_port()
+    mark = rng.mark()
+    seed = seed_syn(family, src=server, dst=pod, sport=DENIED_PORT, dport=port)
+    rng.send_frames("pa", [rng.l2("pa", seed)])
+    rng.connect(family, DENIED_PORT, src_port=port)
+    legit = rng.connect(family, ALLOWED_PORT)
+    assert legit["outcome"] == "replied", f"[{datapath}] the legitimate connection failed: {legit}"
+    attempt = rng.judge(mark, family=family)
+    received = len(rng.audit_since(mark))
+    # Byte counters aside: every family that counts diverted packets or
+    # connections, whatever its labels, must add up to the same number.
+    before = {k: v for k, v in families(mark.metrics, "divert").items() if "bytes" not in k}
+    after = {k: v for k, v in families(rng.metrics(), "divert").items() if "bytes" not in k}
+    assert after, f"[{datapath}] /metrics has no count of diverted connections"
+    counted = {name: after[name] - before.get(name, 0.0) for name in after}
+    assert all(n == received for n in counted.values()), (
+        f"[{datapath}] the proxy received {received} connection(s) "
+        f"({'one went around it; ' if attempt.leaked() else ''}audit records), "
+        f"but /metrics counted as diverted: {counted}"
+    )
