@@ -1,5 +1,5 @@
-"""Conntrack as the way around the datapath: pre-seeded 4-tuples, and
-segments conntrack calls invalid.
+"""Conntrack as the way around the datapath: pre-seeded 4-tuples, segments
+conntrack calls invalid, and source addresses that are not the pod's.
 
 Pre-seeding: a crafted first packet decides NAT for a 4-tuple, and the
 pod's real connection on that 4-tuple inherits "no NAT".
@@ -14,15 +14,18 @@ Invalid segments: NAT needs a conntrack entry, and a segment that cannot
 start one (a SYN-ACK, a FIN out of nowhere) has none, so nothing rewrites
 it: it is routed to where it is addressed, data and all.
 
-Judged at the target: any packet from the pod's own address, or a connection
-the server accepted from it, is a leak.
+Spoofed sources: a packet whose source is not the pod's own address has no
+identity, so nothing diverts it; a one-way stream needs no replies.
+
+Judged at the target: any packet from the pod's own address (or the address
+it claims), or a connection the server accepted from it, is a leak.
 """
 
 from __future__ import annotations
 
 import pytest
 from adversary import ALLOWED_PORT, DENIED_PORT, Range, assert_held, families, seed_syn
-from scapy.all import IP, TCP, IPv6, Raw
+from scapy.all import IP, TCP, UDP, IPv6, Raw
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 
@@ -188,3 +191,46 @@ def test_the_diverted_count_is_what_reached_the_proxy(
         f"({'one went around it; ' if attempt.leaked() else ''}audit records), "
         f"but /metrics counted as diverted: {counted}"
     )
+
+
+# Addresses pa may claim: another pod's (po, under no policy), and one in
+# the pods' range that nobody has and no route leads back to.
+CLAIMED = {
+    "ipv4": [("another pod's address", "198.19.3.2"), ("an unrouted address", "198.19.9.9")],
+    "ipv6": [("another pod's address", "fd00:19:3::2"), ("an unrouted address", "fd00:19:9::9")],
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_pod_cannot_send_from_addresses_that_are_not_its_own(
+    rng: Range, datapath: str, family: str
+) -> None:
+    """From its own veth, pa sends a SYN with data and a UDP datagram whose
+    source is not its address: with no identity nothing diverts or drops
+    them, and a receiver that only listens (a one-way channel) needs no
+    replies."""
+    server = rng.addr(rng.inet, family)
+    port = rng.next_port()
+    mark = rng.mark()
+    for _, claimed in CLAIMED[family]:
+        ip = IP(src=claimed, dst=server) if family == "ipv4" else IPv6(src=claimed, dst=server)
+        frames = [
+            rng.l2("pa", ip / TCP(sport=port, dport=DENIED_PORT, flags="S") / Raw(b"exfil\n")),
+            rng.l2("pa", ip / UDP(sport=port, dport=DENIED_PORT) / Raw(b"exfil\n")),
+        ]
+        rng.send_frames("pa", frames)
+    attempt = rng.judge(mark, family=family)
+    leaks = [
+        f"from {what} ({claimed}): {', '.join(sorted({_kind(p) for p in arrived}))}"
+        for what, claimed in CLAIMED[family]
+        if (arrived := [p for p in rng.arrived_from(mark, claimed) if p.get("sport") == port])
+    ]
+    assert not leaks, f"[{datapath}] pa sent to {server} " + "; ".join(leaks)
+    assert attempt.drops > 0, (
+        f"[{datapath}] the spoofed packets were held, but no drop counter of the agent grew"
+    )
+    rng.assert_still_serving(family)
+
+
+def _kind(p: dict[str, object]) -> str:
+    return {6: "TCP", 17: "UDP"}.get(p["proto"], str(p["proto"]))  # type: ignore[arg-type]

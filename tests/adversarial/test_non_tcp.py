@@ -13,7 +13,16 @@ from __future__ import annotations
 
 import pytest
 from adversary import Range, assert_held
-from scapy.all import ICMP, IP, ICMPv6EchoRequest, IPv6, Raw
+from scapy.all import (
+    ICMP,
+    IP,
+    ICMPv6EchoRequest,
+    ICMPv6MLReport2,
+    ICMPv6ND_NS,
+    ICMPv6NDOptSrcLLAddr,
+    IPv6,
+    Raw,
+)
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 
@@ -116,6 +125,31 @@ def test_another_ip_protocol_never_arrives(rng: Range, datapath: str, family: st
         f"[{datapath}] protocol {EXPERIMENTAL_PROTO} was held, but no drop counter grew"
     )
     rng.assert_still_serving(family)
+
+
+def test_icmpv6_conntrack_does_not_track_never_arrives(rng: Range, datapath: str) -> None:
+    """Neighbour solicitations and MLD reports are untracked by conntrack
+    (neither new nor established nor related), and a router forwards them
+    to a global address like any packet; their options carry bytes."""
+    server, pod = str(rng.inet.ipv6), str(rng.pa.ipv6)
+    own_mac = rng.macs["pa"][0]
+    packets = [
+        IPv6(src=pod, dst=server, hlim=255)
+        / ICMPv6ND_NS(tgt=server)
+        / ICMPv6NDOptSrcLLAddr(lladdr=own_mac),
+        IPv6(src=pod, dst=server) / ICMPv6MLReport2(),
+    ]
+    mark = rng.mark()
+    rng.send_frames("pa", [rng.l2("pa", p) for p in packets])
+    attempt = rng.judge(mark, family="ipv6")
+    assert_held(
+        attempt,
+        f"ICMPv6 that conntrack leaves untracked went from {pod} to {server} despite non_tcp: drop",
+        datapath=datapath,
+        accounted=False,
+    )
+    assert attempt.drops > 0, f"[{datapath}] held, but no drop counter of the agent grew"
+    rng.assert_still_serving("ipv6")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
