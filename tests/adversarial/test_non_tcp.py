@@ -17,8 +17,9 @@ from scapy.all import (
     ICMP,
     IP,
     ICMPv6EchoRequest,
-    ICMPv6MLReport2,
+    ICMPv6ND_NA,
     ICMPv6ND_NS,
+    ICMPv6ND_RS,
     ICMPv6NDOptSrcLLAddr,
     IPv6,
     Raw,
@@ -128,16 +129,18 @@ def test_another_ip_protocol_never_arrives(rng: Range, datapath: str, family: st
 
 
 def test_icmpv6_conntrack_does_not_track_never_arrives(rng: Range, datapath: str) -> None:
-    """Neighbour solicitations and MLD reports are untracked by conntrack
-    (neither new nor established nor related), and a router forwards them
-    to a global address like any packet; their options carry bytes."""
+    """Neighbour discovery messages are untracked by conntrack (neither new
+    nor established nor related, and with no conntrack addresses to match),
+    and a router forwards them to a global address like any packet; their
+    options carry bytes."""
     server, pod = str(rng.inet.ipv6), str(rng.pa.ipv6)
     own_mac = rng.macs["pa"][0]
     packets = [
         IPv6(src=pod, dst=server, hlim=255)
         / ICMPv6ND_NS(tgt=server)
         / ICMPv6NDOptSrcLLAddr(lladdr=own_mac),
-        IPv6(src=pod, dst=server) / ICMPv6MLReport2(),
+        IPv6(src=pod, dst=server, hlim=255) / ICMPv6ND_NA(tgt=pod),
+        IPv6(src=pod, dst=server, hlim=255) / ICMPv6ND_RS(),
     ]
     mark = rng.mark()
     rng.send_frames("pa", [rng.l2("pa", p) for p in packets])
