@@ -32,24 +32,29 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 FAMILIES = ["ipv4", "ipv6"]
 
 
+SENDERS = {"pa": "the pod itself", "po": "a pod under no policy"}
+
+
+@pytest.mark.parametrize("sender", sorted(SENDERS))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reply_direction_preseed_opens_no_direct_path(
-    rng: Range, datapath: str, family: str
+    rng: Range, datapath: str, family: str, sender: str
 ) -> None:
-    """From the pod, a SYN that claims to come *from* the server (src
-    server:443, dst pod:P); then the pod's kernel connects from P to the
-    server. The real SYN is the entry's reply direction (a simultaneous
-    open), and the entry has no NAT."""
+    """A SYN that claims to come *from* the server (src server:443, dst
+    pod:P), sent by the pod itself or by a neighbour; then the pod's kernel
+    connects from P to the server. The real SYN is the entry's reply
+    direction (a simultaneous open), and the entry has no NAT."""
     server, pod = rng.addr(rng.inet, family), rng.addr(rng.pa, family)
     port = rng.next_port()
     mark = rng.mark()
     seed = seed_syn(family, src=server, dst=pod, sport=DENIED_PORT, dport=port)
-    rng.send_frames("pa", [rng.l2("pa", seed)])
+    rng.send_frames(sender, [rng.l2(sender, seed)])
     real = rng.connect(family, DENIED_PORT, src_port=port)
     attempt = rng.judge(mark, family=family, real=real, src_port=port)
     assert_held(
         attempt,
-        f"reply-direction pre-seed let the pod reach {server}:{DENIED_PORT} directly from {pod}",
+        f"a reply-direction pre-seed sent by {SENDERS[sender]} let the pod reach "
+        f"{server}:{DENIED_PORT} directly from {pod}",
         datapath=datapath,
     )
     rng.assert_still_serving(family)
