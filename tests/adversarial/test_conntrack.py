@@ -61,6 +61,48 @@ def test_reply_direction_preseed_opens_no_direct_path(
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_mid_stream_entry_in_the_reply_direction_carries_no_data_of_the_pod(
+    rng: Range, datapath: str, family: str
+) -> None:
+    """po (under no policy) sends an ACK claiming to come from the server
+    (server:443 -> pa:P, TCP-MD5 so pa drops it silently): conntrack picks
+    the "connection" up mid-stream, established, in that direction. Then pa
+    sends data segments on it, from P to the server: the entry's reply
+    direction, not a SYN, no NAT. A server that only listens reads them."""
+    server, pod = rng.addr(rng.inet, family), rng.addr(rng.pa, family)
+    port = rng.next_port()
+    ip_in = IP(src=server, dst=pod) if family == "ipv4" else IPv6(src=server, dst=pod)
+    ip_out = IP(src=pod, dst=server) if family == "ipv4" else IPv6(src=pod, dst=server)
+    opener = ip_in / TCP(
+        sport=DENIED_PORT,
+        dport=port,
+        flags="A",
+        seq=5000,
+        ack=9000,
+        options=[("MD5", b"\x00" * 16)],
+    )
+    data = [
+        ip_out
+        / TCP(sport=port, dport=DENIED_PORT, flags="PA", seq=9000 + 8 * i, ack=5000)
+        / Raw(b"exfil-%d\n" % i)
+        for i in range(3)
+    ]
+    mark = rng.mark()
+    rng.send_frames("po", [rng.l2("po", opener)])
+    rng.send_frames("pa", [rng.l2("pa", p) for p in data], gap=0.02)
+    attempt = rng.judge(mark, family=family)
+    assert_held(
+        attempt,
+        f"after a neighbour's spoofed ACK opened {server}:{DENIED_PORT} -> {pod}:{port} "
+        "mid-stream, the pod's data went to the server on the reply direction",
+        datapath=datapath,
+        accounted=False,
+    )
+    assert attempt.drops > 0, f"[{datapath}] held, but no drop counter of the agent grew"
+    rng.assert_still_serving(family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_preseed_from_a_neighbour_workload_opens_no_direct_path(
     rng: Range, datapath: str, family: str
 ) -> None:
