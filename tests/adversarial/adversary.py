@@ -24,9 +24,11 @@ nothing at all is **dropped**.
 
 The attacker runs pod_attacker.py inside the pod with every capability
 dropped except CAP_NET_RAW (what container runtimes grant by default); the
-test process crafts the frames with scapy. Node-side settings that make an
-attack possible on real nodes (loose ``rp_filter``) are set in the lab's node
-namespace only.
+test process crafts the frames with scapy. Settings real nodes have and
+the attacks need are made in the lab's own namespaces only: reverse-path
+filtering off in the node (as Cilium sets it) and jumbo frames on the links
+(as on AWS pods). ``twin``, a lab of its own holding pa's addresses, tells
+the ISN pa's kernel will use (see Range.seed_seq).
 """
 
 from __future__ import annotations
@@ -412,6 +414,10 @@ class Range:
             want = endpoint(address, src_port)
             audit = [r for r in self.audit_since(mark) if r.get("src") == want]
         arrived = self.arrived_from(mark, address)
+        if src_port is not None:
+            # This attempt's 4-tuple (and fragments, which carry no ports);
+            # not an earlier attempt's stragglers.
+            arrived = [p for p in arrived if p.get("sport", src_port) == src_port]
         if ignore_seeds:
             arrived = [p for p in arrived if TCP_MD5 not in p.get("opts", ())]
         return Attempt(
