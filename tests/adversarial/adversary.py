@@ -38,7 +38,6 @@ import itertools
 import json
 import random
 import select
-import signal
 import subprocess
 import sys
 import textwrap
@@ -246,17 +245,13 @@ class Range:
 
     # -- the agent --------------------------------------------------------
 
-    def policy_text(self, extra: str = "") -> str:
-        return (
+    def start_agent(self, datapath: str) -> AgentProcess:
+        policy = self.work / "policy.yaml"
+        policy.write_text(
             POLICY.format(
                 pa_if=self.pa.node_ifname, pn_if=self.pn.node_ifname, allowed=ALLOWED_PORT
             )
-            + extra
         )
-
-    def start_agent(self, datapath: str) -> AgentProcess:
-        policy = self.work / "policy.yaml"
-        policy.write_text(self.policy_text())
         self.agent = AgentProcess(
             self.lab,
             policy=policy,
@@ -277,37 +272,6 @@ class Range:
         code = self.agent.stop()
         self.agent = None
         return code
-
-    def status(self) -> dict[str, Any]:
-        code, body = self.http("/status")
-        assert code == 200, f"/status answered {code}"
-        snap: dict[str, Any] = json.loads(body)
-        return snap
-
-    def reload(self, text: str) -> str | None:
-        """Apply a new policy text (SIGHUP); None when applied, else why not."""
-        assert self.agent is not None and self.agent.proc is not None
-        attempts = sum(families(self.metrics(), "reloads_total").values())
-        self.agent.policy.write_text(text)
-        self.agent.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if sum(families(self.metrics(), "reloads_total").values()) > attempts:
-                last = self.status()["last_reload"]
-                return None if last is None or last.get("error") is None else str(last["error"])
-            time.sleep(0.05)
-        return "the agent neither applied nor refused the policy within 10 s"
-
-    @contextlib.contextmanager
-    def policy_with(self, extra: str) -> Iterator[str | None]:
-        """The range's policy with ``extra`` lines for the body of the
-        ``with``; yields None when the agent applied it, else why not."""
-        refused = self.reload(self.policy_text(extra))
-        try:
-            yield refused
-        finally:
-            if refused is None:
-                assert self.reload(self.policy_text()) is None, "the range's policy came back"
 
     def http(self, path: str) -> tuple[int, str]:
         assert self.node_probe is not None
