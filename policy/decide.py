@@ -73,6 +73,13 @@ def identify(policy: Policy, src: IPAddress, *, interface: str | None = None) ->
     return best[1]
 
 
+def spoofed(policy: Policy, src: IPAddress, *, interface: str) -> bool:
+    """Whether a packet from ``src`` arriving on ``interface`` claims a
+    workload's address that is bound to other interfaces: it has no identity
+    (:func:`identify`), and both datapaths drop it rather than forward it."""
+    return identify(policy, src) is not None and identify(policy, src, interface=interface) is None
+
+
 def should_divert(
     policy: Policy,
     *,

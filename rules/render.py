@@ -110,6 +110,7 @@ REVERSE_PATH_SET = "rp_interfaces"
 # Rule comments that counters are read by.
 REVERSE_PATH_COMMENT = "reverse-path check: source not routed back through its interface"
 REVERSE_PATH_TO_WORKLOADS_COMMENT = "reverse-path check towards workloads"
+SPOOFED_SOURCE_COMMENT = "spoofed source: {}'s address from another interface"
 NON_TCP_RELATED_COMMENT = "non-TCP: ICMP errors about allowed flows pass"
 NON_TCP_REPLY_COMMENT = "non-TCP: replies to flows opened from elsewhere pass"
 BPF_NON_TCP_COMMENT = "non-TCP marked by the BPF classifier"
@@ -263,7 +264,9 @@ def render_ruleset(policy: Policy, *, selection: Selection = "nft") -> Json:
         w.pods is not None for w in policy.workloads
     )
     if by_interface:
-        sets.append(_set(REVERSE_PATH_SET, "ifname", list(policy.reverse_path_interfaces())))
+        sets.append(
+            _set(REVERSE_PATH_SET, "ifname", _interface_elems(policy.reverse_path_interfaces()))
+        )
 
     chains = []
     if by_interface or checked:
@@ -297,6 +300,29 @@ def render_ruleset(policy: Policy, *, selection: Selection = "nft") -> Json:
                 REVERSE_PATH_COMMENT,
             )
         )
+    if selection == "nft":
+        # A bound workload's address from another interface has no identity
+        # (policy.decide.identify): it is dropped, not forwarded undiverted.
+        # (The BPF classifier drops it at tc ingress on every interface.)
+        for w_index, workload in enumerate(policy.workloads):
+            if not workload.interfaces or workload.name not in identities:
+                continue
+            for fam, nets in zip(("ip", "ip6"), identities[workload.name], strict=True):
+                if not nets:
+                    continue
+                suffix = "v4" if fam == "ip" else "v6"
+                rules.append(
+                    _rule(
+                        REVERSE_PATH_CHAIN,
+                        [
+                            _match(_meta("iifname"), {"set": list(workload.interfaces)}, op="!="),
+                            _match(_payload(fam, "saddr"), f"@wl{w_index}_{suffix}"),
+                            {"counter": None},
+                            {"drop": None},
+                        ],
+                        SPOOFED_SOURCE_COMMENT.format(workload.name),
+                    )
+                )
     if checked:
         # Whatever the interface: a packet towards a workload whose source
         # is not routed back through where it came from. A first packet
@@ -613,7 +639,9 @@ def counted_rule(chain: str, comment: str, exprs: Sequence[Json]) -> CountedRule
         return CountedRule(kind="diverted", reason=chain)
     if not verdicts & {"drop", "reject"}:
         return None
-    if chain == REVERSE_PATH_CHAIN:
+    if chain == REVERSE_PATH_CHAIN and comment.startswith("spoofed source"):
+        reason = "spoofed_source"
+    elif chain == REVERSE_PATH_CHAIN:
         reason = "reverse_path"
     elif chain == UNDIVERTED_TCP_CHAIN or comment.startswith("TCP "):
         reason = "tcp_not_diverted"
@@ -828,6 +856,21 @@ def _port_elems(ports: Iterable[PortRange]) -> list[Any]:
         else:
             merged.append(r)
     return [r.first if r.first == r.last else {"range": [r.first, r.last]} for r in merged]
+
+
+def _interface_elems(names: Iterable[str]) -> list[str]:
+    """Interface names and ``prefix*`` patterns for an interval set: one a
+    pattern covers is left out (the set would refuse it as an overlapping
+    interval: ``pod*`` holds ``pod1-pa``), and so is a pattern a shorter one
+    covers."""
+    names = list(dict.fromkeys(names))
+    prefixes = [n[:-1] for n in names if n.endswith("*")]
+
+    def covered(name: str) -> bool:
+        own = name[:-1] if name.endswith("*") else None
+        return any(name.startswith(p) and p != own for p in prefixes)
+
+    return [n for n in names if not covered(n)]
 
 
 def _set(name: str, type_: str, elems: list[Any]) -> Json:

@@ -242,13 +242,14 @@ def test_reply_direction_preseed_never_lets_the_pod_reach_the_server(
 def test_neighbour_preseed_in_the_original_direction_is_not_forwarded(
     world: World, family: int
 ) -> None:
-    """Another pod (its interface not reverse-path checked) sends the first
-    SYN of app's 4-tuple: app's identity is bound to its own interface, so
-    that SYN is not diverted and leaves an entry without NAT; app's real
-    connection on the same 4-tuple must not inherit it."""
+    """Another pod sends the first SYN of app's 4-tuple, with app's address:
+    app's identity is bound to its own interface, so that SYN claims an
+    identity it does not have. It is dropped where it arrives (the classifier
+    at tc ingress, nftables' spoofed-source rule before conntrack), so it
+    leaves no entry, and app's real connection on that 4-tuple is diverted."""
     sport = 42000 + family + (100 if world.datapath == "bpf" else 0)
     app, server = _addr(world.hosts["app"], family), _addr(world.ext, family)
-    before = world.dropped("tcp_not_diverted")
+    before = world.dropped("spoofed_source")
     forged = _ip(family, app, server) + (
         f" / TCP(sport={sport}, dport={SERVER_PORT}, flags='S', seq=5000,"
         " options=[('MD5', b'\\x00' * 16)])"
@@ -258,8 +259,9 @@ def test_neighbour_preseed_in_the_original_direction_is_not_forwarded(
     result = world.connect_from("app", family, sport)
     time.sleep(0.3)
     assert app not in world.server_peers(), result
+    assert result.startswith("connected"), result
     if world.datapath == "nft":
-        assert world.dropped("tcp_not_diverted") > before
+        assert world.dropped("spoofed_source") > before
 
 
 @pytest.mark.parametrize("family", [4, 6])

@@ -18,6 +18,7 @@ from egress_agent.policy.decide import (
     needs_server_name,
     non_tcp_drop,
     should_divert,
+    spoofed,
 )
 from egress_agent.policy.load import parse_policy
 from egress_agent.policy.model import (
@@ -651,3 +652,18 @@ def test_non_tcp_drop_covers_what_the_drop_rules_would_intercept(
             intercept=tuple(replace(r, non_tcp=NonTcp.PASS) for r in policy.intercept),
         )
         assert non_tcp_drop(passing, src=src, dst=dst, interface=interface) is None
+
+
+@pytest.mark.parametrize(
+    ("src", "interface", "expected"),
+    [
+        ("10.2.0.7", "veth-b1", False),  # its own interface
+        ("10.2.0.7", "veth-b2", False),
+        ("10.2.0.7", "veth-x", True),  # a bound workload's address elsewhere
+        ("fd00:2::7", "veth-x", True),
+        ("10.1.0.5", "veth-x", False),  # unbound workloads have no interface to keep to
+        ("192.0.2.1", "veth-x", False),  # no workload at all
+    ],
+)
+def test_spoofed(src: str, interface: str, expected: bool) -> None:
+    assert spoofed(POLICY, ip(src), interface=interface) is expected

@@ -233,7 +233,14 @@ def test_reverse_path_check_runs_before_conntrack_on_bound_and_named_interfaces(
     doc = render_ruleset(parse_policy(NON_TCP_POLICY), selection=selection)  # type: ignore[arg-type]
     chain = _chains(doc)["reverse_path"]
     assert (chain["type"], chain["hook"], chain["prio"]) == ("filter", "prerouting", -300)
-    rule, *towards = _rules(doc, "reverse_path")
+    rule, *rest = _rules(doc, "reverse_path")
+    spoofs = [r for r in rest if r["comment"].startswith("spoofed source")]
+    towards = [r for r in rest if r not in spoofs]
+    # A bound workload's address from another interface (nft selection; the
+    # BPF classifier drops those itself).
+    assert [r["comment"] for r in spoofs] == (
+        ["spoofed source: pods's address from another interface"] * 2 if selection == "nft" else []
+    )
     assert rule["expr"] == [
         {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "@rp_interfaces"}},
         {
@@ -409,3 +416,23 @@ def test_bpf_mode_workload_changes_with_non_tcp_stay_in_place() -> None:
     assert flushed == ["output", "non_tcp"]
     chains = {c["add"]["rule"]["chain"] for c in partial["nftables"] if "rule" in c.get("add", {})}
     assert chains == {"output", "non_tcp"}
+
+
+def test_interfaces_a_pattern_covers_are_left_out_of_the_reverse_path_set() -> None:
+    """An interval set of interface names refuses ``pod1-pa`` beside ``pod*``
+    (overlapping intervals): the pattern alone covers both."""
+    policy = parse_policy(
+        "version: 1\nworkloads:\n"
+        "  a: {cidrs: [10.1.0.2/32], interfaces: [pod1-pa, eth1]}\n"
+        "  b: {cidrs: [10.1.0.3/32], interfaces: [pod2-pb]}\n"
+        "intercept: [{from: [a, b]}]\n"
+        'reverse_path: {interfaces: ["pod*", "pod1*", "eth1"]}\n'
+        "default: deny\n"
+    )
+    doc = render_ruleset(policy)
+    [rp_set] = [
+        c["add"]["set"]
+        for c in doc["nftables"]
+        if c.get("add", {}).get("set", {}).get("name") == "rp_interfaces"
+    ]
+    assert rp_set["elem"] == ["eth1", "pod*"]
