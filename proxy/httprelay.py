@@ -5,7 +5,7 @@ intermediary that injects credentials.
 with ``http:`` decided it. From then on this module owns the connection: it
 optionally terminates the client's TLS (``client_tls``), reads requests one
 after another (pipelined requests are served in order), rewrites each head
-with :mod:`egress_agent.proxy.http`, connects upstream on the first request
+with :mod:`egress_agent.proxy.httpmessage`, connects upstream on the first request
 (to the original destination's address, with TLS verification when
 ``upstream.tls``), streams bodies both ways with back-pressure, and writes one
 ``request`` audit record per request. The connection's own record is still
@@ -36,7 +36,7 @@ from egress_agent.policy.model import (
     HttpRule,
     IPAddress,
 )
-from egress_agent.proxy import http
+from egress_agent.proxy import httpmessage
 from egress_agent.proxy.audit import AuditLog, RequestRecord, rfc3339
 from egress_agent.proxy.original_dst import Endpoint
 from egress_agent.proxy.secretfiles import FileCache, SecretError, Secrets
@@ -417,7 +417,7 @@ class _Session:
     async def run(self) -> None:
         while True:
             try:
-                parsed = await self._read_head(self.client, self.buf, http.parse_request)
+                parsed = await self._read_head(self.client, self.buf, httpmessage.parse_request)
             except ValueError as exc:
                 await self._answer_malformed(exc)
                 return
@@ -435,7 +435,7 @@ class _Session:
         conn = self.conn
         conn.requests += 1
         conn.error = f"malformed HTTP request: {exc}"
-        body = http.error_response(400, f"malformed HTTP request: {exc}")
+        body = httpmessage.error_response(400, f"malformed HTTP request: {exc}")
         await self._send_own(body)
         self._record(
             started=time.time(), method=None, host=None, path=None, status=400,
@@ -447,7 +447,7 @@ class _Session:
             await self.client.write(data)
         self.conn.bytes_down += len(data)
 
-    async def _exchange(self, head: http.RequestHead, head_bytes: int) -> bool:
+    async def _exchange(self, head: httpmessage.RequestHead, head_bytes: int) -> bool:
         """One request and its response; whether the connection goes on."""
         conn = self.conn
         conn.requests += 1
@@ -472,7 +472,9 @@ class _Session:
             if head.framing.chunked and not head.expect_continue:
                 # Check the first chunk line before anything goes upstream, so
                 # a malformed body start never reaches the server.
-                await self._fill_until(self.client, self.buf, http.parse_chunk_line, upstream=False)
+                await self._fill_until(
+                    self.client, self.buf, httpmessage.parse_chunk_line, upstream=False
+                )
             await self._ensure_upstream(head)
         except _Refused as exc:
             status = exc.status
@@ -480,7 +482,7 @@ class _Session:
             if exc.deny:
                 conn.denied = True
             conn.error = conn.error or error
-            body = http.error_response(exc.status, exc.message)
+            body = httpmessage.error_response(exc.status, exc.message)
             await self._send_own(body)
             down = len(body)
             record()
@@ -489,7 +491,7 @@ class _Session:
             status = 400
             error = f"malformed HTTP request: {exc}"
             conn.error = error
-            body = http.error_response(400, error)
+            body = httpmessage.error_response(400, error)
             await self._send_own(body)
             down = len(body)
             record()
@@ -511,7 +513,7 @@ class _Session:
         pump = asyncio.get_running_loop().create_task(
             self._send_request(forward, head, upstream, counter), name="http-request-body"
         )
-        response: http.ResponseHead | None = None
+        response: httpmessage.ResponseHead | None = None
         response_started = [False]
         must_close = False
         try:
@@ -547,7 +549,9 @@ class _Session:
             error = error or pump_error
             if not response_started[0]:
                 status = 502
-                body = http.error_response(502, f"rule {conn.rule}: upstream failed: {error}")
+                body = httpmessage.error_response(
+                    502, f"rule {conn.rule}: upstream failed: {error}"
+                )
                 await self._send_own(body)
                 down += len(body)
             else:
@@ -615,7 +619,7 @@ class _Session:
 
     # -- request side ---------------------------------------------------------
 
-    async def _check_host(self, head: http.RequestHead) -> None:
+    async def _check_host(self, head: httpmessage.RequestHead) -> None:
         """Decide the request's Host as the connection was decided: by the
         same rule, and (names bound to addresses) at an address of its own."""
         conn = self.conn
@@ -629,19 +633,19 @@ class _Session:
             )
         self.target = decided.address or conn.dst.address
 
-    def _rewrite(self, head: http.RequestHead) -> bytes:
+    def _rewrite(self, head: httpmessage.RequestHead) -> bytes:
         conn = self.conn
         rule = conn.http
         if conn.pass_through:
-            headers = http.build_request_head(head, set_headers=(), remove_headers=())
+            headers = httpmessage.build_request_head(head, set_headers=(), remove_headers=())
             if head.upgrade is not None:
                 # Passed on, so the server may switch (101) to WebSocket.
                 headers += [(b"Connection", b"Upgrade"), (b"Upgrade", head.upgrade)]
-            return http.serialize_request(
-                head.method, http.origin_form(head.target), headers, close=False
+            return httpmessage.serialize_request(
+                head.method, httpmessage.origin_form(head.target), headers, close=False
             )
         # An origin server is sent origin-form (RFC 9112 section 3.2.1).
-        target = http.origin_form(head.target)
+        target = httpmessage.origin_form(head.target)
         set_headers: list[tuple[str, str]] = []
         secrets = conn.resources.secrets
         try:
@@ -653,11 +657,15 @@ class _Session:
                     set_headers.append((name, value.value))
             auth = rule.auth
             if isinstance(auth, AzureSas | AzureSharedKey):
-                target = http.strip_query_parameters(target, http.AZURE_SAS_PARAMETERS)
+                target = httpmessage.strip_query_parameters(
+                    target, httpmessage.AZURE_SAS_PARAMETERS
+                )
             if isinstance(auth, AzureSas):
                 sas = secrets.text(auth.file).lstrip("?")
-                target = http.strip_query_parameters(target, http.sas_parameter_names(sas))
-                target = http.append_query(target, sas)
+                target = httpmessage.strip_query_parameters(
+                    target, httpmessage.sas_parameter_names(sas)
+                )
+                target = httpmessage.append_query(target, sas)
             elif isinstance(auth, Bearer):
                 set_headers.append(("Authorization", "Bearer " + secrets.text(auth.file)))
         except SecretError as exc:
@@ -666,25 +674,27 @@ class _Session:
         remove = list(rule.remove_headers)
         if isinstance(auth, AzureSharedKey):
             remove.append("Authorization")
-        headers = http.build_request_head(head, set_headers=set_headers, remove_headers=remove)
+        headers = httpmessage.build_request_head(
+            head, set_headers=set_headers, remove_headers=remove
+        )
         if isinstance(auth, AzureSharedKey):
             headers = self._sign(head, target, headers, auth)
-        return http.serialize_request(head.method, target, headers, close=False)
+        return httpmessage.serialize_request(head.method, target, headers, close=False)
 
     def _sign(
         self,
-        head: http.RequestHead,
+        head: httpmessage.RequestHead,
         target: str,
-        headers: list[http.Header],
+        headers: list[httpmessage.Header],
         auth: AzureSharedKey,
-    ) -> list[http.Header]:
+    ) -> list[httpmessage.Header]:
         names = {n.lower() for n, _ in headers}
         if b"x-ms-date" not in names:
             headers.append((b"x-ms-date", email.utils.formatdate(usegmt=True).encode("ascii")))
         if b"x-ms-version" not in names:
             headers.append((b"x-ms-version", AZURE_VERSION.encode("ascii")))
         try:
-            key = http.decode_account_key(self.conn.resources.secrets.text(auth.key_file))
+            key = httpmessage.decode_account_key(self.conn.resources.secrets.text(auth.key_file))
         except SecretError as exc:
             log.error("rule %s: secret %s", self.conn.rule, exc)
             raise _Refused(502, f"rule {self.conn.rule}: secret file {exc}") from None
@@ -693,15 +703,15 @@ class _Session:
             log.error("rule %s: secret %s", self.conn.rule, problem)
             raise _Refused(502, f"rule {self.conn.rule}: secret file {problem}") from None
         text_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
-        to_sign = http.azure_string_to_sign(
+        to_sign = httpmessage.azure_string_to_sign(
             method=head.method, target=target, headers=text_headers, account=auth.account
         )
-        signature = http.shared_key_signature(key, to_sign)
+        signature = httpmessage.shared_key_signature(key, to_sign)
         headers.append((b"Authorization", f"SharedKey {auth.account}:{signature}".encode()))
         return headers
 
     async def _send_request(
-        self, forward: bytes, head: http.RequestHead, upstream: Stream, counter: _Counter
+        self, forward: bytes, head: httpmessage.RequestHead, upstream: Stream, counter: _Counter
     ) -> str | None:
         """Send the head and stream the body; the reason it stopped early, or None."""
         try:
@@ -726,7 +736,7 @@ class _Session:
 
     # -- upstream -----------------------------------------------------------------
 
-    async def _ensure_upstream(self, head: http.RequestHead) -> None:
+    async def _ensure_upstream(self, head: httpmessage.RequestHead) -> None:
         conn = self.conn
         up = conn.http.upstream
         server_name = up.server_name or head.host
@@ -804,8 +814,8 @@ class _Session:
             self.upstream = None
 
     async def _relay_response(
-        self, head: http.RequestHead, started: list[bool]
-    ) -> tuple[http.ResponseHead, int, bool]:
+        self, head: httpmessage.RequestHead, started: list[bool]
+    ) -> tuple[httpmessage.ResponseHead, int, bool]:
         """Relay interim responses and the final one; returns the final head,
         the bytes sent to the client, and whether the client connection must
         close after it."""
@@ -815,8 +825,8 @@ class _Session:
 
         upgrade = self.conn.pass_through and head.upgrade is not None
 
-        def parse(buf: bytes) -> tuple[http.ResponseHead, int] | None:
-            return http.parse_response(buf, request_method=head.method, upgrade=upgrade)
+        def parse(buf: bytes) -> tuple[httpmessage.ResponseHead, int] | None:
+            return httpmessage.parse_response(buf, request_method=head.method, upgrade=upgrade)
 
         while True:
             parsed = await self._read_head(upstream, self.ubuf, parse)
@@ -828,7 +838,7 @@ class _Session:
             # section 7.1): it gets the bare body, delimited by the close.
             dechunk = response.framing.chunked and head.version == "HTTP/1.0"
             close = not head.keep_alive or response.framing.until_close or dechunk
-            out = http.serialize_response(response, close=close, dechunk=dechunk)
+            out = httpmessage.serialize_response(response, close=close, dechunk=dechunk)
             started[0] = True
             await self.client.write(out)
             down += len(out)
@@ -924,12 +934,14 @@ class _Session:
         without, only the data goes out."""
         upstream = src is self.upstream
         while True:
-            size, used = await self._fill_until(src, buf, http.parse_chunk_line, upstream=upstream)
+            size, used = await self._fill_until(
+                src, buf, httpmessage.parse_chunk_line, upstream=upstream
+            )
             counter.bytes += used
             del buf[:used]
             if size == 0:
                 trailers, used = await self._fill_until(
-                    src, buf, http.parse_trailers, upstream=upstream
+                    src, buf, httpmessage.parse_trailers, upstream=upstream
                 )
                 counter.bytes += used
                 del buf[:used]

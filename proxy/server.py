@@ -42,7 +42,7 @@ from egress_agent.policy.decide import (
     needs_server_name,
 )
 from egress_agent.policy.model import Action, HttpRule, IPAddress, Policy, Verdict
-from egress_agent.proxy import http, httprelay
+from egress_agent.proxy import httpmessage, httprelay
 from egress_agent.proxy.audit import AuditLog, AuditRecord, Event, RequestRecord, rfc3339
 from egress_agent.proxy.conntrack import Conntrack
 from egress_agent.proxy.original_dst import (
@@ -684,7 +684,7 @@ class Connection:
         self.error = f"malformed HTTP request: {exc}"
         self.requests = 1
         self.bytes_up = len(self.buffer)
-        body = http.error_response(400, self.error)
+        body = httpmessage.error_response(400, self.error)
         self.bytes_down += len(body)
         self.server.audit.write_request(
             RequestRecord(

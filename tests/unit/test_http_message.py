@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from egress_agent.proxy import http
-from egress_agent.proxy.http import Framing
+from egress_agent.proxy import httpmessage
+from egress_agent.proxy.httpmessage import Framing
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HOST = b"Host: a.example\r\n"
@@ -41,7 +41,7 @@ def req(*lines: bytes, start: bytes = b"POST /x HTTP/1.1") -> bytes:
     ],
 )
 def test_request_framing(buf: bytes, framing: Framing, keep_alive: bool) -> None:
-    got = http.parse_request(buf + b"BODY")
+    got = httpmessage.parse_request(buf + b"BODY")
     assert got is not None
     head, used = got
     assert used == len(buf)
@@ -72,18 +72,18 @@ def test_request_framing(buf: bytes, framing: Framing, keep_alive: bool) -> None
         (req(b"Host: a", start=b"GET /  HTTP/1.1"), "request"),
         (req(b"Host: a", start=b"CONNECT a:443 HTTP/1.1"), "CONNECT"),
         (req(b"Host: a", start=b"GET / HTTP/2.0"), "version"),
-        (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * http.MAX_HEAD, "16384"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * httpmessage.MAX_HEAD, "16384"),
     ],
 )
 def test_refused_requests(buf: bytes, why: str) -> None:
     with pytest.raises(ValueError, match=why):
-        http.parse_request(buf)
+        httpmessage.parse_request(buf)
 
 
 def test_request_path_drops_the_query() -> None:
-    got = http.parse_request(req(b"Host: a", start=b"GET /c/b?sig=SECRET&x=1 HTTP/1.1"))
+    got = httpmessage.parse_request(req(b"Host: a", start=b"GET /c/b?sig=SECRET&x=1 HTTP/1.1"))
     assert got is not None and got[0].path == "/c/b"
-    got = http.parse_request(req(start=b"GET http://a.example/c?sig=S HTTP/1.1"))
+    got = httpmessage.parse_request(req(start=b"GET http://a.example/c?sig=S HTTP/1.1"))
     assert got is not None and got[0].path == "/c" and got[0].host == "a.example"
 
 
@@ -98,7 +98,7 @@ def test_request_path_drops_the_query() -> None:
     ],
 )
 def test_origin_form(target: str, expected: str) -> None:
-    assert http.origin_form(target) == expected
+    assert httpmessage.origin_form(target) == expected
 
 
 # ---------------------------------------------------------------- responses
@@ -120,7 +120,7 @@ def test_origin_form(target: str, expected: str) -> None:
     ],
 )
 def test_response_framing(head: bytes, method: str, framing: Framing, keep_alive: bool) -> None:
-    got = http.parse_response(head + b"\r\n\r\nxyz", request_method=method)
+    got = httpmessage.parse_response(head + b"\r\n\r\nxyz", request_method=method)
     assert got is not None
     response, used = got
     assert used == len(head) + 4
@@ -140,7 +140,7 @@ def test_response_framing(head: bytes, method: str, framing: Framing, keep_alive
 )
 def test_refused_responses(head: bytes) -> None:
     with pytest.raises(ValueError):
-        http.parse_response(head + b"\r\n\r\n", request_method="GET")
+        httpmessage.parse_response(head + b"\r\n\r\n", request_method="GET")
 
 
 # ---------------------------------------------------------------- chunks
@@ -161,7 +161,7 @@ def test_refused_responses(head: bytes) -> None:
     ],
 )
 def test_chunk_lines(buf: bytes, expected: tuple[int, int] | None) -> None:
-    assert http.parse_chunk_line(buf) == expected
+    assert httpmessage.parse_chunk_line(buf) == expected
 
 
 @pytest.mark.parametrize(
@@ -169,18 +169,18 @@ def test_chunk_lines(buf: bytes, expected: tuple[int, int] | None) -> None:
 )
 def test_refused_chunk_lines(buf: bytes) -> None:
     with pytest.raises(ValueError):
-        http.parse_chunk_line(buf)
+        httpmessage.parse_chunk_line(buf)
 
 
 def test_trailers() -> None:
-    assert http.parse_trailers(b"\r\nnext") == ((), 2)
-    assert http.parse_trailers(b"X-A: 1\r\nX-B: 2\r\n\r\n") == (
+    assert httpmessage.parse_trailers(b"\r\nnext") == ((), 2)
+    assert httpmessage.parse_trailers(b"X-A: 1\r\nX-B: 2\r\n\r\n") == (
         ((b"X-A", b"1"), (b"X-B", b"2")),
         18,
     )
-    assert http.parse_trailers(b"X-A: 1\r\n") is None
+    assert httpmessage.parse_trailers(b"X-A: 1\r\n") is None
     with pytest.raises(ValueError):
-        http.parse_trailers(b"X-A: 1\nX\r\n\r\n")
+        httpmessage.parse_trailers(b"X-A: 1\nX\r\n\r\n")
 
 
 # ---------------------------------------------------------------- fuzzing
@@ -235,31 +235,31 @@ _head_lines = st.lists(
 )
 def test_fuzz_request_heads(start: bytes, lines: list[bytes], tail: bytes) -> None:
     buf = b"\r\n".join([start, *lines]) + b"\r\n\r\n" + tail
-    _check_stable(http.parse_request, buf)
+    _check_stable(httpmessage.parse_request, buf)
 
 
 @FUZZ
 @given(st.binary(max_size=200))
 def test_fuzz_request_bytes(buf: bytes) -> None:
-    _check_stable(http.parse_request, buf)
+    _check_stable(httpmessage.parse_request, buf)
 
 
 @FUZZ
 @given(st.binary(max_size=40))
 def test_fuzz_chunk_lines(buf: bytes) -> None:
-    _check_stable(http.parse_chunk_line, buf)
+    _check_stable(httpmessage.parse_chunk_line, buf)
 
 
 @FUZZ
 @given(st.binary(max_size=120), st.sampled_from(["GET", "HEAD"]))
 def test_fuzz_responses(buf: bytes, method: str) -> None:
-    _check_stable(lambda b: http.parse_response(b, request_method=method), buf)
+    _check_stable(lambda b: httpmessage.parse_response(b, request_method=method), buf)
 
 
 @FUZZ
 @given(st.binary(max_size=80))
 def test_fuzz_trailers(buf: bytes) -> None:
-    _check_stable(http.parse_trailers, buf)
+    _check_stable(httpmessage.parse_trailers, buf)
 
 
 # ---------------------------------------------------------------- rewriting
@@ -277,7 +277,7 @@ def test_fuzz_trailers(buf: bytes) -> None:
     ],
 )
 def test_strip_sas(target: str, expected: str) -> None:
-    assert http.strip_query_parameters(target, http.AZURE_SAS_PARAMETERS) == expected
+    assert httpmessage.strip_query_parameters(target, httpmessage.AZURE_SAS_PARAMETERS) == expected
 
 
 @pytest.mark.parametrize(
@@ -289,7 +289,7 @@ def test_strip_sas(target: str, expected: str) -> None:
     ],
 )
 def test_append_query(target: str, query: str, expected: str) -> None:
-    assert http.append_query(target, query) == expected
+    assert httpmessage.append_query(target, query) == expected
 
 
 @given(
@@ -304,18 +304,18 @@ def test_append_query(target: str, query: str, expected: str) -> None:
 def test_sas_injection_leaves_exactly_one_of_each(params: list[tuple[str, str]]) -> None:
     target = "/c/b" + ("?" + "&".join(f"{n}={v}" for n, v in params) if params else "")
     sas = "sv=2022-11-02&sp=rw&sig=abc%2B"
-    out = http.strip_query_parameters(target, http.AZURE_SAS_PARAMETERS)
-    out = http.append_query(out, sas)
+    out = httpmessage.strip_query_parameters(target, httpmessage.AZURE_SAS_PARAMETERS)
+    out = httpmessage.append_query(out, sas)
     names = [p.partition("=")[0].lower() for p in out.partition("?")[2].split("&")]
     for name in ("sv", "sp", "sig", "se"):
         assert names.count(name) == (1 if name in ("sv", "sp", "sig") else 0)
-    kept = [n.lower() for n, _ in params if n.lower() not in http.AZURE_SAS_PARAMETERS]
+    kept = [n.lower() for n, _ in params if n.lower() not in httpmessage.AZURE_SAS_PARAMETERS]
     assert [n for n in names if n not in ("sv", "sp", "sig")] == kept
     assert out.endswith(sas)
 
 
 def test_build_request_head_drops_hop_by_hop_and_applies_header_ops() -> None:
-    got = http.parse_request(
+    got = httpmessage.parse_request(
         req(
             b"Host: a",
             b"Connection: keep-alive, X-Secret-Hop",
@@ -329,16 +329,16 @@ def test_build_request_head_drops_hop_by_hop_and_applies_header_ops() -> None:
         )
     )
     assert got is not None
-    headers = http.build_request_head(
+    headers = httpmessage.build_request_head(
         got[0], set_headers=[("X-Team", "db")], remove_headers=["X-Debug"]
     )
     assert headers == [(b"Host", b"a"), (b"Content-Length", b"3"), (b"X-Team", b"db")]
-    wire = http.serialize_request("POST", "/x", headers, close=False)
+    wire = httpmessage.serialize_request("POST", "/x", headers, close=False)
     assert wire == b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nX-Team: db\r\n\r\n"
 
 
 def test_error_responses_close() -> None:
-    out = http.error_response(400, "malformed HTTP request: x")
+    out = httpmessage.error_response(400, "malformed HTTP request: x")
     head, _, body = out.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert b"\r\nConnection: close" in head
@@ -346,16 +346,16 @@ def test_error_responses_close() -> None:
 
 
 def test_serialize_response_drops_hop_by_hop_and_can_dechunk() -> None:
-    got = http.parse_response(
+    got = httpmessage.parse_response(
         b"HTTP/1.1 200 Whatever\r\nConnection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: t=5\r\n"
         b'Transfer-Encoding: chunked\r\nETag: "e"\r\n\r\n',
         request_method="GET",
     )
     assert got is not None
     head = got[0]
-    assert http.serialize_response(head, close=False) == (
+    assert httpmessage.serialize_response(head, close=False) == (
         b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nETag: "e"\r\n\r\n'
     )
-    assert http.serialize_response(head, close=True, dechunk=True) == (
+    assert httpmessage.serialize_response(head, close=True, dechunk=True) == (
         b'HTTP/1.1 200 OK\r\nETag: "e"\r\nConnection: close\r\n\r\n'
     )
