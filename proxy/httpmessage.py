@@ -2,10 +2,10 @@
 
 An allow rule with ``http:`` makes the proxy an HTTP/1.1 intermediary: it
 reads each request head, rewrites it (headers set and removed, credentials
-injected), forwards it, and streams the body and the response with their
-framing checked. Everything here is pure -- bytes in, values out -- so that
-the rules about what is accepted can be tested and fuzzed without sockets;
-:mod:`egress_agent.proxy.httprelay` does the I/O.
+injected by :mod:`.credentials`), forwards it, and streams the body and the
+response with their framing checked. Everything here is pure -- bytes in,
+values out -- so that the rules about what is accepted can be tested and
+fuzzed without sockets; :mod:`egress_agent.proxy.httprelay` does the I/O.
 
 Parsers follow the project's three-way contract (see :mod:`.peek`): a value
 (with the number of bytes it used), ``None`` for "need more bytes", or
@@ -33,24 +33,17 @@ buffers a body. Hop-by-hop headers (RFC 9110 section 7.6.1) are not forwarded.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
-import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from egress_agent.proxy.peek import MAX_HTTP_HEAD, parse_http_request_head
 
 __all__ = [
-    "AZURE_SAS_PARAMETERS",
     "MAX_CHUNK_LINE",
     "MAX_HEAD",
     "Framing",
     "RequestHead",
     "ResponseHead",
-    "azure_string_to_sign",
     "build_request_head",
     "error_response",
     "origin_form",
@@ -58,8 +51,6 @@ __all__ = [
     "parse_request",
     "parse_response",
     "parse_trailers",
-    "shared_key_signature",
-    "strip_query_parameters",
 ]
 
 MAX_HEAD = MAX_HTTP_HEAD
@@ -68,18 +59,6 @@ MAX_CHUNK_LINE = 4096
 # 16 hex digits would overflow 64 bits; 15 is 1 EiB per chunk, plenty.
 _MAX_CHUNK_DIGITS = 15
 _MAX_LENGTH_DIGITS = 18
-
-# Query parameters that make up an Azure Storage SAS (service, account and
-# user delegation SAS; "Create a service SAS" and "Create a user delegation
-# SAS" in the Storage REST reference). Azure refuses a request that carries
-# one twice, so a client's are removed before the proxy's SAS is appended.
-AZURE_SAS_PARAMETERS = frozenset(
-    (
-        "sv", "ss", "srt", "sp", "se", "st", "spr", "sip", "sig", "si", "sr", "sdd",
-        "skoid", "sktid", "skt", "ske", "sks", "skv", "saoid", "suoid", "scid",
-        "sduoid", "skdutid", "ses", "rscc", "rscd", "rsce", "rscl", "rsct",
-    )
-)  # fmt: skip
 
 # RFC 9110 section 7.6.1, plus the pre-standard Keep-Alive and Proxy-Connection,
 # and Proxy-Authorization: credentials meant for a proxy, never the server.
@@ -381,41 +360,6 @@ def hop_by_hop(headers: Sequence[Header]) -> set[bytes]:
     return set(_HOP_BY_HOP) | _connection_tokens(headers)
 
 
-def strip_query_parameters(target: str, names: Iterable[str]) -> str:
-    """``target`` without the query parameters called ``names``
-    (case-insensitive, compared after percent-decoding the name)."""
-    path, sep, rest = target.partition("?")
-    if not sep:
-        return target
-    query, hash_, fragment = rest.partition("#")
-    drop = {n.lower() for n in names}
-    kept = [
-        p
-        for p in query.split("&")
-        if p and urllib.parse.unquote(p.partition("=")[0]).lower() not in drop
-    ]
-    out = path + ("?" + "&".join(kept) if kept else "")
-    return out + (hash_ + fragment if hash_ else "")
-
-
-def append_query(target: str, query: str) -> str:
-    query = query.lstrip("?&")
-    if not query:
-        return target
-    path, hash_, fragment = target.partition("#")
-    joiner = "&" if "?" in path else "?"
-    if path.endswith(("?", "&")):
-        joiner = ""
-    return path + joiner + query + (hash_ + fragment if hash_ else "")
-
-
-def sas_parameter_names(sas: str) -> set[str]:
-    """The parameter names of a SAS token (``sv=...&sig=...``)."""
-    return {
-        urllib.parse.unquote(p.partition("=")[0]).lower() for p in sas.lstrip("?").split("&") if p
-    }
-
-
 def build_request_head(
     head: RequestHead,
     *,
@@ -496,96 +440,3 @@ def error_response(status: int, message: str) -> bytes:
         f"Content-Length: {len(body)}\r\n"
         "Connection: close\r\n\r\n"
     ).encode("ascii") + body
-
-
-# ---------------------------------------------------------------- Azure SharedKey
-
-# The standard headers in the order the string-to-sign lists them
-# ("Authorize with Shared Key", Blob/Queue/File services, version 2009-09-19+).
-_SIGNED_STANDARD = (
-    "content-encoding",
-    "content-language",
-    "content-length",
-    "content-md5",
-    "content-type",
-    "date",
-    "if-modified-since",
-    "if-match",
-    "if-none-match",
-    "if-unmodified-since",
-    "range",
-)
-# Azure sorts x-ms-* names the way .NET's invariant culture compares strings:
-# hyphens and apostrophes are ignored at first and only break ties (by their
-# positions, see _x_ms_sort_key), and
-# punctuation sorts before digits before letters. Plain ASCII order differs,
-# e.g. for x-ms-meta-c vs x-ms-metab, and a wrong order is a 403.
-_PRIMARY_ORDER = "!#$%&*.^_`|~+0123456789abcdefghijklmnopqrstuvwxyz"
-_IGNORED_FIRST = "'-"
-
-
-def _x_ms_sort_key(name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    primary = tuple(
-        _PRIMARY_ORDER.find(c) if c in _PRIMARY_ORDER else 100 + ord(c)
-        for c in name
-        if c not in _IGNORED_FIRST
-    )
-    # The tie-break walks both names in step: at the first place where one
-    # has a hyphen or apostrophe and the other a regular character, the
-    # regular character comes first; an apostrophe comes before a hyphen; a
-    # name that ends there comes first.
-    secondary = tuple(_IGNORED_FIRST.index(c) + 1 if c in _IGNORED_FIRST else 0 for c in name)
-    return primary, secondary
-
-
-def azure_string_to_sign(
-    *, method: str, target: str, headers: Sequence[tuple[str, str]], account: str
-) -> str:
-    """The Shared Key string-to-sign for a Blob, Queue or File request.
-
-    ``headers`` are (name, value) as they will be sent; ``target`` is the
-    request-target (origin- or absolute-form). Content-Length 0 signs as an
-    empty line (version 2015-02-21 and later); the Date line is empty when
-    ``x-ms-date`` is present, which the proxy always sends.
-    """
-    by_name: dict[str, list[str]] = {}
-    for name, value in headers:
-        by_name.setdefault(name.lower(), []).append(value.strip())
-    standard = {n: ",".join(v) for n, v in by_name.items()}
-    if standard.get("content-length") == "0":
-        standard["content-length"] = ""
-    if "x-ms-date" in standard:
-        standard["date"] = ""
-    lines = [method] + [standard.get(n, "") for n in _SIGNED_STANDARD]
-    x_ms = sorted((n for n in by_name if n.startswith("x-ms-")), key=_x_ms_sort_key)
-    canonical_headers = "".join(f"{n}:{','.join(by_name[n])}\n" for n in x_ms)
-    return "\n".join(lines) + "\n" + canonical_headers + _canonical_resource(account, target)
-
-
-def _canonical_resource(account: str, target: str) -> str:
-    path, _, query = origin_form(target).partition("#")[0].partition("?")
-    params: dict[str, list[str]] = {}
-    for part in query.split("&"):
-        if not part:
-            continue
-        name, _, value = part.partition("=")
-        key = urllib.parse.unquote(name).lower()
-        params.setdefault(key, []).append(urllib.parse.unquote(value))
-    resource = f"/{account}{path or '/'}"
-    for name in sorted(params):
-        resource += f"\n{name}:{','.join(sorted(params[name]))}"
-    return resource
-
-
-def shared_key_signature(key: bytes, string_to_sign: str) -> str:
-    """Base64 HMAC-SHA256 of the string-to-sign with the (decoded) account key."""
-    digest = hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).digest()
-    return base64.b64encode(digest).decode("ascii")
-
-
-def decode_account_key(text: str) -> bytes:
-    """The account key file's content (base64) as bytes; ValueError if it is not base64."""
-    try:
-        return base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("the account key is not base64") from None

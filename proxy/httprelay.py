@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import logging
 import socket
 import ssl
@@ -29,14 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from egress_agent.policy.model import (
-    AzureSas,
-    AzureSharedKey,
-    Bearer,
     ClientTls,
     HttpRule,
     IPAddress,
 )
-from egress_agent.proxy import httpmessage
+from egress_agent.proxy import credentials, httpmessage
 from egress_agent.proxy.audit import AuditLog, RequestRecord, rfc3339
 from egress_agent.proxy.original_dst import Endpoint
 from egress_agent.proxy.secretfiles import FileCache, SecretError, Secrets
@@ -54,9 +50,6 @@ BODY_AFTER_RESPONSE = 2.0
 # before the client reads it (RFC 9112 section 9.6, "tear-down").
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 4 * 1024 * 1024
-# x-ms-version the proxy adds to a SharedKey-signed request that has none;
-# every Blob operation barman and the SDKs use exists in it.
-AZURE_VERSION = "2021-08-06"
 
 T = TypeVar("T")
 
@@ -635,7 +628,6 @@ class _Session:
 
     def _rewrite(self, head: httpmessage.RequestHead) -> bytes:
         conn = self.conn
-        rule = conn.http
         if conn.pass_through:
             headers = httpmessage.build_request_head(head, set_headers=(), remove_headers=())
             if head.upgrade is not None:
@@ -644,71 +636,13 @@ class _Session:
             return httpmessage.serialize_request(
                 head.method, httpmessage.origin_form(head.target), headers, close=False
             )
-        # An origin server is sent origin-form (RFC 9112 section 3.2.1).
-        target = httpmessage.origin_form(head.target)
-        set_headers: list[tuple[str, str]] = []
-        secrets = conn.resources.secrets
         try:
-            for name, value in rule.set_headers:
-                if value.file is not None:
-                    set_headers.append((name, value.format.replace("{}", secrets.text(value.file))))
-                else:
-                    assert value.value is not None
-                    set_headers.append((name, value.value))
-            auth = rule.auth
-            if isinstance(auth, AzureSas | AzureSharedKey):
-                target = httpmessage.strip_query_parameters(
-                    target, httpmessage.AZURE_SAS_PARAMETERS
-                )
-            if isinstance(auth, AzureSas):
-                sas = secrets.text(auth.file).lstrip("?")
-                target = httpmessage.strip_query_parameters(
-                    target, httpmessage.sas_parameter_names(sas)
-                )
-                target = httpmessage.append_query(target, sas)
-            elif isinstance(auth, Bearer):
-                set_headers.append(("Authorization", "Bearer " + secrets.text(auth.file)))
+            return credentials.forward_head(
+                head, conn.http, secret=conn.resources.secrets.text, now=time.time()
+            )
         except SecretError as exc:
             log.error("rule %s: secret %s", conn.rule, exc)
             raise _Refused(502, f"rule {conn.rule}: secret file {exc}") from None
-        remove = list(rule.remove_headers)
-        if isinstance(auth, AzureSharedKey):
-            remove.append("Authorization")
-        headers = httpmessage.build_request_head(
-            head, set_headers=set_headers, remove_headers=remove
-        )
-        if isinstance(auth, AzureSharedKey):
-            headers = self._sign(head, target, headers, auth)
-        return httpmessage.serialize_request(head.method, target, headers, close=False)
-
-    def _sign(
-        self,
-        head: httpmessage.RequestHead,
-        target: str,
-        headers: list[httpmessage.Header],
-        auth: AzureSharedKey,
-    ) -> list[httpmessage.Header]:
-        names = {n.lower() for n, _ in headers}
-        if b"x-ms-date" not in names:
-            headers.append((b"x-ms-date", email.utils.formatdate(usegmt=True).encode("ascii")))
-        if b"x-ms-version" not in names:
-            headers.append((b"x-ms-version", AZURE_VERSION.encode("ascii")))
-        try:
-            key = httpmessage.decode_account_key(self.conn.resources.secrets.text(auth.key_file))
-        except SecretError as exc:
-            log.error("rule %s: secret %s", self.conn.rule, exc)
-            raise _Refused(502, f"rule {self.conn.rule}: secret file {exc}") from None
-        except ValueError as exc:
-            problem = f"{auth.key_file}: {exc}"
-            log.error("rule %s: secret %s", self.conn.rule, problem)
-            raise _Refused(502, f"rule {self.conn.rule}: secret file {problem}") from None
-        text_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
-        to_sign = httpmessage.azure_string_to_sign(
-            method=head.method, target=target, headers=text_headers, account=auth.account
-        )
-        signature = httpmessage.shared_key_signature(key, to_sign)
-        headers.append((b"Authorization", f"SharedKey {auth.account}:{signature}".encode()))
-        return headers
 
     async def _send_request(
         self, forward: bytes, head: httpmessage.RequestHead, upstream: Stream, counter: _Counter

@@ -21,7 +21,7 @@ from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egress_agent.proxy import httpmessage
+from egress_agent.proxy import credentials
 
 ACCOUNT = "pgbackups"
 KEY = base64.b64encode(b"not a real account key, just 32+ bytes of it").decode()
@@ -39,10 +39,10 @@ def sdk_authorization(method: str, target: str, headers: list[tuple[str, str]]) 
 
 
 def our_authorization(method: str, target: str, headers: list[tuple[str, str]]) -> str:
-    to_sign = httpmessage.azure_string_to_sign(
+    to_sign = credentials.azure_string_to_sign(
         method=method, target=target, headers=headers, account=ACCOUNT
     )
-    signature = httpmessage.shared_key_signature(httpmessage.decode_account_key(KEY), to_sign)
+    signature = credentials.shared_key_signature(credentials.decode_account_key(KEY), to_sign)
     return f"SharedKey {ACCOUNT}:{signature}"
 
 
@@ -102,13 +102,13 @@ def test_signature_matches_the_sdk(
 def test_x_ms_headers_sort_like_the_service() -> None:
     # Hyphens only break ties: x-ms-metab sorts before x-ms-meta-c.
     headers = [("x-ms-meta-c", "1"), ("x-ms-metab", "2"), ("x-ms-date", "d")]
-    text = httpmessage.azure_string_to_sign(method="GET", target="/c", headers=headers, account="a")
+    text = credentials.azure_string_to_sign(method="GET", target="/c", headers=headers, account="a")
     assert text.index("x-ms-metab:") < text.index("x-ms-meta-c:")
     assert our_authorization("GET", "/c", headers) == sdk_authorization("GET", "/c", headers)
 
 
 def test_documented_rules() -> None:
-    text = httpmessage.azure_string_to_sign(
+    text = credentials.azure_string_to_sign(
         method="PUT",
         target="/c/b?comp=block&blockid=YQ%3D%3D&COMP=x",
         headers=[
@@ -132,7 +132,7 @@ def test_documented_rules() -> None:
 
 def test_account_key_must_be_base64() -> None:
     with pytest.raises(ValueError, match="not base64") as info:
-        httpmessage.decode_account_key("this is not base64!")
+        credentials.decode_account_key("this is not base64!")
     assert "this is not" not in str(info.value)
 
 
