@@ -20,12 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from egress_agent.policy.model import (
     ClientTls,
@@ -36,6 +35,7 @@ from egress_agent.proxy import credentials, httpmessage
 from egress_agent.proxy.audit import AuditLog, RequestRecord, rfc3339
 from egress_agent.proxy.original_dst import Endpoint
 from egress_agent.proxy.secretfiles import FileCache, SecretError, Secrets
+from egress_agent.proxy.upstream import connect_marked, upstream_socket
 
 log = logging.getLogger(__name__)
 
@@ -695,22 +695,12 @@ class _Session:
             except SecretError as exc:
                 log.error("rule %s: %s", conn.rule, exc)
                 raise _Refused(502, f"rule {conn.rule}: upstream ca_file {exc}") from None
-        address = str(self.target)
-        conn.upstream_addr = (
-            f"{address}:{port}" if self.target.version == 4 else f"[{address}]:{port}"
-        )
-        family = socket.AF_INET if self.target.version == 4 else socket.AF_INET6
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        endpoint = Endpoint(address=self.target, port=port)
+        conn.upstream_addr = str(endpoint)
+        sock = upstream_socket(endpoint)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, conn.upstream_mark)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setblocking(False)
-            target: tuple[Any, ...] = (
-                (address, port) if self.target.version == 4 else (address, port, 0, 0)
-            )
-            loop = asyncio.get_running_loop()
             async with asyncio.timeout(conn.connect_timeout):
-                await loop.sock_connect(sock, target)
+                await connect_marked(sock, endpoint, mark=conn.upstream_mark)
                 reader, writer = await asyncio.open_connection(
                     sock=sock,
                     ssl=ctx,

@@ -49,12 +49,12 @@ from egress_agent.proxy.original_dst import (
     Endpoint,
     NotDiverted,
     endpoint_of,
-    family_of,
     original_dst,
 )
 from egress_agent.proxy.peek import HTTP_METHODS, Peeked, Protocol, Sniffer
 from egress_agent.proxy.resolver import Resolver
 from egress_agent.proxy.sockdiag import socket_mark
+from egress_agent.proxy.upstream import connect_marked, upstream_socket
 
 log = logging.getLogger(__name__)
 
@@ -806,19 +806,12 @@ class Connection:
         port (a name's own address, ``resolve: connect``)."""
         assert self.dst is not None
         dst = self.dst if address is None else Endpoint(address=address, port=self.dst.port)
-        sock = socket.socket(family_of(dst), socket.SOCK_STREAM)
+        sock = upstream_socket(dst)
         self.server.upstreams += 1  # until the upstream half is lost
         half: _Half | None = None
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setblocking(False)
-            addr = str(dst.address)
-            target: tuple[Any, ...] = (
-                (addr, dst.port) if dst.address.version == 4 else (addr, dst.port, 0, 0)
-            )
             async with asyncio.timeout(timeout):  # no extra Task, unlike wait_for
-                await self.loop.sock_connect(sock, target)
+                await connect_marked(sock, dst, mark=mark)
             half = _Half(self, upstream=True)
             await self.loop.create_connection(lambda: half, sock=sock)
         except BaseException:
