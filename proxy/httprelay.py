@@ -24,200 +24,26 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from egress_agent.policy.model import (
-    ClientTls,
     HttpRule,
     IPAddress,
 )
 from egress_agent.proxy import credentials, httpmessage
 from egress_agent.proxy.audit import AuditLog, RequestRecord, rfc3339
 from egress_agent.proxy.original_dst import Endpoint
-from egress_agent.proxy.secretfiles import FileCache, SecretError, Secrets
+from egress_agent.proxy.secretfiles import SecretError, Secrets, TlsContexts
+from egress_agent.proxy.streams import READ_SIZE, Stream, TcpStream, TlsServerStream, take_over
 from egress_agent.proxy.upstream import connect_marked, upstream_socket
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 64 * 1024
 # When the response is complete but the request body is still being sent,
 # how long to wait for the body to finish (its last bytes may merely be
 # waiting for the upstream write buffer to drain) before giving up on it.
 BODY_AFTER_RESPONSE = 2.0
-# After the proxy's last response on a connection, how long (and how many
-# bytes) it keeps reading what the client still sends before closing: closing
-# a socket with unread input sends a reset, which can destroy the response
-# before the client reads it (RFC 9112 section 9.6, "tear-down").
-LINGER_SECONDS = 2.0
-LINGER_BYTES = 4 * 1024 * 1024
-
 T = TypeVar("T")
-
-
-class Stream(Protocol):
-    async def read(self) -> bytes: ...  # b"" at end of stream
-
-    async def write(self, data: bytes) -> None: ...
-
-    def close(self) -> None: ...
-
-    async def linger_close(self) -> None: ...
-
-    def abort(self) -> None: ...
-
-
-class TcpStream:
-    """A transport with stream reader/writer; every wait is bounded by ``idle``."""
-
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        *,
-        idle: float,
-        touch: Callable[[], None],
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.idle = idle
-        self.touch = touch
-
-    async def read(self) -> bytes:
-        async with asyncio.timeout(self.idle):
-            data = await self.reader.read(READ_SIZE)
-        self.touch()
-        return data
-
-    async def write(self, data: bytes) -> None:
-        self.writer.write(data)
-        async with asyncio.timeout(self.idle):
-            await self.writer.drain()
-        self.touch()
-
-    def close(self) -> None:
-        self.writer.close()
-
-    async def read_untimed(self) -> bytes:
-        """Read without the idle bound (a switched connection: one direction
-        may stay quiet while the other talks; the proxy's idle sweep still
-        ends a connection quiet both ways)."""
-        return await self.reader.read(READ_SIZE)
-
-    async def write_untimed(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    def at_eof(self) -> bool:
-        """Whether the peer has closed (a kept-alive upstream connection that
-        the server dropped while idle)."""
-        return self.reader.at_eof() or self.writer.transport.is_closing()
-
-    async def linger_close(self) -> None:
-        """Send FIN, discard what the client still sends (bounded), then close."""
-        if self.writer.transport.is_closing():
-            self.writer.close()
-            return
-        try:
-            if self.writer.can_write_eof():
-                self.writer.write_eof()
-            left = LINGER_BYTES
-            async with asyncio.timeout(LINGER_SECONDS):
-                while left > 0:
-                    data = await self.reader.read(READ_SIZE)
-                    if not data:
-                        break
-                    left -= len(data)
-        except (TimeoutError, ConnectionError, OSError, RuntimeError):
-            pass
-        self.writer.close()
-
-    def abort(self) -> None:
-        self.writer.transport.abort()
-
-
-class TlsServerStream:
-    """The client's TLS terminated through memory BIOs, so that the bytes the
-    proxy already read while peeking (the ClientHello) are fed in first."""
-
-    def __init__(self, raw: TcpStream, ctx: ssl.SSLContext, initial: bytes) -> None:
-        self.raw = raw
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
-        self.incoming.write(initial)
-        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
-
-    async def _flush(self) -> None:
-        pending = self.outgoing.read()
-        if pending:
-            await self.raw.write(pending)
-
-    async def _fill(self) -> bool:
-        data = await self.raw.read()
-        if not data:
-            self.incoming.write_eof()
-            return False
-        self.incoming.write(data)
-        return True
-
-    async def handshake(self) -> None:
-        while True:
-            try:
-                self.obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                await self._flush()
-                if not await self._fill():
-                    raise ConnectionError("client closed during the TLS handshake") from None
-        await self._flush()
-
-    async def read(self) -> bytes:
-        while True:
-            try:
-                data = self.obj.read(READ_SIZE)
-                break
-            except ssl.SSLWantReadError:
-                await self._flush()
-                if not await self._fill():
-                    continue  # the next read raises EOF
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return b""
-        # One SSLObject.read returns one TLS record (at most 16 KiB): take the
-        # records already received too, so a body moves in large pieces.
-        parts = [data]
-        total = len(data)
-        while total < READ_SIZE and (self.incoming.pending or self.obj.pending()):
-            try:
-                more = self.obj.read(READ_SIZE - total)
-            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                break  # the next read() sees it again
-            if not more:
-                break
-            parts.append(more)
-            total += len(more)
-        return b"".join(parts) if len(parts) > 1 else data
-
-    async def write(self, data: bytes) -> None:
-        self.obj.write(data)
-        await self._flush()
-
-    def close(self) -> None:
-        with contextlib.suppress(ssl.SSLError):
-            self.obj.unwrap()
-        pending = self.outgoing.read()
-        if pending:
-            self.raw.writer.write(pending)
-        self.raw.close()
-
-    async def linger_close(self) -> None:
-        with contextlib.suppress(ssl.SSLError):
-            self.obj.unwrap()
-        pending = self.outgoing.read()
-        if pending:
-            self.raw.writer.write(pending)
-        await self.raw.linger_close()
-
-    def abort(self) -> None:
-        self.raw.abort()
 
 
 class HttpResources:
@@ -226,44 +52,7 @@ class HttpResources:
 
     def __init__(self) -> None:
         self.secrets = Secrets()
-        self._server_contexts: FileCache[ssl.SSLContext] = FileCache()
-        self._client_contexts: FileCache[ssl.SSLContext] = FileCache()
-        self._default_client: ssl.SSLContext | None = None
-
-    def server_context(self, tls: ClientTls) -> ssl.SSLContext:
-        return self._server_contexts.get((tls.cert, tls.key), _load_server_context)
-
-    def client_context(self, ca_file: str | None) -> ssl.SSLContext:
-        if ca_file is None:
-            if self._default_client is None:
-                self._default_client = ssl.create_default_context()
-            return self._default_client
-        return self._client_contexts.get((ca_file,), _load_client_context)
-
-
-def _load_server_context(paths: tuple[str, ...]) -> ssl.SSLContext:
-    cert, key = paths
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["http/1.1"])
-    try:
-        ctx.load_cert_chain(cert, key)
-    except OSError as exc:
-        raise SecretError(cert, f"cannot load the certificate and key {key}: {exc}") from None
-    except ssl.SSLError as exc:
-        raise SecretError(
-            cert, f"certificate or key {key} is not valid PEM, or they do not match: {exc.reason}"
-        ) from None
-    return ctx
-
-
-def _load_client_context(paths: tuple[str, ...]) -> ssl.SSLContext:
-    try:
-        ctx = ssl.create_default_context(cafile=paths[0])
-    except (OSError, ssl.SSLError) as exc:
-        raise SecretError(paths[0], f"cannot load CA certificates: {exc}") from None
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
+        self.tls = TlsContexts()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -326,19 +115,6 @@ class _Broken(Exception):
     """A connection that cannot go on; nothing more can be sent to the client."""
 
 
-def take_over(transport: asyncio.Transport, *, idle: float, touch: Callable[[], None]) -> TcpStream:
-    """The client's transport as a stream: the relay's protocol is replaced
-    by a stream reader, and reading resumes (the peek may have paused it)."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=READ_SIZE, loop=loop)
-    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    transport.set_protocol(protocol)
-    protocol.connection_made(transport)
-    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    transport.resume_reading()
-    return TcpStream(reader, writer, idle=idle, touch=touch)
-
-
 async def refuse(transport: asyncio.Transport, response: bytes, *, idle: float) -> None:
     """Send the proxy's own ``response`` on a connection it will not serve, then close."""
     stream = take_over(transport, idle=idle, touch=lambda: None)
@@ -363,7 +139,7 @@ async def serve(
     if conn.tls:
         assert conn.http.client_tls is not None
         try:
-            ctx = conn.resources.server_context(conn.http.client_tls)
+            ctx = conn.resources.tls.server_context(conn.http.client_tls)
         except SecretError as exc:
             conn.error = f"rule {conn.rule}: client_tls {exc}"
             log.error("%s", conn.error)
@@ -691,7 +467,7 @@ class _Session:
             if server_name is None:
                 raise _Refused(400, "the request has no Host: cannot verify the upstream server")
             try:
-                ctx = conn.resources.client_context(up.ca_file)
+                ctx = conn.resources.tls.client_context(up.ca_file)
             except SecretError as exc:
                 log.error("rule %s: %s", conn.rule, exc)
                 raise _Refused(502, f"rule {conn.rule}: upstream ca_file {exc}") from None

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import errno
 import os
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from egress_agent.policy.model import ClientTls
 
 T = TypeVar("T")
 
@@ -117,3 +120,50 @@ class Secrets:
 
     def text(self, path: str) -> str:
         return self._text.get((path,), lambda paths: read_secret_text(paths[0]))
+
+
+class TlsContexts:
+    """TLS contexts made from certificate files, each made again when its
+    files change: the server side that terminates a client's TLS
+    (``client_tls``: certificate chain and key) and the client side that
+    verifies an upstream server (``upstream.ca_file``, or the system store)."""
+
+    def __init__(self) -> None:
+        self._server: FileCache[ssl.SSLContext] = FileCache()
+        self._client: FileCache[ssl.SSLContext] = FileCache()
+        self._default_client: ssl.SSLContext | None = None
+
+    def server_context(self, tls: ClientTls) -> ssl.SSLContext:
+        return self._server.get((tls.cert, tls.key), _load_server_context)
+
+    def client_context(self, ca_file: str | None) -> ssl.SSLContext:
+        if ca_file is None:
+            if self._default_client is None:
+                self._default_client = ssl.create_default_context()
+            return self._default_client
+        return self._client.get((ca_file,), _load_client_context)
+
+
+def _load_server_context(paths: tuple[str, ...]) -> ssl.SSLContext:
+    cert, key = paths
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        ctx.load_cert_chain(cert, key)
+    except OSError as exc:
+        raise SecretError(cert, f"cannot load the certificate and key {key}: {exc}") from None
+    except ssl.SSLError as exc:
+        raise SecretError(
+            cert, f"certificate or key {key} is not valid PEM, or they do not match: {exc.reason}"
+        ) from None
+    return ctx
+
+
+def _load_client_context(paths: tuple[str, ...]) -> ssl.SSLContext:
+    try:
+        ctx = ssl.create_default_context(cafile=paths[0])
+    except (OSError, ssl.SSLError) as exc:
+        raise SecretError(paths[0], f"cannot load CA certificates: {exc}") from None
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx

@@ -54,6 +54,7 @@ from egress_agent.proxy.original_dst import (
 from egress_agent.proxy.peek import HTTP_METHODS, Peeked, Protocol, Sniffer
 from egress_agent.proxy.resolver import Resolver
 from egress_agent.proxy.sockdiag import socket_mark
+from egress_agent.proxy.streams import TcpStream, take_over
 from egress_agent.proxy.upstream import connect_marked, upstream_socket
 
 log = logging.getLogger(__name__)
@@ -752,11 +753,9 @@ class Connection:
         self.requests = 0
         initial = bytes(self.buffer)
         self.buffer.clear()
-        early: httprelay.TcpStream | None = None
+        early: TcpStream | None = None
         if upstream is not None and upstream.transport is not None:
-            early = httprelay.take_over(
-                upstream.transport, idle=settings.idle_timeout, touch=self._touch
-            )
+            early = take_over(upstream.transport, idle=settings.idle_timeout, touch=self._touch)
             if upstream.eof:
                 early.reader.feed_eof()  # it closed already: the relay connects anew
         try:
