@@ -1,15 +1,22 @@
-"""The I/O side of HTTP rules: serve one diverted connection as an HTTP/1.1
-intermediary that injects credentials.
+"""The HTTP exchange of rules with ``http:``: serve one diverted connection
+as an HTTP/1.1 intermediary that injects credentials.
 
 :mod:`egress_agent.proxy.server` hands a connection here once an allow rule
 with ``http:`` decided it. From then on this module owns the connection: it
 optionally terminates the client's TLS (``client_tls``), reads requests one
-after another (pipelined requests are served in order), rewrites each head
-with :mod:`egress_agent.proxy.httpmessage`, connects upstream on the first request
-(to the original destination's address, with TLS verification when
-``upstream.tls``), streams bodies both ways with back-pressure, and writes one
+after another (pipelined requests are served in order), and writes one
 ``request`` audit record per request. The connection's own record is still
 written by the server, once, with the number of requests.
+
+Each request is one exchange, carried by an :class:`_Exchange` record in
+three steps: *prepare* decides its Host by the policy, rewrites the head
+(:mod:`.credentials`) and connects upstream when needed (to the original
+destination's address, or the name's own, through :mod:`.upstream`, with
+TLS verification when ``upstream.tls``); *transfer* streams the request
+body up while the response comes down (:mod:`.httpbody`, over the adapters
+of :mod:`.streams`); *conclude* settles the outcome, writes the record and
+decides whether the connection goes on -- or switches to a byte relay after
+``101``.
 
 Every failure a client can see has a generic body that names the rule and, for
 a secret, the file path -- never a secret's content.
@@ -24,17 +31,29 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
-from egress_agent.policy.model import (
-    HttpRule,
-    IPAddress,
-)
+from egress_agent.policy.model import HttpRule, IPAddress
 from egress_agent.proxy import credentials, httpmessage
 from egress_agent.proxy.audit import AuditLog, RequestRecord, rfc3339
+from egress_agent.proxy.httpbody import (
+    Broken,
+    Counter,
+    fill_until,
+    read_head,
+    relay_response,
+    send_request,
+)
 from egress_agent.proxy.original_dst import Endpoint
 from egress_agent.proxy.secretfiles import SecretError, Secrets, TlsContexts
-from egress_agent.proxy.streams import READ_SIZE, Stream, TcpStream, TlsServerStream, take_over
+from egress_agent.proxy.streams import (
+    READ_SIZE,
+    Stream,
+    TcpStream,
+    TlsServerStream,
+    failure_reason,
+    splice,
+    take_over,
+)
 from egress_agent.proxy.upstream import connect_marked, upstream_socket
 
 log = logging.getLogger(__name__)
@@ -43,7 +62,6 @@ log = logging.getLogger(__name__)
 # how long to wait for the body to finish (its last bytes may merely be
 # waiting for the upstream write buffer to drain) before giving up on it.
 BODY_AFTER_RESPONSE = 2.0
-T = TypeVar("T")
 
 
 class HttpResources:
@@ -101,6 +119,27 @@ class HttpConnection:
     upstream_addr: str | None = field(default=None)
 
 
+@dataclass(kw_only=True)
+class _Exchange:
+    """One request and its response as they go: what the request's audit
+    record says, and what decides whether the connection goes on."""
+
+    head: httpmessage.RequestHead
+    started: float = field(default_factory=time.time)  # wall clock, for the record
+    clock: float = field(default_factory=time.monotonic)  # for the duration
+    up: int  # bytes from the client: the head, then the body sent on
+    down: int = 0  # bytes to the client
+    status: int | None = None
+    error: str | None = None
+    response: httpmessage.ResponseHead | None = None  # the final response relayed
+    response_started: bool = False  # some of a response reached the client
+    must_close: bool = False  # the client connection ends after this response
+    body_error: str | None = None  # why the request body stopped early
+
+    def response_starts(self) -> None:
+        self.response_started = True
+
+
 class _Refused(Exception):
     """A request the proxy answers itself with ``status`` and ``message``."""
 
@@ -109,10 +148,6 @@ class _Refused(Exception):
         self.status = status
         self.message = message
         self.deny = deny
-
-
-class _Broken(Exception):
-    """A connection that cannot go on; nothing more can be sent to the client."""
 
 
 async def refuse(transport: asyncio.Transport, response: bytes, *, idle: float) -> None:
@@ -149,7 +184,7 @@ async def serve(
         try:
             await tls.handshake()
         except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
-            conn.error = f"client TLS handshake failed: {_reason(exc)}"
+            conn.error = f"client TLS handshake failed: {failure_reason(exc)}"
             raw.abort()
             return
         client = tls
@@ -186,7 +221,7 @@ class _Session:
     async def run(self) -> None:
         while True:
             try:
-                parsed = await self._read_head(self.client, self.buf, httpmessage.parse_request)
+                parsed = await read_head(self.client, self.buf, httpmessage.parse_request)
             except ValueError as exc:
                 await self._answer_malformed(exc)
                 return
@@ -218,127 +253,136 @@ class _Session:
 
     async def _exchange(self, head: httpmessage.RequestHead, head_bytes: int) -> bool:
         """One request and its response; whether the connection goes on."""
+        self.conn.requests += 1
+        self.conn.bytes_up += head_bytes
+        ex = _Exchange(head=head, up=head_bytes)
+        forward = await self._prepare(ex)
+        if forward is None:
+            self._record_exchange(ex)
+            return False
+        await self._transfer(ex, forward)
+        return await self._conclude(ex)
+
+    async def _prepare(self, ex: _Exchange) -> bytes | None:
+        """Decide the request's Host, rewrite its head, check the start of a
+        chunked body and connect upstream: the head to forward, or None when
+        the exchange ends here (the proxy answered it, or the client failed)."""
         conn = self.conn
-        conn.requests += 1
-        conn.bytes_up += head_bytes
-        started = time.time()
-        mono = time.monotonic()
-        up = head_bytes
-        down = 0
-        status: int | None = None
-        error: str | None = None
-
-        def record() -> None:
-            self._record(
-                started=started, method=head.method, host=head.host, path=head.path,
-                status=status, up=up, down=down, error=error,
-                duration_ms=round((time.monotonic() - mono) * 1000, 3),
-            )  # fmt: skip
-
+        head = ex.head
         try:
             await self._check_host(head)
             forward = self._rewrite(head)
             if head.framing.chunked and not head.expect_continue:
                 # Check the first chunk line before anything goes upstream, so
                 # a malformed body start never reaches the server.
-                await self._fill_until(
+                await fill_until(
                     self.client, self.buf, httpmessage.parse_chunk_line, upstream=False
                 )
             await self._ensure_upstream(head)
         except _Refused as exc:
-            status = exc.status
-            error = exc.message
+            ex.status = exc.status
+            ex.error = exc.message
             if exc.deny:
                 conn.denied = True
-            conn.error = conn.error or error
-            body = httpmessage.error_response(exc.status, exc.message)
-            await self._send_own(body)
-            down = len(body)
-            record()
-            return False
+            conn.error = conn.error or ex.error
+            await self._answer(ex, exc.status, exc.message)
         except ValueError as exc:
-            status = 400
-            error = f"malformed HTTP request: {exc}"
-            conn.error = error
-            body = httpmessage.error_response(400, error)
-            await self._send_own(body)
-            down = len(body)
-            record()
-            return False
-        except _Broken as exc:
-            error = f"client: {exc}"
-            conn.error = error
-            record()
-            return False
+            ex.status = 400
+            ex.error = f"malformed HTTP request: {exc}"
+            conn.error = ex.error
+            await self._answer(ex, 400, ex.error)
+        except Broken as exc:
+            ex.error = f"client: {exc}"
+            conn.error = ex.error
         except (TimeoutError, ConnectionError, OSError) as exc:
-            error = f"client: {_reason(exc)}"
-            conn.error = error
-            record()
-            return False
+            ex.error = f"client: {failure_reason(exc)}"
+            conn.error = ex.error
+        else:
+            return forward
+        return None
 
+    async def _answer(self, ex: _Exchange, status: int, message: str) -> None:
+        """Answer the request with the proxy's own error response."""
+        body = httpmessage.error_response(status, message)
+        await self._send_own(body)
+        ex.down += len(body)
+
+    async def _transfer(self, ex: _Exchange, forward: bytes) -> None:
+        """Send the head and stream the request body upstream while the
+        response is relayed to the client; what happened goes into ``ex``."""
         assert self.upstream is not None
+        counter = Counter()
         upstream = self.upstream
-        counter = _Counter()
+
+        def sent() -> None:
+            self.conn.forwarded += 1
+
         pump = asyncio.get_running_loop().create_task(
-            self._send_request(forward, head, upstream, counter), name="http-request-body"
+            send_request(self.client, self.buf, upstream, forward, ex.head, counter, sent=sent),
+            name="http-request-body",
         )
-        response: httpmessage.ResponseHead | None = None
-        response_started = [False]
-        must_close = False
         try:
-            response, down, must_close = await self._relay_response(head, response_started)
-            status = response.status
+            ex.response, ex.down, ex.must_close = await relay_response(
+                upstream,
+                self.ubuf,
+                self.client,
+                ex.head,
+                upgrade=self.conn.pass_through and ex.head.upgrade is not None,
+                starting=ex.response_starts,
+            )
+            ex.status = ex.response.status
             if not pump.done():
                 await asyncio.wait({pump}, timeout=BODY_AFTER_RESPONSE)
         except asyncio.CancelledError:
             pump.cancel()
             raise
-        except _Broken as exc:
-            error = str(exc)
+        except Broken as exc:
+            ex.error = str(exc)
         except ValueError as exc:
-            error = f"malformed response from upstream: {exc}"
+            ex.error = f"malformed response from upstream: {exc}"
         except (TimeoutError, ConnectionError, OSError) as exc:
-            error = f"upstream: {_reason(exc)}"
-        pump_error: str | None = None
+            ex.error = f"upstream: {failure_reason(exc)}"
         if pump.done():
-            pump_error = pump.result()
+            ex.body_error = pump.result()
         else:
             # The server answered before the whole body arrived (an early 4xx),
             # or failed: the rest of the body cannot be told from the next request.
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
-            pump_error = "response ended before the request body was sent"
-        up += counter.bytes
-        conn.bytes_up += counter.bytes
-        conn.bytes_down += down
-        if response is None:
-            if pump_error is not None and pump_error.startswith("client"):
-                error = pump_error  # the client's failure is what broke the exchange
-            error = error or pump_error
-            if not response_started[0]:
-                status = 502
-                body = httpmessage.error_response(
-                    502, f"rule {conn.rule}: upstream failed: {error}"
-                )
-                await self._send_own(body)
-                down += len(body)
+            ex.body_error = "response ended before the request body was sent"
+        ex.up += counter.bytes
+        self.conn.bytes_up += counter.bytes
+        self.conn.bytes_down += ex.down
+
+    async def _conclude(self, ex: _Exchange) -> bool:
+        """Settle the exchange's outcome, write its record, and say whether
+        the connection goes on (switching to a byte relay after a 101)."""
+        conn = self.conn
+        body_error = ex.body_error
+        if ex.response is None:
+            if body_error is not None and body_error.startswith("client"):
+                ex.error = body_error  # the client's failure is what broke the exchange
+            ex.error = ex.error or body_error
+            if not ex.response_started:
+                ex.status = 502
+                await self._answer(ex, 502, f"rule {conn.rule}: upstream failed: {ex.error}")
             else:
                 self.abort_client = True
-            conn.error = conn.error or error
-            record()
+            conn.error = conn.error or ex.error
+            self._record_exchange(ex)
             return False
-        if pump_error is not None and error is None and pump_error.startswith("client"):
-            error = pump_error
-            conn.error = conn.error or error
-        record()
-        if response.status == 101 and pump_error is None:
+        if body_error is not None and ex.error is None and body_error.startswith("client"):
+            ex.error = body_error
+            conn.error = conn.error or ex.error
+        self._record_exchange(ex)
+        if ex.response.status == 101 and body_error is None:
             await self._switched()
             return False
-        upstream_reusable = response.keep_alive and pump_error is None
+        upstream_reusable = ex.response.keep_alive and body_error is None
         if not upstream_reusable:
             self.close_upstream()
-        return head.keep_alive and not must_close and pump_error is None and error is None
+        return ex.head.keep_alive and not ex.must_close and body_error is None and ex.error is None
 
     async def _switched(self) -> None:
         """After ``101 Switching Protocols`` (WebSocket): the connection is no
@@ -350,41 +394,18 @@ class _Session:
             return  # only a plain client is passed through
         conn = self.conn
 
-        async def pipe(src: TcpStream, buf: bytearray, dst: TcpStream, *, up: bool) -> None:
-            data = bytes(buf)  # read already, behind the request or response head
-            buf.clear()
-            while True:
-                if data:
-                    if up:
-                        conn.bytes_up += len(data)
-                    else:
-                        conn.bytes_down += len(data)
-                    await dst.write_untimed(data)
-                data = await src.read_untimed()
-                if not data:
-                    break
-                conn.touch()
-            if dst.writer.can_write_eof() and not dst.writer.transport.is_closing():
-                dst.writer.write_eof()
+        def moved(up: bool, count: int) -> None:
+            if up:
+                conn.bytes_up += count
+            else:
+                conn.bytes_down += count
 
-        ups = asyncio.get_running_loop().create_task(
-            pipe(client, self.buf, upstream, up=True), name="websocket-up"
-        )
-        downs = asyncio.get_running_loop().create_task(
-            pipe(upstream, self.ubuf, client, up=False), name="websocket-down"
-        )
-        try:
-            done, _ = await asyncio.wait({ups, downs}, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                exc = task.exception()
-                if exc is not None:
-                    conn.error = conn.error or f"after the upgrade: {_reason(exc)}"
-                    self.abort_client = True
-                    upstream.abort()
-        finally:
-            for task in (ups, downs):
-                task.cancel()
-            await asyncio.gather(ups, downs, return_exceptions=True)
+        def failed(exc: BaseException) -> None:
+            conn.error = conn.error or f"after the upgrade: {failure_reason(exc)}"
+            self.abort_client = True
+            upstream.abort()
+
+        await splice(client, self.buf, upstream, self.ubuf, moved=moved, failed=failed)
 
     # -- request side ---------------------------------------------------------
 
@@ -419,30 +440,6 @@ class _Session:
         except SecretError as exc:
             log.error("rule %s: secret %s", conn.rule, exc)
             raise _Refused(502, f"rule {conn.rule}: secret file {exc}") from None
-
-    async def _send_request(
-        self, forward: bytes, head: httpmessage.RequestHead, upstream: Stream, counter: _Counter
-    ) -> str | None:
-        """Send the head and stream the body; the reason it stopped early, or None."""
-        try:
-            await upstream.write(forward)
-            self.conn.forwarded += 1
-            framing = head.framing
-            if framing.chunked:
-                await self._copy_chunked(self.client, self.buf, upstream, counter)
-            elif framing.length:
-                await self._copy_length(self.client, self.buf, upstream, framing.length, counter)
-        except ValueError as exc:
-            # A malformed chunk mid-body: cut the upstream connection so the
-            # server never takes a truncated body for a complete one.
-            upstream.abort()
-            return f"client: malformed request body: {exc}"
-        except _Broken as exc:
-            upstream.abort()
-            return f"client: {exc}"
-        except (TimeoutError, ConnectionError, OSError) as exc:
-            return f"upstream: {_reason(exc)}"
-        return None
 
     # -- upstream -----------------------------------------------------------------
 
@@ -501,7 +498,7 @@ class _Session:
         except (OSError, ssl.SSLError) as exc:
             sock.close()
             raise _Refused(
-                502, f"rule {conn.rule}: upstream {conn.upstream_addr}: {_reason(exc)}"
+                502, f"rule {conn.rule}: upstream {conn.upstream_addr}: {failure_reason(exc)}"
             ) from None
         self.upstream = TcpStream(reader, writer, idle=conn.idle_timeout, touch=conn.touch)
         self.upstream_name = server_name
@@ -513,150 +510,13 @@ class _Session:
             self.upstream.close()
             self.upstream = None
 
-    async def _relay_response(
-        self, head: httpmessage.RequestHead, started: list[bool]
-    ) -> tuple[httpmessage.ResponseHead, int, bool]:
-        """Relay interim responses and the final one; returns the final head,
-        the bytes sent to the client, and whether the client connection must
-        close after it."""
-        assert self.upstream is not None
-        upstream = self.upstream
-        down = 0
-
-        upgrade = self.conn.pass_through and head.upgrade is not None
-
-        def parse(buf: bytes) -> tuple[httpmessage.ResponseHead, int] | None:
-            return httpmessage.parse_response(buf, request_method=head.method, upgrade=upgrade)
-
-        while True:
-            parsed = await self._read_head(upstream, self.ubuf, parse)
-            if parsed is None:
-                raise _Broken("upstream closed before a response")
-            response, used = parsed
-            del self.ubuf[:used]
-            # An HTTP/1.0 client cannot read chunked framing (RFC 9112
-            # section 7.1): it gets the bare body, delimited by the close.
-            dechunk = response.framing.chunked and head.version == "HTTP/1.0"
-            close = not head.keep_alive or response.framing.until_close or dechunk
-            out = httpmessage.serialize_response(response, close=close, dechunk=dechunk)
-            started[0] = True
-            await self.client.write(out)
-            down += len(out)
-            if response.status == 101:
-                return response, down, True  # the caller switches to a byte relay
-            if response.interim:
-                continue
-            counter = _Counter()
-            framing = response.framing
-            if framing.chunked:
-                await self._copy_chunked(
-                    upstream, self.ubuf, self.client, counter, reframe=not dechunk
-                )
-            elif framing.until_close:
-                await self._copy_until_close(upstream, self.ubuf, self.client, counter)
-            elif framing.length:
-                await self._copy_length(upstream, self.ubuf, self.client, framing.length, counter)
-            return response, down + counter.bytes, close
-
-    # -- framing helpers --------------------------------------------------------
-
-    async def _read_head(
-        self,
-        stream: Stream,
-        buf: bytearray,
-        parse: Callable[[bytes], tuple[T, int] | None],
-    ) -> tuple[T, int] | None:
-        """Parse a head from ``buf``, reading more as needed; None when the
-        stream ends before its first byte."""
-        while True:
-            if buf:
-                got = parse(bytes(buf))
-                if got is not None:
-                    return got
-            data = await stream.read()
-            if not data:
-                if not buf:
-                    return None
-                raise ValueError("connection closed inside a message head")
-            buf += data
-
-    async def _fill_until(
-        self,
-        stream: Stream,
-        buf: bytearray,
-        parse: Callable[[bytes], T | None],
-        *,
-        upstream: bool,
-    ) -> T:
-        while True:
-            got = parse(bytes(buf))
-            if got is not None:
-                return got
-            data = await stream.read()
-            if not data:
-                raise _Broken(
-                    ("upstream" if upstream else "client") + " closed in the middle of a message"
-                )
-            buf += data
-
-    async def _copy_length(
-        self, src: Stream, buf: bytearray, dst: Stream, length: int, counter: _Counter
-    ) -> None:
-        remaining = length
-        while remaining:
-            if not buf:
-                data = await src.read()
-                if not data:
-                    raise _Broken(f"closed with {remaining} body bytes still to come")
-                buf += data
-            piece = bytes(buf[:remaining])
-            del buf[: len(piece)]
-            remaining -= len(piece)
-            counter.bytes += len(piece)
-            await dst.write(piece)
-
-    async def _copy_until_close(
-        self, src: Stream, buf: bytearray, dst: Stream, counter: _Counter
-    ) -> None:
-        if buf:
-            counter.bytes += len(buf)
-            await dst.write(bytes(buf))
-            buf.clear()
-        while data := await src.read():
-            counter.bytes += len(data)
-            await dst.write(data)
-
-    async def _copy_chunked(
-        self, src: Stream, buf: bytearray, dst: Stream, counter: _Counter, *, reframe: bool = True
-    ) -> None:
-        """Copy a chunked body, checking its framing. With ``reframe`` the
-        chunks are re-emitted with normalised lines (extensions dropped);
-        without, only the data goes out."""
-        upstream = src is self.upstream
-        while True:
-            size, used = await self._fill_until(
-                src, buf, httpmessage.parse_chunk_line, upstream=upstream
-            )
-            counter.bytes += used
-            del buf[:used]
-            if size == 0:
-                trailers, used = await self._fill_until(
-                    src, buf, httpmessage.parse_trailers, upstream=upstream
-                )
-                counter.bytes += used
-                del buf[:used]
-                if reframe:
-                    fields = b"".join(n + b": " + v + b"\r\n" for n, v in trailers)
-                    await dst.write(b"0\r\n" + fields + b"\r\n")
-                return
-            if reframe:
-                await dst.write(f"{size:x}\r\n".encode("ascii"))
-            await self._copy_length(src, buf, dst, size, counter)
-            await self._fill_until(src, buf, lambda b: _crlf(b), upstream=upstream)
-            del buf[:2]
-            counter.bytes += 2
-            if reframe:
-                await dst.write(b"\r\n")
+    def _record_exchange(self, ex: _Exchange) -> None:
+        head = ex.head
+        self._record(
+            started=ex.started, method=head.method, host=head.host, path=head.path,
+            status=ex.status, up=ex.up, down=ex.down, error=ex.error,
+            duration_ms=round((time.monotonic() - ex.clock) * 1000, 3),
+        )  # fmt: skip
 
     def _record(
         self,
@@ -691,28 +551,3 @@ class _Session:
                 error=error,
             )
         )
-
-
-@dataclass
-class _Counter:
-    bytes: int = 0
-
-
-def _crlf(buf: bytes) -> bool | None:
-    if len(buf) < 2:
-        if buf and buf != b"\r":
-            raise ValueError("chunk data not followed by CRLF")
-        return None
-    if buf[:2] != b"\r\n":
-        raise ValueError("chunk data not followed by CRLF")
-    return True
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS: {exc.reason or exc}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__

@@ -206,3 +206,62 @@ def take_over(transport: asyncio.Transport, *, idle: float, touch: Callable[[], 
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     transport.resume_reading()
     return TcpStream(reader, writer, idle=idle, touch=touch)
+
+
+async def splice(
+    client: TcpStream,
+    client_buf: bytearray,
+    server: TcpStream,
+    server_buf: bytearray,
+    *,
+    moved: Callable[[bool, int], None],
+    failed: Callable[[BaseException], None],
+) -> None:
+    """Relay bytes both ways unchanged (a connection that switched
+    protocols), each side's end of stream passed on, until both have ended.
+
+    Each buffer holds bytes read already from its side (behind the request
+    or response head); they go first. ``moved(up, count)`` counts the bytes
+    (``up``: client to server). A side that fails is reported to ``failed``
+    and the relay stops. Reads and writes are not bounded by the idle
+    timeout: one direction may stay quiet while the other talks (the proxy's
+    idle sweep still ends a connection quiet both ways)."""
+
+    async def pipe(src: TcpStream, buf: bytearray, dst: TcpStream, *, up: bool) -> None:
+        data = bytes(buf)
+        buf.clear()
+        while True:
+            if data:
+                moved(up, len(data))
+                await dst.write_untimed(data)
+            data = await src.read_untimed()
+            if not data:
+                break
+            src.touch()
+        if dst.writer.can_write_eof() and not dst.writer.transport.is_closing():
+            dst.writer.write_eof()
+
+    loop = asyncio.get_running_loop()
+    ups = loop.create_task(pipe(client, client_buf, server, up=True), name="websocket-up")
+    downs = loop.create_task(pipe(server, server_buf, client, up=False), name="websocket-down")
+    try:
+        done, _ = await asyncio.wait({ups, downs}, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            exc = task.exception()
+            if exc is not None:
+                failed(exc)
+    finally:
+        for task in (ups, downs):
+            task.cancel()
+        await asyncio.gather(ups, downs, return_exceptions=True)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A stream's failure in a few words, for error pages and audit records."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
