@@ -41,7 +41,7 @@ import logging
 import os
 import socket
 
-from egress_agent.policy.decide import decide, host_matches, identify, names_to_resolve
+from egress_agent.policy.decide import host_matches, identify
 from egress_agent.policy.model import Action, IPAddress, Policy, Resolution, Verdict
 from egress_agent.proxy.audit import AuditRecord
 from egress_agent.proxy.connect_auth import AuthResult, CredentialFiles
@@ -52,7 +52,6 @@ from egress_agent.proxy.server import (
     Connection,
     Listener,
     ProxyServer,
-    _describe,
     _listener,
     _take,
 )
@@ -241,7 +240,7 @@ class ConnectConnection(Connection):
             return
         # The first address the resolver gives decides, as it would for a
         # client connecting by itself; further allowed ones are tried in turn.
-        first = await self._verdict_for(addresses[0], port, name)
+        first = await self.decide_at(addresses[0], port, name)
         if first.action is Action.DENY:
             self.dst = Endpoint(address=addresses[0], port=port)
             self._deny(first, host, port)
@@ -249,11 +248,7 @@ class ConnectConnection(Connection):
         self.peeked = Peeked(protocol=Protocol.TCP, server_name=name)
         if not await self._connect_any(addresses, port, name):
             return
-        assert self.upstream is not None and self.upstream.transport is not None
-        if self.client.lost:
-            self.upstream.transport.close()
-            self.event = "failed"
-            self.error = self.error or "client went away before the upstream connection was ready"
+        if self.client_left():
             return
         self._send(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         # From now on the server's bytes go straight to the client, so
@@ -264,23 +259,6 @@ class ConnectConnection(Connection):
         del self.buffer[: request.head_length]
         self._resume_client()
         await self._check_tunnel_name(host)
-
-    async def _verdict_for(self, address: IPAddress, port: int, name: str | None) -> Verdict:
-        """The verdict for the tunnel to ``address``: the names the policy
-        binds are resolved through the proxy's cache (the CONNECT host's own
-        answer is there already), so a name is allowed at its addresses."""
-        names = names_to_resolve(
-            self.policy, workload=self.workload, dst=address, dst_port=port, server_name=name
-        )
-        resolved = await self.server.resolver.resolve_many(names) if names else None
-        return decide(
-            self.policy,
-            workload=self.workload,
-            dst=address,
-            dst_port=port,
-            server_name=name,
-            resolved=resolved,
-        )
 
     async def _resolve(self, request: ProxyRequest) -> tuple[list[IPAddress], Resolution | None]:
         """The target's addresses (IPv4 first, as a client would try them)
@@ -301,10 +279,9 @@ class ConnectConnection(Connection):
     async def _connect_any(self, addresses: list[IPAddress], port: int, name: str | None) -> bool:
         """Connect to the first allowed address that answers; on failure answer
         502/504 and return False."""
-        settings = self.policy.proxy
         last = ""
         for address in addresses:
-            verdict = await self._verdict_for(address, port, name)
+            verdict = await self.decide_at(address, port, name)
             if verdict.action is Action.DENY:
                 continue
             self.dst = Endpoint(address=address, port=port)
@@ -332,15 +309,10 @@ class ConnectConnection(Connection):
                     event="failed",
                 )
                 return False
-            try:
-                await self._connect_upstream(settings.upstream_mark, settings.connect_timeout)
-            except TimeoutError:
-                last = f"upstream connect timed out after {settings.connect_timeout:g}s"
-                continue
-            except OSError as exc:
-                last = f"upstream connect failed: {_describe(exc)}"
-                continue
-            return True
+            failure = await self.dial()
+            if failure is None:
+                return True
+            last = failure
         if last.startswith("upstream connect timed out"):
             self.respond(504, "Gateway Timeout", last, event="failed")
         else:

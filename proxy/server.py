@@ -1,10 +1,12 @@
-"""The transparent proxy: the one module in ``proxy`` that does socket I/O.
+"""The transparent proxy: accept, decide, connect, relay.
 
 For each diverted connection: read the original destination, identify the
 workload, peek at the first bytes when the verdict depends on the server name
 (TLS SNI or HTTP Host; capped in bytes and time), decide, connect upstream
-with a socket mark the rules never divert, and relay both ways with proper
-half-close. Each connection ends in exactly one audit record (see ``audit``).
+with a socket mark the rules never divert (``upstream``), and relay both ways
+with proper half-close -- or hand the connection to the HTTP relay
+(``httprelay``) when an ``http`` rule decided it. Each connection ends in
+exactly one audit record (see ``audit``).
 
 The relay uses asyncio protocols rather than streams: bytes go from one
 transport's ``data_received`` straight into the other's ``write`` with
@@ -427,42 +429,34 @@ class Connection:
             await self._serve_http(PASS_THROUGH)
             return
         self.upstream_address = self.verdict.upstream
-        try:
-            await self._connect_upstream(
-                settings.upstream_mark, settings.connect_timeout, address=self.verdict.upstream
-            )
-        except TimeoutError:
-            self.fail(f"upstream connect timed out after {settings.connect_timeout:g}s")
+        failure = await self.dial(address=self.verdict.upstream)
+        if failure is not None:
+            self.fail(failure)
             return
-        except OSError as exc:
-            self.fail(f"upstream connect failed: {_describe(exc)}")
-            return
-        if self.client.lost:
-            assert self.upstream is not None and self.upstream.transport is not None
-            self.upstream.transport.close()
-            self.event = "failed"
-            self.error = self.error or "client went away before the upstream connection was ready"
+        if self.client_left():
             return
         self.event = "closed"
         self._start_relay()
 
     async def _decide(self, server_name: str | None) -> Verdict:
-        """The verdict for this flow with ``server_name``, after resolving
-        the names the policy binds for it (see ``policy.decide``)."""
+        """The verdict for this flow with ``server_name``."""
         assert self.dst is not None
+        return await self.decide_at(self.dst.address, self.dst.port, server_name)
+
+    async def decide_at(self, address: IPAddress, port: int, server_name: str | None) -> Verdict:
+        """The verdict for this client to ``address``:``port`` with
+        ``server_name``, after resolving the names the policy binds for it
+        through the proxy's cache (see ``policy.decide``), so that a name is
+        allowed at its own addresses."""
         names = names_to_resolve(
-            self.policy,
-            workload=self.workload,
-            dst=self.dst.address,
-            dst_port=self.dst.port,
-            server_name=server_name,
+            self.policy, workload=self.workload, dst=address, dst_port=port, server_name=server_name
         )
         resolved = await self.server.resolver.resolve_many(names) if names else None
         return decide(
             self.policy,
             workload=self.workload,
-            dst=self.dst.address,
-            dst_port=self.dst.port,
+            dst=address,
+            dst_port=port,
             server_name=server_name,
             resolved=resolved,
         )
@@ -489,20 +483,13 @@ class Connection:
         settings = self.policy.proxy
         self.verdict = nameless
         self.holding = True
-        try:
-            await self._connect_upstream(settings.upstream_mark, settings.connect_timeout)
-        except TimeoutError:
-            self.fail(f"upstream connect timed out after {settings.connect_timeout:g}s")
+        failure = await self.dial()
+        if failure is not None:
+            self.fail(failure)
             return
-        except OSError as exc:
-            self.fail(f"upstream connect failed: {_describe(exc)}")
+        if self.client_left():
             return
-        assert self.upstream is not None and self.upstream.transport is not None
-        if self.client.lost:
-            self.upstream.transport.close()
-            self.event = "failed"
-            self.error = self.error or "client went away before the upstream connection was ready"
-            return
+        assert self.upstream is not None
         self._wire_downstream()
         try:
             peeked = await self._first_message(settings.peek_bytes, settings.peek_timeout)
@@ -797,6 +784,31 @@ class Connection:
                 if not self.buffer:
                     return None
                 raise
+
+    async def dial(self, *, address: IPAddress | None = None) -> str | None:
+        """Connect upstream with the policy's mark and timeout (see
+        ``_connect_upstream``); why it failed, or None."""
+        settings = self.policy.proxy
+        try:
+            await self._connect_upstream(
+                settings.upstream_mark, settings.connect_timeout, address=address
+            )
+        except TimeoutError:
+            return f"upstream connect timed out after {settings.connect_timeout:g}s"
+        except OSError as exc:
+            return f"upstream connect failed: {_describe(exc)}"
+        return None
+
+    def client_left(self) -> bool:
+        """Whether the client went away while the upstream connection was
+        being made; if so, that connection is closed and the failure noted."""
+        assert self.upstream is not None and self.upstream.transport is not None
+        if not self.client.lost:
+            return False
+        self.upstream.transport.close()
+        self.event = "failed"
+        self.error = self.error or "client went away before the upstream connection was ready"
+        return True
 
     async def _connect_upstream(
         self, mark: int, timeout: float, *, address: IPAddress | None = None
