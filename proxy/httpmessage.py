@@ -190,15 +190,12 @@ def parse_response(
     """The response head at the start of ``buf`` (from the upstream server).
     ``upgrade``: the request asked to switch protocols and the relay can
     follow, so ``101 Switching Protocols`` is a valid answer."""
-    end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
-    if end < 0:
-        if len(buf) >= MAX_HEAD:
-            raise ValueError(f"no end of the response head within {MAX_HEAD} bytes")
-        _check_crlf(buf[:-1] if buf.endswith(b"\r") else buf, "response head")
+    end = _head_end(
+        buf, "response head", too_long=f"no end of the response head within {MAX_HEAD} bytes"
+    )
+    if end is None:
         return None
-    region = buf[:end]
-    _check_crlf(region, "response head")
-    lines = region.split(b"\r\n")
+    lines = buf[:end].split(b"\r\n")
     status_line = lines[0]
     parts = status_line.split(b" ", 2)
     if len(parts) < 2 or parts[0] not in (b"HTTP/1.0", b"HTTP/1.1"):
@@ -261,15 +258,26 @@ def parse_trailers(buf: bytes) -> tuple[tuple[Header, ...], int] | None:
     line (RFC 9112 section 7.1.2)."""
     if buf.startswith(b"\r\n"):
         return (), 2
+    end = _head_end(
+        buf, "trailer section", too_long=f"trailer section longer than {MAX_HEAD} bytes"
+    )
+    if end is None:
+        return None
+    return tuple(_field(line) for line in buf[:end].split(b"\r\n")), end + 4
+
+
+def _head_end(buf: bytes, what: str, *, too_long: str) -> int | None:
+    """Where the empty line that ends the head (or trailer section) at the
+    start of ``buf`` begins; None for "need more bytes". Bare CR or LF in
+    what has arrived is refused at once, as is no end within MAX_HEAD."""
     end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
     if end < 0:
         if len(buf) >= MAX_HEAD:
-            raise ValueError(f"trailer section longer than {MAX_HEAD} bytes")
-        _check_crlf(buf[:-1] if buf.endswith(b"\r") else buf, "trailer section")
+            raise ValueError(too_long)
+        _check_crlf(buf[:-1] if buf.endswith(b"\r") else buf, what)
         return None
-    region = buf[:end]
-    _check_crlf(region, "trailer section")
-    return tuple(_field(line) for line in region.split(b"\r\n")), end + 4
+    _check_crlf(buf[:end], what)
+    return end
 
 
 def _check_chunk_ext(ext: bytes) -> None:

@@ -571,10 +571,7 @@ class Connection:
         upstream.peer = client
         self.downstream_wired = True
         if upstream.early:
-            data = bytes(upstream.early)
-            upstream.early.clear()
-            self.bytes_down += len(data)
-            client.transport.write(data)
+            self._replay_early(upstream, client)
         if upstream.eof:
             upstream.pass_eof()
         if upstream.lost:
@@ -584,6 +581,14 @@ class Connection:
             upstream.paused_early = False
             if client.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
                 upstream.transport.resume_reading()
+
+    def _replay_early(self, upstream: _Half, client: _Half) -> None:
+        """Send the client what the server sent before the relay was wired."""
+        assert client.transport is not None
+        data = bytes(upstream.early)
+        upstream.early.clear()
+        self.bytes_down += len(data)
+        client.transport.write(data)
 
     def _refuse_held(self, reason: str, *, event: Event) -> None:
         """Refuse a connection whose client bytes were held: none went up;
@@ -850,10 +855,7 @@ class Connection:
         # end and loss passed on): see _wire_downstream.
         wired = self.downstream_wired
         if upstream.early and not wired:
-            data = bytes(upstream.early)
-            upstream.early.clear()
-            self.bytes_down += len(data)
-            client.transport.write(data)
+            self._replay_early(upstream, client)
         if self.client_eof:
             client.pass_eof()
         if upstream.eof and not wired:
