@@ -1152,7 +1152,14 @@ async def run_agent(options: RunOptions) -> int:
                 )
         # From here on, discovery changes queue behind start-up on the reload lock.
         started = True
-        await agent.prepare()
+        try:
+            await agent.prepare()
+        except BaseException:
+            if predecessor:
+                # Nothing was taken over: the predecessor serves on with the
+                # kernel state it owns (no teardown below).
+                abandoned = True
+            raise
         if predecessor:
             inherited = await _take_over()
         try:
