@@ -220,7 +220,8 @@ def _run(args: argparse.Namespace) -> int:
     import uvloop
 
     from egress_agent.agent.kubernetes import KubernetesConfigError
-    from egress_agent.agent.runner import DatapathError, RunOptions, run_agent
+    from egress_agent.agent.reconcile import DatapathError
+    from egress_agent.agent.runner import RunOptions, run_agent
     from egress_agent.rules.apply import NftablesError
 
     options = RunOptions(
