@@ -28,6 +28,13 @@ sets, never the table as a whole. New interfaces are noticed through a
 netlink link subscription; drift repair also re-attaches removed filters
 and rewrites edited map entries. Stop removes the table, then the filters,
 qdiscs and pins.
+
+Who does what: ``desired.desired_state`` computes the state to enforce from
+the file and what was observed on the node; ``reconcile.Reconciler`` is the
+one path that puts it in force (start, commit, drift repair, teardown).
+Here, :class:`Agent` observes (pods, interfaces, cgroups), reads the file
+and asks for commits, under one lock; :class:`Duties` starts that work on
+events; :func:`run_agent` supervises start-up, the handover and the stop.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ from egress_agent.policy.model import IPAddress, Policy
 from egress_agent.proxy.audit import AuditLog
 from egress_agent.proxy.connect import ConnectListener
 from egress_agent.proxy.server import ProxyServer
+from egress_agent.proxy.tasks import Debouncer, TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -479,6 +487,109 @@ def raise_fd_limit() -> int:
     return soft
 
 
+class Duties:
+    """What the agent does besides serving, as named tasks of one set:
+    reloads (SIGHUP, the file watch, a periodic check; a burst becomes one),
+    pod discovery and its changes, link changes, drift repair."""
+
+    def __init__(self, agent: Agent, options: RunOptions) -> None:
+        self.agent = agent
+        self.tasks = TaskSet()
+        # Until start-up has applied the policy, discovery's view is adopted
+        # (no task) and link changes are left to start-up.
+        self.started = False
+        self._first_sync = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self.reload = Debouncer(RELOAD_DEBOUNCE, self._reload)
+        self._links_changed = Debouncer[None](LINK_DEBOUNCE, self._links)
+        self._watch = PolicyFileWatch(options.policy_path)
+        self._links_events = LinkEvents()
+        self._loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
+        self._loop.add_reader(self._watch.fileno(), self._on_watch)
+        self._loop.add_reader(self._links_events.fileno(), self._on_links)
+        self.tasks.spawn(self._poll(), name="policy poll")
+
+    def _reload(self, reasons: list[str]) -> None:
+        # Logged with the burst's first reason, a file change or SIGHUP
+        # taking precedence over the periodic check it coincided with.
+        why = ([r for r in reasons if r != "periodic check"] or reasons)[0]
+
+        async def reload() -> None:
+            await self.agent.reload(why)
+
+        self.tasks.spawn(reload(), name=f"reload ({why})")
+
+    def _on_watch(self) -> None:
+        if self._watch.changed():
+            self.reload("file changed")
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            self.reload("periodic check")
+
+    def _on_links(self) -> None:
+        self._links_events.drain()
+        if self.started:
+            self._links_changed(None)
+
+    def _links(self, _: list[None]) -> None:
+        self.tasks.spawn(self.agent.links_changed(), name="links changed")
+
+    def _on_pods(self, pods: Snapshot) -> None:
+        if not self.started:
+            self.agent.adopt_pods(pods)
+            self._first_sync.set()
+            return
+        self.tasks.spawn(self.agent.pods_changed(pods), name="pods changed")
+
+    async def discover_pods(self, kubeconfig: str | None) -> None:
+        """With pod workloads, watch the pods on this node and wait (a
+        while) for the first list of them."""
+        if not uses_pods(self.agent.source_policy):
+            return
+        # Permanent configuration errors (KubernetesConfigError) end the run.
+        api = make_api(kubeconfig)
+        watcher = PodWatcher(api, node_name=node_name_from_env(), on_change=self._on_pods)
+        self.agent.watcher = watcher
+        self.tasks.spawn(watcher.run(), name="pod discovery")
+        try:
+            await asyncio.wait_for(self._first_sync.wait(), FIRST_SYNC_TIMEOUT)
+        except TimeoutError:
+            log.error(
+                "pod discovery: no list of pods after %gs (%s); applying without pod"
+                " addresses and reporting not ready until it arrives",
+                FIRST_SYNC_TIMEOUT,
+                watcher.last_error or "no answer",
+            )
+
+    def repair_drift(self) -> None:
+        """From now on compare the kernel with the state in force, every
+        DRIFT_INTERVAL."""
+
+        async def watch_drift() -> None:
+            while True:
+                await asyncio.sleep(DRIFT_INTERVAL)
+                try:
+                    await self.agent.recheck_host_interfaces()
+                    await self.agent.repair_drift()
+                except Exception as exc:  # keep checking; say why this round failed
+                    self.agent.reconciler.in_sync = False
+                    log.error("drift check failed: %s", exc)
+
+        self.tasks.spawn(watch_drift(), name="drift repair")
+
+    def close(self) -> None:
+        """Stop every duty and what starts them (SIGHUP stays handled)."""
+        self.reload.cancel()
+        self._links_changed.cancel()
+        self._loop.remove_reader(self._watch.fileno())
+        self._watch.close()
+        self._loop.remove_reader(self._links_events.fileno())
+        self._links_events.close()
+        self.tasks.cancel()
+
+
 async def run_agent(options: RunOptions) -> int:
     if os.geteuid() != 0:
         log.error("run needs root (CAP_NET_ADMIN for nftables and addresses): try sudo")
@@ -489,122 +600,23 @@ async def run_agent(options: RunOptions) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    pending: list[asyncio.TimerHandle] = []
-    tasks: set[asyncio.Task[Any]] = set()
-
-    def reload_done(task: asyncio.Task[Any]) -> None:
-        tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("reload failed unexpectedly", exc_info=task.exception())
-
-    reasons: list[str] = []
-
-    def request_reload(reason: str) -> None:
-        # Coalesce a burst: one reload RELOAD_DEBOUNCE after its first event.
-        # It is logged with the first event's reason, a file change or SIGHUP
-        # taking precedence over the periodic check it coincided with.
-        reasons.append(reason)
-        if pending:
-            return
-
-        def fire() -> None:
-            pending.clear()
-            named = [r for r in reasons if r != "periodic check"] or reasons
-            why = named[0]
-            reasons.clear()
-            task = loop.create_task(agent.reload(why), name=f"reload ({why})")
-            tasks.add(task)
-            task.add_done_callback(reload_done)
-
-        pending.append(loop.call_later(RELOAD_DEBOUNCE, fire))
-
-    loop.add_signal_handler(signal.SIGHUP, request_reload, "SIGHUP")
-    watch = PolicyFileWatch(options.policy_path)
-
-    def on_watch() -> None:
-        if watch.changed():
-            request_reload("file changed")
-
-    loop.add_reader(watch.fileno(), on_watch)
-
-    async def poll() -> None:
-        while True:
-            await asyncio.sleep(POLL_INTERVAL)
-            request_reload("periodic check")
-
-    async def watch_drift() -> None:
-        while True:
-            await asyncio.sleep(DRIFT_INTERVAL)
-            try:
-                await agent.recheck_host_interfaces()
-                await agent.repair_drift()
-            except Exception as exc:  # keep checking; say why this round failed
-                agent.reconciler.in_sync = False
-                log.error("drift check failed: %s", exc)
-
-    poller = loop.create_task(poll(), name="policy poll")
-    links = LinkEvents()
-    links_pending: list[asyncio.TimerHandle] = []
-
-    def on_links() -> None:
-        links.drain()
-        if links_pending or not started:
-            return
-
-        def fire() -> None:
-            links_pending.clear()
-            task = loop.create_task(agent.links_changed(), name="links changed")
-            tasks.add(task)
-            task.add_done_callback(reload_done)
-
-        links_pending.append(loop.call_later(LINK_DEBOUNCE, fire))
-
-    loop.add_reader(links.fileno(), on_links)
+    duties = Duties(agent, options)
     status = StatusServer(
         snapshot=agent.snapshot, address=options.status_address, metrics=agent.metrics
     )
-    drift: asyncio.Task[None] | None = None
-    discovery: asyncio.Task[None] | None = None
-    first_sync = asyncio.Event()
-    started = False
     handover: HandoverServer | None = None
-    inherited: Inherited | None = None
     abandoned = False
-
-    def on_pods(pods: Snapshot) -> None:
-        if not started:
-            agent.adopt_pods(pods)
-            first_sync.set()
-            return
-        task = loop.create_task(agent.pods_changed(pods), name="pods changed")
-        tasks.add(task)
-        task.add_done_callback(reload_done)
-
     try:
         # With a predecessor, its status server holds the address until the
         # handover: ours starts right after it (below).
         predecessor = options.handover and await asyncio.to_thread(predecessor_running)
         if not predecessor:
             await status.start()
-        if uses_pods(agent.source_policy):
-            # Permanent configuration errors (KubernetesConfigError) end the run.
-            api = make_api(options.kubeconfig)
-            agent.watcher = PodWatcher(api, node_name=node_name_from_env(), on_change=on_pods)
-            discovery = loop.create_task(agent.watcher.run(), name="pod discovery")
-            try:
-                await asyncio.wait_for(first_sync.wait(), FIRST_SYNC_TIMEOUT)
-            except TimeoutError:
-                log.error(
-                    "pod discovery: no list of pods after %gs (%s); applying without pod"
-                    " addresses and reporting not ready until it arrives",
-                    FIRST_SYNC_TIMEOUT,
-                    agent.watcher.last_error or "no answer",
-                )
+        await duties.discover_pods(options.kubeconfig)
         # From here on, discovery changes queue behind start-up on the reload lock.
-        started = True
+        duties.started = True
         await agent.prepare()
-        if predecessor:
-            inherited = await take_over()
+        inherited = await take_over() if predecessor else None
         try:
             await agent.start(inherited)
         except BaseException:
@@ -621,24 +633,16 @@ async def run_agent(options: RunOptions) -> int:
         if predecessor:
             # Its status server holds the address until it drains.
             await status.start(retry_for=5.0)
-        drift = loop.create_task(watch_drift(), name="drift repair")
+        duties.repair_drift()
         if options.handover:
             handover = HandoverServer(give=agent.give_listeners, settle=agent.settle_handover)
             await handover.start()
         log.info("ready: policy %s (%s)", options.policy_path, summary(agent.reconciler.policy))
-        waits = [
-            loop.create_task(agent.handed_over.wait(), name="handed over"),
-            loop.create_task(stop.wait(), name="stop"),
-        ]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiting in waits:
-                waiting.cancel()
+        await _first_set(agent.handed_over, stop)
         if agent.handed_over.is_set():
-            for task_ in (poller, drift, discovery):
-                if task_ is not None:
-                    task_.cancel()
+            # The successor enforces the policy now: no more duties, no
+            # status; the connections we relay end, the kernel state stays.
+            duties.tasks.cancel()
             await status.close()
             assert agent.reconciler.proxy is not None
             await drain(
@@ -651,23 +655,20 @@ async def run_agent(options: RunOptions) -> int:
         log.info("stopping: removing table inet egress_agent and the proxy addresses")
         return 0
     finally:
-        poller.cancel()
-        for task_ in (drift, discovery):
-            if task_ is not None:
-                task_.cancel()
+        duties.close()
         await status.close()
-        for handle in pending:
-            handle.cancel()
-        loop.remove_reader(watch.fileno())
-        watch.close()
-        loop.remove_reader(links.fileno())
-        links.close()
-        for handle in links_pending:
-            handle.cancel()
-        for task in list(tasks):
-            task.cancel()
         if handover is not None:
             await handover.close()
         await agent.stop(teardown=not agent.handed_over.is_set() and not abandoned)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+async def _first_set(*events: asyncio.Event) -> None:
+    """Wait until one of ``events`` is set."""
+    waits = [asyncio.get_running_loop().create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
