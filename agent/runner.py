@@ -249,7 +249,14 @@ async def run_agent(options: RunOptions) -> int:
         await duties.discover_pods(options.kubeconfig)
         # From here on, discovery changes queue behind start-up on the reload lock.
         duties.started = True
-        await agent.prepare()
+        try:
+            await agent.prepare()
+        except BaseException:
+            if predecessor:
+                # Nothing was taken over: the predecessor serves on with the
+                # kernel state it owns (no teardown below).
+                abandoned = True
+            raise
         inherited = await take_over() if predecessor else None
         try:
             await agent.start(inherited)

@@ -24,7 +24,6 @@ import time
 
 from egress_agent.bpf.datapath import BpfDatapath, entry_counts
 from egress_agent.bpf.loader import BpfConfig
-from egress_agent.lab.bpfrun import run_classifier
 from egress_agent.policy.model import (
     Action,
     InterceptRule,
@@ -35,6 +34,7 @@ from egress_agent.policy.model import (
     Workload,
 )
 from egress_agent.rules.render import render_ruleset
+from tests.lab.bpfrun import run_classifier
 
 
 def scale_policy(workloads: int, cidrs: int, client: str) -> Policy:

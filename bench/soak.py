@@ -47,10 +47,10 @@ from typing import Any
 
 from bench.run import RESULTS_DIR, _interrupt, raise_nofile, rss_kib
 from egress_agent.lab.agentproc import AgentProcess
-from egress_agent.lab.httpupstream import start_http_upstream
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import read_log, start_server, wait_ready
 from egress_agent.lab.tls import make_ca
+from tests.lab.httpupstream import start_http_upstream
 
 log = logging.getLogger("soak")
 

@@ -456,10 +456,23 @@ def _loader_main(argv: list[str]) -> int:
 
 
 def ensure_bpffs(pin_dir: Path) -> None:
-    """Mount bpffs on the pin folder's parent when that is not bpffs yet."""
+    """Mount bpffs on the pin folder's parent when that is not bpffs yet:
+    only on a folder that is empty (as /sys/fs/bpf is before bpffs is
+    mounted there) or that does not exist yet, never over one with contents,
+    which the mount would hide."""
     parent = pin_dir.parent
     if _is_bpffs(parent):
         return
+    try:
+        occupied = parent.is_dir() and any(parent.iterdir())
+    except OSError as exc:
+        raise BpfError(f"cannot use {parent} for BPF pins: {exc}") from exc
+    if occupied:
+        raise BpfError(
+            f"the BPF pin folder {pin_dir} is not on bpffs and its parent {parent} is a"
+            " folder with contents, which mounting bpffs there would hide: choose a pin"
+            " folder on bpffs (--bpf-pin-dir under /sys/fs/bpf)"
+        )
     parent.mkdir(parents=True, exist_ok=True)
     libc = ct.CDLL(None, use_errno=True)
     if libc.mount(b"bpf", str(parent).encode(), b"bpf", 0, None) != 0:

@@ -110,7 +110,7 @@ REVERSE_PATH_SET = "rp_interfaces"
 # Rule comments that counters are read by.
 REVERSE_PATH_COMMENT = "reverse-path check: source not routed back through its interface"
 REVERSE_PATH_TO_WORKLOADS_COMMENT = "reverse-path check towards workloads"
-SPOOFED_SOURCE_COMMENT = "spoofed source: {}'s address from another interface"
+SPOOFED_SOURCE_COMMENT = "spoofed source: an address of {} from another interface"
 NON_TCP_RELATED_COMMENT = "non-TCP: ICMP errors about allowed flows pass"
 NON_TCP_REPLY_COMMENT = "non-TCP: replies to flows opened from elsewhere pass"
 BPF_NON_TCP_COMMENT = "non-TCP marked by the BPF classifier"

@@ -35,10 +35,11 @@ from typing import Any
 import pytest
 
 from egress_agent.lab.agentproc import AgentProcess
-from egress_agent.lab.azurite import Account, Azurite, account_sas, new_account, start_azurite
-from egress_agent.lab.barman import BackupConfig, PodBackups
 from egress_agent.lab.netns import Lab
-from egress_agent.lab.postgres import (
+from egress_agent.lab.tls import make_ca
+from tests.lab.azurite import Account, Azurite, account_sas, new_account, start_azurite
+from tests.lab.barman import BackupConfig, PodBackups
+from tests.lab.postgres import (
     PgServer,
     allow_replication,
     create_replica,
@@ -48,7 +49,6 @@ from egress_agent.lab.postgres import (
     start_postgres,
     wait_for,
 )
-from egress_agent.lab.tls import make_ca
 
 pytestmark = pytest.mark.e2e
 

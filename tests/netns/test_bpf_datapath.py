@@ -27,12 +27,12 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab import policygen
 from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import start_server
 from egress_agent.policy.decide import should_divert, spoofed
 from egress_agent.policy.load import parse_policy
+from tests.lab import policygen
 
 pytestmark = pytest.mark.netns
 

@@ -56,11 +56,11 @@ from egress_agent.bpf import layout
 from egress_agent.bpf.datapath import BpfDatapath, Traffic, WorkloadCounters
 from egress_agent.bpf.loader import BpfConfig, Classifier
 from egress_agent.bpf.maps import assign_ids, desired_maps, diff
-from egress_agent.lab import policygen
-from egress_agent.lab.bpfrun import TC_ACT_OK, TC_ACT_SHOT, run_classifier
 from egress_agent.policy.decide import identify, non_tcp_drop, should_divert
 from egress_agent.policy.load import parse_policy
 from egress_agent.policy.model import NonTcp, Policy, ProxySettings
+from tests.lab import policygen
+from tests.lab.bpfrun import TC_ACT_OK, TC_ACT_SHOT, run_classifier
 
 pytestmark = pytest.mark.netns
 

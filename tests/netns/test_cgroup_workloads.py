@@ -22,9 +22,9 @@ import pytest
 
 from egress_agent.bpf.cgroup import PROGRAM, attached_programs, default_root
 from egress_agent.lab.agentproc import AgentProcess
-from egress_agent.lab.fakekube import pod_object, start_fakekube, write_kubeconfig, write_state
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import start_server
+from tests.lab.fakekube import pod_object, start_fakekube, write_kubeconfig, write_state
 
 pytestmark = pytest.mark.netns
 

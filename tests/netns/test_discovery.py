@@ -4,7 +4,7 @@ label change, comes back when the labels do, and stays enforced when the API
 server goes away.
 
 The agent runs in the node namespace with ``--kubeconfig`` pointing at the
-fake API server (``egress_agent.lab.fakekube``) on the node's loopback, whose
+fake API server (``tests/lab/fakekube.py``) on the node's loopback, whose
 pods and namespaces come from a state file the test rewrites. Whether a
 connection was diverted is read from the server's answer (``... saw IP:PORT``):
 the node's address 198.18.1.1 means through the proxy, the pod's 198.19.1.2
@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from egress_agent.lab.agentproc import AgentProcess
-from egress_agent.lab.fakekube import start_fakekube, write_kubeconfig, write_state
 from egress_agent.lab.netns import Lab
+from tests.lab.fakekube import start_fakekube, write_kubeconfig, write_state
 
 pytestmark = pytest.mark.netns
 

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -249,19 +250,25 @@ def test_no_new_connection_waits_for_the_successor_to_start(
     assert len(records) == probed["ok"], (len(records), probed)
 
 
-def test_a_successor_that_fails_to_start_leaves_the_predecessor_serving(
-    pod_and_sink: Lab, tmp_path: Path
-) -> None:
-    """The successor takes the sockets, then its start-up fails (its BPF
-    datapath cannot pin where it is told to): the predecessor, which never
-    stopped accepting, serves on and keeps the kernel state."""
-    lab = pod_and_sink
-    (tmp_path / "policy.yaml").write_text(POLICY)
-    old = _agent(lab, tmp_path, "old", "--datapath", "nft").start()
+# Holds the CONNECT port a doomed successor's policy asks for, on the
+# proxy's own address, so that its start-up fails after the takeover.
+HOLD_PORT = """
+import socket, sys, time
+s = socket.socket()
+s.bind(("169.254.99.1", 3128))
+s.listen()
+print("held", flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+
+
+def _serves_on(
+    lab: Lab, tmp_path: Path, old: AgentProcess, doomed: AgentProcess
+) -> tuple[dict[str, Any], str]:
+    """Start ``doomed`` against the running ``old`` while a pod connects
+    continuously; the doomed start must fail and ``old`` must serve on with
+    its kernel state, refusing, delaying and leaking nothing."""
     ruleset = _ruleset(lab)
-    doomed = _agent(
-        lab, tmp_path, "doomed", "--datapath", "bpf", "--bpf-pin-dir", "/proc/egress-agent-no"
-    )
     probe = lab.popen(
         "pod", [sys.executable, "-c", _script(LATENCY_PROBE, 8.0)], stdout=-1, stderr=-1, text=True
     )
@@ -271,7 +278,7 @@ def test_a_successor_that_fails_to_start_leaves_the_predecessor_serving(
             doomed.start(timeout=60)
         out, err = probe.communicate(timeout=60)
         assert probe.returncode == 0, err
-        probed = json.loads(out)
+        probed: dict[str, Any] = json.loads(out)
         assert old.proc is not None and old.proc.poll() is None  # still the agent
         assert _ruleset(lab) == ruleset
     finally:
@@ -280,7 +287,53 @@ def test_a_successor_that_fails_to_start_leaves_the_predecessor_serving(
         old.stop()
     assert probed["failed"] == 0 and probed["direct"] == 0, probed
     assert probed["longest"] < HANDOVER_WAIT_BOUND, probed
-    old_log = (tmp_path / "old.log").read_text()
-    assert "stopped before accepting: serving on" in old_log
     records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert len(records) == probed["ok"]
+    return probed, (tmp_path / "old.log").read_text()
+
+
+def test_a_successor_that_cannot_load_its_datapath_leaves_the_predecessor_alone(
+    pod_and_sink: Lab, tmp_path: Path
+) -> None:
+    """The successor's BPF datapath cannot pin where it is told to: it fails
+    while loading, before it asks for the sockets, and leaves the kernel state
+    (the predecessor's table) as it was."""
+    lab = pod_and_sink
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    old = _agent(lab, tmp_path, "old", "--datapath", "nft").start()
+    doomed = _agent(
+        lab, tmp_path, "doomed", "--datapath", "bpf", "--bpf-pin-dir", "/proc/egress-agent-no"
+    )
+    _, old_log = _serves_on(lab, tmp_path, old, doomed)
+    assert "listening sockets" not in old_log  # never asked for them
+    assert "the BPF pin folder /proc/egress-agent-no is not on bpffs" in (
+        tmp_path / "doomed.log"
+    ).read_text()
+
+
+def test_a_successor_that_fails_after_taking_the_sockets_leaves_the_predecessor_serving(
+    pod_and_sink: Lab, tmp_path: Path
+) -> None:
+    """The successor takes the sockets, then its start-up fails (the CONNECT
+    port its policy asks for is taken): the predecessor, which never stopped
+    accepting, serves on and keeps the kernel state."""
+    lab = pod_and_sink
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    (tmp_path / "doomed.yaml").write_text(POLICY + "connect: {port: 3128}\n")
+    old = _agent(lab, tmp_path, "old", "--datapath", "nft").start()
+    holder = lab.popen("node", [sys.executable, "-c", HOLD_PORT, "60"], stdout=-1, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        doomed = AgentProcess(
+            lab,
+            policy=tmp_path / "doomed.yaml",
+            audit=tmp_path / "audit.jsonl",
+            log=tmp_path / "doomed.log",
+            extra_args=("--datapath", "nft"),
+        )
+        _, old_log = _serves_on(lab, tmp_path, old, doomed)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "stopped before accepting: serving on" in old_log
+    assert "cannot listen on 169.254.99.1:3128" in (tmp_path / "doomed.log").read_text()

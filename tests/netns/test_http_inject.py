@@ -3,7 +3,7 @@ read from files and originates TLS to a lab HTTPS server that logs every
 request head it received.
 
 Topology: pod ``pg`` (198.19.1.2), external host ``azure`` (198.18.1.2, named
-pgbackups.blob.core.windows.net) running :mod:`egress_agent.lab.httpupstream`
+pgbackups.blob.core.windows.net) running ``tests/lab/httpupstream.py``
 on 443 with a certificate from the test CA, and on 8443 with one from another
 CA (for the verification failure). The agent runs in the node namespace.
 """
@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 
 from egress_agent.lab.agentproc import AgentProcess
-from egress_agent.lab.httpupstream import requests_seen, start_http_upstream
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.tls import make_ca
+from tests.lab.httpupstream import requests_seen, start_http_upstream
 
 pytestmark = pytest.mark.netns
 

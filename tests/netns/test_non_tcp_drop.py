@@ -25,8 +25,8 @@ import pytest
 from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Host, Lab
 from egress_agent.lab.servers import start_server
-from egress_agent.lab.sniff import read_packets, start_sniffer
-from egress_agent.lab.udp import start_udp_server
+from tests.lab.sniff import read_packets, start_sniffer
+from tests.lab.udp import start_udp_server
 
 pytestmark = pytest.mark.netns
 

@@ -21,7 +21,7 @@ import pytest
 from egress_agent.bpf.cgroup import default_root
 from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
-from egress_agent.lab.udp import start_udp_server
+from tests.lab.udp import start_udp_server
 
 pytestmark = pytest.mark.netns
 

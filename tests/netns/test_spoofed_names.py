@@ -30,10 +30,10 @@ from typing import Any
 import pytest
 
 from egress_agent.lab.agentproc import AgentProcess
-from egress_agent.lab.httpupstream import requests_seen, start_http_upstream
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import read_log, start_server, wait_ready
 from egress_agent.lab.tls import make_ca
+from tests.lab.httpupstream import requests_seen, start_http_upstream
 
 pytestmark = pytest.mark.netns
 

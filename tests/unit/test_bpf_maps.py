@@ -31,10 +31,10 @@ from egress_agent.bpf.maps import (
     desired_maps,
     diff,
 )
-from egress_agent.lab import policygen
 from egress_agent.policy.decide import identify, non_tcp_drop, should_divert
 from egress_agent.policy.load import parse_policy
 from egress_agent.policy.model import InterceptRule, NonTcp, Policy, Workload
+from tests.lab import policygen
 
 HEADER = Path(__file__).resolve().parents[2] / "bpf" / "egress.h"
 IFINDEX = {policygen.pod_ifname(i, p[0]): 10 + i for i, p in enumerate(policygen.PODS)}

@@ -9,7 +9,7 @@ import hmac
 from datetime import UTC, datetime
 from urllib.parse import parse_qs
 
-from egress_agent.lab.azurite import Account, account_sas, parse_access_log
+from tests.lab.azurite import Account, account_sas, parse_access_log
 
 ACCOUNT = Account(
     name="pgbackups",

@@ -239,7 +239,9 @@ def test_reverse_path_check_runs_before_conntrack_on_bound_and_named_interfaces(
     # A bound workload's address from another interface (nft selection; the
     # BPF classifier drops those itself).
     assert [r["comment"] for r in spoofs] == (
-        ["spoofed source: pods's address from another interface"] * 2 if selection == "nft" else []
+        ["spoofed source: an address of pods from another interface"] * 2
+        if selection == "nft"
+        else []
     )
     assert rule["expr"] == [
         {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "@rp_interfaces"}},

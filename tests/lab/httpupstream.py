@@ -2,7 +2,7 @@
 
 Run inside a lab host (``start_http_upstream`` below)::
 
-    python -m egress_agent.lab.httpupstream --listen ADDR:PORT [--tls CERT KEY] --log FILE
+    python tests/lab/httpupstream.py --listen ADDR:PORT [--tls CERT KEY] --log FILE
 
 It serves keep-alive connections, reads request bodies framed by
 Content-Length or chunked encoding while hashing them (never holding a body in
@@ -182,7 +182,7 @@ def start_http_upstream(
     timeout: float = 10.0,
 ) -> subprocess.Popen[bytes]:
     """Start the server in lab host ``host``; the lab stops it at teardown."""
-    argv = [sys.executable, "-m", "egress_agent.lab.httpupstream", "--log", str(log)]
+    argv = [sys.executable, __file__, "--log", str(log)]
     for item in listen:
         parse_listen(item)
         argv += ["--listen", item]

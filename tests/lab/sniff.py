@@ -7,7 +7,7 @@ IPv4/IPv6 packet it receives (source, destination, the protocol chain, ports
 and TCP flags). Nothing is filtered or answered; only incoming packets are
 logged (``PACKET_OUTGOING`` ones are skipped).
 
-    python -m egress_agent.lab.sniff --interface eth0 --log packets.jsonl
+    python tests/lab/sniff.py --interface eth0 --log packets.jsonl
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def sniff(interface: str, log: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="egress_agent.lab.sniff", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="sniff.py", description=__doc__.split("\n")[0])
     p.add_argument("--interface", default="eth0")
     p.add_argument("--log", required=True, type=Path)
     args = p.parse_args(argv)
@@ -130,7 +130,7 @@ def start_sniffer(
     lab: Lab, host: str, *, log: Path, interface: str = "eth0", timeout: float = 10.0
 ) -> subprocess.Popen[bytes]:
     """Log what arrives at ``host``'s ``interface``; the lab stops it at teardown."""
-    argv = [sys.executable, "-m", "egress_agent.lab.sniff", "--interface", interface]
+    argv = [sys.executable, __file__, "--interface", interface]
     argv += ["--log", str(log)]
     proc: subprocess.Popen[bytes] = lab.popen(host, argv, stdout=subprocess.PIPE)
     wait_ready(proc, f"packet log in {host}", timeout)

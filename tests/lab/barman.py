@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from egress_agent.lab.azurite import TOOLS_DIR
-from egress_agent.lab.postgres import PG_USER, as_postgres, pg_env
+from tests.lab.azurite import TOOLS_DIR
+from tests.lab.postgres import PG_USER, as_postgres, pg_env
 
 if TYPE_CHECKING:
     from egress_agent.lab.netns import Lab

@@ -3,7 +3,7 @@ file that the test edits, served as lists and as watch streams.
 
 Run inside a lab host (``lab.popen`` or ``start_fakekube`` below)::
 
-    python -m egress_agent.lab.fakekube --listen 127.0.0.1:PORT --state FILE
+    python tests/lab/fakekube.py --listen 127.0.0.1:PORT --state FILE
 
 It is the part of the API the agent's pod watcher uses, and no more:
 
@@ -490,7 +490,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="egress_agent.lab.fakekube", description=__doc__.split("\n")[0]
+        prog="fakekube.py", description=__doc__.split("\n")[0]
     )
     p.add_argument("--listen", required=True, metavar="ADDR:PORT")
     p.add_argument("--state", required=True, type=Path, metavar="FILE")
@@ -573,8 +573,7 @@ def start_fakekube(
     """
     argv = [
         sys.executable,
-        "-m",
-        "egress_agent.lab.fakekube",
+        __file__,
         "--listen",
         f"{address}:{port}",
         "--state",

@@ -6,7 +6,7 @@ a test can say "the external host never received anything from the pod".
 ``--echo`` sends each datagram back to its sender, for replies and DNS-like
 round trips.
 
-    python -m egress_agent.lab.udp --listen 198.18.1.2:5353 --log udp.jsonl [--echo]
+    python tests/lab/udp.py --listen 198.18.1.2:5353 --log udp.jsonl [--echo]
 
 It prints ``READY`` once every socket is bound (see ``servers.wait_ready``).
 """
@@ -77,7 +77,7 @@ def serve(listen: Sequence[tuple[str, int]], log: Path, *, echo: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="egress_agent.lab.udp", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="udp.py", description=__doc__.split("\n")[0])
     p.add_argument("--listen", action="append", required=True, metavar="ADDR:PORT")
     p.add_argument("--log", required=True, type=Path)
     p.add_argument("--echo", action="store_true")
@@ -99,7 +99,7 @@ def start_udp_server(
     timeout: float = 10.0,
 ) -> subprocess.Popen[bytes]:
     """Start a UDP server in lab host ``host``; the lab stops it at teardown."""
-    argv = [sys.executable, "-m", "egress_agent.lab.udp", "--log", str(log)]
+    argv = [sys.executable, __file__, "--log", str(log)]
     for item in listen:
         parse_listen(item)
         argv += ["--listen", item]
