@@ -219,8 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import uvloop
 
+    from egress_agent.agent.agent import RunOptions
     from egress_agent.agent.kubernetes import KubernetesConfigError
-    from egress_agent.agent.runner import DatapathError, RunOptions, run_agent
+    from egress_agent.agent.reconcile import DatapathError
+    from egress_agent.agent.runner import run_agent
     from egress_agent.rules.apply import NftablesError
 
     options = RunOptions(
@@ -252,7 +254,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from egress_agent.agent.runner import summary
+    from egress_agent.agent.agent import summary
     from egress_agent.rules.render import render_ruleset
 
     policy = load_policy(args.policy)

@@ -44,6 +44,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from egress_agent.proxy.server import ProxyServer
+
 log = logging.getLogger(__name__)
 
 HANDOVER_NAME = b"\0egress-agent/handover"
@@ -269,3 +271,61 @@ class HandoverServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         self._release()
+
+
+async def take_over() -> Inherited | None:
+    """Take the listening sockets of the agent running in this network
+    namespace; None when none runs or the handover failed (then start on
+    fresh sockets)."""
+    try:
+        inherited = await asyncio.to_thread(request_handover)
+    except HandoverError as exc:
+        log.error("%s; starting on fresh sockets", exc)
+        return None
+    if inherited is not None:
+        log.info(
+            "took over %d listening sockets from the agent with pid %d (generation %d)",
+            len(inherited.sockets),
+            inherited.pid,
+            inherited.generation,
+        )
+    return inherited
+
+
+# After a SIGTERM during a drain, connections still open get this long to end.
+DRAIN_GRACE = 20.0
+
+
+async def drain(
+    proxy: ProxyServer,
+    *,
+    stop: asyncio.Event,
+    successor: int | None,
+    wait_for_stop: bool,
+) -> None:
+    """Handed over: the successor enforces the policy now. Let the
+    connections the proxy relays end, then return (with ``wait_for_stop``,
+    once ``stop`` is set too), leaving the kernel state to the successor."""
+    log.info(
+        "handed over to pid %s: no longer accepting; draining %d open connections",
+        successor,
+        len(proxy.connections),
+    )
+    grace_end: float | None = None
+    while proxy.connections:
+        if stop.is_set() and grace_end is None:
+            grace_end = time.monotonic() + DRAIN_GRACE
+            log.info(
+                "stop requested: %d connections get %gs to end",
+                len(proxy.connections),
+                DRAIN_GRACE,
+            )
+        if grace_end is not None and time.monotonic() > grace_end:
+            log.warning("closing %d connections still open after the grace", len(proxy.connections))
+            break
+        await asyncio.sleep(0.1)
+    else:
+        log.info("drained: every connection has ended")
+    if wait_for_stop and not stop.is_set():
+        await stop.wait()
+    log.info("exiting after the handover; the kernel state stays with pid %s", successor)

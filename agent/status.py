@@ -1,4 +1,5 @@
-"""The agent's own HTTP endpoint on loopback: status, liveness, readiness.
+"""The agent's own HTTP endpoint on loopback: status, liveness, readiness;
+and what it reports (:func:`snapshot`, :func:`metrics`).
 
 ``GET /status`` returns the agent's state as JSON (what ``egress-agent
 status`` prints); ``GET /metrics`` its counters as Prometheus text;
@@ -19,7 +20,17 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from egress_agent.agent.counters import Count
+from egress_agent.agent.counters import summary as counter_summary
+from egress_agent.agent.desired import Observed
+from egress_agent.agent.kubernetes import PodWatcher
+from egress_agent.agent.reconcile import Reconciler
+from egress_agent.policy.model import NonTcp
+from egress_agent.proxy.audit import AuditLog
+from egress_agent.rules.apply import NftablesError
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +128,357 @@ class StatusServer:
         return 404, {
             "error": f"no such endpoint {path!r}: try /status, /metrics, /healthz, /readyz"
         }
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReloadResult:
+    applied: bool
+    generation: int
+    policy_hash: str
+    error: str | None = None
+
+
+class AgentState(Protocol):
+    """What the status and the metrics are read from (``runner.Agent``)."""
+
+    path: str
+    reconciler: Reconciler
+    observed: Observed
+    watcher: PodWatcher | None
+    audit: AuditLog
+    last_reload: ReloadResult | None
+    reloads: dict[str, int]
+    started_at: float
+
+
+def snapshot(agent: AgentState) -> dict[str, Any]:
+    """What ``egress-agent status`` shows."""
+    r = agent.reconciler
+    reasons = []
+    if not r.in_sync:
+        reasons.append("kernel state differs from the policy: " + "; ".join(r.drift_problems))
+    if r.proxy is None or not r.proxy.listening:
+        reasons.append("proxy not listening")
+    discovery: dict[str, Any] | None = None
+    if agent.watcher is not None:
+        pods = agent.observed.pods
+        if pods is None or not pods.synced:
+            reasons.append("pod discovery has not listed the pods on this node yet")
+        discovery = {
+            "node": agent.watcher.node_name,
+            "synced": bool(pods and pods.synced),
+            "pods_on_node": len(pods.pods) if pods else 0,
+            "error": agent.watcher.last_error,
+            "addresses": {
+                w.name: [str(n) for n in w.cidrs] for w in r.policy.workloads if w.pods is not None
+            },
+            # The pods' host-side interfaces each pod workload is bound to
+            # (empty: not bound, some pod's interface is unknown).
+            "interfaces": {
+                w.name: list(w.interfaces) for w in r.policy.workloads if w.pods is not None
+            },
+        }
+    counts: dict[str, int] = {}
+    for cmd in r.desired.doc["nftables"]:
+        rule = cmd.get("add", {}).get("rule")
+        if rule is not None:
+            counts[rule["chain"]] = counts.get(rule["chain"], 0) + 1
+    counted, counters_error = _counts(r)
+    counters = counter_summary(counted, bpf_drops=_bpf_drops(r))
+    if counters_error is not None:
+        counters["error"] = counters_error
+    return {
+        "policy": {
+            "path": agent.path,
+            "generation": r.generation,
+            "hash": r.desired.policy_hash,
+            "workloads": len(r.policy.workloads),
+            "intercept_rules": len(r.policy.intercept),
+            "egress_rules": len(r.policy.egress),
+            "default": r.policy.default.value,
+            # Intercept rules that drop their workloads' non-TCP traffic.
+            "non_tcp_drop": [
+                f"intercept[{r.index}]" for r in r.policy.intercept if r.non_tcp is NonTcp.DROP
+            ],
+            "reverse_path_interfaces": list(r.policy.reverse_path_interfaces()),
+        },
+        "diverted": counters["diverted"],
+        "drops": counters["drops"],
+        "counters_error": counters_error,
+        "last_reload": asdict(agent.last_reload) if agent.last_reload else None,
+        "datapath": "bpf" if r.bpf is not None else "nftables",
+        "datapath_requested": r.datapath,
+        "bpf": _bpf_snapshot(r),
+        "cgroups": r.cgroups.status(),
+        "fail": "open" if r.policy.fail_open else "closed",
+        "discovery": discovery,
+        "nft_rules_per_chain": counts,
+        "kernel_in_sync": r.in_sync,
+        "drift_repairs": r.repairs,
+        "dns": r.proxy.resolver.status() if r.proxy else None,
+        "connections_open": len(r.proxy.connections) if r.proxy else 0,
+        "connection_caps": {
+            "max_connections": r.proxy.max_connections,
+            "max_connections_per_workload": min(
+                r.policy.proxy.max_connections_per_workload, r.proxy.max_connections
+            ),
+            "open_by_workload": {
+                (w or "-"): n
+                for w, n in sorted(r.proxy.open_by_workload.items(), key=lambda i: i[0] or "")
+            },
+            "refused": sum(r.proxy.refused.values()),
+        }
+        if r.proxy
+        else None,
+        "audit_records_written": agent.audit.written,
+        "uptime_s": round(time.time() - agent.started_at, 1),
+        "ready": not reasons,
+        "not_ready_because": reasons,
+    }
+
+
+def _counts(r: Reconciler) -> tuple[list[Count], str | None]:
+    """The rule counters, or none and why they could not be read."""
+    try:
+        return r.counters.read(), None
+    except NftablesError as exc:
+        return [], str(exc)
+
+
+def _bpf_drops(r: Reconciler) -> dict[str, int]:
+    """The classifier's own drops by reason (BPF datapath only)."""
+    if r.bpf is None:
+        return {}
+    return {r.name.lower(): n for r, n in r.bpf.counters().dropped().items()}
+
+
+def _bpf_snapshot(r: Reconciler) -> dict[str, Any] | None:
+    if r.bpf is None:
+        return {"fallback_reason": r.bpf_fallback} if r.bpf_fallback else None
+    counters = r.bpf.counters()
+    return {
+        **r.bpf.status(),
+        "in_sync": not r.bpf.last_problems,
+        "problems": r.bpf.last_problems,
+        # Non-TCP the classifier marked for each non_tcp: drop rule (replies
+        # among them pass in nftables; what was dropped is in `drops`).
+        "non_tcp_marked": {
+            f"intercept[{index}]": traffic.packets
+            for index, traffic in sorted(counters.non_tcp.items())
+        },
+    }
+
+
+def metrics(agent: AgentState) -> str:
+    """The agent's counters and gauges in the Prometheus text format."""
+    r = agent.reconciler
+    snap = snapshot(agent)
+    last = agent.last_reload
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP egress_agent_{name} {help_}")
+        lines.append(f"# TYPE egress_agent_{name} {kind}")
+        lines.extend(f"egress_agent_{name}{labels} {value:g}" for labels, value in samples)
+
+    metric(
+        "policy_generation",
+        "gauge",
+        "Generation of the policy in force.",
+        [("", r.generation)],
+    )
+    metric(
+        "reloads_total",
+        "counter",
+        "Policy reloads by result.",
+        [(f'{{result="{k}"}}', v) for k, v in sorted(agent.reloads.items())],
+    )
+    metric(
+        "last_reload_failed",
+        "gauge",
+        "1 when the last reload was refused and an older policy is in force.",
+        [("", 1 if last is not None and last.error else 0)],
+    )
+    metric(
+        "kernel_in_sync",
+        "gauge",
+        "1 when the kernel holds the desired ruleset.",
+        [("", 1 if r.in_sync else 0)],
+    )
+    metric(
+        "drift_repairs_total",
+        "counter",
+        "Times the kernel state was restored.",
+        [("", r.repairs)],
+    )
+    metric(
+        "ready",
+        "gauge",
+        "1 when ready (rules, proxy and discovery in place).",
+        [("", 1 if snap["ready"] else 0)],
+    )
+    # The rule counters as the snapshot read them (one read per scrape).
+    for unit in ("packets", "bytes"):
+        metric(
+            f"diverted_{unit}_total",
+            "counter",
+            f"{unit.capitalize()} DNAT-ed to the proxy, by nftables chain and rule.",
+            [
+                (f'{{chain="{row["chain"]}",rule="{_label(row["rule"])}"}}', row[unit])
+                for row in snap["diverted"]["rules"]
+            ],
+        )
+    for unit in ("packets", "bytes"):
+        samples = [
+            (f'{{reason="{row["reason"]}",rule="{_label(row["rule"])}"}}', row[unit])
+            for row in snap["drops"]["rules"]
+        ]
+        if unit == "packets":
+            samples += [
+                (f'{{reason="{reason}",rule="BPF classifier"}}', n)
+                for reason, n in snap["drops"]["by_reason"].items()
+                if reason.startswith("bpf_")
+            ]
+        metric(
+            f"dropped_{unit}_total",
+            "counter",
+            f"{unit.capitalize()} the datapath dropped, by reason and rule"
+            " (nftables rule comments; the BPF classifier's own drops have bpf_ reasons).",
+            samples,
+        )
+    if r.bpf is not None:
+        classified = r.bpf.counters()
+        for unit in ("packets", "bytes"):
+            metric(
+                f"bpf_non_tcp_marked_{unit}_total",
+                "counter",
+                f"Non-TCP {unit} the BPF classifier marked for an intercept rule with"
+                " non_tcp: drop (replies among them pass in nftables).",
+                [
+                    (f'{{rule="intercept[{index}]"}}', getattr(traffic, unit))
+                    for index, traffic in sorted(classified.non_tcp.items())
+                ],
+            )
+        metric(
+            "bpf_verdicts_total",
+            "counter",
+            "Packets the BPF classifier saw, by the reason of its verdict.",
+            [
+                (f'{{reason="{reason.name.lower()}"}}', n)
+                for reason, n in sorted(classified.reasons.items())
+            ],
+        )
+        counters = r.bpf.workload_counters()
+        for i, (kind, what) in enumerate(
+            (
+                ("packets", "marked"),
+                ("bytes", "marked"),
+                ("packets", "bypassed"),
+                ("bytes", "bypassed"),
+            )
+        ):
+            metric(
+                f"bpf_{what}_{kind}_total",
+                "counter",
+                f"TCP {kind} of a workload the BPF classifier {what}"
+                + (
+                    " for the proxy (diverted_* counts what was DNAT-ed)."
+                    if what == "marked"
+                    else "."
+                ),
+                [(f'{{workload="{w}"}}', v[i]) for w, v in sorted(counters.items())],
+            )
+    metric(
+        "connections_open",
+        "gauge",
+        "Connections the proxy holds.",
+        [("", snap["connections_open"])],
+    )
+    metric(
+        "connections_total",
+        "counter",
+        "Finished connections by audit event and verdict.",
+        [
+            (f'{{event="{e}",verdict="{v}"}}', n)
+            for (e, v), n in sorted(agent.audit.by_outcome.items())
+        ],
+    )
+    metric(
+        "bytes_total",
+        "counter",
+        "Bytes relayed by direction (up: client to upstream).",
+        [
+            ('{direction="up"}', agent.audit.bytes_up),
+            ('{direction="down"}', agent.audit.bytes_down),
+        ],
+    )
+    if r.proxy is not None:
+        metric(
+            "connections_refused_total",
+            "counter",
+            "Connections refused because a cap on open connections was reached, by the"
+            " setting (proxy.max_connections, proxy.max_connections_per_workload) and"
+            " workload.",
+            [(f'{{cap="{c}",workload="{w}"}}', n) for (c, w), n in sorted(r.proxy.refused.items())],
+        )
+        metric(
+            "connections_max",
+            "gauge",
+            "The cap on open connections in force (the policy's, or lower to fit the"
+            " file descriptor limit).",
+            [("", r.proxy.max_connections)],
+        )
+        metric(
+            "listener_restarts_total",
+            "counter",
+            "Times a listening socket was served again after the event loop stopped"
+            " accepting on it.",
+            [("", sum(lst.restarts for lst in r.proxy.listeners))],
+        )
+    metric(
+        "connect_connections_total",
+        "counter",
+        "Finished connections of the explicit CONNECT listener by audit event and verdict.",
+        [
+            (f'{{event="{e}",verdict="{v}"}}', n)
+            for (e, v), n in sorted(agent.audit.connect_by_outcome.items())
+        ],
+    )
+    metric(
+        "http_requests_total",
+        "counter",
+        "HTTP requests served by http rules (and plain HTTP allowed by hosts), by rule"
+        " and status class.",
+        [
+            (f'{{rule="{r}",status="{c}"}}', n)
+            for (r, c), n in sorted(agent.audit.requests_by_outcome.items())
+        ],
+    )
+    if r.proxy is not None:
+        resolver = r.proxy.resolver
+        metric(
+            "dns_queries_total",
+            "counter",
+            "Names asked of the resolver (A and AAAA together) by outcome: answer,"
+            " nodata (no addresses), nxdomain, failed (timeout, unreachable, SERVFAIL).",
+            [(f'{{result="{k}"}}', v) for k, v in sorted(resolver.queries.items())],
+        )
+        metric(
+            "dns_lookups_total",
+            "counter",
+            "Names the proxy needed for a decision, by what it got: cached, queried,"
+            " stale (an expired answer while the resolver fails), failed (no address).",
+            [(f'{{result="{k}"}}', v) for k, v in sorted(resolver.lookups.items())],
+        )
+        metric(
+            "dns_cache_names",
+            "gauge",
+            "Names in the proxy's DNS cache.",
+            [("", len(resolver.cache))],
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

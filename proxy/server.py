@@ -32,8 +32,8 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Sequence
+from typing import cast
 
 from egress_agent.policy.decide import (
     candidate_rule,
@@ -57,6 +57,7 @@ from egress_agent.proxy.peek import HTTP_METHODS, Peeked, Protocol, Sniffer
 from egress_agent.proxy.resolver import Resolver
 from egress_agent.proxy.sockdiag import socket_mark
 from egress_agent.proxy.streams import TcpStream, take_over
+from egress_agent.proxy.tasks import TaskSet
 from egress_agent.proxy.upstream import connect_marked, upstream_socket
 
 log = logging.getLogger(__name__)
@@ -105,34 +106,6 @@ def descriptor_room() -> int:
     if soft == resource.RLIM_INFINITY:
         return sys.maxsize
     return max(FDS_PER_CONNECTION, soft - FD_RESERVE)
-
-
-class TaskSet:
-    """Creates named tasks and keeps a reference until they finish, so none is
-    garbage-collected mid-flight and every failure is logged."""
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
-
-    async def cancel_all(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def __len__(self) -> int:
-        return len(self._tasks)
 
 
 class _Half(asyncio.Protocol):

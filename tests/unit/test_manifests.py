@@ -37,7 +37,7 @@ import pytest
 import yaml
 
 from egress_agent.agent.cli import _parser
-from egress_agent.agent.runner import DRAIN_GRACE
+from egress_agent.agent.handover import DRAIN_GRACE
 from egress_agent.agent.status import parse_address
 from egress_agent.policy.load import parse_policy
 from egress_agent.rules.render import render_ruleset
