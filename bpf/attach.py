@@ -74,7 +74,11 @@ def attached(index: int) -> bool:
 
 
 def attach(index: int, prog_fd: int) -> None:
-    """Ensure clsact on ``index`` and our filter on its ingress, replacing an old one."""
+    """Ensure clsact on ``index`` and our filter on its ingress. An old
+    filter of ours (a predecessor's, a crashed run's) is replaced in place,
+    in one netlink request: removing it first and adding ours after would
+    leave a moment in which packets are not classified, and an unmarked
+    packet of a diverted workload is not diverted."""
     with IPRoute() as ipr:
         try:
             ipr.tc("add", "clsact", index)
@@ -83,19 +87,25 @@ def attach(index: int, prog_fd: int) -> None:
                 raise OSError(
                     exc.code, f"cannot add clsact qdisc on ifindex {index}: {exc}"
                 ) from exc
-        _remove_ours(ipr, index)
+        old = [flt for flt in _filters(ipr, index, INGRESS_PARENT) if _ours(flt)]
+        command, handle, extra = "add-filter", ":1", {}
+        if old:
+            # Same priority, handle and protocol: the kernel swaps the program.
+            command, handle = "replace-filter", old[0]["handle"]
+            extra = {"protocol": socket.ntohs(old[0]["info"] & 0xFFFF)}
         try:
             ipr.tc(
-                "add-filter",
+                command,
                 "bpf",
                 index,
-                ":1",
+                handle,
                 fd=prog_fd,
                 name=FILTER_NAME,
                 parent=INGRESS_PARENT,
                 prio=FILTER_PRIO,
                 classid=1,
                 direct_action=True,
+                **extra,
             )
         except NetlinkError as exc:
             raise OSError(

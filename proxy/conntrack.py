@@ -22,20 +22,24 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
 import struct
 
 from egress_agent.policy.model import IPAddress
+from egress_agent.proxy.netlink import (
+    HEADER,
+    NLA_F_NESTED,
+    attribute,
+    attributes,
+    reply_length,
+    request,
+    unmapped,
+)
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW = 0
 IPCTNL_MSG_CT_GET = 1
-NLM_F_REQUEST = 1
-NLMSG_ERROR = 2
-NLA_F_NESTED = 0x8000
-NLA_TYPE_MASK = 0x3FFF
 CTA_TUPLE_ORIG = 1
 CTA_TUPLE_REPLY = 2
 CTA_TUPLE_IP = 1
@@ -48,18 +52,11 @@ CTA_PROTO_NUM = 1
 CTA_PROTO_SRC_PORT = 2
 CTA_PROTO_DST_PORT = 3
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("!BBH")  # family, version, res_id (big endian)
-_NLATTR = struct.Struct("=HH")
 
 
 class ConntrackError(OSError):
     """The kernel answered with an error (ENOENT: no such entry)."""
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    data = _NLATTR.pack(_NLATTR.size + len(payload), kind) + payload
-    return data + b"\0" * (-len(data) % 4)
 
 
 def encode_get(*, src: IPAddress, sport: int, dst: IPAddress, dport: int, seq: int = 1) -> bytes:
@@ -69,33 +66,21 @@ def encode_get(*, src: IPAddress, sport: int, dst: IPAddress, dport: int, seq: i
     if src.version != dst.version:
         raise ValueError(f"address families differ: {src} and {dst}")
     v4 = src.version == 4
-    ip = _attr(CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC, src.packed) + _attr(
+    ip = attribute(CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC, src.packed) + attribute(
         CTA_IP_V4_DST if v4 else CTA_IP_V6_DST, dst.packed
     )
     proto = (
-        _attr(CTA_PROTO_NUM, bytes([socket.IPPROTO_TCP]))
-        + _attr(CTA_PROTO_SRC_PORT, struct.pack("!H", sport))
-        + _attr(CTA_PROTO_DST_PORT, struct.pack("!H", dport))
+        attribute(CTA_PROTO_NUM, bytes([socket.IPPROTO_TCP]))
+        + attribute(CTA_PROTO_SRC_PORT, struct.pack("!H", sport))
+        + attribute(CTA_PROTO_DST_PORT, struct.pack("!H", dport))
     )
-    tuple_ = _attr(CTA_TUPLE_IP | NLA_F_NESTED, ip) + _attr(CTA_TUPLE_PROTO | NLA_F_NESTED, proto)
-    body = _NFGENMSG.pack(socket.AF_INET if v4 else socket.AF_INET6, 0, 0) + _attr(
+    tuple_ = attribute(CTA_TUPLE_IP | NLA_F_NESTED, ip) + attribute(
+        CTA_TUPLE_PROTO | NLA_F_NESTED, proto
+    )
+    body = _NFGENMSG.pack(socket.AF_INET if v4 else socket.AF_INET6, 0, 0) + attribute(
         CTA_TUPLE_REPLY | NLA_F_NESTED, tuple_
     )
-    kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST, seq, 0) + body
-
-
-def _attrs(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
-    """Attribute type -> (payload start, payload end) in data[start:end]."""
-    out: dict[int, tuple[int, int]] = {}
-    offset = start
-    while offset + _NLATTR.size <= end:
-        length, kind = _NLATTR.unpack_from(data, offset)
-        if length < _NLATTR.size or offset + length > end:
-            raise ValueError(f"attribute of length {length} at {offset} overruns the message")
-        out.setdefault(kind & NLA_TYPE_MASK, (offset + _NLATTR.size, offset + length))
-        offset += (length + 3) & ~3
-    return out
+    return request((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, body, seq=seq)
 
 
 def decode_original_source(data: bytes) -> tuple[IPAddress, int]:
@@ -103,26 +88,21 @@ def decode_original_source(data: bytes) -> tuple[IPAddress, int]:
 
     Raises ConntrackError for an error reply (ENOENT: no such entry) and
     ValueError for bytes that are no such reply."""
-    if len(data) < _NLMSGHDR.size:
-        raise ValueError(f"netlink reply of {len(data)} bytes is shorter than its header")
-    length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data)
-    if length < _NLMSGHDR.size or length > len(data):
-        raise ValueError(f"netlink length {length} does not fit the {len(data)}-byte reply")
-    if kind == NLMSG_ERROR:
-        (err,) = struct.unpack_from("=i", data, _NLMSGHDR.size)
-        if err == 0:
-            raise ValueError("netlink acknowledgement instead of a conntrack entry")
-        raise ConntrackError(-err, f"conntrack: {os.strerror(-err)}")
-    if kind != (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW:
-        raise ValueError(f"unexpected netlink message type {kind:#x}")
-    top = _attrs(data, _NLMSGHDR.size + _NFGENMSG.size, length)
+    length = reply_length(
+        data,
+        kind=(NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW,
+        answer="a conntrack entry",
+        source="conntrack",
+        error=ConntrackError,
+    )
+    top = attributes(data, HEADER.size + _NFGENMSG.size, length)
     if CTA_TUPLE_ORIG not in top:
         raise ValueError("conntrack entry without its original tuple")
-    orig = _attrs(data, *top[CTA_TUPLE_ORIG])
+    orig = attributes(data, *top[CTA_TUPLE_ORIG])
     if CTA_TUPLE_IP not in orig or CTA_TUPLE_PROTO not in orig:
         raise ValueError("original tuple without addresses or ports")
-    ip = _attrs(data, *orig[CTA_TUPLE_IP])
-    proto = _attrs(data, *orig[CTA_TUPLE_PROTO])
+    ip = attributes(data, *orig[CTA_TUPLE_IP])
+    proto = attributes(data, *orig[CTA_TUPLE_PROTO])
     address: IPAddress
     if CTA_IP_V4_SRC in ip:
         a, b = ip[CTA_IP_V4_SRC]
@@ -153,7 +133,7 @@ class Conntrack:
         """The client's own address and port for the accepted connection
         ``peer:peer_port -> local:local_port``. A blocking netlink round trip
         the kernel answers at once. Raises ConntrackError / OSError."""
-        local, peer = _unmap(local), _unmap(peer)
+        local, peer = unmapped(local), unmapped(peer)
         if self._sock is None:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_NETFILTER)
             sock.settimeout(1.0)
@@ -176,9 +156,3 @@ class Conntrack:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-
-def _unmap(addr: IPAddress) -> IPAddress:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr

@@ -132,7 +132,32 @@ def parse_client_hello(buf: bytes) -> Peeked | None:
     return ClientHelloParser().feed(buf)
 
 
-class ClientHelloParser:
+class _Incremental:
+    """A parser fed the bytes of one stream as they arrive. :meth:`feed`
+    answers ``None`` (more bytes needed), a :class:`Peeked`, or raises
+    ``ValueError``; once it has answered with a value or an error, it keeps
+    that answer whatever comes after."""
+
+    __slots__ = ("_outcome",)
+
+    def __init__(self) -> None:
+        self._outcome: Peeked | ValueError | None = None
+
+    def feed(self, data: bytes) -> Peeked | None:
+        if self._outcome is None:
+            try:
+                self._outcome = self._advance(data)
+            except ValueError as exc:
+                self._outcome = exc
+        if isinstance(self._outcome, ValueError):
+            raise self._outcome
+        return self._outcome
+
+    def _advance(self, data: bytes) -> Peeked | None:
+        raise NotImplementedError
+
+
+class ClientHelloParser(_Incremental):
     """Incremental :func:`parse_client_hello`: :meth:`feed` takes the bytes
     that arrived since the last call and answers as ``parse_client_hello``
     would for everything fed so far.
@@ -153,12 +178,12 @@ class ClientHelloParser:
         "_header",
         "_message_end",
         "_need",
-        "_outcome",
         "_payload_left",
         "examined",
     )
 
     def __init__(self) -> None:
+        super().__init__()
         self._header = bytearray()  # the record header being received (< 5 bytes)
         self._payload_left = 0  # bytes of the current record's payload still to come
         self._first = True  # no record header complete yet
@@ -167,18 +192,7 @@ class ClientHelloParser:
         self._handshake = bytearray()  # the handshake message so far
         self._body: _Steps[str | None] | None = None
         self._need = 0  # handshake length the body parser waits for
-        self._outcome: Peeked | ValueError | None = None
         self.examined = 0  # bytes taken in (for tests of the parsing cost)
-
-    def feed(self, data: bytes) -> Peeked | None:
-        if self._outcome is None:
-            try:
-                self._outcome = self._advance(data)
-            except ValueError as exc:
-                self._outcome = exc
-        if isinstance(self._outcome, ValueError):
-            raise self._outcome
-        return self._outcome
 
     def _advance(self, data: bytes) -> Peeked | None:
         self._read_records(data)
@@ -465,7 +479,7 @@ def parse_http_request_head(buf: bytes) -> Peeked | None:
     return HttpHeadParser().feed(buf)
 
 
-class HttpHeadParser:
+class HttpHeadParser(_Incremental):
     """Incremental :func:`parse_http_request_head`: :meth:`feed` takes the
     bytes that arrived since the last call and answers as
     ``parse_http_request_head`` would for everything fed so far.
@@ -483,7 +497,6 @@ class HttpHeadParser:
         "_in_value",
         "_line_start",
         "_name_len",
-        "_outcome",
         "_part_len",
         "_parts",
         "_request",
@@ -493,6 +506,7 @@ class HttpHeadParser:
     )
 
     def __init__(self) -> None:
+        super().__init__()
         self._buf = bytearray()  # the first MAX_HTTP_HEAD bytes
         self._total = 0  # bytes fed, also past the cap
         self._line_start = 0  # where the line being received starts in _buf
@@ -500,7 +514,6 @@ class HttpHeadParser:
         self._request: tuple[bytes, bytes] | None = None  # method, request-target
         self._host_seen = False
         self._host_name: str | None = None
-        self._outcome: Peeked | ValueError | None = None
         self._new_line()
 
     def _new_line(self) -> None:
@@ -511,16 +524,6 @@ class HttpHeadParser:
         self._version = b""  # request line: the HTTP-version part
         self._in_value = False  # field line: past the colon
         self._name_len = 0  # field line: bytes of the name
-
-    def feed(self, data: bytes) -> Peeked | None:
-        if self._outcome is None:
-            try:
-                self._outcome = self._advance(data)
-            except ValueError as exc:
-                self._outcome = exc
-        if isinstance(self._outcome, ValueError):
-            raise self._outcome
-        return self._outcome
 
     def _advance(self, data: bytes) -> Peeked | None:
         buf = self._buf
@@ -756,29 +759,19 @@ def sniff(buf: bytes) -> Peeked | None:
 _TCP = Peeked(protocol=Protocol.TCP, server_name=None)
 
 
-class Sniffer:
+class Sniffer(_Incremental):
     """Incremental :func:`sniff` for the bytes of one connection as they
     arrive: :meth:`feed` takes what arrived since the last call and answers
     as ``sniff`` would for everything fed so far, at a cost in proportion to
     the new bytes (see :class:`ClientHelloParser` and :class:`HttpHeadParser`).
     Once it has answered with a value or an error, it keeps that answer."""
 
-    __slots__ = ("_outcome", "_parser", "_start")
+    __slots__ = ("_parser", "_start")
 
     def __init__(self) -> None:
+        super().__init__()
         self._start = b""  # the first bytes, until they tell the protocol (a few)
         self._parser: ClientHelloParser | HttpHeadParser | None = None
-        self._outcome: Peeked | ValueError | None = None
-
-    def feed(self, data: bytes) -> Peeked | None:
-        if self._outcome is None:
-            try:
-                self._outcome = self._advance(data)
-            except ValueError as exc:
-                self._outcome = exc
-        if isinstance(self._outcome, ValueError):
-            raise self._outcome
-        return self._outcome
 
     def _advance(self, data: bytes) -> Peeked | None:
         if self._parser is not None:

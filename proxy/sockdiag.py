@@ -17,23 +17,19 @@ sock_diag.h, netlink.h); :func:`socket_mark` is the only I/O.
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import socket
 import struct
 
 from egress_agent.policy.model import IPAddress
+from egress_agent.proxy.netlink import HEADER, attributes, reply_length, request, unmapped
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST = 1
-NLMSG_ERROR = 2
 NLMSG_DONE = 3
 INET_DIAG_MARK = 15
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 TCP_ALL_STATES = 0xFFFFFFFF
 
-_NLMSGHDR = struct.Struct("=IHHII")
 # inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid:
 # sport, dport (big endian), src[4], dst[4] (network order words), if, cookie[2].
 _REQ = struct.Struct("=BBBBI")
@@ -44,7 +40,6 @@ _SOCKID_TAIL = struct.Struct("=III")
 _MSG_HEAD = struct.Struct("=BBBB")
 _MSG_TAIL = struct.Struct("=IIIII")
 _MSG_SIZE = _MSG_HEAD.size + _SOCKID.size + _SOCKID_TAIL.size + _MSG_TAIL.size
-_NLATTR = struct.Struct("=HH")
 
 
 class SockDiagError(OSError):
@@ -68,40 +63,31 @@ def encode_request(
         + _SOCKID.pack(sport, dport, _packed(src), _packed(dst))
         + _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
     )
-    header = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0)
-    return header + body
+    return request(SOCK_DIAG_BY_FAMILY, body, seq=seq)
 
 
 def decode_mark(data: bytes) -> int | None:
     """The socket mark in a reply; None when the reply has no INET_DIAG_MARK
     (the asker lacked CAP_NET_ADMIN). Raises SockDiagError for an error reply
     and ValueError for bytes that are no reply at all."""
-    if len(data) < _NLMSGHDR.size:
-        raise ValueError(f"netlink reply of {len(data)} bytes is shorter than its header")
-    length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data)
-    if length < _NLMSGHDR.size or length > len(data):
-        raise ValueError(f"netlink length {length} does not fit the {len(data)}-byte reply")
-    if kind == NLMSG_ERROR:
-        (err,) = struct.unpack_from("=i", data, _NLMSGHDR.size)
-        if err == 0:
-            raise ValueError("netlink acknowledgement instead of a socket")
-        raise SockDiagError(-err, f"sock_diag: {os.strerror(-err)}")
-    if kind != SOCK_DIAG_BY_FAMILY:
-        raise ValueError(f"unexpected netlink message type {kind}")
-    offset = _NLMSGHDR.size + _MSG_SIZE
-    if length < offset:
+    length = reply_length(
+        data,
+        kind=SOCK_DIAG_BY_FAMILY,
+        answer="a socket",
+        source="sock_diag",
+        error=SockDiagError,
+    )
+    start = HEADER.size + _MSG_SIZE
+    if length < start:
         raise ValueError(f"inet_diag_msg truncated: {length} bytes")
-    while offset + _NLATTR.size <= length:
-        a_len, a_type = _NLATTR.unpack_from(data, offset)
-        if a_len < _NLATTR.size or offset + a_len > length:
-            raise ValueError(f"attribute of length {a_len} at {offset} overruns the message")
-        if a_type & 0x3FFF == INET_DIAG_MARK:
-            if a_len < _NLATTR.size + 4:
-                raise ValueError("INET_DIAG_MARK shorter than 4 bytes")
-            (mark,) = struct.unpack_from("=I", data, offset + _NLATTR.size)
-            return int(mark)
-        offset += (a_len + 3) & ~3
-    return None
+    found = attributes(data, start, length).get(INET_DIAG_MARK)
+    if found is None:
+        return None
+    a, b = found
+    if b - a < 4:
+        raise ValueError("INET_DIAG_MARK shorter than 4 bytes")
+    (mark,) = struct.unpack_from("=I", data, a)
+    return int(mark)
 
 
 def socket_mark(src: IPAddress, sport: int, dst: IPAddress, dport: int) -> int | None:
@@ -110,14 +96,8 @@ def socket_mark(src: IPAddress, sport: int, dst: IPAddress, dport: int) -> int |
     A blocking netlink round trip, answered at once by the kernel (no
     network I/O). Raises SockDiagError (ENOENT) when no such socket exists,
     e.g. the client is in another network namespace."""
-    src, dst = _unmap(src), _unmap(dst)
+    src, dst = unmapped(src), unmapped(dst)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
         nl.settimeout(1.0)
         nl.sendto(encode_request(src, sport, dst, dport), (0, 0))
         return decode_mark(nl.recv(65536))
-
-
-def _unmap(addr: IPAddress) -> IPAddress:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr

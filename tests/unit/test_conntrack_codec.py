@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from egress_agent.policy.model import IPAddress
 from egress_agent.proxy import conntrack as ct
+from egress_agent.proxy import netlink as nl
 
 
 def _reply(src: str, sport: int, *, with_orig: bool = True) -> bytes:
@@ -23,24 +24,24 @@ def _reply(src: str, sport: int, *, with_orig: bool = True) -> bytes:
     proxy = ipaddress.ip_address("169.254.99.1" if v4 else "fd65:6772:6573::1")
 
     def tuple_(s: IPAddress, sp: int, d: IPAddress, dp: int) -> bytes:
-        ip = ct._attr(ct.CTA_IP_V4_SRC if v4 else ct.CTA_IP_V6_SRC, s.packed) + ct._attr(
+        ip = nl.attribute(ct.CTA_IP_V4_SRC if v4 else ct.CTA_IP_V6_SRC, s.packed) + nl.attribute(
             ct.CTA_IP_V4_DST if v4 else ct.CTA_IP_V6_DST, d.packed
         )
         proto = (
-            ct._attr(ct.CTA_PROTO_NUM, bytes([6]))
-            + ct._attr(ct.CTA_PROTO_SRC_PORT, struct.pack("!H", sp))
-            + ct._attr(ct.CTA_PROTO_DST_PORT, struct.pack("!H", dp))
+            nl.attribute(ct.CTA_PROTO_NUM, bytes([6]))
+            + nl.attribute(ct.CTA_PROTO_SRC_PORT, struct.pack("!H", sp))
+            + nl.attribute(ct.CTA_PROTO_DST_PORT, struct.pack("!H", dp))
         )
-        return ct._attr(ct.CTA_TUPLE_IP | ct.NLA_F_NESTED, ip) + ct._attr(
-            ct.CTA_TUPLE_PROTO | ct.NLA_F_NESTED, proto
+        return nl.attribute(ct.CTA_TUPLE_IP | nl.NLA_F_NESTED, ip) + nl.attribute(
+            ct.CTA_TUPLE_PROTO | nl.NLA_F_NESTED, proto
         )
 
     dst = ipaddress.ip_address("198.18.1.2" if v4 else "fd00:18:1::2")
     body = struct.pack("!BBH", socket.AF_INET if v4 else socket.AF_INET6, 0, 0)
     if with_orig:
-        body += ct._attr(ct.CTA_TUPLE_ORIG | ct.NLA_F_NESTED, tuple_(addr, sport, dst, 443))
-    body += ct._attr(ct.CTA_TUPLE_REPLY | ct.NLA_F_NESTED, tuple_(proxy, 15001, addr, 31258))
-    body += ct._attr(3, struct.pack("!I", 0x1A8))  # CTA_STATUS
+        body += nl.attribute(ct.CTA_TUPLE_ORIG | nl.NLA_F_NESTED, tuple_(addr, sport, dst, 443))
+    body += nl.attribute(ct.CTA_TUPLE_REPLY | nl.NLA_F_NESTED, tuple_(proxy, 15001, addr, 31258))
+    body += nl.attribute(3, struct.pack("!I", 0x1A8))  # CTA_STATUS
     kind = (ct.NFNL_SUBSYS_CTNETLINK << 8) | ct.IPCTNL_MSG_CT_NEW
     return struct.pack("=IHHII", 16 + len(body), kind, 0, 1, 0) + body
 
@@ -56,13 +57,13 @@ def test_a_request_names_the_reply_tuple() -> None:
         dst=ipaddress.ip_address("198.19.1.2"), dport=31258, seq=7,
     )  # fmt: skip
     length, kind, flags, seq, _ = struct.unpack_from("=IHHII", req)
-    assert (length, kind, flags, seq) == (len(req), 0x101, ct.NLM_F_REQUEST, 7)
+    assert (length, kind, flags, seq) == (len(req), 0x101, nl.NLM_F_REQUEST, 7)
     assert req[16] == socket.AF_INET
-    top = ct._attrs(req, 20, len(req))
+    top = nl.attributes(req, 20, len(req))
     assert set(top) == {ct.CTA_TUPLE_REPLY}
-    inner = ct._attrs(req, *top[ct.CTA_TUPLE_REPLY])
-    ip = ct._attrs(req, *inner[ct.CTA_TUPLE_IP])
-    proto = ct._attrs(req, *inner[ct.CTA_TUPLE_PROTO])
+    inner = nl.attributes(req, *top[ct.CTA_TUPLE_REPLY])
+    ip = nl.attributes(req, *inner[ct.CTA_TUPLE_IP])
+    proto = nl.attributes(req, *inner[ct.CTA_TUPLE_PROTO])
     a, b = ip[ct.CTA_IP_V4_SRC]
     assert req[a:b] == bytes([169, 254, 99, 1])
     a, _ = proto[ct.CTA_PROTO_DST_PORT]
@@ -75,7 +76,7 @@ def test_a_request_names_the_reply_tuple() -> None:
 
 
 def test_an_error_reply_and_a_reply_without_the_tuple() -> None:
-    error = struct.pack("=IHHII", 36, ct.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -2) + bytes(16)
+    error = struct.pack("=IHHII", 36, nl.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -2) + bytes(16)
     with pytest.raises(ct.ConntrackError) as info:
         ct.decode_original_source(error)
     assert info.value.errno == 2
