@@ -577,13 +577,26 @@ def test_containerfile_installs_runs_apt_packages() -> None:
     assert ["rm", "-rf", "/var/lib/apt/lists/*"] in commands
 
 
+def test_every_package_below_a_part_is_in_the_distribution() -> None:
+    # The wheel holds only the packages pyproject lists: a subpackage left
+    # out imports from a checkout and fails once installed.
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    for package in sorted(p for p in listed if p.count(".") == 1):
+        folder = REPO / package.replace(".", "/")
+        for init in sorted(folder.resolve().rglob("__init__.py")):
+            sub = init.parent.relative_to(folder.resolve())
+            name = ".".join((package, *sub.parts))
+            assert name in listed, f"{name} is not in [tool.setuptools] packages"
+
+
 def test_containerfile_copies_and_installs_the_whole_package() -> None:
     needed = {"pyproject.toml", PYPROJECT["project"]["readme"], "egress_agent"}
     # A part is a symlink egress_agent/<part> -> ../<part>; COPY egress_agent/
-    # copies the links alone, so each part's own folder is copied too.
+    # copies the links alone, so each part's own folder is copied too (and
+    # with it the part's subpackages, egress_agent/<part>/<sub>).
     for package in PYPROJECT["tool"]["setuptools"]["packages"]:
         path = REPO / package.replace(".", "/")
-        if package != "egress_agent":
+        if package.count(".") == 1:
             assert path.is_symlink(), f"{package}: not a symlink to a part's folder"
             needed.add(str(path.resolve().relative_to(REPO)))
     copied = {}
