@@ -26,11 +26,15 @@ import os
 import socket
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
-import kubernetes_asyncio.client
-import kubernetes_asyncio.config
+if TYPE_CHECKING:
+    import aiohttp
+    import kubernetes_asyncio.client
+
+# kubernetes_asyncio (with aiohttp and its ~700 model modules) takes seconds
+# to import on a busy node: it is imported when pod discovery starts, so an
+# agent without pod workloads (a VM) never pays for it.
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +102,9 @@ async def make_api(kubeconfig: str | None) -> KubeApi:
     """The pod's service account (in-cluster config) when ``kubeconfig`` is
     None, else the current context of that file. Close it with
     :meth:`KubeApi.close`."""
+    import kubernetes_asyncio.client
+    import kubernetes_asyncio.config
+
     configuration = kubernetes_asyncio.client.Configuration()
     if kubeconfig is None:
         try:
@@ -132,6 +139,8 @@ class KubeApi:
     """The two requests the agent makes of one kind of object, pods or namespaces."""
 
     def __init__(self, client: kubernetes_asyncio.client.ApiClient) -> None:
+        import kubernetes_asyncio.client
+
         self._client = client
         self._core = kubernetes_asyncio.client.CoreV1Api(client)
 
