@@ -445,12 +445,21 @@ async def test_unreachable_api_server_is_retried_and_nothing_is_synced() -> None
 @run_async
 async def test_cancel_ends_watches_held_open_at_once(fake: Script, api: str) -> None:
     loop = asyncio.get_running_loop()
-    async with running(api):
+    client = api_for(api)
+    watcher = PodWatcher(client, node_name=NODE, on_change=lambda _: None, backoff=TINY)
+    task = loop.create_task(watcher.run(), name="pod watcher under test")
+    try:
         await until(lambda: fake.open_watches == 2, "both watches to be open")
         started = loop.time()
-    assert loop.time() - started < 0.5
-    # The API server saw both connections closed, not left to their timeouts.
-    await until(lambda: fake.open_watches == 0, "the server to see the watches closed", 0.5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert loop.time() - started < 0.5
+        # The API server saw both connections closed, not left to their timeouts.
+        await until(lambda: fake.open_watches == 0, "the server to see the watches closed", 0.5)
+    finally:
+        task.cancel()
+        await client.close()
 
 
 # --- Namespaces ------------------------------------------------------------------------
