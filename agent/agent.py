@@ -17,8 +17,9 @@ from egress_agent.agent.addresses import host_interfaces
 from egress_agent.agent.desired import Desired, Observed, content_hash, desired_state
 from egress_agent.agent.discovery import pod_addresses, uses_pods
 from egress_agent.agent.handover import Inherited
-from egress_agent.agent.kubernetes import PodWatcher, Snapshot
+from egress_agent.agent.pods import Snapshot
 from egress_agent.agent.reconcile import CommitRefused, Reconciler
+from egress_agent.agent.reflector import PodWatcher
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, ReloadResult
 from egress_agent.agent.status import metrics as status_metrics
 from egress_agent.agent.status import snapshot as status_snapshot

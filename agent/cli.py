@@ -220,7 +220,7 @@ def _run(args: argparse.Namespace) -> int:
     import uvloop
 
     from egress_agent.agent.agent import RunOptions
-    from egress_agent.agent.kubernetes import KubernetesConfigError
+    from egress_agent.agent.kubeapi import KubernetesConfigError
     from egress_agent.agent.reconcile import DatapathError
     from egress_agent.agent.runner import run_agent
     from egress_agent.rules.apply import NftablesError

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from egress_agent.agent.discovery import resolve
-from egress_agent.agent.kubernetes import FrozenMap, Snapshot
+from egress_agent.agent.pods import FrozenMap, Snapshot
 from egress_agent.policy.model import IPAddress, Policy
 from egress_agent.rules.render import Json, Selection, render_ruleset
 

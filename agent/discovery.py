@@ -4,7 +4,7 @@ file and the renderer.
 A workload given by ``pods: {namespace, labels, namespaceLabels}`` has no
 addresses in the file; :func:`resolve` fills its ``cidrs`` with the /32 and
 /128 of the pods on this node that the selector names, as the last
-:class:`~egress_agent.agent.kubernetes.Snapshot` shows them. The rendered
+:class:`~egress_agent.agent.pods.Snapshot` shows them. The rendered
 ruleset and the proxy then see an ordinary policy, so identity, diversion and
 decisions work exactly as for static CIDRs.
 
@@ -12,7 +12,7 @@ When two workloads select the same pod, the one listed first in the file keeps
 its addresses (an address identifies one workload); the others are told so in
 the log. When two pods list the same address (a terminating pod's address
 given to a new one), it identifies only one of them
-(:func:`~egress_agent.agent.kubernetes.address_owners`).
+(:func:`~egress_agent.agent.pods.address_owners`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 
-from egress_agent.agent.kubernetes import (
+from egress_agent.agent.pods import (
     TERMINAL_PHASES,
-    Selector,
     Snapshot,
     address_conflicts,
     selected_networks,
+    selects,
 )
 from egress_agent.policy.model import IPAddress, IPNetwork, PodSelector, Policy, Workload
 
@@ -46,30 +46,17 @@ def uses_pods(policy: Policy) -> bool:
     return any(w.pods is not None for w in policy.workloads)
 
 
-def selector_of(pods: PodSelector) -> Selector:
-    return Selector(
-        namespace=pods.namespace,
-        labels=dict(pods.labels),
-        namespace_labels=dict(pods.namespace_labels),
-    )
-
-
 def host_network_uids(pods: PodSelector, snapshot: Snapshot) -> list[str]:
     """Uids of the running hostNetwork pods on this node that ``pods`` names
-    (the selector's own fields; ``kubernetes.matches`` leaves hostNetwork
-    pods out on purpose, as their addresses identify nothing)."""
-    out = []
-    for pod in snapshot.pods:
-        if not pod.host_network or pod.phase in TERMINAL_PHASES:
-            continue
-        if pods.namespace is not None and pod.namespace != pods.namespace:
-            continue
-        ns_labels = snapshot.labels_of_namespace(pod.namespace)
-        if all(pod.labels.get(k) == v for k, v in pods.labels) and all(
-            ns_labels.get(k) == v for k, v in pods.namespace_labels
-        ):
-            out.append(pod.uid)
-    return out
+    (the selector's own fields; :func:`~egress_agent.agent.pods.matches` leaves
+    hostNetwork pods out on purpose, as their addresses identify nothing)."""
+    return [
+        pod.uid
+        for pod in snapshot.pods
+        if pod.host_network
+        and pod.phase not in TERMINAL_PHASES
+        and selects(pods, pod, snapshot.labels_of_namespace(pod.namespace))
+    ]
 
 
 def resolve(
@@ -112,7 +99,7 @@ def resolve(
             paths = sorted({pod_cgroups[u] for u in uids if pod_cgroups and u in pod_cgroups})
             workloads.append(dataclasses.replace(w, cidrs=(), cgroups=tuple(paths)))
             continue
-        found = selected_networks(selector_of(w.pods), snapshot) if snapshot else ()
+        found = selected_networks(w.pods, snapshot) if snapshot else ()
         mine: list[IPNetwork] = []
         for net in found:
             owner = claimed.setdefault(net, w.name)

@@ -57,7 +57,9 @@ from egress_agent.agent.handover import (
     predecessor_running,
     take_over,
 )
-from egress_agent.agent.kubernetes import PodWatcher, Snapshot, make_api, node_name_from_env
+from egress_agent.agent.kubeapi import make_api, node_name_from_env
+from egress_agent.agent.pods import Snapshot
+from egress_agent.agent.reflector import PodWatcher
 from egress_agent.agent.status import StatusServer
 from egress_agent.agent.watch import PolicyFileWatch
 from egress_agent.proxy.tasks import Debouncer, TaskSet
@@ -183,10 +185,18 @@ class Duties:
         if not uses_pods(self.agent.source_policy):
             return
         # Permanent configuration errors (KubernetesConfigError) end the run.
-        api = make_api(kubeconfig)
-        watcher = PodWatcher(api, node_name=node_name_from_env(), on_change=self._on_pods)
+        node_name = node_name_from_env()
+        api = await make_api(kubeconfig)
+        watcher = PodWatcher(api, node_name=node_name, on_change=self._on_pods)
         self.agent.watcher = watcher
-        self.tasks.spawn(watcher.run(), name="pod discovery")
+
+        async def discover() -> None:
+            try:
+                await watcher.run()
+            finally:
+                await api.close()
+
+        self.tasks.spawn(discover(), name="pod discovery")
         try:
             await asyncio.wait_for(self._first_sync.wait(), FIRST_SYNC_TIMEOUT)
         except TimeoutError:

@@ -26,8 +26,8 @@ from typing import Any, Protocol
 from egress_agent.agent.counters import Count
 from egress_agent.agent.counters import summary as counter_summary
 from egress_agent.agent.desired import Observed
-from egress_agent.agent.kubernetes import PodWatcher
 from egress_agent.agent.reconcile import Reconciler
+from egress_agent.agent.reflector import PodWatcher
 from egress_agent.policy.model import NonTcp
 from egress_agent.proxy.audit import AuditLog
 from egress_agent.rules.apply import NftablesError

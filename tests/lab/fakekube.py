@@ -1,5 +1,15 @@
-"""A fake Kubernetes API server for the lab: pods and namespaces from a state
-file that the test edits, served as lists and as watch streams.
+"""The fake Kubernetes API server of the tests: pods and namespaces, served
+over HTTP as lists and as watch streams of real-shaped objects.
+
+It answers in one of two ways. In the lab (the netns tests, the demo) it
+serves the objects of a state file that the test edits, with the real
+server's resourceVersion semantics (below). For the API client's own unit
+tests it answers each request from a :class:`Script` instead, which can also
+say what a failing server says (5xx, 403, 410 Gone as a status or as an ERROR
+event, a dropped connection, a watch that ends at once, a list in pages);
+:func:`serving` runs it in the test's process. The objects are built by the
+same functions (:func:`pod_object`, :func:`namespace_object`,
+:func:`list_object`, :func:`event`, :func:`status_object`) either way.
 
 Run inside a lab host (``lab.popen`` or ``start_fakekube`` below)::
 
@@ -46,18 +56,21 @@ import argparse
 import contextlib
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from egress_agent.lab.servers import wait_ready
@@ -101,9 +114,10 @@ def pod_object(spec: Mapping[str, Any]) -> Json:
         "metadata": {
             "name": name,
             "namespace": namespace,
-            "uid": str(uuid.uuid5(UID_NAMESPACE, f"pod/{namespace}/{name}")),
+            "uid": str(spec.get("uid") or uuid.uuid5(UID_NAMESPACE, f"pod/{namespace}/{name}")),
             "labels": {str(k): str(v) for k, v in (spec.get("labels") or {}).items()},
             "creationTimestamp": str(spec.get("created", CREATED)),
+            **({"resourceVersion": str(spec["rv"])} if spec.get("rv") else {}),
             **(
                 {"deletionTimestamp": str(spec["deleting"]), "deletionGracePeriodSeconds": 30}
                 if spec.get("deleting")
@@ -127,9 +141,10 @@ def namespace_object(spec: Mapping[str, Any]) -> Json:
         "kind": "Namespace",
         "metadata": {
             "name": name,
-            "uid": str(uuid.uuid5(UID_NAMESPACE, f"namespace/{name}")),
+            "uid": str(spec.get("uid") or uuid.uuid5(UID_NAMESPACE, f"namespace/{name}")),
             "labels": {"kubernetes.io/metadata.name": name, **labels},
             "creationTimestamp": str(spec.get("created", CREATED)),
+            **({"resourceVersion": str(spec["rv"])} if spec.get("rv") else {}),
             **(
                 {"deletionTimestamp": str(spec["deleting"]), "deletionGracePeriodSeconds": 30}
                 if spec.get("deleting")
@@ -138,6 +153,39 @@ def namespace_object(spec: Mapping[str, Any]) -> Json:
         },
         "spec": {"finalizers": ["kubernetes"]},
         "status": {"phase": "Active"},
+    }
+
+
+def list_object(resource: str, rv: str, items: Sequence[Json], *, cont: str | None = None) -> Json:
+    """A PodList or NamespaceList; ``cont`` is the token of the next page."""
+    metadata: Json = {"resourceVersion": rv}
+    if cont:
+        metadata["continue"] = cont
+    kind = "PodList" if resource == "pods" else "NamespaceList"
+    return {"apiVersion": "v1", "kind": kind, "metadata": metadata, "items": list(items)}
+
+
+def event(kind: str, obj: Json) -> Json:
+    """A watch event: ADDED, MODIFIED, DELETED, or ERROR with a Status."""
+    return {"type": kind, "object": obj}
+
+
+def bookmark(resource: str, rv: str) -> Json:
+    kind = "Pod" if resource == "pods" else "Namespace"
+    mark: Json = {"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": rv}}
+    return event("BOOKMARK", mark)
+
+
+def status_object(code: int, reason: str, message: str) -> Json:
+    """The Status object the API server answers errors with."""
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
     }
 
 
@@ -323,18 +371,6 @@ def read_state(path: Path, text: str | None = None) -> dict[str, dict[str, Json]
 # --- HTTP ----------------------------------------------------------------------
 
 
-def status_object(code: int, reason: str, message: str) -> Json:
-    return {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    }
-
-
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out as separate writes
@@ -360,6 +396,10 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._status(404, "NotFound", f"the server could not find {url.path}")
             return
+        script = self.server.script
+        if script is not None:
+            script.answer(self, resource, query)
+            return
         try:
             fields = field_matcher(query.get("fieldSelector", ""))
             labels = label_matcher(query.get("labelSelector", ""))
@@ -376,14 +416,39 @@ class Handler(BaseHTTPRequestHandler):
             self._watch(resource, match, query)
         else:
             rv, items = self.server.store.listing(resource, match)
-            kind = "PodList" if resource == "pods" else "NamespaceList"
-            body = {
-                "apiVersion": "v1",
-                "kind": kind,
-                "metadata": {"resourceVersion": str(rv)},
-                "items": items,
-            }
-            self._send(200, json.dumps(body).encode(), "application/json")
+            self.send_json(200, list_object(resource, str(rv), items))
+
+    def send_json(self, code: int, obj: Json) -> None:
+        self._send(code, json.dumps(obj).encode(), "application/json")
+
+    def start_stream(self) -> None:
+        """The headers of a watch: sent at once, before any event."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+
+    def send_event(self, line: Json) -> None:
+        self._chunk(json.dumps(line).encode() + b"\n")
+
+    def end_stream(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def drop(self) -> None:
+        """Close the connection in the middle of the response."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def hold(self, stop: threading.Event) -> None:
+        """Keep the response open, sending nothing, until the client closes
+        the connection or ``stop`` is set."""
+        while not stop.is_set():
+            readable, _, _ = select.select([self.connection], [], [], 0.05)
+            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                break  # the client closed its end
 
     def _send(self, code: int, body: bytes, content_type: str) -> None:
         self.send_response(code)
@@ -393,8 +458,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _status(self, code: int, reason: str, message: str) -> None:
-        body = json.dumps(status_object(code, reason, message)).encode()
-        self._send(code, body, "application/json")
+        self.send_json(code, status_object(code, reason, message))
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
@@ -410,12 +474,7 @@ class Handler(BaseHTTPRequestHandler):
         seconds = max(0.0, min(seconds, MAX_WATCH_SECONDS))
         bookmarks = query.get("allowWatchBookmarks", "").lower() == "true"
         since_text = query.get("resourceVersion", "")
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        self.wfile.flush()
-        kind = "Pod" if resource == "pods" else "Namespace"
+        self.start_stream()
         start = time.monotonic()
         deadline = start + seconds
         next_bookmark = start + BOOKMARK_EVERY
@@ -436,11 +495,11 @@ class Handler(BaseHTTPRequestHandler):
                             "Expired",
                             f"too old resource version: {since_text} ({store.compacted + 1})",
                         )
-                        lines = [{"type": "ERROR", "object": gone}]
+                        lines = [event("ERROR", gone)]
                         deadline = start  # the stream ends after the error
             while True:
                 for line in lines:
-                    self._chunk(json.dumps(line).encode() + b"\n")
+                    self.send_event(line)
                 now = time.monotonic()
                 if now >= deadline:
                     break
@@ -454,28 +513,173 @@ class Handler(BaseHTTPRequestHandler):
                         since = changes[-1].rv
                     current = store.rv
                 for change in changes:
-                    event = change.event(match)
-                    if event is not None:
-                        lines.append(event)
+                    watched = change.event(match)
+                    if watched is not None:
+                        lines.append(watched)
                 if bookmarks and time.monotonic() >= next_bookmark:
                     next_bookmark = time.monotonic() + BOOKMARK_EVERY
                     since = max(since, current)
-                    mark: Json = {"kind": kind, "apiVersion": "v1"}
-                    mark["metadata"] = {"resourceVersion": str(since)}
-                    lines.append({"type": "BOOKMARK", "object": mark})
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
+                    lines.append(bookmark(resource, str(since)))
+            self.end_stream()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the watcher went away
 
 
 class Server(ThreadingHTTPServer):
+    """Answers from ``store``, or, when ``script`` is given, from the script."""
+
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], store: Store) -> None:
+    def __init__(
+        self, address: tuple[str, int], store: Store, script: Script | None = None
+    ) -> None:
         self.store = store
+        self.script = script
         super().__init__(address, Handler)
+
+
+# --- Scripted answers (for the client's unit tests) -------------------------------
+
+Reply = Callable[[Handler], None]
+
+
+def body(obj: Json, code: int = 200) -> Reply:
+    """Answer ``obj`` as JSON with status ``code``."""
+    return lambda handler: handler.send_json(code, obj)
+
+
+def error(code: int, reason: str) -> Reply:
+    return body(status_object(code, reason, f"the test says {reason}"), code)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request the server received."""
+
+    resource: str
+    verb: str  # list or watch
+    args: Mapping[str, str]
+    headers: Message  # read without regard to case, as HTTP does
+
+
+@dataclass
+class _Step:
+    reply: Reply
+    expect: Mapping[str, str]
+
+
+class Script:
+    """Answers each request from what the test scripted for its (resource,
+    list|watch), and checks the query the test expects (fieldSelector,
+    resourceVersion, continue). Unscripted lists repeat the resource's last
+    list; unscripted watches stay open with no events until the client goes
+    or the test ends. Every request is kept in ``seen``."""
+
+    def __init__(self, default_lists: Mapping[str, Json]) -> None:
+        self.seen: list[Seen] = []
+        self.mismatches: list[str] = []
+        self.errors: list[str] = []
+        self.closing = threading.Event()  # set at the end of the test: held streams end
+        self.open_watches = 0
+        self._steps: dict[tuple[str, str], deque[_Step]] = defaultdict(deque)
+        self._last_list: dict[str, Reply] = {r: body(o) for r, o in default_lists.items()}
+        self._lock = threading.Lock()
+
+    def on_list(self, resource: str, reply: Reply, **expect: str) -> None:
+        self._steps[(resource, "list")].append(_Step(reply, expect))
+
+    def on_watch(self, resource: str, reply: Reply, **expect: str) -> None:
+        self._steps[(resource, "watch")].append(_Step(reply, expect))
+
+    def requests(self, resource: str, verb: str) -> list[Mapping[str, str]]:
+        with self._lock:
+            return [s.args for s in self.seen if (s.resource, s.verb) == (resource, verb)]
+
+    def after(self, gate: threading.Event, reply: Reply, timeout: float = 5.0) -> Reply:
+        """``reply``, once the test has set ``gate``."""
+
+        def delayed(handler: Handler) -> None:
+            gate.wait(timeout)
+            reply(handler)
+
+        return delayed
+
+    def events(
+        self,
+        *items: Json | threading.Event,
+        then: Literal["end", "hold", "drop"] = "end",
+        timeout: float = 5.0,
+    ) -> Reply:
+        """A watch response: the events, one JSON per line. A threading.Event
+        in ``items`` holds the stream until the test sets it. Then the stream
+        ends, stays open, or its connection is dropped."""
+
+        def reply(handler: Handler) -> None:
+            handler.start_stream()
+            for item in items:
+                if isinstance(item, threading.Event):
+                    item.wait(timeout)
+                else:
+                    handler.send_event(item)
+            if then == "end":
+                handler.end_stream()
+            elif then == "hold":
+                with self._lock:
+                    self.open_watches += 1
+                try:
+                    handler.hold(self.closing)
+                finally:
+                    with self._lock:
+                        self.open_watches -= 1
+                handler.close_connection = True
+            else:
+                handler.drop()
+
+        return reply
+
+    def answer(self, handler: Handler, resource: str, query: Mapping[str, str]) -> None:
+        verb = "watch" if query.get("watch", "").lower() == "true" else "list"
+        with self._lock:
+            self.seen.append(Seen(resource, verb, dict(query), handler.headers))
+            steps = self._steps[(resource, verb)]
+            step = steps.popleft() if steps else None
+        if step is None:
+            reply = self._last_list[resource] if verb == "list" else self.events(then="hold")
+        else:
+            wrong = {k: (v, query.get(k)) for k, v in step.expect.items() if query.get(k) != v}
+            if wrong:
+                self.mismatches.append(f"{resource} {verb}: expected, got: {wrong}")
+                error(400, "UnexpectedRequest")(handler)
+                return
+            reply = step.reply
+            if verb == "list":
+                self._last_list[resource] = reply
+        try:
+            reply(handler)
+        except (BrokenPipeError, ConnectionResetError):
+            handler.close_connection = True  # the client went away
+        except Exception as exc:
+            self.errors.append(f"{resource} {verb}: {exc!r}")
+            raise
+
+
+@contextlib.contextmanager
+def serving(script: Script) -> Iterator[str]:
+    """The fake answering from ``script`` on 127.0.0.1 in this process, in
+    threads; yields its URL."""
+    server = Server(("127.0.0.1", 0), Store(), script)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        script.closing.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 # --- Command line ----------------------------------------------------------------

@@ -96,7 +96,7 @@ print("READY", flush=True)
 asyncore.loop()
 """
 
-# A WebSocket echo server (aiohttp, which the kubernetes client brings).
+# A WebSocket echo server (aiohttp, which the Kubernetes client kubernetes_asyncio brings).
 WS_SERVER = """
 import asyncio, sys
 from aiohttp import web

@@ -15,8 +15,8 @@ import pytest
 
 from egress_agent.agent.cgroups import marks_by_path
 from egress_agent.agent.discovery import resolve
-from egress_agent.agent.kubernetes import PodInfo, Snapshot
 from egress_agent.agent.podcgroups import pod_uid, scan
+from egress_agent.agent.pods import PodInfo, Snapshot
 from egress_agent.bpf.cgroup import (
     cgroup2_mount,
     decode_entry,

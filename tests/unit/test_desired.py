@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from egress_agent.agent.desired import Desired, Observed, content_hash, desired_state
-from egress_agent.agent.kubernetes import FrozenMap, PodInfo, Snapshot
+from egress_agent.agent.pods import FrozenMap, PodInfo, Snapshot
 from egress_agent.policy.load import parse_policy
 
 TEXT = """

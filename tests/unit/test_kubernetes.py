@@ -1,8 +1,10 @@
 """Pod discovery against a fake API server: list, watch, resume, relist, retry.
 
-The fake serves real-shaped PodList/NamespaceList JSON and, for ``?watch=true``,
-newline-delimited watch events, answering each request from a script that
-also says which query it expects (fieldSelector, resourceVersion, continue).
+The fake (``tests/lab/fakekube.py``, the one the netns tests run too) serves
+real-shaped PodList/NamespaceList JSON and, for ``?watch=true``,
+newline-delimited watch events, here answering each request from a script
+that also says which query it expects (fieldSelector, resourceVersion,
+continue).
 What is asserted is what a user of the watcher sees: the snapshot, the
 snapshots handed to ``on_change``, and the requests the API server received.
 """
@@ -18,31 +20,42 @@ import json
 import logging
 import socket
 import threading
-from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import kubernetes.client
+import kubernetes_asyncio.client
 import pytest
-from pytest_httpserver import HTTPServer
-from werkzeug import Request, Response
 
-from egress_agent.agent.kubernetes import (
-    Backoff,
+from egress_agent.agent.kubeapi import (
+    KubeApi,
     KubernetesConfigError,
+    make_api,
+    node_name_from_env,
+)
+from egress_agent.agent.pods import (
     PodInfo,
-    PodWatcher,
-    Selector,
     Snapshot,
     address_conflicts,
     address_owners,
-    make_api,
     matches,
-    node_name_from_env,
     pod_info,
     selected_networks,
+)
+from egress_agent.agent.reflector import Backoff, PodWatcher
+from egress_agent.policy.model import PodSelector
+from tests.lab.fakekube import (
+    CREATED,
+    Script,
+    body,
+    bookmark,
+    error,
+    event,
+    list_object,
+    namespace_object,
+    pod_object,
+    serving,
+    status_object,
 )
 
 NODE = "node-a"
@@ -51,10 +64,9 @@ TINY = Backoff(initial=0.01, cap=0.05)
 WAIT = 5.0
 
 Json = dict[str, Any]
-Reply = Callable[[Request], Response]
 
 
-# --- Real-shaped API objects ------------------------------------------------------
+# --- Real-shaped API objects (the fake API server's) ------------------------------
 
 
 def pod(
@@ -67,222 +79,80 @@ def pod(
     host_network: bool = False,
     phase: str = "Running",
 ) -> Json:
-    status: Json = {"phase": phase, "hostIP": "192.0.2.10", "hostIPs": [{"ip": "192.0.2.10"}]}
-    if ips:
-        status["podIP"] = ips[0]
-        status["podIPs"] = [{"ip": ip} for ip in ips]
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
+    return pod_object(
+        {
             "namespace": namespace,
+            "name": name,
             "uid": f"0c6f3a52-{namespace}-{name}",
             "labels": dict(labels or {}),
-            "resourceVersion": rv,
-        },
-        "spec": {
             "nodeName": NODE,
+            **dict(zip(("ip", "ip6"), ips, strict=False)),
             "hostNetwork": host_network,
-            "containers": [{"name": "main", "image": "registry.example/app:1"}],
-        },
-        "status": status,
-    }
+            "phase": phase,
+            "rv": rv,
+        }
+    )
 
 
 def namespace(name: str, *, labels: Mapping[str, str] | None = None, rv: str = "1") -> Json:
-    return {
-        "apiVersion": "v1",
-        "kind": "Namespace",
-        "metadata": {
-            "name": name,
-            "uid": f"7d1e-{name}",
-            "labels": {"kubernetes.io/metadata.name": name, **(labels or {})},
-            "resourceVersion": rv,
-        },
-        "spec": {"finalizers": ["kubernetes"]},
-        "status": {"phase": "Active"},
-    }
+    return namespace_object({"name": name, "uid": f"7d1e-{name}", "labels": labels, "rv": rv})
 
 
 def pod_list(rv: str, *items: Json, cont: str | None = None) -> Json:
-    metadata: Json = {"resourceVersion": rv}
-    if cont:
-        metadata["continue"] = cont
-    return {"apiVersion": "v1", "kind": "PodList", "metadata": metadata, "items": list(items)}
+    return list_object("pods", rv, items, cont=cont)
 
 
 def namespace_list(rv: str, *items: Json, cont: str | None = None) -> Json:
-    body = pod_list(rv, *items, cont=cont)
-    body["kind"] = "NamespaceList"
-    return body
+    return list_object("namespaces", rv, items, cont=cont)
 
 
-def event(kind: Literal["ADDED", "MODIFIED", "DELETED"], obj: Json) -> Json:
-    return {"type": kind, "object": obj}
-
-
-def bookmark(rv: str) -> Json:
-    return {
-        "type": "BOOKMARK",
-        "object": {"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": rv}},
-    }
-
-
-def status(code: int, reason: str, message: str) -> Json:
-    return {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    }
-
-
-GONE = status(410, "Expired", "too old resource version: 10 (30)")
+GONE = status_object(410, "Expired", "too old resource version: 10 (30)")
 NAMESPACES = namespace_list(
     "100", namespace("db", labels={"team": "data"}), namespace("web", labels={"team": "front"})
 )
 
 
-# --- The fake API server ----------------------------------------------------------
-
-
-@dataclass
-class Step:
-    reply: Reply
-    expect: Mapping[str, str]
-
-
-@dataclass(frozen=True)
-class Seen:
-    resource: str
-    verb: str
-    args: Mapping[str, str]
-
-
-@dataclass
-class FakeApiServer:
-    """Answers /api/v1/pods and /api/v1/namespaces from a script per (resource,
-    list|watch). Unscripted lists repeat the resource's last list; unscripted
-    watches stay open with no events until the test ends."""
-
-    httpserver: HTTPServer
-    closing: threading.Event = field(default_factory=threading.Event)
-    seen: list[Seen] = field(default_factory=list)
-    mismatches: list[str] = field(default_factory=list)
-    _steps: dict[tuple[str, str], deque[Step]] = field(default_factory=lambda: defaultdict(deque))
-    _last_list: dict[str, Reply] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        self._last_list["pods"] = self.body(pod_list("1"))
-        self._last_list["namespaces"] = self.body(NAMESPACES)
-        for resource in ("pods", "namespaces"):
-            self.httpserver.expect_request(f"/api/v1/{resource}").respond_with_handler(
-                functools.partial(self._handle, resource)
-            )
-
-    def on_list(self, resource: str, reply: Reply, **expect: str) -> None:
-        self._steps[(resource, "list")].append(Step(reply, expect))
-
-    def on_watch(self, resource: str, reply: Reply, **expect: str) -> None:
-        self._steps[(resource, "watch")].append(Step(reply, expect))
-
-    def requests(self, resource: str, verb: str) -> list[Mapping[str, str]]:
-        with self._lock:
-            return [s.args for s in self.seen if (s.resource, s.verb) == (resource, verb)]
-
-    def body(self, obj: Json, code: int = 200) -> Reply:
-        def reply(request: Request) -> Response:
-            return Response(json.dumps(obj), status=code, content_type="application/json")
-
-        return reply
-
-    def after(self, gate: threading.Event, reply: Reply) -> Reply:
-        """``reply``, once the test has set ``gate``."""
-
-        def delayed(request: Request) -> Response:
-            gate.wait(WAIT)
-            return reply(request)
-
-        return delayed
-
-    def error(self, code: int, reason: str) -> Reply:
-        return self.body(status(code, reason, f"the test says {reason}"), code)
-
-    def events(
-        self, *items: Json | threading.Event, then: Literal["end", "hold", "drop"] = "end"
-    ) -> Reply:
-        """A watch response: the events, one JSON per line. A threading.Event
-        in ``items`` holds the stream until the test sets it."""
-
-        def body() -> Iterator[bytes]:
-            yield b""  # the API server sends the headers at once, before any event
-            for item in items:
-                if isinstance(item, threading.Event):
-                    item.wait(WAIT)
-                else:
-                    yield (json.dumps(item) + "\n").encode()
-            if then == "hold":
-                self.closing.wait(30)
-            elif then == "drop":
-                raise ConnectionResetError("the test drops the connection")
-
-        def reply(request: Request) -> Response:
-            return Response(body(), status=200, content_type="application/json")
-
-        return reply
-
-    def _handle(self, resource: str, request: Request) -> Response:
-        args = dict(request.args.items())
-        verb = "watch" if args.get("watch", "").lower() == "true" else "list"
-        with self._lock:
-            self.seen.append(Seen(resource, verb, args))
-            steps = self._steps[(resource, verb)]
-            step = steps.popleft() if steps else None
-        if step is None:
-            reply = self._last_list[resource] if verb == "list" else self.events(then="hold")
-        else:
-            wrong = {k: (v, args.get(k)) for k, v in step.expect.items() if args.get(k) != v}
-            if wrong:
-                self.mismatches.append(f"{resource} {verb}: expected, got: {wrong}")
-                return self.error(400, "UnexpectedRequest")(request)
-            reply = step.reply
-        if verb == "list" and step is not None:
-            self._last_list[resource] = reply
-        return reply(request)
-
-
-@pytest.fixture(scope="module")
-def make_httpserver() -> Iterator[HTTPServer]:
-    # Threaded: the pod and namespace watches stay open side by side.
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    server.start()
-    yield server
-    server.clear()
-    server.stop()
+# --- The fake API server, answering from a script -----------------------------------
 
 
 @pytest.fixture
-def fake(httpserver: HTTPServer) -> Iterator[FakeApiServer]:
-    server = FakeApiServer(httpserver)
-    yield server
-    server.closing.set()
-    assert not server.mismatches, server.mismatches
-    httpserver.check_handler_errors()
-
-
-def api_for(url: str) -> Any:
-    configuration = kubernetes.client.Configuration(host=url)
-    return kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(configuration))
+def served() -> Iterator[tuple[Script, str]]:
+    script = Script({"pods": pod_list("1"), "namespaces": NAMESPACES})
+    with serving(script) as url:
+        yield script, url
+    assert not script.mismatches, script.mismatches
+    assert not script.errors, script.errors
 
 
 @pytest.fixture
-def api(fake: FakeApiServer) -> Any:
-    return api_for(fake.httpserver.url_for("").rstrip("/"))
+def fake(served: tuple[Script, str]) -> Script:
+    return served[0]
+
+
+@pytest.fixture
+def api(served: tuple[Script, str]) -> str:
+    """The fake's URL, for :func:`running`."""
+    return served[1]
+
+
+def api_for(url: str) -> KubeApi:
+    """A client of the server at ``url`` (made on the running event loop)."""
+    configuration = kubernetes_asyncio.client.Configuration(host=url)
+    return KubeApi(kubernetes_asyncio.client.ApiClient(configuration))
+
+
+def Selector(
+    *,
+    namespace: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    namespace_labels: Mapping[str, str] | None = None,
+) -> PodSelector:
+    """The policy's pod selector, from mappings (as a policy file gives them)."""
+    return PodSelector(
+        namespace=namespace,
+        labels=tuple(sorted((labels or {}).items())),
+        namespace_labels=tuple(sorted((namespace_labels or {}).items())),
+    )
 
 
 # --- Running the watcher ----------------------------------------------------------
@@ -305,15 +175,12 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = WAIT)
         await asyncio.sleep(0.005)
 
 
-def watch_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("egress-agent watch")]
-
-
 @contextlib.asynccontextmanager
-async def running(api: Any) -> AsyncIterator[tuple[PodWatcher, list[Snapshot]]]:
-    """The watcher running as a task; cancelled at the end, and its watch
-    threads must be gone by then."""
+async def running(url: str) -> AsyncIterator[tuple[PodWatcher, list[Snapshot]]]:
+    """The watcher of the API server at ``url`` running as a task; cancelled
+    at the end."""
     changes: list[Snapshot] = []
+    api = api_for(url)
     watcher = PodWatcher(api, node_name=NODE, on_change=changes.append, backoff=TINY)
     task = asyncio.get_running_loop().create_task(watcher.run(), name="pod watcher under test")
     try:
@@ -322,7 +189,7 @@ async def running(api: Any) -> AsyncIterator[tuple[PodWatcher, list[Snapshot]]]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await until(lambda: not watch_threads(), "the watch threads to end", timeout=1.0)
+        await api.close()
 
 
 async def synced(watcher: PodWatcher, gate: threading.Event | None = None) -> None:
@@ -346,11 +213,11 @@ def ips(*texts: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...
 
 @run_async
 async def test_initial_list_fills_the_snapshot_with_this_nodes_pods(
-    fake: FakeApiServer, api: Any
+    fake: Script, api: str
 ) -> None:
     fake.on_list(
         "pods",
-        fake.body(
+        body(
             pod_list(
                 "10",
                 pod("pg-1", ips=("10.1.0.5", "fd00:1::5"), labels={"cnpg.io/cluster": "pg-main"}),
@@ -375,6 +242,7 @@ async def test_initial_list_fills_the_snapshot_with_this_nodes_pods(
             ips=ips("10.1.0.5", "fd00:1::5"),
             host_network=False,
             phase="Running",
+            created=CREATED,
         )
         assert snap.pods[1].host_network
         assert snap.pods[2].ips == ()
@@ -398,8 +266,8 @@ async def test_initial_list_fills_the_snapshot_with_this_nodes_pods(
 
 
 @run_async
-async def test_watch_events_add_update_and_remove_pods(fake: FakeApiServer, api: Any) -> None:
-    fake.on_list("pods", fake.body(pod_list("10", pod("pg-1", rv="9"))))
+async def test_watch_events_add_update_and_remove_pods(fake: Script, api: str) -> None:
+    fake.on_list("pods", body(pod_list("10", pod("pg-1", rv="9"))))
     gates = [threading.Event() for _ in range(3)]
     fake.on_watch(
         "pods",
@@ -437,9 +305,9 @@ async def test_watch_events_add_update_and_remove_pods(fake: FakeApiServer, api:
 
 @run_async
 async def test_watch_that_ends_resumes_from_the_last_resource_version(
-    fake: FakeApiServer, api: Any
+    fake: Script, api: str
 ) -> None:
-    fake.on_list("pods", fake.body(pod_list("10")))
+    fake.on_list("pods", body(pod_list("10")))
     fake.on_watch(
         "pods",
         fake.events(
@@ -458,10 +326,10 @@ async def test_watch_that_ends_resumes_from_the_last_resource_version(
 
 @run_async
 async def test_bookmark_advances_the_resource_version_without_a_change(
-    fake: FakeApiServer, api: Any
+    fake: Script, api: str
 ) -> None:
-    fake.on_list("pods", fake.body(pod_list("10", pod("pg-1", ips=("10.1.0.5",)))))
-    fake.on_watch("pods", fake.events(bookmark("50")), resourceVersion="10")
+    fake.on_list("pods", body(pod_list("10", pod("pg-1", ips=("10.1.0.5",)))))
+    fake.on_watch("pods", fake.events(bookmark("pods", "50")), resourceVersion="10")
     fake.on_watch("pods", fake.events(then="hold"), resourceVersion="50")
     async with running(api) as (watcher, changes):
         await synced(watcher)
@@ -472,15 +340,15 @@ async def test_bookmark_advances_the_resource_version_without_a_change(
 
 @pytest.mark.parametrize("how", ["error event", "http status"])
 @run_async
-async def test_gone_relists_from_scratch(fake: FakeApiServer, api: Any, how: str) -> None:
-    fake.on_list("pods", fake.body(pod_list("10", pod("pg-1"), pod("pg-2"))))
+async def test_gone_relists_from_scratch(fake: Script, api: str, how: str) -> None:
+    fake.on_list("pods", body(pod_list("10", pod("pg-1"), pod("pg-2"))))
     gate = threading.Event()
     if how == "error event":
         gone = fake.events(gate, {"type": "ERROR", "object": GONE})
     else:
-        gone = fake.after(gate, fake.body(GONE, 410))
+        gone = fake.after(gate, body(GONE, 410))
     fake.on_watch("pods", gone, resourceVersion="10")
-    fake.on_list("pods", fake.body(pod_list("30", pod("pg-2"), pod("pg-3"))))
+    fake.on_list("pods", body(pod_list("30", pod("pg-2"), pod("pg-3"))))
     fake.on_watch("pods", fake.events(then="hold"), resourceVersion="30")
     async with running(api) as (watcher, changes):
         await synced(watcher, gate)
@@ -497,14 +365,14 @@ async def test_gone_relists_from_scratch(fake: FakeApiServer, api: Any, how: str
 
 @run_async
 async def test_api_errors_and_dropped_connections_keep_the_last_known_pods(
-    fake: FakeApiServer, api: Any, caplog: pytest.LogCaptureFixture
+    fake: Script, api: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="egress_agent.agent.kubernetes")
-    fake.on_list("pods", fake.error(500, "InternalError"))
-    fake.on_list("pods", fake.body(pod_list("10", pod("pg-1", ips=("10.1.0.5",)))))
+    caplog.set_level(logging.WARNING, logger="egress_agent.agent.reflector")
+    fake.on_list("pods", error(500, "InternalError"))
+    fake.on_list("pods", body(pod_list("10", pod("pg-1", ips=("10.1.0.5",)))))
     gate = threading.Event()
-    fake.on_watch("pods", fake.after(gate, fake.error(500, "InternalError")), resourceVersion="10")
-    fake.on_watch("pods", fake.error(503, "ServiceUnavailable"), resourceVersion="10")
+    fake.on_watch("pods", fake.after(gate, error(500, "InternalError")), resourceVersion="10")
+    fake.on_watch("pods", error(503, "ServiceUnavailable"), resourceVersion="10")
     fake.on_watch(
         "pods",
         fake.events(event("ADDED", pod("pg-2", ips=("10.1.0.6",), rv="11")), then="drop"),
@@ -521,20 +389,20 @@ async def test_api_errors_and_dropped_connections_keep_the_last_known_pods(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("answered 500" in w and "not listed yet" in w for w in warnings), warnings
     assert any("answered 503" in w and "keeping the last known 1 pods" in w for w in warnings)
-    assert any("ProtocolError" in w for w in warnings), warnings
+    assert any("ClientPayloadError" in w for w in warnings), warnings
 
 
 @run_async
 async def test_a_failing_relist_keeps_the_last_known_pods(
-    fake: FakeApiServer, api: Any, caplog: pytest.LogCaptureFixture
+    fake: Script, api: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="egress_agent.agent.kubernetes")
-    fake.on_list("pods", fake.body(pod_list("10", pod("pg-1"), pod("pg-2"))))
+    caplog.set_level(logging.WARNING, logger="egress_agent.agent.reflector")
+    fake.on_list("pods", body(pod_list("10", pod("pg-1"), pod("pg-2"))))
     gate = threading.Event()
-    fake.on_watch("pods", fake.after(gate, fake.body(GONE, 410)), resourceVersion="10")
-    fake.on_list("pods", fake.error(500, "InternalError"))
-    fake.on_list("pods", fake.error(403, "Forbidden"))
-    fake.on_list("pods", fake.body(pod_list("40", pod("pg-1"))))
+    fake.on_watch("pods", fake.after(gate, body(GONE, 410)), resourceVersion="10")
+    fake.on_list("pods", error(500, "InternalError"))
+    fake.on_list("pods", error(403, "Forbidden"))
+    fake.on_list("pods", body(pod_list("40", pod("pg-1"))))
     fake.on_watch("pods", fake.events(then="hold"), resourceVersion="40")
     async with running(api) as (watcher, changes):
         await synced(watcher, gate)
@@ -551,10 +419,10 @@ async def test_a_failing_relist_keeps_the_last_known_pods(
 
 @run_async
 async def test_a_watch_that_ends_at_once_is_retried_with_backoff(
-    fake: FakeApiServer, api: Any, caplog: pytest.LogCaptureFixture
+    fake: Script, api: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="egress_agent.agent.kubernetes")
-    fake.on_list("pods", fake.body(pod_list("10")))
+    caplog.set_level(logging.WARNING, logger="egress_agent.agent.reflector")
+    fake.on_list("pods", body(pod_list("10")))
     fake.on_watch("pods", fake.events(), resourceVersion="10")
     fake.on_watch("pods", fake.events(then="hold"), resourceVersion="10")
     async with running(api):
@@ -567,31 +435,41 @@ async def test_unreachable_api_server_is_retried_and_nothing_is_synced() -> None
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    api = api_for(f"http://127.0.0.1:{port}")
-    async with running(api) as (watcher, changes):
+    async with running(f"http://127.0.0.1:{port}") as (watcher, changes):
         await until(lambda: watcher.last_error is not None, "a connection error")
-        assert "MaxRetryError" in watcher.last_error  # type: ignore[operator]
+        assert "ClientConnectorError" in watcher.last_error  # type: ignore[operator]
         assert not watcher.snapshot().synced
         assert changes == []
 
 
 @run_async
-async def test_cancel_ends_watches_held_open_at_once(fake: FakeApiServer, api: Any) -> None:
+async def test_cancel_ends_watches_held_open_at_once(fake: Script, api: str) -> None:
     loop = asyncio.get_running_loop()
-    async with running(api):
-        await until(lambda: len(watch_threads()) == 2, "both watches to be open")
+    client = api_for(api)
+    watcher = PodWatcher(client, node_name=NODE, on_change=lambda _: None, backoff=TINY)
+    task = loop.create_task(watcher.run(), name="pod watcher under test")
+    try:
+        await until(lambda: fake.open_watches == 2, "both watches to be open")
         started = loop.time()
-    assert loop.time() - started < 0.5  # `running` also checked the threads have ended
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert loop.time() - started < 0.5
+        # The API server saw both connections closed, not left to their timeouts.
+        await until(lambda: fake.open_watches == 0, "the server to see the watches closed", 0.5)
+    finally:
+        task.cancel()
+        await client.close()
 
 
 # --- Namespaces ------------------------------------------------------------------------
 
 
 @run_async
-async def test_namespace_labels_follow_the_namespace_watch(fake: FakeApiServer, api: Any) -> None:
+async def test_namespace_labels_follow_the_namespace_watch(fake: Script, api: str) -> None:
     pods = [pod("pg-1", ips=("10.1.0.5",)), pod("web-1", namespace="web", ips=("10.1.0.9",))]
-    fake.on_list("pods", fake.body(pod_list("10", *pods)))
-    fake.on_list("namespaces", fake.body(NAMESPACES))
+    fake.on_list("pods", body(pod_list("10", *pods)))
+    fake.on_list("namespaces", body(NAMESPACES))
     gate = threading.Event()
     web = namespace("web", labels={"team": "data"}, rv="101")
     fake.on_watch(
@@ -611,14 +489,14 @@ async def test_namespace_labels_follow_the_namespace_watch(fake: FakeApiServer, 
 
 
 @run_async
-async def test_a_list_in_pages_is_read_whole(fake: FakeApiServer, api: Any) -> None:
+async def test_a_list_in_pages_is_read_whole(fake: Script, api: str) -> None:
     fake.on_list(
         "namespaces",
-        fake.body(namespace_list("100", namespace("a"), cont="page-2")),
+        body(namespace_list("100", namespace("a"), cont="page-2")),
     )
     fake.on_list(
         "namespaces",
-        fake.body(namespace_list("100", namespace("b"))),
+        body(namespace_list("100", namespace("b"))),
         **{"continue": "page-2"},
     )
     fake.on_watch("namespaces", fake.events(then="hold"), resourceVersion="100")
@@ -771,10 +649,10 @@ def test_pod_info_refuses_an_object_without_namespace() -> None:
 
 
 @run_async
-async def test_an_unreadable_pod_is_skipped_not_fatal(fake: FakeApiServer, api: Any) -> None:
+async def test_an_unreadable_pod_is_skipped_not_fatal(fake: Script, api: str) -> None:
     broken = pod("broken")
     del broken["metadata"]["name"]
-    fake.on_list("pods", fake.body(pod_list("10", broken, pod("pg-1"))))
+    fake.on_list("pods", body(pod_list("10", broken, pod("pg-1"))))
     async with running(api) as (watcher, _):
         await until(lambda: watcher.snapshot().synced, "the first sync")
         assert names(watcher.snapshot()) == ["db/pg-1"]
@@ -793,23 +671,27 @@ def test_node_name_from_env() -> None:
         assert "fieldPath: spec.nodeName" in message
 
 
-def test_make_api_explains_missing_configuration(
+@run_async
+async def test_make_api_explains_missing_configuration(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(KubernetesConfigError, match="--kubeconfig"):
-        make_api(None)
+        await make_api(None)
     with pytest.raises(KubernetesConfigError, match="no such kubeconfig file"):
-        make_api(str(tmp_path / "missing"))
+        await make_api(str(tmp_path / "missing"))
     empty = tmp_path / "empty"
     empty.write_text("apiVersion: v1\nkind: Config\n")
     with pytest.raises(KubernetesConfigError, match="cannot use this kubeconfig"):
-        make_api(str(empty))
+        await make_api(str(empty))
 
 
-def test_make_api_with_a_kubeconfig_reaches_its_server(fake: FakeApiServer, tmp_path: Path) -> None:
-    fake.on_list("pods", fake.body(pod_list("7", pod("pg-1"))))
-    server = fake.httpserver.url_for("").rstrip("/")
+@run_async
+async def test_make_api_with_a_kubeconfig_reaches_its_server(
+    fake: Script, api: str, tmp_path: Path
+) -> None:
+    fake.on_list("pods", body(pod_list("7", pod("pg-1"))))
+    server = api
     config = tmp_path / "config"
     config.write_text(
         json.dumps(
@@ -823,11 +705,15 @@ def test_make_api_with_a_kubeconfig_reaches_its_server(fake: FakeApiServer, tmp_
             }
         )
     )
-    api = make_api(str(config))
-    pods = api.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={NODE}")
-    assert [p.metadata.name for p in pods.items if p.metadata] == ["pg-1"]
-    (request, _) = fake.httpserver.log[-1]
-    assert request.headers["Authorization"] == "Bearer t0ken"
+    api = await make_api(str(config))
+    try:
+        page = await api.list_page(
+            "pods", field_selector=f"spec.nodeName={NODE}", limit=10, continue_token=None
+        )
+    finally:
+        await api.close()
+    assert [p["metadata"]["name"] for p in page["items"]] == ["pg-1"]
+    assert fake.seen[-1].headers["Authorization"] == "Bearer t0ken"
 
 
 def test_backoff_grows_to_its_cap_with_jitter() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 from egress_agent.agent.discovery import resolve
-from egress_agent.agent.kubernetes import FrozenMap, PodInfo, Snapshot
+from egress_agent.agent.pods import FrozenMap, PodInfo, Snapshot
 from egress_agent.policy.decide import identify, should_divert
 from egress_agent.policy.load import parse_policy
 
