@@ -20,12 +20,15 @@ import socket
 import sys
 import textwrap
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from shlex import quote as shlex_quote
 from typing import Any
 
 import pytest
 
+from egress_agent.bpf.cgroup import PROGRAM, attached_programs, default_root
 from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
 
@@ -83,7 +86,16 @@ def _agent(lab: Lab, work: Path, name: str, *args: str, **kw: Any) -> AgentProce
         policy=work / "policy.yaml",
         audit=work / "audit.jsonl",
         log=work / f"{name}.log",
-        extra_args=("--on-stop", "keep", "--state-file", str(work / "state.json"), *args),
+        # A pin folder of the lab's own: cleanup removes the one the state names.
+        extra_args=(
+            "--on-stop",
+            "keep",
+            "--state-file",
+            str(work / "state.json"),
+            "--bpf-pin-dir",
+            f"/sys/fs/bpf/egress-{lab.prefix.rstrip('-')}",
+            *args,
+        ),
         **kw,
     )
 
@@ -393,3 +405,88 @@ def test_under_fail_open_a_stop_with_keep_still_removes_everything(
     assert "removing table inet egress_agent" in (work / "agent.log").read_text()
     assert "fails open: nothing installed" in _guard(lab, work)
     assert not _table(lab)
+
+
+# A node process in a cgroup workload, one connection at a time until STOP:
+# direct when the sink saw the client's own address and port.
+CGROUP_PROBE = """
+import json, os, socket, time
+counts = {"direct": 0, "proxied": 0, "refused": 0}
+end = time.time() + 120
+while time.time() < end and not os.path.exists(STOP):
+    try:
+        with socket.create_connection(("198.18.1.2", 9000), timeout=3) as s:
+            s.sendall(b"probe\\n")
+            reply = s.recv(200).decode()
+            local = "%s:%d" % s.getsockname()[:2]
+        if " saw " not in reply:
+            raise ConnectionError("closed without an answer")
+        counts["direct" if reply.strip().endswith(" saw " + local) else "proxied"] += 1
+    except OSError:
+        counts["refused"] += 1
+    time.sleep(0.005)
+print(json.dumps(counts))
+"""
+
+
+def test_a_cgroup_workload_is_never_direct_across_a_restart(pod_and_sink: Lab, work: Path) -> None:
+    """A node process selected by its cgroup (a backup service on a VM): the
+    socket marker stays attached while no agent runs, so its connections are
+    refused, and the successor attaches its own before it detaches the old
+    one, so no socket is ever created unmarked."""
+    lab = pod_and_sink
+    root = default_root()
+    assert root is not None, "this machine has no cgroup2 mount"
+    name = f"egress-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    cgroup = Path(root, name)
+    cgroup.mkdir()
+    (work / "policy.yaml").write_text(
+        POLICY.replace(f"{{cidrs: [{POD}/32]}}", f"{{cgroups: [{name}]}}")
+    )
+    # `ip netns exec` mounts a /sys of its own: reach the cgroup2 mount through ours.
+    seen_root = f"/proc/{os.getpid()}/root{root}"
+    args = ("--datapath", "nft", "--cgroup-root", seen_root)
+    args += ("--bpf-pin-dir", str(work / "bpffs" / "egress"))
+    old = _agent(lab, work, "old", *args).start(timeout=60)
+    new = _agent(lab, work, "new", *args)
+    stop = work / "probe-stop"
+    script = f"STOP = {str(stop)!r}\n" + textwrap.dedent(CGROUP_PROBE)
+    enter = f"echo $$ > {seen_root}/{name}/cgroup.procs && exec "
+    probe = lab.popen(
+        "node",
+        ["sh", "-c", f"{enter}{sys.executable} -c {shlex_quote(script)}"],
+        stdout=-1,
+        stderr=-1,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)
+        before = {i for i, n in attached_programs(root, name) if n == PROGRAM}
+        assert old.stop() == 0
+        assert {i for i, n in attached_programs(root, name) if n == PROGRAM} == before  # kept
+        new.start(timeout=60)
+        time.sleep(1.5)
+        stop.touch()
+        out, err = probe.communicate(timeout=30)
+        assert probe.returncode == 0, err
+        after = {i for i, n in attached_programs(root, name) if n == PROGRAM}
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+        new.stop()
+        if Path(cgroup, "cgroup.kill").exists():
+            Path(cgroup, "cgroup.kill").write_text("1")
+        for _ in range(50):
+            try:
+                cgroup.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    counts = json.loads(out)
+    print(
+        f"restart, cgroup workload: direct {counts['direct']}, proxied {counts['proxied']},"
+        f" refused {counts['refused']}"
+    )
+    assert counts["direct"] == 0, counts
+    assert counts["proxied"] > 20 and counts["refused"] > 0, counts
+    assert len(after) == 1 and after != before  # the successor's, the old one detached
