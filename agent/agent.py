@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from egress_agent.agent.addresses import host_interfaces
+from egress_agent.agent.cgroups import marks_by_path
 from egress_agent.agent.desired import Desired, Observed, content_hash, desired_state
 from egress_agent.agent.discovery import pod_addresses, uses_pods
 from egress_agent.agent.handover import Inherited
 from egress_agent.agent.pods import Snapshot
 from egress_agent.agent.reconcile import CommitRefused, Reconciler
 from egress_agent.agent.reflector import PodWatcher
+from egress_agent.agent.saved import SavedState, write_saved
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, ReloadResult
 from egress_agent.agent.status import metrics as status_metrics
 from egress_agent.agent.status import snapshot as status_snapshot
@@ -50,6 +52,13 @@ class RunOptions:
     bpf_exclude_interfaces: tuple[str, ...] = ()
     # cgroup2 mount for cgroup workloads; None: found in /proc/self/mountinfo.
     cgroup_root: str | None = None
+    # On SIGTERM/SIGINT under fail: closed: "remove" the kernel state, or
+    # "keep" it (diverted traffic refused until the next start replaces it,
+    # or ``egress-agent cleanup`` removes it; see ``runner``).
+    on_stop: str = "remove"
+    # Where the state in force is saved after each commit, for the boot
+    # guard and cleanup (``saved``); None: not saved.
+    state_file: str | None = None
 
 
 def summary(policy: Policy) -> str:
@@ -83,6 +92,8 @@ class Agent:
             bpf_exclude_interfaces=options.bpf_exclude_interfaces,
             cgroup_root=options.cgroup_root,
         )
+        if options.state_file is not None:
+            self.reconciler.on_commit = self._save_state
         self.audit = AuditLog(options.audit_path)
         self.connect: ConnectListener | None = None
         self.last_reload: ReloadResult | None = None
@@ -148,6 +159,44 @@ class Agent:
                 return proxy
 
             await self.reconciler.start(self._desired(), start_proxy)
+
+    async def _save_state(self) -> None:
+        """Save the state just put in force for the next boot (``saved``).
+        A failure is logged, never fatal: enforcement is in the kernel."""
+        assert self.options.state_file is not None
+        desired = self.reconciler.desired
+        policy = desired.policy
+        state = SavedState(
+            policy_path=self.path,
+            policy_hash=desired.policy_hash,
+            generation=self.reconciler.generation,
+            fail_open=policy.fail_open,
+            address_v4=policy.proxy.address_v4,
+            address_v6=policy.proxy.address_v6,
+            bpf_pin_dir=self.options.bpf_pin_dir,
+            cgroup_root=self.options.cgroup_root,
+            cgroups=tuple(sorted(marks_by_path(policy))),
+            # The nftables selection: a boot guard installs it with no BPF.
+            ruleset=desired.doc if desired.selection == "nft" else self._desired_nft().doc,
+        )
+        try:
+            await asyncio.to_thread(write_saved, self.options.state_file, state)
+        except OSError as exc:
+            log.error(
+                "cannot save the state in force to %s: %s; a reboot before the next save"
+                " leaves the workloads unguarded until the agent starts",
+                self.options.state_file,
+                exc,
+            )
+
+    def _desired_nft(self) -> Desired:
+        current = self.reconciler.desired
+        return desired_state(
+            current.source,
+            policy_hash=current.policy_hash,
+            observed=current.observed,
+            selection="nft",
+        )
 
     async def links_changed(self) -> None:
         """An interface appeared, went or changed: attach where it belongs."""

@@ -19,9 +19,11 @@ from typing import Any
 
 from egress_agent.agent.podcgroups import scan
 from egress_agent.bpf.cgroup import (
+    PROGRAM,
     CgroupMarkConfig,
     CgroupMarker,
     CgroupMarkError,
+    attached_programs,
     default_root,
     detach_stale,
 )
@@ -78,13 +80,12 @@ class CgroupWorkloads:
             try:
                 root = self._root()
                 # Compile and load first (a second or two), then swap a
-                # previous run's attachments for ours: sockets made in
-                # between go unmarked only for that short moment.
+                # previous run's attachments for ours (below).
                 self.marker = CgroupMarker(
                     CgroupMarkConfig(mark_mask=policy.proxy.cgroup_mark_mask, pin_dir=self.pin_dir),
                     root,
                 )
-                self._clean(root, list(paths))
+                fresh = list(paths)
             except (CgroupMarkError, OSError) as exc:
                 names = sorted({w.name for w in policy.workloads if by_cgroup(w)})
                 self.refused = str(exc)
@@ -96,9 +97,14 @@ class CgroupWorkloads:
                 )
                 return
         else:
-            self._clean(self.marker.root, [p for p in paths if p not in self.marker.attached])
+            fresh = [p for p in paths if p not in self.marker.attached]
+        # A previous run's programs (a crash, a stop that kept them) are
+        # noted before ours attach and detached after: with both attached
+        # (BPF_F_ALLOW_MULTI) no socket is ever created unmarked.
+        stale = self._stale(self.marker.root, fresh)
         owners = workload_of_path(policy)
         result = self.marker.sync(paths)
+        self._clean(self.marker.root, fresh, stale)
         for path in result.attached:
             log.info("cgroup %s (workload %s): socket marker attached", path, owners.get(path))
         for path in result.missing:
@@ -112,12 +118,25 @@ class CgroupWorkloads:
             log.info("cgroup %s: socket marker detached (no longer in the policy)", path)
         self.missing = sorted(p for p in paths if p not in self.marker.attached)
 
-    def _clean(self, root: str, paths: list[str]) -> None:
-        """A killed run's attachments on cgroups seen for the first time."""
+    def _stale(self, root: str, paths: list[str]) -> set[int]:
+        """Ids of the marker programs on cgroups seen for the first time:
+        a previous run's, as ours is not attached there yet."""
+        ids: set[int] = set()
+        for path in paths:
+            if path in self._cleaned:
+                continue
+            try:
+                ids.update(i for i, name in attached_programs(root, path) if name == PROGRAM)
+            except OSError:
+                continue  # not there (yet)
+        return ids
+
+    def _clean(self, root: str, paths: list[str], stale: set[int]) -> None:
+        """A previous run's attachments on cgroups seen for the first time."""
         fresh = [p for p in paths if p not in self._cleaned]
         if not fresh:
             return
-        removed = detach_stale(root, fresh)
+        removed = detach_stale(root, fresh, only=stale) if stale else []
         if removed:
             log.info("removed a previous run's socket marker from %s", ", ".join(removed))
         # Only cgroups that exist count as checked: one made later may

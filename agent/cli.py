@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from egress_agent.agent import bootguard, cleanup
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, parse_address
 from egress_agent.bpf.loader import DEFAULT_PIN_DIR
 from egress_agent.policy.decide import (
@@ -117,6 +118,23 @@ def _parser() -> argparse.ArgumentParser:
         " traffic arriving there is then never diverted in the bpf datapath",
     )
 
+    run.add_argument(
+        "--on-stop",
+        choices=["remove", "keep"],
+        default="remove",
+        help="on SIGTERM/SIGINT under fail: closed: remove the table, addresses and datapath"
+        " (default), or keep them so that diverted traffic is refused until the next start"
+        " (the systemd unit's choice; `egress-agent cleanup` removes them)",
+    )
+    run.add_argument(
+        "--state-file",
+        metavar="FILE",
+        help="save the state in force here after every change, for boot-guard and cleanup"
+        " (the systemd unit's: /var/lib/egress-agent/state.json)",
+    )
+    bootguard.add_parser(sub)
+    cleanup.add_parser(sub)
+
     bpf = sub.add_parser("bpf", help="the BPF datapath: show what would be loaded")
     bpf_sub = bpf.add_subparsers(dest="bpf_command", required=True)
     bpf_dump = bpf_sub.add_parser(
@@ -199,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command == "bpf":
             return _bpf_dump(args)
+        if args.command == "boot-guard":
+            return bootguard.run_boot_guard(args)
+        if args.command == "cleanup":
+            return cleanup.run_cleanup(args)
         if args.command == "demo":
             from egress_agent.agent.demo import run_demo
 
@@ -236,6 +258,8 @@ def _run(args: argparse.Namespace) -> int:
         bpf_pin_dir=args.bpf_pin_dir,
         bpf_exclude_interfaces=tuple(args.bpf_exclude_interface),
         cgroup_root=args.cgroup_root,
+        on_stop=args.on_stop,
+        state_file=args.state_file,
     )
     try:
         return uvloop.run(run_agent(options))

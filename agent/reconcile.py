@@ -119,6 +119,9 @@ class Reconciler:
         self.in_sync = False
         self.drift_problems: list[str] = []
         self.repairs = 0
+        # Called after the first state and every commit are in force (the
+        # agent saves them for the next boot, see ``saved``).
+        self.on_commit: Callable[[], Awaitable[None]] | None = None
 
     @property
     def policy(self) -> Policy:
@@ -149,10 +152,7 @@ class Reconciler:
         wanted = self.datapath
         self.datapath_ready = True
         if wanted == "nft":
-            # A crashed BPF-mode run's filters would only set an unused mark;
-            # remove them anyway: the agent leaves nothing behind.
-            await asyncio.to_thread(bpf_attach.detach_everywhere)
-            return
+            return  # a previous BPF-mode run's filters go once our table is in (start)
         datapath = BpfDatapath(
             config=self._bpf_config(), exclude_interfaces=self.bpf_exclude_interfaces
         )
@@ -178,6 +178,14 @@ class Reconciler:
             datapath.status()["program_id"],
             ", ".join(sorted(datapath.attached)) or "no interface yet",
         )
+
+    async def _remove_stale_filters(self) -> None:
+        """A previous BPF-mode run's filters (a crash, a kept stop) would only
+        set a mark our table ignores; remove them anyway: the agent leaves
+        nothing behind."""
+        removed = await asyncio.to_thread(bpf_attach.detach_everywhere)
+        if removed:
+            log.info("removed a previous run's BPF filters from %s", ", ".join(removed))
 
     def restate(self, desired: Desired) -> Desired:
         """``desired`` with the traffic selection of the datapath in force."""
@@ -215,6 +223,12 @@ class Reconciler:
                 "the kernel does not hold the ruleset that was applied: " + "; ".join(problems)
             )
         self.in_sync = True
+        if self.bpf is None:
+            # Only now: a previous BPF-mode run's table, kept until ours
+            # replaced it, selected by the marks these filters set.
+            await self._remove_stale_filters()
+        if self.on_commit is not None:
+            await self.on_commit()
 
     async def commit(self, desired: Desired) -> int:
         """Put ``desired`` in force as the next generation; the number of open
@@ -246,6 +260,8 @@ class Reconciler:
             after.max_connections_per_workload,
         ):
             log_connection_caps(desired.policy, self.proxy)  # open connections over a new cap stay
+        if self.on_commit is not None:
+            await self.on_commit()
         return closed
 
     async def _update_bpf(self, policy: Policy) -> None:

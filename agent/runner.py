@@ -16,7 +16,12 @@ a table replacement, and the proxy keeps relaying them.
 
 A crash (``kill -9``) leaves the table and addresses in place: diverted
 traffic is then refused by the kernel (nothing listens), never sent direct.
-The next start replaces the stale table whole.
+The next start replaces the stale table whole. ``--on-stop keep`` (the
+systemd unit's) makes a stop under ``fail: closed`` do the same, so that a
+restart is a refused moment and never a direct one; the unit's
+``ExecStopPost=egress-agent cleanup`` removes the state when systemd is
+really stopping the service (see ``cleanup``). ``--state-file`` saves the
+state in force after every commit for the boot guard (see ``saved``).
 
 Datapath (``--datapath``): with ``bpf`` (or ``auto`` where it loads) a tc
 classifier selects forwarded traffic from maps, and the table's prerouting
@@ -60,6 +65,7 @@ from egress_agent.agent.handover import (
 from egress_agent.agent.kubeapi import make_api, node_name_from_env
 from egress_agent.agent.pods import Snapshot
 from egress_agent.agent.reflector import PodWatcher
+from egress_agent.agent.sdnotify import notify
 from egress_agent.agent.status import StatusServer
 from egress_agent.agent.watch import PolicyFileWatch
 from egress_agent.proxy.tasks import Debouncer, TaskSet
@@ -289,6 +295,7 @@ async def run_agent(options: RunOptions) -> int:
             handover = HandoverServer(give=agent.give_listeners, settle=agent.settle_handover)
             await handover.start()
         log.info("ready: policy %s (%s)", options.policy_path, summary(agent.reconciler.policy))
+        notify(f"READY=1\nSTATUS=enforcing policy generation {agent.reconciler.generation}")
         await _first_set(agent.handed_over, stop)
         if agent.handed_over.is_set():
             # The successor enforces the policy now: no more duties, no
@@ -303,16 +310,36 @@ async def run_agent(options: RunOptions) -> int:
                 wait_for_stop=options.after_handover == "wait",
             )
             return 0
-        log.info("stopping: removing table inet egress_agent and the proxy addresses")
+        notify("STOPPING=1")
+        if keeps_state(options, agent):
+            log.info(
+                "stopping: leaving table inet egress_agent, the proxy addresses and the"
+                " datapath in place (fail: closed, --on-stop keep): diverted connections are"
+                " refused until the next start replaces them or `egress-agent cleanup`"
+                " removes them"
+            )
+        else:
+            log.info("stopping: removing table inet egress_agent and the proxy addresses")
         return 0
     finally:
         duties.close()
         await status.close()
         if handover is not None:
             await handover.close()
-        await agent.stop(teardown=not agent.handed_over.is_set() and not abandoned)
+        await agent.stop(
+            teardown=not agent.handed_over.is_set()
+            and not abandoned
+            and not keeps_state(options, agent)
+        )
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+def keeps_state(options: RunOptions, agent: Agent) -> bool:
+    """Whether stopping leaves the kernel state in place: asked for, and the
+    policy fails closed (a fail: open table goes with the process anyway,
+    and fail open means direct while no agent runs)."""
+    return options.on_stop == "keep" and not agent.reconciler.policy.fail_open
 
 
 async def _first_set(*events: asyncio.Event) -> None:

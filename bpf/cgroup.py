@@ -36,6 +36,7 @@ import os
 import struct
 import subprocess
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,9 +222,10 @@ def _program_name(lib: Any, prog_id: int) -> str:
         os.close(fd)
 
 
-def detach_stale(root: str, paths: list[str]) -> list[str]:
+def detach_stale(root: str, paths: list[str], *, only: Collection[int] | None = None) -> list[str]:
     """Detach every program named like the marker from these cgroups (what a
-    killed run left); returns "path (id N)" for each one removed."""
+    killed run left), or only those with the ids in ``only``; returns "path
+    (id N)" for each one removed."""
     lib = _lib()
     removed = []
     for path in paths:
@@ -232,7 +234,7 @@ def detach_stale(root: str, paths: list[str]) -> list[str]:
         except OSError:
             continue  # missing cgroup: nothing attached there
         for prog_id, name in found:
-            if name != PROGRAM:
+            if name != PROGRAM or (only is not None and prog_id not in only):
                 continue
             prog_fd = lib.bpf_prog_get_fd_by_id(prog_id)
             if prog_fd < 0:

@@ -15,10 +15,12 @@
 #      only if that file does not exist: an edited policy is never replaced;
 #   3. `egress-agent check` on the policy in place: a bad one stops here, with
 #      every problem as file:line:col, before the service is touched;
-#   4. the unit deploy/systemd/egress-agent.service as
-#      /etc/systemd/system/egress-agent.service (replaced when it differs);
-#   5. systemctl daemon-reload, try-restart (only when the unit changed, so a
-#      running agent picks it up), enable --now; then wait for "ready:".
+#   4. the units deploy/systemd/egress-agent.service and its boot guard
+#      egress-agent-guard.service in /etc/systemd/system (each replaced when
+#      it differs);
+#   5. systemctl daemon-reload, try-restart (only when a unit changed, so a
+#      running agent picks it up: a restart keeps the rules in place, see
+#      README.md), enable --now; then wait for "ready:".
 #
 # The repository is EGRESS_AGENT_REPO (or --repo DIR); by default the checkout
 # this script is in, or /opt/egress-agent when it runs from elsewhere (Vagrant
@@ -28,12 +30,14 @@ set -euo pipefail
 
 UNIT_NAME=egress-agent.service
 UNIT_PATH=/etc/systemd/system/$UNIT_NAME
+GUARD_NAME=egress-agent-guard.service
+GUARD_PATH=/etc/systemd/system/$GUARD_NAME
 POLICY_PATH=/etc/egress-agent/policy.yaml
 VM_REPO=/opt/egress-agent
 READY_TIMEOUT=${PROVISION_READY_TIMEOUT:-60}  # seconds
 
 usage() {
-    sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -153,8 +157,10 @@ if ! run "$repo/.venv/bin/egress-agent" check "$POLICY_PATH"; then
     exit 2
 fi
 
-install_file "$repo/deploy/systemd/$UNIT_NAME" "$UNIT_PATH" 0644 replace
+install_file "$repo/deploy/systemd/$GUARD_NAME" "$GUARD_PATH" 0644 replace
 unit_changed=$changed
+install_file "$repo/deploy/systemd/$UNIT_NAME" "$UNIT_PATH" 0644 replace
+[ "$changed" = 1 ] && unit_changed=1
 
 run systemctl daemon-reload
 if [ "$unit_changed" = 1 ]; then

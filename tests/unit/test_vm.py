@@ -38,10 +38,13 @@ VAGRANT_DIR = REPO / "vagrant"
 PROVISION = VAGRANT_DIR / "provision.sh"
 DEMO_POLICY = VAGRANT_DIR / "policy.yaml"
 UNIT_SOURCE = REPO / "deploy" / "systemd" / "egress-agent.service"
+GUARD_SOURCE = REPO / "deploy" / "systemd" / "egress-agent-guard.service"
 
 # Paths on the VM: the repository is synced to /opt/egress-agent.
 VM_AGENT = "/opt/egress-agent/.venv/bin/egress-agent"
 UNIT_PATH = "/etc/systemd/system/egress-agent.service"
+GUARD_PATH = "/etc/systemd/system/egress-agent-guard.service"
+STATE_FILE = "/var/lib/egress-agent/state.json"
 POLICY_PATH = "/etc/egress-agent/policy.yaml"
 # The BPF datapath's: NET_ADMIN (nftables, tc), BPF (programs, maps), PERFMON
 # (verifier pointer rules); systemd mounts bpffs at boot, so no SYS_ADMIN.
@@ -88,20 +91,24 @@ def _unit_fields(text: str) -> dict[tuple[str, str], list[str]]:
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
-    """The unit as installed, except that ExecStart points at this checkout's
-    agent (verify insists that the binary exists). Any output is a failure:
-    verify reports unknown keys and unparsable values as warnings and still
-    exits 0."""
+    """The units as installed, except that their commands point at this
+    checkout's agent (verify insists that the binary exists). Any output is a
+    failure: verify reports unknown keys and unparsable values as warnings
+    and still exits 0."""
     analyze = _tool("systemd-analyze", "systemd")
     agent = Path(sys.executable).with_name("egress-agent")
     assert agent.is_file(), f"no {agent}: run ./run setup"
     text = UNIT_SOURCE.read_text()
-    assert text.count(VM_AGENT) == 1
+    assert text.count(VM_AGENT) == 2  # ExecStart, ExecStopPost
     unit = tmp_path / "egress-agent.service"
     unit.write_text(text.replace(VM_AGENT, str(agent)))
+    guard_text = GUARD_SOURCE.read_text()
+    assert guard_text.count(VM_AGENT) == 1
+    guard = tmp_path / "egress-agent-guard.service"
+    guard.write_text(guard_text.replace(VM_AGENT, str(agent)))
 
     result = subprocess.run(
-        [analyze, "verify", str(unit)],
+        [analyze, "verify", str(unit), str(guard)],
         capture_output=True,
         text=True,
         timeout=20,
@@ -122,14 +129,27 @@ def test_unit_says_what_the_service_needs() -> None:
     assert exec_start == [
         VM_AGENT, "run", "--policy", POLICY_PATH,
         "--audit-log", "/var/log/egress-agent/audit.jsonl",
+        "--on-stop", "keep", "--state-file", STATE_FILE,
     ]  # fmt: skip
     # The agent's own CLI accepts exactly these arguments.
     args = _parser().parse_args(exec_start[1:])
-    assert (args.command, args.policy, args.audit_log) == ("run", POLICY_PATH, exec_start[-1])
-    # The audit log lives in the directory systemd creates for the service.
+    assert (args.command, args.policy, args.audit_log) == ("run", POLICY_PATH, exec_start[5])
+    assert (args.on_stop, args.state_file) == ("keep", STATE_FILE)
+    # The audit log lives in the directory systemd creates for the service,
+    # the saved state in its state directory.
     assert Path(args.audit_log).parent == Path("/var/log") / one("Service", "LogsDirectory")
+    assert Path(STATE_FILE).parent == Path("/var/lib") / one("Service", "StateDirectory")
+    # The cleanup after every end of the agent removes only on a real stop.
+    stop_post = one("Service", "ExecStopPost").split()
+    assert stop_post[0] == VM_AGENT
+    cleanup = _parser().parse_args(stop_post[1:])
+    assert (cleanup.command, cleanup.systemd_unit, cleanup.state_file) == (
+        "cleanup", "egress-agent.service", STATE_FILE,
+    )  # fmt: skip
 
-    assert one("Service", "Type") == "simple"
+    # Started means enforcing: units ordered after it start once it is ready.
+    assert one("Service", "Type") == "notify"
+    assert one("Service", "NotifyAccess") == "main"
     assert one("Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert one("Service", "Restart") == "on-failure"
     assert one("Service", "RestartSec") == "2"
@@ -150,6 +170,34 @@ def test_unit_says_what_the_service_needs() -> None:
     assert ("Service", "ProtectKernelTunables") not in fields
     assert int(one("Service", "LimitNOFILE")) >= 65536
     assert ("Service", "User") not in fields  # `run` checks for uid 0
+
+
+def test_the_boot_guard_runs_before_the_network_and_the_agent() -> None:
+    """At boot the guard's table is in place before any interface is
+    configured (network-pre.target) and after Debian's nftables.service
+    (whose `flush ruleset` would remove it); the agent starts after it and
+    pulls it in, so it runs at boot exactly when the agent is enabled."""
+    guard = _unit_fields(GUARD_SOURCE.read_text())
+    agent = _unit_fields(UNIT_SOURCE.read_text())
+
+    def words(fields: dict[tuple[str, str], list[str]], section: str, key: str) -> set[str]:
+        return {w for value in fields.get((section, key), []) for w in value.split()}
+
+    assert guard[("Unit", "DefaultDependencies")] == ["no"]  # early boot, before sysinit
+    assert {"network-pre.target", "egress-agent.service"} <= words(guard, "Unit", "Before")
+    assert "network-pre.target" in words(guard, "Unit", "Wants")
+    assert {"nftables.service", "local-fs.target"} <= words(guard, "Unit", "After")
+    assert "shutdown.target" in words(guard, "Unit", "Conflicts")
+    assert guard[("Service", "Type")] == ["oneshot"]
+    assert guard[("Service", "RemainAfterExit")] == ["yes"]
+    assert ("Install", "WantedBy") not in guard  # pulled in by the agent
+    exec_start = guard[("Service", "ExecStart")][0].split()
+    args = _parser().parse_args(exec_start[1:])
+    assert (args.command, args.state_file, args.policy) == ("boot-guard", STATE_FILE, POLICY_PATH)
+
+    assert "egress-agent-guard.service" in words(agent, "Unit", "Wants")
+    assert "egress-agent-guard.service" in words(agent, "Unit", "After")
+    assert "nftables.service" in words(agent, "Unit", "After")
 
 
 # --- the Vagrantfile ------------------------------------------------------------
@@ -274,8 +322,9 @@ def test_dry_run_installs_the_unit_and_the_demo_policy(tmp_path: Path, stub_bin:
     run = _provision(root, stub_bin, "--dry-run", "--root", str(root))
 
     files = run.files()
-    assert sorted(files) == [POLICY_PATH, UNIT_PATH]
+    assert sorted(files) == [POLICY_PATH, GUARD_PATH, UNIT_PATH]
     assert files[UNIT_PATH].read_bytes() == UNIT_SOURCE.read_bytes()
+    assert files[GUARD_PATH].read_bytes() == GUARD_SOURCE.read_bytes()
     assert files[POLICY_PATH].read_bytes() == DEMO_POLICY.read_bytes()
     for path in files.values():
         assert stat.S_IMODE(path.stat().st_mode) == 0o644
@@ -302,7 +351,7 @@ def test_second_dry_run_keeps_an_edited_policy_and_rewrites_nothing(
 
     assert policy.read_text() == edited
     assert unit.stat().st_mtime_ns == unit_written
-    assert sorted(again.files()) == [POLICY_PATH, UNIT_PATH]
+    assert sorted(again.files()) == [POLICY_PATH, GUARD_PATH, UNIT_PATH]
     assert f"{POLICY_PATH} exists: kept as it is" in again.output
     assert again.commands == AGAIN_COMMANDS
 
@@ -319,10 +368,27 @@ def test_changed_unit_is_replaced_and_the_agent_restarted(tmp_path: Path, stub_b
     assert again.commands == FIRST_RUN_COMMANDS
 
 
+def test_an_upgrade_that_brings_the_boot_guard_installs_it_and_restarts(
+    tmp_path: Path, stub_bin: Path
+) -> None:
+    """An older installation had no guard unit: provisioning adds it and
+    restarts the agent (a restart keeps the rules in place)."""
+    root = tmp_path / "root"
+    _provision(root, stub_bin, "--dry-run", "--root", str(root))
+    guard = root / GUARD_PATH.lstrip("/")
+    guard.unlink()
+
+    again = _provision(root, stub_bin, "--dry-run", "--root", str(root))
+
+    assert guard.read_bytes() == GUARD_SOURCE.read_bytes()
+    assert f"installed {GUARD_PATH}" in again.output
+    assert again.commands == FIRST_RUN_COMMANDS
+
+
 def test_provision_root_alone_means_a_dry_run(tmp_path: Path, stub_bin: Path) -> None:
     root = tmp_path / "root"
     run = _provision(root, stub_bin, env={"PROVISION_ROOT": str(root)})
-    assert sorted(run.files()) == [POLICY_PATH, UNIT_PATH]
+    assert sorted(run.files()) == [POLICY_PATH, GUARD_PATH, UNIT_PATH]
     assert run.commands == FIRST_RUN_COMMANDS
 
 
@@ -356,7 +422,8 @@ mount -t overlay egress-test-etc -o "lowerdir=/etc,upperdir=$T/etc-upper,workdir
 r=/opt/egress-agent
 mkdir -p "$r/vagrant" "$r/deploy/systemd" "$r/.venv/bin"
 cp "$SRC/vagrant/policy.yaml" "$r/vagrant/"
-cp "$SRC/deploy/systemd/egress-agent.service" "$r/deploy/systemd/"
+cp "$SRC/deploy/systemd/egress-agent.service" "$SRC/deploy/systemd/egress-agent-guard.service" \
+    "$r/deploy/systemd/"
 printf '#!/bin/sh\necho "run $*" >> "$STUB_LOG"\n' > "$r/run"
 printf '#!/bin/sh\nexec %s -m egress_agent.agent.cli "$@"\n' "$PYTHON" > "$r/.venv/bin/egress-agent"
 chmod +x "$r/run" "$r/.venv/bin/egress-agent"
@@ -433,7 +500,7 @@ def test_provisioning_installs_enables_and_waits_for_ready(
     assert done.returncode == 0, done.output
     # The machine's own files were not touched.
     assert [p.stat().st_mtime_ns if p.exists() else None for p in machine] == before
-    assert done.written() == [POLICY_PATH, UNIT_PATH]
+    assert done.written() == [POLICY_PATH, GUARD_PATH, UNIT_PATH]
     assert (done.etc / "systemd/system/egress-agent.service").read_bytes() == (
         REPO / "deploy/systemd/egress-agent.service"
     ).read_bytes()
