@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from egress_agent.agent.logformat import LOG_FORMATS, configure_logging
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, parse_address
 from egress_agent.bpf.loader import DEFAULT_PIN_DIR
 from egress_agent.policy.decide import (
@@ -51,12 +52,20 @@ def _parser() -> argparse.ArgumentParser:
         description="Divert chosen workloads' outbound TCP into a local policy proxy.",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="the agent's own log lines: text, or json (one object per line)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
         "run", help="apply the policy on this node and run the proxy until stopped"
     )
     run.add_argument("--policy", required=True, help="policy file (YAML)")
+    # Also after "run", where service definitions put the run's options.
+    run.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS)
     run.add_argument(
         "--audit-log", default="-", help="audit records as JSON lines (default: - for stdout)"
     )
@@ -181,13 +190,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="egress-agent: %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    # pyroute2 logs every netlink message at debug level.
-    logging.getLogger("pyroute2").setLevel(max(logging.INFO, logging.root.level))
+    configure_logging(level=args.log_level, log_format=args.log_format)
     try:
         if args.command == "run":
             return _run(args)
@@ -204,6 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo()
     except PolicyError as exc:
+        if args.log_format == "json":
+            logging.getLogger("egress_agent").error(
+                "the policy is not valid (%d problems): %s",
+                len(exc.problems),
+                "; ".join(map(str, exc.problems)),
+                extra={"problems": [str(p) for p in exc.problems]},
+            )
+            return EXIT_BAD_INPUT
         print(
             f"egress-agent: the policy is not valid ({len(exc.problems)} problems):",
             file=sys.stderr,
