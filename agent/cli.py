@@ -183,6 +183,17 @@ def _parser() -> argparse.ArgumentParser:
         " are only known on the node)",
     )
 
+    suggest = sub.add_parser(
+        "suggest", help="print a policy that allows what the audit log saw and nothing else"
+    )
+    suggest.add_argument(
+        "--audit-log", required=True, help="the agent's audit log (rotated files beside it too)"
+    )
+    suggest.add_argument("--policy", help="the current policy: keep its workloads and settings")
+    suggest.add_argument(
+        "--wildcards", action="store_true", help="one *.parent entry for sibling names"
+    )
+
     demo = sub.add_parser("demo", help="run the demo on network namespaces on this machine")
     demo.add_argument("--keep-going", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -202,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command == "bpf":
             return _bpf_dump(args)
+        if args.command == "suggest":
+            from egress_agent.agent.suggest import run_suggest
+
+            return run_suggest(args.audit_log, policy=args.policy, wildcards=args.wildcards)
         if args.command == "demo":
             from egress_agent.agent.demo import run_demo
 
