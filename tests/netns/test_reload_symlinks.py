@@ -17,6 +17,7 @@ import pytest
 
 from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.lab.edits import rename_over, swap_link, write_in_place
 
 pytestmark = pytest.mark.netns
 
@@ -66,24 +67,6 @@ def _reloads(log: Path) -> list[float]:
     return out
 
 
-def _in_place(path: Path, text: str) -> None:
-    with open(path, "r+") as f:
-        f.truncate(0)
-        f.write(text)
-
-
-def _rename_over(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".swp")
-    tmp.write_text(text)
-    os.rename(tmp, path)
-
-
-def _swap_link(link: Path, target: str) -> None:
-    tmp = link.with_name(link.name + ".new")
-    os.symlink(target, tmp)
-    os.rename(tmp, link)
-
-
 def test_edits_through_symlinks_apply_within_a_second(pod_and_sink: Lab, tmp_path: Path) -> None:
     lab = pod_and_sink
     deploy = tmp_path / "deploy"
@@ -119,20 +102,20 @@ def test_edits_through_symlinks_apply_within_a_second(pod_and_sink: Lab, tmp_pat
             assert _applied(lab, port), what
 
         v1 = deploy / "releases" / "v1" / "policy.yaml"
-        step("target edited in place", 9001, lambda: _in_place(v1, _text(9001, "in place")))
-        step("target renamed over", 9000, lambda: _rename_over(v1, _text(9000, "renamed")))
+        step("target edited in place", 9001, lambda: write_in_place(v1, _text(9001, "in place")))
+        step("target renamed over", 9000, lambda: rename_over(v1, _text(9000, "renamed")))
         v2 = deploy / "releases" / "v2" / "policy.yaml"
         v2.write_text(_text(9001, "v2"))
-        step("checkout link swapped", 9001, lambda: _swap_link(deploy / "current", "releases/v2"))
-        step("new release edited", 9000, lambda: _in_place(v2, _text(9000, "v2 edited")))
+        step("checkout link swapped", 9001, lambda: swap_link(deploy / "current", "releases/v2"))
+        step("new release edited", 9000, lambda: write_in_place(v2, _text(9000, "v2 edited")))
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
         (elsewhere / "p.yaml").write_text(_text(9001, "elsewhere"))
-        step("link pointed elsewhere", 9001, lambda: _swap_link(link, str(elsewhere / "p.yaml")))
+        step("link pointed elsewhere", 9001, lambda: swap_link(link, str(elsewhere / "p.yaml")))
         step(
             "new target renamed over",
             9000,
-            lambda: _rename_over(elsewhere / "p.yaml", _text(9000, "elsewhere edited")),
+            lambda: rename_over(elsewhere / "p.yaml", _text(9000, "elsewhere edited")),
         )
     finally:
         assert agent.stop() == 0

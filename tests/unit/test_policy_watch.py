@@ -12,25 +12,7 @@ from pathlib import Path
 import pytest
 
 from egress_agent.agent.watch import PolicyFileWatch, resolution
-
-
-def _in_place(path: Path, text: str) -> None:
-    with open(path, "r+") as f:
-        f.truncate(0)
-        f.write(text)
-
-
-def _rename_over(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".swp")
-    tmp.write_text(text)
-    os.rename(tmp, path)
-
-
-def _swap_link(link: Path, target: str) -> None:
-    """Point ``link`` somewhere else atomically (ln -s + rename)."""
-    tmp = link.with_name(link.name + ".new")
-    os.symlink(target, tmp)
-    os.rename(tmp, link)
+from tests.lab.edits import rename_over, swap_link, write_in_place
 
 
 @pytest.fixture
@@ -84,9 +66,9 @@ def test_edits_of_a_symlinked_file_elsewhere(
     target.write_text("a")
     os.symlink(target, tmp_path / "etc" / "policy.yaml")
     watch = watches(tmp_path / "etc" / "policy.yaml")
-    _in_place(target, "b")
+    write_in_place(target, "b")
     assert _noticed(watch)
-    _rename_over(target, "c")
+    rename_over(target, "c")
     assert _noticed(watch)
     (tmp_path / "srv" / "unrelated.log").write_text("noise")
     (tmp_path / "etc" / "audit.jsonl").write_text("noise")
@@ -103,12 +85,12 @@ def test_a_link_pointed_elsewhere_brings_the_new_folder_in(
     link = tmp_path / "etc" / "policy.yaml"
     os.symlink(tmp_path / "old" / "p.yaml", link)
     watch = watches(link)
-    _swap_link(link, str(tmp_path / "new" / "p.yaml"))
+    swap_link(link, str(tmp_path / "new" / "p.yaml"))
     assert _noticed(watch)
     assert str(tmp_path / "new") in watch.folders and str(tmp_path / "old") not in watch.folders
-    _in_place(tmp_path / "new" / "p.yaml", "c")
+    write_in_place(tmp_path / "new" / "p.yaml", "c")
     assert _noticed(watch)
-    _in_place(tmp_path / "old" / "p.yaml", "no longer the policy")
+    write_in_place(tmp_path / "old" / "p.yaml", "no longer the policy")
     assert not _noticed(watch)
 
 
@@ -124,11 +106,11 @@ def test_a_swapped_checkout_link_and_edits_of_the_new_release(
     link = tmp_path / "etc" / "policy.yaml"
     os.symlink(deploy / "current" / "policy.yaml", link)
     watch = watches(link)
-    _swap_link(deploy / "current", "releases/v2")
+    swap_link(deploy / "current", "releases/v2")
     assert _noticed(watch)
-    _rename_over(deploy / "releases" / "v2" / "policy.yaml", "v2 edited")
+    rename_over(deploy / "releases" / "v2" / "policy.yaml", "v2 edited")
     assert _noticed(watch)
-    _in_place(deploy / "releases" / "v1" / "policy.yaml", "the old release")
+    write_in_place(deploy / "releases" / "v1" / "policy.yaml", "the old release")
     assert not _noticed(watch)
 
 
@@ -144,7 +126,7 @@ def test_the_configmap_swap_again_and_again(
     for old, new in (("..v1", "..v2"), ("..v2", "..v3")):
         (cm / new).mkdir()
         (cm / new / "policy.yaml").write_text(new)
-        _swap_link(cm / "..data", new)
+        swap_link(cm / "..data", new)
         # The kubelet removes the old version afterwards.
         (cm / old / "policy.yaml").unlink()
         (cm / old).rmdir()
