@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
-from tests.unit.test_monitoring import FAMILIES
+from tests.lab.metricnames import FAMILIES
 
 pytestmark = pytest.mark.netns
 
