@@ -18,12 +18,12 @@ from egress_agent.agent.cgroups import marks_by_path
 from egress_agent.agent.desired import Desired, Observed, content_hash, desired_state
 from egress_agent.agent.discovery import pod_addresses, uses_pods
 from egress_agent.agent.handover import Inherited
+from egress_agent.agent.metrics import Metrics
 from egress_agent.agent.pods import Snapshot
 from egress_agent.agent.reconcile import CommitRefused, Reconciler
 from egress_agent.agent.reflector import PodWatcher
 from egress_agent.agent.saved import SavedState, write_saved
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, ReloadResult
-from egress_agent.agent.status import metrics as status_metrics
 from egress_agent.agent.status import snapshot as status_snapshot
 from egress_agent.bpf.loader import DEFAULT_PIN_DIR
 from egress_agent.policy.load import PolicyError, parse_policy, read_policy_text
@@ -105,6 +105,7 @@ class Agent:
         # kernel state is the successor's to change, not ours to repair.
         self.handing_over = False
         self.successor: int | None = None
+        self._metrics: Metrics | None = None
 
     @property
     def source_policy(self) -> Policy:
@@ -219,7 +220,9 @@ class Agent:
 
     def metrics(self) -> str:
         """The agent's counters and gauges in the Prometheus text format."""
-        return status_metrics(self)
+        if self._metrics is None:
+            self._metrics = Metrics(self)
+        return self._metrics.text()
 
     async def reload(self, reason: str) -> ReloadResult:
         """Validate the file, then apply it as one change; keep the old on any error."""

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from egress_agent.agent import bootguard, cleanup
+from egress_agent.agent.logformat import LOG_FORMATS, configure_logging
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, parse_address
 from egress_agent.bpf.loader import DEFAULT_PIN_DIR
 from egress_agent.policy.decide import (
@@ -52,12 +53,20 @@ def _parser() -> argparse.ArgumentParser:
         description="Divert chosen workloads' outbound TCP into a local policy proxy.",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="the agent's own log lines: text, or json (one object per line)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
         "run", help="apply the policy on this node and run the proxy until stopped"
     )
     run.add_argument("--policy", required=True, help="policy file (YAML)")
+    # Also after "run", where service definitions put the run's options.
+    run.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS)
     run.add_argument(
         "--audit-log", default="-", help="audit records as JSON lines (default: - for stdout)"
     )
@@ -192,6 +201,17 @@ def _parser() -> argparse.ArgumentParser:
         " are only known on the node)",
     )
 
+    suggest = sub.add_parser(
+        "suggest", help="print a policy that allows what the audit log saw and nothing else"
+    )
+    suggest.add_argument(
+        "--audit-log", required=True, help="the agent's audit log (rotated files beside it too)"
+    )
+    suggest.add_argument("--policy", help="the current policy: keep its workloads and settings")
+    suggest.add_argument(
+        "--wildcards", action="store_true", help="one *.parent entry for sibling names"
+    )
+
     demo = sub.add_parser("demo", help="run the demo on network namespaces on this machine")
     demo.add_argument("--keep-going", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -199,13 +219,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="egress-agent: %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    # pyroute2 logs every netlink message at debug level.
-    logging.getLogger("pyroute2").setLevel(max(logging.INFO, logging.root.level))
+    configure_logging(level=args.log_level, log_format=args.log_format)
     try:
         if args.command == "run":
             return _run(args)
@@ -221,11 +235,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return bootguard.run_boot_guard(args)
         if args.command == "cleanup":
             return cleanup.run_cleanup(args)
+        if args.command == "suggest":
+            from egress_agent.agent.suggest import run_suggest
+
+            return run_suggest(args.audit_log, policy=args.policy, wildcards=args.wildcards)
         if args.command == "demo":
             from egress_agent.agent.demo import run_demo
 
             return run_demo()
     except PolicyError as exc:
+        if args.log_format == "json":
+            logging.getLogger("egress_agent").error(
+                "the policy is not valid (%d problems): %s",
+                len(exc.problems),
+                "; ".join(map(str, exc.problems)),
+                extra={"problems": [str(p) for p in exc.problems]},
+            )
+            return EXIT_BAD_INPUT
         print(
             f"egress-agent: the policy is not valid ({len(exc.problems)} problems):",
             file=sys.stderr,

@@ -128,12 +128,18 @@ class AuditLog:
         self.connect_by_outcome: dict[tuple[str, str], int] = {}
         # HTTP request records by (rule, status class: "2xx".."5xx", or "none").
         self.requests_by_outcome: dict[tuple[str, str], int] = {}
+        # Connection records by (workload, rule, verdict); "-" where none.
+        self.by_rule: dict[tuple[str, str, str], int] = {}
+        # Records that could not be written.
+        self.write_errors = 0
 
     def write(self, record: AuditRecord) -> None:
         outcome = (record.event, record.verdict or "none")
         self.by_outcome[outcome] = self.by_outcome.get(outcome, 0) + 1
         if record.via == "connect":
             self.connect_by_outcome[outcome] = self.connect_by_outcome.get(outcome, 0) + 1
+        by_rule = (record.workload or "-", record.rule or "-", record.verdict or "none")
+        self.by_rule[by_rule] = self.by_rule.get(by_rule, 0) + 1
         self.bytes_up += record.bytes_up
         self.bytes_down += record.bytes_down
         # Fields are flat scalars: a plain dict avoids asdict()'s deep copy,
@@ -146,6 +152,7 @@ class AuditLog:
             self._stream.flush()
             self.written += 1
         except OSError as exc:  # a full disk must not take connections down
+            self.write_errors += 1
             log.error("cannot write audit record to %s: %s", self._path or "stdout", exc)
 
     def write_request(self, record: RequestRecord) -> None:
@@ -160,8 +167,12 @@ class AuditLog:
             self._stream.flush()
             self.written += 1
         except OSError as exc:
+            self.write_errors += 1
             log.error("cannot write audit record to %s: %s", self._path or "stdout", exc)
 
     def close(self) -> None:
         if self._owned:
-            self._stream.close()
+            try:
+                self._stream.close()
+            except OSError as exc:  # records already counted as not written
+                log.error("cannot write audit record to %s: %s", self._path, exc)
