@@ -16,14 +16,14 @@ from egress_agent.policy.decide import candidate_rule
 from egress_agent.policy.model import Action, HttpRule
 from egress_agent.proxy import httpmessage, httprelay
 from egress_agent.proxy.audit import RequestRecord, rfc3339
-from egress_agent.proxy.peek import HTTP_METHODS, Protocol
+from egress_agent.proxy.peek import Protocol
+from egress_agent.proxy.peek_http import HTTP_STARTS
 from egress_agent.proxy.relay import Half
 from egress_agent.proxy.streams import TcpStream, take_over
 
 if TYPE_CHECKING:
     from egress_agent.proxy.connection import Connection
 
-_HTTP_STARTS = tuple(m.encode("ascii") + b" " for m in HTTP_METHODS)
 # Plain HTTP allowed by a rule's hosts is served by the HTTP relay without
 # rewriting anything, so that every request's Host is checked.
 PASS_THROUGH = HttpRule()
@@ -42,7 +42,7 @@ async def refuse_malformed_http(conn: Connection, exc: ValueError) -> bool:
         or rule.http is None
         or rule.action is not Action.ALLOW
         or transport is None
-        or not bytes(conn.buffer[:16]).startswith(_HTTP_STARTS)
+        or not bytes(conn.buffer[:16]).startswith(HTTP_STARTS)
     ):
         return False
     conn.event = "failed"
