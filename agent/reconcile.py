@@ -37,7 +37,8 @@ from egress_agent.bpf.datapath import BpfDatapath
 from egress_agent.bpf.loader import BpfConfig, BpfError
 from egress_agent.bpf.maps import UnsupportedPolicy
 from egress_agent.policy.model import Policy
-from egress_agent.proxy.server import FDS_PER_CONNECTION, ProxyServer
+from egress_agent.proxy.limits import FDS_PER_CONNECTION
+from egress_agent.proxy.server import ProxyServer
 from egress_agent.rules.apply import (
     NftablesError,
     RuleCounter,

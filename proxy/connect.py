@@ -19,7 +19,7 @@ it (:func:`decide_by_name`), so a denied name never even reaches the resolver.
 Only CONNECT is served: a plain-HTTP forward request (``GET http://...`` with
 HTTP_PROXY) gets ``501`` saying so.
 
-Each CONNECT connection is a :class:`~egress_agent.proxy.server.Connection`
+Each CONNECT connection is a :class:`~egress_agent.proxy.connection.Connection`
 with another front half: it lives in the proxy server's connection set (idle
 sweep, close-on-reload and shutdown apply), relays with the same machinery and
 ends in exactly one audit record, with ``via: connect`` and ``connect_host``.
@@ -46,15 +46,12 @@ from egress_agent.policy.model import Action, IPAddress, Policy, Resolution, Ver
 from egress_agent.proxy.audit import AuditRecord
 from egress_agent.proxy.connect_auth import AuthResult, CredentialFiles
 from egress_agent.proxy.connect_head import MAX_CONNECT_HEAD, ProxyRequest, parse_proxy_request
+from egress_agent.proxy.connection import Connection
+from egress_agent.proxy.listener import Listener, bind_listener, take_listening
 from egress_agent.proxy.original_dst import Endpoint, endpoint_of
 from egress_agent.proxy.peek import Peeked, Protocol
-from egress_agent.proxy.server import (
-    Connection,
-    Listener,
-    ProxyServer,
-    _listener,
-    _take,
-)
+from egress_agent.proxy.relay import start_relay, wire_downstream
+from egress_agent.proxy.server import ProxyServer
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +252,7 @@ class ConnectConnection(Connection):
         # server-speaks-first protocols (SSH, SMTP) work; the client's bytes
         # wait until its first message's name has been checked.
         self.holding = True
-        self._wire_downstream()
+        wire_downstream(self)
         del self.buffer[: request.head_length]
         self._resume_client()
         await self._check_tunnel_name(host)
@@ -324,7 +321,7 @@ class ConnectConnection(Connection):
         assert self.upstream is not None and self.upstream.transport is not None
         settings = self.policy.proxy
         try:
-            peeked = await self._first_message(settings.peek_bytes, settings.peek_timeout)
+            peeked = await self.first_message(settings.peek_bytes, settings.peek_timeout)
         except ValueError as exc:
             self._close_tunnel(f"malformed first bytes in the tunnel: {exc}")
             return
@@ -356,7 +353,7 @@ class ConnectConnection(Connection):
             self.close_both()
             return
         self.event = "closed"
-        self._start_relay()
+        start_relay(self)
 
     # -- answering -----------------------------------------------------------------
 
@@ -481,8 +478,8 @@ class ConnectListener:
         settings = self.server.policy.proxy
         for address in (settings.address_v4, settings.address_v6):
             try:
-                sock = _take(spare, address, self.port) if spare else None
-                sock = sock or _listener(address, self.port)
+                sock = take_listening(spare, address, self.port) if spare else None
+                sock = sock or bind_listener(address, self.port)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise OSError(

@@ -39,14 +39,15 @@ from dataclasses import dataclass
 
 from egress_agent.policy.model import IPAddress
 
-# The request head's syntax (CRLF lines, request line, field lines) is the
-# same as on the transparent path: one implementation of RFC 9112's rules.
-from egress_agent.proxy.peek import (
-    _check_field_line_prefix,
-    _check_line_endings,
-    _check_request_line_prefix,
-    _parse_field_line,
-    _parse_request_line,
+# The request head's syntax (CRLF lines, request line, field lines) and its host names are
+# the same as on the transparent path: one implementation of RFC 9112's rules.
+from egress_agent.proxy.hostnames import bracketed_ipv6, dns_name
+from egress_agent.proxy.peek_http import (
+    check_field_line_prefix,
+    check_line_endings,
+    check_request_line_prefix,
+    parse_field_line,
+    parse_request_line,
 )
 
 __all__ = ["MAX_CONNECT_HEAD", "ProxyRequest", "parse_proxy_request"]
@@ -55,9 +56,6 @@ __all__ = ["MAX_CONNECT_HEAD", "ProxyRequest", "parse_proxy_request"]
 # CONNECT heads are short (curl sends about 150 bytes); 8 KiB leaves room for
 # long Proxy-Authorization values and user agents.
 MAX_CONNECT_HEAD = 8192
-
-_HOST_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._"
-_IPV6_BYTES = b"0123456789abcdefABCDEF:."
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,23 +85,23 @@ def parse_proxy_request(buf: bytes, *, max_head: int = MAX_CONNECT_HEAD) -> Prox
     region = buf[:end] if complete else buf[:max_head]
     if not complete and region.endswith(b"\r"):
         region = region[:-1]  # may be the first half of a CRLF
-    _check_line_endings(region)
+    check_line_endings(region)
     lines = region.split(b"\r\n")
     partial = b"" if complete else lines.pop()
     if not lines:
-        _check_request_line_prefix(partial)
+        check_request_line_prefix(partial)
         _check_size(buf, max_head)
         return None
-    method, target = _parse_request_line(lines[0])
+    method, target = parse_request_line(lines[0])
     authorization: bytes | None = None
     for line in lines[1:]:
-        name, value = _parse_field_line(line)
+        name, value = parse_field_line(line)
         if name.lower() == b"proxy-authorization":
             if authorization is not None:
                 raise ValueError("more than one Proxy-Authorization header")
             authorization = value
     if not complete:
-        _check_field_line_prefix(partial)
+        check_field_line_prefix(partial)
         _check_size(buf, max_head)
         return None
     host: str | None = None
@@ -131,17 +129,7 @@ def _authority(target: bytes) -> tuple[str, int, IPAddress | None]:
     """``host:port`` of a CONNECT (RFC 9112 section 3.2.3)."""
     address: IPAddress | None
     if target.startswith(b"["):
-        close = target.find(b"]")
-        if close < 0:
-            raise ValueError("CONNECT target: IPv6 literal without closing ']'")
-        literal, rest = target[1:close], target[close + 1 :]
-        # Zone ids (RFC 6874) and IPvFuture have no business in an egress target.
-        if not literal or literal.translate(None, _IPV6_BYTES):
-            raise ValueError("CONNECT target: bracketed host is not an IPv6 address")
-        try:
-            v6 = ipaddress.IPv6Address(literal.decode("ascii"))
-        except ValueError:
-            raise ValueError("CONNECT target: bracketed host is not an IPv6 address") from None
+        v6, _, rest = bracketed_ipv6(target, "CONNECT target")
         host, address = str(v6), v6
     else:
         raw, colon, port_text = target.partition(b":")
@@ -156,21 +144,13 @@ def _authority(target: bytes) -> tuple[str, int, IPAddress | None]:
 
 
 def _host(raw: bytes) -> tuple[str, IPAddress | None]:
+    what = "CONNECT target: host"
     if not 1 <= len(raw) <= 254:
-        raise ValueError(f"CONNECT target: host of {len(raw)} bytes, expected 1-253")
-    stray = raw.translate(None, _HOST_BYTES)
-    if stray:
-        raise ValueError(
-            f"CONNECT target: host contains byte 0x{stray[0]:02x};"
-            " only letters, digits, '-', '.', '_' allowed"
-        )
-    name = raw.decode("ascii").lower()
-    if name.endswith("."):
-        name = name[:-1]
-    labels = name.split(".")
-    if not all(labels) or any(len(label) > 63 for label in labels) or len(name) > 253:
-        raise ValueError("CONNECT target: host has an empty label or one longer than 63 bytes")
-    if labels[-1][0].isdigit():
+        raise ValueError(f"{what} of {len(raw)} bytes, expected 1-253")
+    name = dns_name(raw, what)
+    if len(name) > 253:
+        raise ValueError(f"{what} has an empty label or one longer than 63 bytes")
+    if name.rpartition(".")[2][0].isdigit():
         try:
             v4 = ipaddress.IPv4Address(name)
         except ValueError:

@@ -1,12 +1,12 @@
 """The HTTP exchange of rules with ``http:``: serve one diverted connection
 as an HTTP/1.1 intermediary that injects credentials.
 
-:mod:`egress_agent.proxy.server` hands a connection here once an allow rule
+:mod:`egress_agent.proxy.handoff` hands a connection here once an allow rule
 with ``http:`` decided it. From then on this module owns the connection: it
 optionally terminates the client's TLS (``client_tls``), reads requests one
 after another (pipelined requests are served in order), and writes one
 ``request`` audit record per request. The connection's own record is still
-written by the server, once, with the number of requests.
+written by ``connection``, once, with the number of requests.
 
 Each request is one exchange, carried by an :class:`_Exchange` record in
 three steps: *prepare* decides its Host by the policy, rewrites the head

@@ -474,7 +474,7 @@ def test_a_listener_the_event_loop_stops_serving_is_served_again(
     require_root: None, tmp_path: Path
 ) -> None:
     """uvloop closes a listening handle for good after some accept errors
-    (see proxy.server.Listener). Closing it the same way here: connections
+    (see proxy.listener.Listener). Closing it the same way here: connections
     queue on the proxy's own duplicate of the socket, and within seconds the
     proxy serves the socket again and accepts them."""
     import asyncio

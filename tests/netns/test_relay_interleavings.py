@@ -32,6 +32,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from egress_agent.policy.load import parse_policy
+from egress_agent.proxy import connection as proxy_connection
+from egress_agent.proxy import relay as proxy_relay
 from egress_agent.proxy import server as proxy_server
 from egress_agent.proxy.audit import AuditLog
 from egress_agent.proxy.original_dst import Endpoint
@@ -213,10 +215,10 @@ def wiring(monkeypatch: pytest.MonkeyPatch) -> Wiring:
     """Point every connection at the test's server and hold the relay's
     wiring back by ``delay``."""
     wiring = Wiring()
-    connect = proxy_server.Connection._connect_upstream
+    connect = proxy_connection.Connection._connect_upstream
 
     async def slow_connect(
-        self: proxy_server.Connection, mark: int, timeout: float, **kw: Any
+        self: proxy_connection.Connection, mark: int, timeout: float, **kw: Any
     ) -> None:
         await connect(self, mark, timeout, **kw)
         if wiring.sndbuf and self.upstream is not None and self.upstream.transport is not None:
@@ -228,8 +230,8 @@ def wiring(monkeypatch: pytest.MonkeyPatch) -> Wiring:
     def test_server(sock: socket.socket) -> Endpoint:
         return Endpoint(address=ipaddress.ip_address("127.0.0.1"), port=wiring.port)
 
-    monkeypatch.setattr(proxy_server.Connection, "_connect_upstream", slow_connect)
-    monkeypatch.setattr(proxy_server, "original_dst", test_server)
+    monkeypatch.setattr(proxy_connection.Connection, "_connect_upstream", slow_connect)
+    monkeypatch.setattr(proxy_connection, "original_dst", test_server)
     return wiring
 
 
@@ -330,7 +332,7 @@ def test_wiring_keeps_back_pressure_on_a_client_that_floods(
     buffer, the client stays paused until it drains: a client flooding a
     server that does not read never grows the proxy's buffers without bound."""
     # A high-water mark below the peek cap: the replayed bytes cross it.
-    monkeypatch.setattr(proxy_server, "WRITE_HIGH_WATER", 16 * 1024)
+    monkeypatch.setattr(proxy_relay, "WRITE_HIGH_WATER", 16 * 1024)
     wiring.delay = 0.1  # the client's bytes pile up until the peek cap meanwhile
     wiring.sndbuf = 4096  # and the kernel holds little of what goes upstream
     LOOPS[loop](_flood(tmp_path, wiring))

@@ -156,7 +156,7 @@ def test_check_lists_what_the_kernel_drops(
 
 
 def test_status_lines_for_counters() -> None:
-    from egress_agent.agent.cli import describe_counters
+    from egress_agent.agent.cli_status import describe_counters
 
     snap = {
         "counters_error": None,

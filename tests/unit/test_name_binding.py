@@ -220,7 +220,7 @@ def test_the_policy_names_kept_fresh_are_the_literal_hosts_that_bind() -> None:
 
 def test_a_flow_to_a_literal_hosts_address_still_waits_for_its_name() -> None:
     # The verdict depends on the name (another name may be denied), so the
-    # proxy looks at the first message; it connects early (see proxy.server).
+    # proxy looks at the first message; it connects early (see proxy.held).
     assert needs_server_name(POLICY, workload="pg", dst=ip("198.51.100.25"), dst_port=587)
 
 
