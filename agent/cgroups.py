@@ -21,10 +21,10 @@ from egress_agent.agent.podcgroups import scan
 from egress_agent.bpf.cgroup import (
     CgroupMarkConfig,
     CgroupMarker,
-    CgroupMarkError,
     default_root,
     detach_stale,
 )
+from egress_agent.bpf.libbpf import BpfError
 from egress_agent.policy.model import Policy, by_cgroup
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,10 @@ class CgroupWorkloads:
     def _root(self) -> str:
         root = self.root_option or default_root()
         if root is None:
-            raise CgroupMarkError(
-                "no cgroup2 mount in /proc/self/mountinfo: cgroup workloads need cgroup v2"
-                " (give its mount point with --cgroup-root)"
+            raise BpfError(
+                "cgroup workloads",
+                "no cgroup2 mount in /proc/self/mountinfo: they need cgroup v2"
+                " (give its mount point with --cgroup-root)",
             )
         return root
 
@@ -85,7 +86,7 @@ class CgroupWorkloads:
                     root,
                 )
                 self._clean(root, list(paths))
-            except (CgroupMarkError, OSError) as exc:
+            except (BpfError, OSError) as exc:
                 names = sorted({w.name for w in policy.workloads if by_cgroup(w)})
                 self.refused = str(exc)
                 log.error(
@@ -130,7 +131,7 @@ class CgroupWorkloads:
             return {}
         try:
             root = self._root()
-        except CgroupMarkError:
+        except BpfError:
             return {}  # sync() reports the missing cgroup2 mount
         return scan(root)
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, parse_address
-from egress_agent.bpf.loader import DEFAULT_PIN_DIR
+from egress_agent.bpf.classifier import DEFAULT_PIN_DIR
 from egress_agent.policy.decide import (
     decide,
     format_addresses,
@@ -301,7 +301,7 @@ def describe_kernel_checks(policy: Policy) -> list[str]:
 
 def _bpf_dump(args: argparse.Namespace) -> int:
     from egress_agent.bpf import layout
-    from egress_agent.bpf.loader import BpfConfig, dump
+    from egress_agent.bpf.classifier import BpfConfig, dump
     from egress_agent.bpf.maps import UnsupportedPolicy, assign_ids, desired_maps
     from egress_agent.policy.model import ProxySettings
 

@@ -33,8 +33,9 @@ from egress_agent.agent.cgroups import CgroupWorkloads
 from egress_agent.agent.counters import RuleCounters
 from egress_agent.agent.desired import Desired, desired_state
 from egress_agent.bpf import attach as bpf_attach
+from egress_agent.bpf.classifier import BpfConfig, program_error
 from egress_agent.bpf.datapath import BpfDatapath
-from egress_agent.bpf.loader import BpfConfig, BpfError
+from egress_agent.bpf.libbpf import BpfError
 from egress_agent.bpf.maps import UnsupportedPolicy
 from egress_agent.policy.model import Policy
 from egress_agent.proxy.server import FDS_PER_CONNECTION, ProxyServer
@@ -159,7 +160,7 @@ class Reconciler:
         try:
             await asyncio.to_thread(datapath.start, self.policy)
         except (BpfError, UnsupportedPolicy, OSError) as exc:
-            reason = str(exc) if isinstance(exc, BpfError) else str(BpfError(str(exc)))
+            reason = str(exc) if isinstance(exc, BpfError) else str(program_error(str(exc)))
             if wanted == "bpf":
                 raise DatapathError(
                     f"{reason}; --datapath bpf does not fall back (use --datapath auto or nft)"
