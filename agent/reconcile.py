@@ -48,7 +48,8 @@ from egress_agent.rules.apply import (
     verify_applied,
 )
 from egress_agent.rules.apply import context as nft_context
-from egress_agent.rules.render import Json, Selection
+from egress_agent.rules.nft import Json
+from egress_agent.rules.render import Selection
 
 log = logging.getLogger(__name__)
 
