@@ -61,8 +61,8 @@ class CgroupWorkloads:
         root = self.root_option or default_root()
         if root is None:
             raise BpfError(
-                "cgroup workloads",
-                "no cgroup2 mount in /proc/self/mountinfo: they need cgroup v2"
+                "cgroup root",
+                "no cgroup2 mount in /proc/self/mountinfo: cgroup workloads need cgroup v2"
                 " (give its mount point with --cgroup-root)",
             )
         return root

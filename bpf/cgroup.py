@@ -240,8 +240,8 @@ class CgroupMarker:
         self._lib = libbpf()
         if not Path(root, "cgroup.controllers").exists():
             raise BpfError(
-                f"cgroup root {root}",
-                "not a cgroup v2 mount (no cgroup.controllers there): give the"
+                "cgroup root",
+                f"{root} is not a cgroup v2 mount (no cgroup.controllers there): give the"
                 " cgroup2 mount point with --cgroup-root",
             )
         loaded = load(program(config), Path(config.pin_dir), keep_pins=False)

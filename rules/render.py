@@ -154,7 +154,7 @@ def render_ruleset(policy: Policy, *, selection: Selection = "nft") -> Json:
     bpf = selection == "bpf"
     if bpf:
         local_names = {w.name for w in policy.workloads if not w.interfaces and w.pods is None}
-        wanted = local_names & {name for rule in policy.intercept for name in rule.sources}
+        wanted = local_names & {name for r in policy.intercept for name in r.sources}
         identities = identity_networks(policy, only=wanted)
     else:
         identities = identity_networks(policy)
@@ -232,7 +232,7 @@ def _workloads_sets(policy: Policy, sets: list[Json]) -> bool:
     intercepted = {
         w.name
         for w in policy.workloads
-        if not by_cgroup(w) and any(w.name in rule.sources for rule in policy.intercept)
+        if not by_cgroup(w) and any(w.name in r.sources for r in policy.intercept)
     }
     if not intercepted:
         return False

@@ -34,5 +34,5 @@ def test_a_cgroup_root_error_names_the_root(tmp_path: Path) -> None:
     with pytest.raises(BpfError) as info:
         CgroupMarker(config, str(tmp_path))
     text = str(info.value)
-    assert text.startswith(f"cgroup root {tmp_path}: not a cgroup v2 mount"), text
+    assert text.startswith(f"cgroup root: {tmp_path} is not a cgroup v2 mount"), text
     assert text.endswith("give the cgroup2 mount point with --cgroup-root"), text
