@@ -25,7 +25,7 @@ from egress_agent.agent.reflector import PodWatcher
 from egress_agent.agent.saved import SavedState, write_saved
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, ReloadResult
 from egress_agent.agent.status import snapshot as status_snapshot
-from egress_agent.bpf.loader import DEFAULT_PIN_DIR
+from egress_agent.bpf.classifier import DEFAULT_PIN_DIR
 from egress_agent.policy.load import PolicyError, parse_policy, read_policy_text
 from egress_agent.policy.model import IPAddress, Policy
 from egress_agent.proxy.audit import AuditLog

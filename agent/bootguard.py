@@ -33,7 +33,7 @@ from egress_agent.agent.saved import DEFAULT_STATE_FILE, SavedStateError, read_s
 from egress_agent.policy.load import PolicyError, parse_policy, read_policy_text
 from egress_agent.policy.model import ProxySettings
 from egress_agent.rules.apply import NftablesError, Table, read_table, verify_applied
-from egress_agent.rules.render import Json
+from egress_agent.rules.nft import Json
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from egress_agent.bpf.cgroup import (
     PROGRAM,
     CgroupMarkConfig,
     CgroupMarker,
-    CgroupMarkError,
     attached_programs,
     default_root,
     detach_stale,
 )
+from egress_agent.bpf.libbpf import BpfError
 from egress_agent.policy.model import Policy, by_cgroup
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,10 @@ class CgroupWorkloads:
     def _root(self) -> str:
         root = self.root_option or default_root()
         if root is None:
-            raise CgroupMarkError(
+            raise BpfError(
+                "cgroup root",
                 "no cgroup2 mount in /proc/self/mountinfo: cgroup workloads need cgroup v2"
-                " (give its mount point with --cgroup-root)"
+                " (give its mount point with --cgroup-root)",
             )
         return root
 
@@ -86,7 +87,7 @@ class CgroupWorkloads:
                     root,
                 )
                 fresh = list(paths)
-            except (CgroupMarkError, OSError) as exc:
+            except (BpfError, OSError) as exc:
                 names = sorted({w.name for w in policy.workloads if by_cgroup(w)})
                 self.refused = str(exc)
                 log.error(
@@ -149,7 +150,7 @@ class CgroupWorkloads:
             return {}
         try:
             root = self._root()
-        except CgroupMarkError:
+        except BpfError:
             return {}  # sync() reports the missing cgroup2 mount
         return scan(root)
 

@@ -36,7 +36,8 @@ from egress_agent.agent.addresses import remove_proxy_addresses
 from egress_agent.agent.saved import DEFAULT_STATE_FILE, SavedStateError, read_saved
 from egress_agent.bpf import attach as bpf_attach
 from egress_agent.bpf.cgroup import default_root, detach_stale
-from egress_agent.bpf.loader import DEFAULT_PIN_DIR, remove_pins
+from egress_agent.bpf.classifier import DEFAULT_PIN_DIR
+from egress_agent.bpf.pins import remove_pins
 from egress_agent.policy.model import ProxySettings
 from egress_agent.rules.apply import remove_table
 

@@ -23,7 +23,7 @@ from egress_agent.agent.cli_status import status_command
 from egress_agent.agent.exitcodes import EXIT_BAD_INPUT, EXIT_FAILURE
 from egress_agent.agent.logformat import LOG_FORMATS, configure_logging
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS
-from egress_agent.bpf.loader import DEFAULT_PIN_DIR
+from egress_agent.bpf.classifier import DEFAULT_PIN_DIR
 from egress_agent.policy.load import PolicyError
 
 

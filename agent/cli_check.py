@@ -61,7 +61,7 @@ def describe_kernel_checks(policy: Policy) -> list[str]:
 
 def bpf_dump_command(args: argparse.Namespace) -> int:
     from egress_agent.bpf import layout
-    from egress_agent.bpf.loader import BpfConfig, dump
+    from egress_agent.bpf.classifier import BpfConfig, dump
     from egress_agent.bpf.maps import UnsupportedPolicy, assign_ids, desired_maps
     from egress_agent.policy.model import ProxySettings
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from egress_agent.agent.discovery import resolve
 from egress_agent.agent.pods import FrozenMap, Snapshot
 from egress_agent.policy.model import IPAddress, Policy
-from egress_agent.rules.render import Json, Selection, render_ruleset
+from egress_agent.rules.nft import Json
+from egress_agent.rules.render import Selection, render_ruleset
 
 
 def content_hash(text: str) -> str:

@@ -33,8 +33,9 @@ from egress_agent.agent.cgroups import CgroupWorkloads
 from egress_agent.agent.counters import RuleCounters
 from egress_agent.agent.desired import Desired, desired_state
 from egress_agent.bpf import attach as bpf_attach
+from egress_agent.bpf.classifier import BpfConfig, program_error
 from egress_agent.bpf.datapath import BpfDatapath
-from egress_agent.bpf.loader import BpfConfig, BpfError
+from egress_agent.bpf.libbpf import BpfError
 from egress_agent.bpf.maps import UnsupportedPolicy
 from egress_agent.policy.model import Policy
 from egress_agent.proxy.limits import FDS_PER_CONNECTION
@@ -48,7 +49,8 @@ from egress_agent.rules.apply import (
     verify_applied,
 )
 from egress_agent.rules.apply import context as nft_context
-from egress_agent.rules.render import Json, Selection
+from egress_agent.rules.nft import Json
+from egress_agent.rules.render import Selection
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ class Reconciler:
         try:
             await asyncio.to_thread(datapath.start, self.policy)
         except (BpfError, UnsupportedPolicy, OSError) as exc:
-            reason = str(exc) if isinstance(exc, BpfError) else str(BpfError(str(exc)))
+            reason = str(exc) if isinstance(exc, BpfError) else str(program_error(str(exc)))
             if wanted == "bpf":
                 raise DatapathError(
                     f"{reason}; --datapath bpf does not fall back (use --datapath auto or nft)"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from egress_agent.policy.model import ProxySettings
-from egress_agent.rules.render import Json
+from egress_agent.rules.nft import Json
 
 FORMAT = 1
 # Where the systemd unit keeps it (StateDirectory=egress-agent).

@@ -22,8 +22,8 @@ import struct
 import sys
 import time
 
+from egress_agent.bpf.classifier import BpfConfig
 from egress_agent.bpf.datapath import BpfDatapath, entry_counts
-from egress_agent.bpf.loader import BpfConfig
 from egress_agent.policy.model import (
     Action,
     InterceptRule,

@@ -15,10 +15,10 @@ either datapath.
   attached again.
 * Only the workloads' own cgroups get the program (``BPF_F_ALLOW_MULTI``, so
   other programs there stay), never the root cgroup.
-* bcc compiles in a short-lived child (as for the classifier, see
-  ``loader.Classifier``), which pins the program and map in a folder of its
-  own on bpffs; the agent opens the pins and removes the folder at once: the
-  attachments and the agent's descriptors keep the objects alive.
+* It is built and loaded as the classifier is (``build.load``: bcc in a
+  short-lived child), pinned in a folder of its own on bpffs; the agent
+  opens the pins and removes the folder at once: the attachments and the
+  agent's descriptors keep the objects alive. The map is a ``RawMap``.
 * A killed run's attachments stay on their cgroups (an attachment without a
   link outlives its loader). The next start asks each configured cgroup
   which programs it holds (``BPF_PROG_QUERY``) and detaches those with the
@@ -29,26 +29,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as ct
-import dataclasses
-import json
 import logging
 import os
 import struct
-import subprocess
-import sys
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from egress_agent.bpf.loader import (
-    COMPILE_TIMEOUT,
-    _errno,
-    _libbpf,
-    compile_load_pin,
-    ensure_bpffs,
-    remove_pins,
-)
+from egress_agent.bpf.build import Program, load
+from egress_agent.bpf.libbpf import BpfError, errno_of, libbpf
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +54,6 @@ _VALUE = struct.Struct("=II")  # struct egress_cgroup_mark_value
 _KEY = struct.Struct("=Q")
 
 
-class CgroupMarkError(Exception):
-    """The socket marker could not be loaded or attached; ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"BPF program {PROGRAM} ({SOURCE.name}): {reason}")
-        self.reason = reason
-
-
 @dataclass(frozen=True, kw_only=True)
 class CgroupMarkConfig:
     mark_mask: int
@@ -85,6 +67,18 @@ def cflags(config: CgroupMarkConfig) -> list[str]:
         f"-DMARK_MASK={config.mark_mask:#x}",
         f"-DMAX_CGROUPS={config.max_cgroups}",
     ]
+
+
+def program(config: CgroupMarkConfig) -> Program:
+    return Program(
+        name=PROGRAM,
+        source=SOURCE,
+        cflags=tuple(cflags(config)),
+        prog_type="CGROUP_SOCK",
+        attach_type="CGROUP_INET_SOCK_CREATE",
+        maps=(MAP,),
+        features="cgroup sock BPF, CAP_BPF",
+    )
 
 
 # -- pure helpers -----------------------------------------------------------
@@ -156,31 +150,6 @@ def cgroup_id(root: str, path: str) -> int | None:
     return st.st_ino
 
 
-def _lib() -> Any:
-    lib = _libbpf()
-    for name, args in (
-        ("bpf_prog_attach", [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]),
-        ("bpf_prog_detach2", [ct.c_int, ct.c_int, ct.c_int]),
-        (
-            "bpf_prog_query",
-            [
-                ct.c_int,
-                ct.c_int,
-                ct.c_uint32,
-                ct.POINTER(ct.c_uint32),
-                ct.POINTER(ct.c_uint32),
-                ct.POINTER(ct.c_uint32),
-            ],
-        ),
-        ("bpf_prog_get_fd_by_id", [ct.c_uint32]),
-        ("bpf_obj_get_info_by_fd", [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]),
-    ):
-        fn = getattr(lib, name)
-        fn.argtypes = args
-        fn.restype = ct.c_int
-    return lib
-
-
 def _open_cgroup(root: str, path: str) -> int:
     return os.open(os.path.join(root, path), os.O_RDONLY | os.O_DIRECTORY)
 
@@ -188,7 +157,7 @@ def _open_cgroup(root: str, path: str) -> int:
 def attached_programs(root: str, path: str) -> list[tuple[int, str]]:
     """(program id, name) of the sock_create programs attached to one cgroup
     itself (not inherited): what ``bpftool cgroup show`` would list."""
-    lib = _lib()
+    lib = libbpf()
     fd = _open_cgroup(root, path)
     try:
         flags = ct.c_uint32(0)
@@ -198,7 +167,7 @@ def attached_programs(root: str, path: str) -> list[tuple[int, str]]:
             fd, BPF_CGROUP_INET_SOCK_CREATE, 0, ct.byref(flags), ids, ct.byref(count)
         )
         if rc < 0:
-            err = _errno(rc)
+            err = errno_of(rc)
             raise OSError(err, f"BPF_PROG_QUERY on cgroup {path}: {os.strerror(err)}")
         out = []
         for prog_id in ids[: count.value]:
@@ -226,7 +195,7 @@ def detach_stale(root: str, paths: list[str], *, only: Collection[int] | None = 
     """Detach every program named like the marker from these cgroups (what a
     killed run left), or only those with the ids in ``only``; returns "path
     (id N)" for each one removed."""
-    lib = _lib()
+    lib = libbpf()
     removed = []
     for path in paths:
         try:
@@ -270,81 +239,23 @@ class CgroupMarker:
     def __init__(self, config: CgroupMarkConfig, root: str) -> None:
         self.config = config
         self.root = root
-        self._lib = _lib()
+        self._lib = libbpf()
         if not Path(root, "cgroup.controllers").exists():
-            raise CgroupMarkError(
+            raise BpfError(
+                "cgroup root",
                 f"{root} is not a cgroup v2 mount (no cgroup.controllers there): give the"
-                " cgroup2 mount point with --cgroup-root"
+                " cgroup2 mount point with --cgroup-root",
             )
-        if not Path(f"/lib/modules/{os.uname().release}/build").exists():
-            raise CgroupMarkError(
-                f"no kernel headers at /lib/modules/{os.uname().release}/build: bcc compiles"
-                " against them (./run setup links Debian's linux-headers there)"
-            )
-        pin_dir = Path(config.pin_dir)
-        try:
-            ensure_bpffs(pin_dir)
-        except Exception as exc:
-            raise CgroupMarkError(str(exc)) from exc
-        remove_pins(pin_dir)
-        raw = dataclasses.asdict(config)
-        proc = subprocess.run(
-            [sys.executable, "-m", "egress_agent.bpf.cgroup", json.dumps(raw)],
-            stdout=subprocess.PIPE,
-            text=True,
-            timeout=COMPILE_TIMEOUT,
-            check=False,
-        )
-        lines = proc.stdout.strip().splitlines()
-        try:
-            answer = json.loads(lines[-1]) if lines else {}
-        except json.JSONDecodeError:
-            answer = {}
-        try:
-            if proc.returncode != 0 or "error" in answer or not answer:
-                raise CgroupMarkError(
-                    answer.get("error") or f"the loader exited with {proc.returncode}"
-                )
-            self.prog_fd = self._open(pin_dir / PROGRAM)
-            self.map_fd = self._open(pin_dir / MAP)
-        finally:
-            remove_pins(pin_dir)
+        loaded = load(program(config), Path(config.pin_dir), keep_pins=False)
+        self.prog_fd = loaded.prog_fd
+        self.map = loaded.maps[MAP]
         self.attached: dict[str, _Attached] = {}
         self.marks: dict[int, int] = {}  # what the map holds
         self._reported_missing: set[str] = set()
 
-    def _open(self, path: Path) -> int:
-        fd: int = self._lib.bpf_obj_get(str(path).encode())
-        if fd < 0:
-            raise CgroupMarkError(f"cannot open the pinned {path.name}: {os.strerror(_errno(fd))}")
-        return fd
-
-    def _map_update(self, cgroup: int, mark: int) -> None:
-        key, value = encode_entry(cgroup, mark)
-        k, v = ct.create_string_buffer(key, len(key)), ct.create_string_buffer(value, len(value))
-        rc = self._lib.bpf_map_update_elem(self.map_fd, k, v, 0)
-        if rc < 0:
-            err = _errno(rc)
-            raise OSError(err, f"update {MAP}: {os.strerror(err)}")
-
-    def _map_delete(self, cgroup: int) -> None:
-        key, _ = encode_entry(cgroup, 0)
-        self._lib.bpf_map_delete_elem(self.map_fd, ct.create_string_buffer(key, len(key)))
-
     def map_items(self) -> dict[int, int]:
         """Cgroup id -> mark as the kernel's map holds them."""
-        out: dict[int, int] = {}
-        cur = ct.create_string_buffer(_KEY.size)
-        nxt = ct.create_string_buffer(_KEY.size)
-        val = ct.create_string_buffer(_VALUE.size)
-        first = True
-        while self._lib.bpf_map_get_next_key(self.map_fd, None if first else cur, nxt) == 0:
-            first = False
-            if self._lib.bpf_map_lookup_elem(self.map_fd, nxt, val) == 0:
-                cgroup, mark = decode_entry(nxt.raw, val.raw)
-                out[cgroup] = mark
-            ct.memmove(cur, nxt, _KEY.size)
-        return out
+        return dict(decode_entry(key, value) for key, value in self.map.items().items())
 
     def sync(self, paths: dict[str, int]) -> SyncResult:
         """Make map and attachments match ``paths`` (cgroup path -> mark)."""
@@ -354,9 +265,9 @@ class CgroupMarker:
         # Map first: a socket created right after attaching finds its entry.
         for cgroup, mark in want.items():
             if self.marks.get(cgroup) != mark:
-                self._map_update(cgroup, mark)
+                self.map.update(*encode_entry(cgroup, mark))
         for cgroup in set(self.marks) - set(want):
-            self._map_delete(cgroup)
+            self.map.delete(encode_entry(cgroup, 0)[0])
         self.marks = want
         for path in list(self.attached):
             now = ids.get(path)
@@ -386,7 +297,7 @@ class CgroupMarker:
             finally:
                 os.close(fd)
             if rc < 0:
-                err = _errno(rc)
+                err = errno_of(rc)
                 raise OSError(err, f"attach {PROGRAM} to cgroup {path}: {os.strerror(err)}")
             self.attached[path] = _Attached(cgroup=ident, mark=mark)
             result.attached.append(path)
@@ -407,9 +318,9 @@ class CgroupMarker:
         """Detach everywhere and release the program and map."""
         for path in list(self.attached):
             self._detach(path)
-        for fd in (self.prog_fd, self.map_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self.map.close()
+        with contextlib.suppress(OSError):
+            os.close(self.prog_fd)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -417,27 +328,3 @@ class CgroupMarker:
             "attached": sorted(self.attached),
             "cgroup_ids": {p: a.cgroup for p, a in sorted(self.attached.items())},
         }
-
-
-def _compile_and_pin(config: CgroupMarkConfig) -> dict[str, Any]:
-    """In the loader child: compile with bcc, load, pin program and map."""
-    return compile_load_pin(
-        source=SOURCE,
-        cflags=cflags(config),
-        program=PROGRAM,
-        prog_type="CGROUP_SOCK",
-        attach_type="CGROUP_INET_SOCK_CREATE",
-        maps=[MAP],
-        pin_dir=Path(config.pin_dir),
-        features="cgroup sock BPF, CAP_BPF",
-    )
-
-
-def _loader_main(argv: list[str]) -> int:
-    answer = _compile_and_pin(CgroupMarkConfig(**json.loads(argv[0])))
-    print(json.dumps(answer), flush=True)
-    return 1 if "error" in answer else 0
-
-
-if __name__ == "__main__":
-    sys.exit(_loader_main(sys.argv[1:]))

@@ -35,7 +35,7 @@
  * Every verdict is counted by reason (egress.h), and a workload's packets by
  * verdict.
  *
- * Configuration comes from -D flags only (see bpf/loader.py):
+ * Configuration comes from -D flags only (see bpf/classifier.py):
  *   DIVERT_MARK, UPSTREAM_MARK  packet mark bits (u32)
  *   PROXY_V4                    the proxy's IPv4 address, host byte order
  *   PROXY_V6_0..PROXY_V6_3      its IPv6 address as four host-order u32 words

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from egress_agent.bpf import attach, layout
-from egress_agent.bpf.loader import BpfConfig, BpfError, Classifier
+from egress_agent.bpf.classifier import BpfConfig, Classifier, program_error
 from egress_agent.bpf.maps import IncrementalMaps, MapContents, UnsupportedPolicy, diff
 from egress_agent.policy.model import Policy
 
@@ -102,7 +102,7 @@ class BpfDatapath:
     def start(self, policy: Policy) -> None:
         self.ifindexes = attach.all_links()
         if self.config.divert_mark & self.config.upstream_mark:
-            raise BpfError(
+            raise program_error(
                 f"proxy.divert_mark {self.config.divert_mark:#x} shares bits with"
                 f" proxy.upstream_mark {self.config.upstream_mark:#x}: give each its own bits"
             )

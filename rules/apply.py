@@ -24,14 +24,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from egress_agent.rules.render import (
-    FAMILY,
-    NON_TCP_CHAIN,
-    TABLE,
-    Json,
-    counted_rule,
-    render_teardown,
-)
+from egress_agent.rules.checks import NON_TCP_CHAIN, counted_rule
+from egress_agent.rules.nft import FAMILY, TABLE, Json
+from egress_agent.rules.render import render_teardown
 
 
 class NftablesError(Exception):
@@ -257,7 +252,7 @@ def _list(nft: Nft, command: str) -> list[Json]:
 class RuleCounter:
     """The counter of one counted rule of the agent's table, as the kernel
     holds it: ``kind`` is ``diverted`` or ``dropped``, ``reason`` says why
-    (see :func:`egress_agent.rules.render.counted_rule`)."""
+    (see :func:`egress_agent.rules.checks.counted_rule`)."""
 
     chain: str
     rule: str  # the rule's comment, as `nft list` shows it

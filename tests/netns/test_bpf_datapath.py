@@ -489,7 +489,8 @@ def test_a_kernel_rejection_names_the_program_and_the_reason(world: BpfWorld) ->
     code = textwrap.dedent(
         """
         import ipaddress
-        from egress_agent.bpf.loader import BpfConfig, BpfError, Classifier
+        from egress_agent.bpf.classifier import BpfConfig, Classifier
+        from egress_agent.bpf.libbpf import BpfError
         config = BpfConfig(
             divert_mark=0x800000, upstream_mark=0x6567,
             proxy_v4=ipaddress.IPv4Address("169.254.99.1"),

@@ -53,8 +53,8 @@ from scapy.all import (
 )
 
 from egress_agent.bpf import layout
+from egress_agent.bpf.classifier import BpfConfig, Classifier
 from egress_agent.bpf.datapath import BpfDatapath, Traffic, WorkloadCounters
-from egress_agent.bpf.loader import BpfConfig, Classifier
 from egress_agent.bpf.maps import assign_ids, desired_maps, diff
 from egress_agent.policy.decide import identify, non_tcp_drop, should_divert
 from egress_agent.policy.load import parse_policy

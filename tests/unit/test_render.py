@@ -15,12 +15,9 @@ from hypothesis import strategies as st
 
 from egress_agent.policy.decide import identify
 from egress_agent.policy.load import parse_policy
-from egress_agent.rules.render import (
-    counted_rule,
-    identity_networks,
-    render_ruleset,
-    render_teardown,
-)
+from egress_agent.rules.checks import counted_rule
+from egress_agent.rules.identity import identity_networks
+from egress_agent.rules.render import render_ruleset, render_teardown
 
 GOLDEN = Path(__file__).parent / "golden"
 
