@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.harness import Agent
 
 pytestmark = pytest.mark.netns
 
@@ -53,9 +53,9 @@ def _policy(proxy: str = "{}", egress_hosts: bool = False) -> str:
     )
 
 
-def _start_agent(lab: Lab, work: Path, policy: str) -> AgentProcess:
+def _start_agent(lab: Lab, work: Path, policy: str) -> Agent:
     (work / "policy.yaml").write_text(policy)
-    return AgentProcess(
+    return Agent(
         lab,
         policy=work / "policy.yaml",
         audit=work / "audit.jsonl",

@@ -27,11 +27,11 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import start_server
 from egress_agent.policy.decide import should_divert, spoofed
 from egress_agent.policy.load import parse_policy
+from tests.harness import Agent
 from tests.lab import policygen
 
 pytestmark = pytest.mark.netns
@@ -62,9 +62,9 @@ class BpfWorld:
 
     def agent(
         self, datapath: str, policy: Path, name: str = "agent", pin_dir: Path | None = None
-    ) -> AgentProcess:
+    ) -> Agent:
         pins = pin_dir or f"/sys/fs/bpf/egress-{self.lab.prefix.rstrip('-')}"
-        return AgentProcess(
+        return Agent(
             self.lab,
             policy=policy,
             audit=self.work / f"{name}-audit.jsonl",
@@ -142,7 +142,7 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _reload(world: BpfWorld, agent: AgentProcess, policy: Path, text: str) -> None:
+def _reload(world: BpfWorld, agent: Agent, policy: Path, text: str) -> None:
     generation = world.status()["policy"]["generation"]
     policy.write_text(text)
     assert agent.proc is not None

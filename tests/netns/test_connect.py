@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import read_log, start_server
 from egress_agent.lab.tls import make_ca
+from tests.harness import Agent
 
 pytestmark = pytest.mark.netns
 
@@ -78,7 +78,7 @@ class World:
     work: Path
     ca: Path
     users: Path
-    agent: AgentProcess
+    agent: Agent
 
     @property
     def audit(self) -> Path:
@@ -158,7 +158,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         users.chmod(0o600)
         policy = work / "policy.yaml"
         policy.write_text(_policy(users))
-        agent = AgentProcess(
+        agent = Agent(
             lab, policy=policy, audit=work / "audit.jsonl", log=work / "agent.log"
         ).start()
         try:
@@ -548,7 +548,7 @@ def test_stopping_the_agent_ends_open_tunnels_with_a_record(
         "default: deny\nconnect: {port: 3128}\n"
     )
     audit = tmp_path / "audit.jsonl"
-    agent = AgentProcess(lab, policy=policy, audit=audit, log=tmp_path / "agent.log").start()
+    agent = Agent(lab, policy=policy, audit=audit, log=tmp_path / "agent.log").start()
     client = lab.popen(
         "pod",
         [sys.executable, "-c", textwrap.dedent(
@@ -633,8 +633,8 @@ def test_a_new_agent_takes_the_connect_listener_over(pod_and_sink: Lab, tmp_path
         "default: deny\nconnect: {port: 3128}\n"
     )
 
-    def agent(name: str) -> AgentProcess:
-        return AgentProcess(
+    def agent(name: str) -> Agent:
+        return Agent(
             lab,
             policy=tmp_path / "policy.yaml",
             audit=tmp_path / "audit.jsonl",

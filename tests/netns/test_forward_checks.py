@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Host, Lab
 from egress_agent.lab.servers import read_log, start_server
+from tests.harness import Agent
 from tests.lab.sniff import read_packets, start_sniffer
 from tests.lab.udp import start_udp_server
 
@@ -57,7 +57,7 @@ class World:
     work: Path
     datapath: str
     hosts: dict[str, Host]
-    agent: AgentProcess
+    agent: Agent
 
     @property
     def ext(self) -> Host:
@@ -193,7 +193,7 @@ def world(
                 registry_pattern=registry_if[:-2] + "*",
             )
         )
-        agent = AgentProcess(
+        agent = Agent(
             lab,
             policy=policy,
             audit=work / "audit.jsonl",

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.harness import Agent
 
 pytestmark = pytest.mark.netns
 
@@ -78,8 +78,8 @@ def _script(body: str, seconds: float) -> str:
     return f"import json\nSECONDS = {seconds!r}\n" + textwrap.dedent(body)
 
 
-def _agent(lab: Lab, work: Path, name: str, *args: str) -> AgentProcess:
-    return AgentProcess(
+def _agent(lab: Lab, work: Path, name: str, *args: str) -> Agent:
+    return Agent(
         lab,
         policy=work / "policy.yaml",
         audit=work / "audit.jsonl",
@@ -262,9 +262,7 @@ time.sleep(float(sys.argv[1]))
 """
 
 
-def _serves_on(
-    lab: Lab, tmp_path: Path, old: AgentProcess, doomed: AgentProcess
-) -> tuple[dict[str, Any], str]:
+def _serves_on(lab: Lab, tmp_path: Path, old: Agent, doomed: Agent) -> tuple[dict[str, Any], str]:
     """Start ``doomed`` against the running ``old`` while a pod connects
     continuously; the doomed start must fail and ``old`` must serve on with
     its kernel state, refusing, delaying and leaking nothing."""
@@ -306,9 +304,10 @@ def test_a_successor_that_cannot_load_its_datapath_leaves_the_predecessor_alone(
     )
     _, old_log = _serves_on(lab, tmp_path, old, doomed)
     assert "listening sockets" not in old_log  # never asked for them
-    assert "the BPF pin folder /proc/egress-agent-no is not on bpffs" in (
-        tmp_path / "doomed.log"
-    ).read_text()
+    assert (
+        "the BPF pin folder /proc/egress-agent-no is not on bpffs"
+        in (tmp_path / "doomed.log").read_text()
+    )
 
 
 def test_a_successor_that_fails_after_taking_the_sockets_leaves_the_predecessor_serving(
@@ -324,7 +323,7 @@ def test_a_successor_that_fails_after_taking_the_sockets_leaves_the_predecessor_
     holder = lab.popen("node", [sys.executable, "-c", HOLD_PORT, "60"], stdout=-1, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        doomed = AgentProcess(
+        doomed = Agent(
             lab,
             policy=tmp_path / "doomed.yaml",
             audit=tmp_path / "audit.jsonl",

@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.tls import make_ca
+from tests.harness import Agent
 from tests.lab.httpupstream import requests_seen, start_http_upstream
 
 pytestmark = pytest.mark.netns
@@ -46,7 +46,7 @@ class World:
     lab: Lab
     work: Path
     ca: Path
-    agent: AgentProcess
+    agent: Agent
     upstream_log: Path
 
     @property
@@ -191,7 +191,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         policy.write_text(
             _policy(work, ca.cert_path, other.cert_path, front.cert_path, front.key_path)
         )
-        agent = AgentProcess(
+        agent = Agent(
             lab, policy=policy, audit=work / "audit.jsonl", log=work / "agent.log"
         ).start()
         try:

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.harness import Agent
 
 pytestmark = pytest.mark.netns
 
@@ -36,7 +36,7 @@ class Node:
         self.lab, self.work = lab, work
         self.policy = work / "policy.yaml"
         self.policy.write_text(POLICY)
-        self.agent = AgentProcess(
+        self.agent = Agent(
             lab, policy=self.policy, audit=work / "audit.jsonl", log=work / "agent.log"
         )
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.harness import Agent
 
 pytestmark = pytest.mark.netns
 
@@ -50,7 +50,7 @@ def test_the_drift_check_outlives_exhausted_file_descriptors(tmp_path: Path) -> 
         policy = tmp_path / "policy.yaml"
         policy.write_text(POLICY.format())
         log = tmp_path / "agent.log"
-        agent = AgentProcess(
+        agent = Agent(
             lab,
             policy=policy,
             audit=tmp_path / "audit.jsonl",

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Host, Lab
 from egress_agent.lab.servers import start_server
+from tests.harness import Agent
 from tests.lab.sniff import read_packets, start_sniffer
 from tests.lab.udp import start_udp_server
 
@@ -43,7 +43,7 @@ class World:
     batch: Host
     ext: Host
     dns: Host
-    agent: AgentProcess
+    agent: Agent
 
     @property
     def udp_log(self) -> Path:
@@ -154,7 +154,7 @@ def world(
                 dns6=dns.ipv6,
             )
         )
-        agent = AgentProcess(
+        agent = Agent(
             lab,
             policy=policy,
             audit=work / "audit.jsonl",

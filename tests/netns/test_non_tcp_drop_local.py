@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from egress_agent.bpf.cgroup import default_root
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.harness import Agent
 from tests.lab.udp import start_udp_server
 
 pytestmark = pytest.mark.netns
@@ -84,7 +84,7 @@ def test_local_and_cgroup_workloads_non_tcp_is_dropped(
             lab, "node", listen=["198.18.3.1:7"], log=tmp_path / "node.jsonl", echo=True
         )
         (tmp_path / "policy.yaml").write_text(POLICY.format(path=name))
-        agent = AgentProcess(
+        agent = Agent(
             lab,
             policy=tmp_path / "policy.yaml",
             audit=tmp_path / "audit.jsonl",

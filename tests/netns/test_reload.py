@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.harness import Agent
 
 pytestmark = pytest.mark.netns
 
@@ -84,8 +84,8 @@ def setup(pod_and_sink: Lab, tmp_path: Path) -> Setup:
     return Setup(lab=pod_and_sink, work=tmp_path)
 
 
-def _start(setup: Setup, policy: Path) -> AgentProcess:
-    return AgentProcess(
+def _start(setup: Setup, policy: Path) -> Agent:
+    return Agent(
         setup.lab, policy=policy, audit=setup.work / "audit.jsonl", log=setup.work / "agent.log"
     ).start()
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.harness import Agent
 
 pytestmark = pytest.mark.netns
 
@@ -241,9 +241,9 @@ def world(lab: Lab, tmp_path: Path) -> Lab:
     return lab
 
 
-def _agent(lab: Lab, work: Path, datapath: str) -> AgentProcess:
+def _agent(lab: Lab, work: Path, datapath: str) -> Agent:
     (work / "policy.yaml").write_text(POLICY)
-    return AgentProcess(
+    return Agent(
         lab,
         policy=work / "policy.yaml",
         audit=work / "audit.jsonl",

@@ -29,10 +29,10 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import read_log, start_server, wait_ready
 from egress_agent.lab.tls import make_ca
+from tests.harness import Agent
 from tests.lab.httpupstream import requests_seen, start_http_upstream
 
 pytestmark = pytest.mark.netns
@@ -123,7 +123,7 @@ class World:
     lab: Lab
     work: Path
     ca: Path
-    agent: AgentProcess
+    agent: Agent
 
     @property
     def audit(self) -> Path:
@@ -223,7 +223,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         _start_script(lab, "azure", WS_SERVER, AZURE)
         policy = work / "policy.yaml"
         policy.write_text(POLICY)
-        agent = AgentProcess(
+        agent = Agent(
             lab, policy=policy, audit=work / "audit.jsonl", log=work / "agent.log"
         ).start()
         try:
@@ -492,7 +492,7 @@ def test_a_stopped_dns_server_fails_closed_after_the_stale_window(tmp_path: Path
         policy = tmp_path / "policy.yaml"
         policy.write_text(STALE_POLICY)
         audit = tmp_path / "audit.jsonl"
-        agent = AgentProcess(lab, policy=policy, audit=audit, log=tmp_path / "agent.log").start()
+        agent = Agent(lab, policy=policy, audit=audit, log=tmp_path / "agent.log").start()
         world = World(lab=lab, work=tmp_path, ca=ca.cert_path, agent=agent)
         try:
             assert world.tls(AZURE, 443, BLOB)["ok"]

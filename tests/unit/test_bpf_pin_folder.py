@@ -14,4 +14,3 @@ def test_a_pin_folder_whose_parent_has_contents_is_refused(tmp_path: Path) -> No
     with pytest.raises(BpfError, match=r"not on bpffs .*\(--bpf-pin-dir under /sys/fs/bpf\)"):
         ensure_bpffs(tmp_path / "pins")
     assert (tmp_path / "kept.txt").read_text() == "must stay visible"
-
