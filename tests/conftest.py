@@ -29,6 +29,7 @@ SERIAL = (
     "tests/netns/test_bench.py",
     "tests/netns/test_bpf_datapath.py",
     "tests/netns/test_discovery.py",
+    "tests/netns/test_handover.py",
     "tests/netns/test_reload.py",
     "tests/netns/test_server_first.py",
     "tests/netns/test_soak.py",
