@@ -314,7 +314,7 @@ def test_memory_comes_back_after_a_flood_of_idle_connections(lab: Lab, tmp_path:
         for proc in warm:
             release(proc)
         _wait_records(tmp_path, 300)
-        time.sleep(2)
+        time.sleep(2)  # the idle period under test: what is freed after it counts
         before = _rss_kib(pid)
         half = FLOOD_CONNECTIONS // 2
         attack = [flood("attacker", half, 9000), flood("attacker", half, 9001)]

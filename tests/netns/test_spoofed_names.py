@@ -32,7 +32,7 @@ import pytest
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import read_log, start_server, wait_ready
 from egress_agent.lab.tls import make_ca
-from tests.harness import Agent
+from tests.harness import Agent, client, wait_until
 from tests.lab.httpupstream import requests_seen, start_http_upstream
 
 pytestmark = pytest.mark.netns
@@ -146,6 +146,22 @@ class World:
         while time.monotonic() < deadline and len(self.records()) < before + count:
             time.sleep(0.05)
         return self.records()[before:]
+
+    def new_at_elsewhere(self, seen: int) -> list[dict[str, Any]]:
+        """What reached the elsewhere host after its first ``seen`` connections,
+        once a barrier did: one connection from the node (never diverted),
+        made after whatever the test made, whose arrival is waited for."""
+        result = client(self.lab, "node", ELSEWHERE, 80)
+        assert result["ok"], result
+        barrier = result["reply"].split(" saw ", 1)[1]  # the client's ip:port
+        new = wait_until(
+            lambda: (
+                (n := self.seen("elsewhere")[seen:]) and any(r["peer"] == barrier for r in n) and n
+            ),
+            timeout=5,
+            what="the barrier connection reached the elsewhere host",
+        )
+        return [r for r in new if r["peer"] != barrier]
 
     def tls(self, target: str, port: int, sni: str) -> dict[str, Any]:
         argv = [sys.executable, "-m", "egress_agent.lab.client", target, str(port), "--tls"]
@@ -273,8 +289,7 @@ def test_an_allowed_sni_sent_to_another_address_never_reaches_it(
     result = world.tls(target, 443, sni)
     assert not result["ok"], result
     # The target's side: not even a TCP connection arrived.
-    time.sleep(0.3)
-    assert world.seen("elsewhere")[seen:] == []
+    assert world.new_at_elsewhere(seen) == []
     [record] = world.new_records(before)
     assert record["event"] == "denied" and record["rule"] == "default", record
     assert record["server_name"] == sni and record["bytes_up"] == 0
@@ -290,8 +305,7 @@ def test_an_allowed_host_header_sent_to_another_address_never_reaches_it(world: 
     before, seen = len(world.records()), len(world.seen("elsewhere"))
     reply = _raw_http(world, ELSEWHERE, 80, f"GET / HTTP/1.1\\r\\nHost: {BLOB}\\r\\n\\r\\n")
     assert "200 OK" not in reply
-    time.sleep(0.3)
-    assert world.seen("elsewhere")[seen:] == []
+    assert world.new_at_elsewhere(seen) == []
     [record] = world.new_records(before)
     assert record["event"] == "denied" and record["protocol"] == "http", record
     assert f"rule blob-http allows {BLOB} only at its own addresses" in record["error"]
