@@ -1,15 +1,39 @@
-"""Fixtures shared by every test tier: a root check and a fresh lab per test."""
+"""Fixtures shared by every test tier: a root check and a fresh lab per test,
+and how the suite runs on several workers (pytest-xdist).
+
+The harness (tests/harness.py) builds on these: lab → hosts (``pod_and_sink``)
+→ agent (``harness.Agent``) → audit (``harness.Audit``).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import start_server
+from tests import harness
+
+# Run one after the other, on one worker, never beside each other: the tests
+# that load the machine (volumes, floods, the soak, the benchmark) and those
+# that assert how fast something happens or how much memory comes back. The
+# other worker meanwhile runs the rest, which loads little. Also here: files
+# whose agents use the machine's default BPF pin folder.
+SERIAL = (
+    "tests/adversarial/test_proxy_resources.py",
+    "tests/netns/test_bench.py",
+    "tests/netns/test_bpf_datapath.py",
+    "tests/netns/test_discovery.py",
+    "tests/netns/test_handover.py",
+    "tests/netns/test_reload.py",
+    "tests/netns/test_server_first.py",
+    "tests/netns/test_soak.py",
+)
 
 
 @pytest.fixture
@@ -51,3 +75,27 @@ def pod_and_sink(lab: Lab, tmp_path: Path) -> Lab:
         log=tmp_path / "server.jsonl",
     )
     return lab
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """What a killed agent left in its lab's own BPF pin folder (an agent
+    that stops cleanly removes it; a restarted one would have)."""
+    for folder in sorted(harness.PIN_DIRS):
+        if os.path.isdir(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With ``-n``: each test file goes to one worker as a whole (its module
+    fixtures are built once), and the SERIAL files as one unit."""
+    if config.getoption("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "serial" if path in SERIAL else path
+
+    return FileScheduling(config, log)

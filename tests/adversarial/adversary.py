@@ -49,9 +49,9 @@ from typing import Any
 
 from scapy.all import IP, TCP, Dot1AD, Dot1Q, Ether, IPv6, Packet, Raw, conf
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Host, Lab
 from egress_agent.lab.servers import start_server
+from tests.harness import Agent
 
 conf.verb = 0
 
@@ -221,7 +221,7 @@ class Range:
     twin: LineProcess | None = None
     sniff_logs: dict[str, Path] = field(default_factory=dict)
     server_log: Path | None = None
-    agent: AgentProcess | None = None
+    agent: Agent | None = None
     datapath: str | None = None
     macs: dict[str, tuple[str, str]] = field(default_factory=dict)  # pod -> (own, gateway)
     _ports: Iterator[int] = field(
@@ -245,14 +245,14 @@ class Range:
 
     # -- the agent --------------------------------------------------------
 
-    def start_agent(self, datapath: str) -> AgentProcess:
+    def start_agent(self, datapath: str) -> Agent:
         policy = self.work / "policy.yaml"
         policy.write_text(
             POLICY.format(
                 pa_if=self.pa.node_ifname, pn_if=self.pn.node_ifname, allowed=ALLOWED_PORT
             )
         )
-        self.agent = AgentProcess(
+        self.agent = Agent(
             self.lab,
             policy=policy,
             audit=self.work / f"audit-{datapath}.jsonl",

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.harness import Agent
 
 pytestmark = pytest.mark.netns
 
@@ -53,9 +53,9 @@ def _policy(proxy: str = "{}", egress_hosts: bool = False) -> str:
     )
 
 
-def _start_agent(lab: Lab, work: Path, policy: str) -> AgentProcess:
+def _start_agent(lab: Lab, work: Path, policy: str) -> Agent:
     (work / "policy.yaml").write_text(policy)
-    return AgentProcess(
+    return Agent(
         lab,
         policy=work / "policy.yaml",
         audit=work / "audit.jsonl",
@@ -314,7 +314,7 @@ def test_memory_comes_back_after_a_flood_of_idle_connections(lab: Lab, tmp_path:
         for proc in warm:
             release(proc)
         _wait_records(tmp_path, 300)
-        time.sleep(2)
+        time.sleep(2)  # the idle period under test: what is freed after it counts
         before = _rss_kib(pid)
         half = FLOOD_CONNECTIONS // 2
         attack = [flood("attacker", half, 9000), flood("attacker", half, 9001)]

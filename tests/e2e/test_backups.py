@@ -34,9 +34,9 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.tls import make_ca
+from tests.harness import Agent
 from tests.lab.azurite import Account, Azurite, account_sas, new_account, start_azurite
 from tests.lab.barman import BackupConfig, PodBackups
 from tests.lab.postgres import (
@@ -127,7 +127,7 @@ class Scenario:
     primary: PgServer
     replica: PgServer
     backups: PodBackups
-    agent: AgentProcess
+    agent: Agent
     policy: Path
     audit: Path
     sas_file: Path
@@ -246,7 +246,7 @@ def s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         # The agent first: connections made before it starts would never be
         # diverted (NAT decides at a connection's first packet), which would make
         # the "replication is not diverted" check meaningless.
-        agent = AgentProcess(lab, policy=policy, audit=audit, log=work / "agent.log").start()
+        agent = Agent(lab, policy=policy, audit=audit, log=work / "agent.log").start()
 
         started = time.monotonic()
         home = postgres_dir(pods / "pg-primary", 0o755)

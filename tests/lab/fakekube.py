@@ -693,9 +693,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="fakekube.py", description=__doc__.split("\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="fakekube.py", description=__doc__.split("\n")[0])
     p.add_argument("--listen", required=True, metavar="ADDR:PORT")
     p.add_argument("--state", required=True, type=Path, metavar="FILE")
     args = p.parse_args(argv)

@@ -27,11 +27,11 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import start_server
 from egress_agent.policy.decide import should_divert, spoofed
 from egress_agent.policy.load import parse_policy
+from tests.harness import Agent
 from tests.lab import policygen
 
 pytestmark = pytest.mark.netns
@@ -62,9 +62,9 @@ class BpfWorld:
 
     def agent(
         self, datapath: str, policy: Path, name: str = "agent", pin_dir: Path | None = None
-    ) -> AgentProcess:
+    ) -> Agent:
         pins = pin_dir or f"/sys/fs/bpf/egress-{self.lab.prefix.rstrip('-')}"
-        return AgentProcess(
+        return Agent(
             self.lab,
             policy=policy,
             audit=self.work / f"{name}-audit.jsonl",
@@ -82,6 +82,27 @@ class BpfWorld:
     ) -> dict[tuple[str, int], str]:
         proc = self.lab.run(pod, [sys.executable, "-c", CLIENT, json.dumps(targets)], timeout=120)
         return {(dst, port): saw for dst, port, saw in json.loads(proc.stdout)}
+
+    def seen_by_servers(
+        self, targets: dict[str, list[tuple[str, int]]]
+    ) -> dict[str, dict[tuple[str, int], str]]:
+        """``seen_by_server`` for several pods at once: a flow that is dropped
+        costs its whole timeout, so the pods' clients wait side by side."""
+        procs = {
+            pod: self.lab.popen(
+                pod,
+                [sys.executable, "-c", CLIENT, json.dumps(flows)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for pod, flows in targets.items()
+        }
+        seen = {}
+        for pod, proc in procs.items():
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, f"the client in {pod} failed"
+            seen[pod] = {(dst, port): saw for dst, port, saw in json.loads(out)}
+        return seen
 
     def http_text(self, path: str) -> str:
         code = (
@@ -142,7 +163,7 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _reload(world: BpfWorld, agent: AgentProcess, policy: Path, text: str) -> None:
+def _reload(world: BpfWorld, agent: Agent, policy: Path, text: str) -> None:
     generation = world.status()["policy"]["generation"]
     policy.write_text(text)
     assert agent.proc is not None
@@ -173,9 +194,15 @@ def test_both_datapaths_divert_exactly_what_the_model_says(world: BpfWorld, data
             if i:
                 _reload(world, agent, policy_file, text)
             mismatches = []
+            flows_of = {
+                pod: [f for f in policygen.all_flows() if f.pod == pod]
+                for pod, _, _ in policygen.PODS
+            }
+            seen_by = world.seen_by_servers(
+                {pod: [(f.dst, f.port) for f in flows] for pod, flows in flows_of.items()}
+            )
             for p_index, (pod, _, _) in enumerate(policygen.PODS):
-                flows = [f for f in policygen.all_flows() if f.pod == pod]
-                seen = world.seen_by_server(pod, [(f.dst, f.port) for f in flows])
+                flows, seen = flows_of[pod], seen_by[pod]
                 interface = policygen.pod_ifname(p_index, pod)
                 for f in flows:
                     saw = seen[(f.dst, f.port)]

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import start_server
+from tests.harness import Agent
 
 pytestmark = pytest.mark.netns
 
@@ -147,7 +147,7 @@ def test_a_pre_seed_cannot_take_a_connection_around_the_proxy(
     lab = world
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    agent = AgentProcess(
+    agent = Agent(
         lab,
         policy=policy,
         audit=tmp_path / "audit.jsonl",

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import read_log, start_server
 from egress_agent.lab.tls import make_ca
+from tests.harness import Agent, Audit
 
 pytestmark = pytest.mark.netns
 
@@ -78,7 +78,7 @@ class World:
     work: Path
     ca: Path
     users: Path
-    agent: AgentProcess
+    agent: Agent
 
     @property
     def audit(self) -> Path:
@@ -158,7 +158,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         users.chmod(0o600)
         policy = work / "policy.yaml"
         policy.write_text(_policy(users))
-        agent = AgentProcess(
+        agent = Agent(
             lab, policy=policy, audit=work / "audit.jsonl", log=work / "agent.log"
         ).start()
         try:
@@ -548,7 +548,7 @@ def test_stopping_the_agent_ends_open_tunnels_with_a_record(
         "default: deny\nconnect: {port: 3128}\n"
     )
     audit = tmp_path / "audit.jsonl"
-    agent = AgentProcess(lab, policy=policy, audit=audit, log=tmp_path / "agent.log").start()
+    agent = Agent(lab, policy=policy, audit=audit, log=tmp_path / "agent.log").start()
     client = lab.popen(
         "pod",
         [sys.executable, "-c", textwrap.dedent(
@@ -588,8 +588,13 @@ def test_stopping_the_agent_ends_open_tunnels_with_a_record(
     assert rec["error"] == "proxy stopping" and rec["bytes_up"] == len(b"hello\n")
 
 
+# Opens a tunnel every 20 ms, and holds one open across, until a line on
+# its stdin says stop: the test stops it once the successor took over,
+# however long that took.
 CONNECT_PROBE = """
-import json, socket, sys, time
+import json, socket, sys, threading, time
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
 def tunnel():
     s = socket.create_connection(("169.254.99.1", 3128), timeout=5)
     s.sendall(b"CONNECT 198.18.1.2:9000 HTTP/1.1\\r\\n\\r\\n")
@@ -606,8 +611,7 @@ long = tunnel()
 long.sendall(b"before\\n")
 first = long.recv(4096)
 ok, failed, errors = 0, 0, []
-end = time.time() + float(sys.argv[1])
-while time.time() < end:
+while not stop.is_set():
     try:
         with tunnel() as s:
             s.sendall(b"probe\\n")
@@ -633,8 +637,8 @@ def test_a_new_agent_takes_the_connect_listener_over(pod_and_sink: Lab, tmp_path
         "default: deny\nconnect: {port: 3128}\n"
     )
 
-    def agent(name: str) -> AgentProcess:
-        return AgentProcess(
+    def agent(name: str) -> Agent:
+        return Agent(
             lab,
             policy=tmp_path / "policy.yaml",
             audit=tmp_path / "audit.jsonl",
@@ -643,13 +647,15 @@ def test_a_new_agent_takes_the_connect_listener_over(pod_and_sink: Lab, tmp_path
 
     old = agent("old").start()
     new = agent("new")
+    audit = Audit(tmp_path / "audit.jsonl")
     probe = lab.popen(
-        "pod", [sys.executable, "-c", CONNECT_PROBE, "3.0"], stdout=-1, stderr=-1, text=True
+        "pod", [sys.executable, "-c", CONNECT_PROBE], stdin=-1, stdout=-1, stderr=-1, text=True
     )
     try:
-        time.sleep(0.8)
+        audit.wait(10, timeout=60)  # tunnels under way through the old agent
         new.start()
-        out, err = probe.communicate(timeout=30)
+        audit.wait(audit.mark() + 50, timeout=60)  # and on through the new one
+        out, err = probe.communicate("stop\n", timeout=30)
         assert probe.returncode == 0, err
         probed = json.loads(out)
         assert old.proc is not None and old.proc.wait(timeout=10) == 0  # drained, gone

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Host, Lab
 from egress_agent.lab.servers import read_log, start_server
+from tests.harness import Agent, wait_until
 from tests.lab.sniff import read_packets, start_sniffer
 from tests.lab.udp import start_udp_server
 
@@ -57,7 +57,7 @@ class World:
     work: Path
     datapath: str
     hosts: dict[str, Host]
-    agent: AgentProcess
+    agent: Agent
 
     @property
     def ext(self) -> Host:
@@ -193,7 +193,7 @@ def world(
                 registry_pattern=registry_if[:-2] + "*",
             )
         )
-        agent = AgentProcess(
+        agent = Agent(
             lab,
             policy=policy,
             audit=work / "audit.jsonl",
@@ -273,16 +273,24 @@ def test_spoofed_source_from_a_neighbour_interface_is_dropped(world: World, fami
     )
     before = world.dropped("reverse_path")
     marker = f"spoof-{world.datapath}-{family}"
-    # Control: the same datagram with registry's own address arrives.
-    for src, text in ((registry, marker + "-own"), (app, marker)):
+    # The spoofed datagram, then a control: the same datagram with registry's
+    # own address. Once the control arrived, the spoofed one would have.
+    for src, text in ((app, marker), (registry, marker + "-own")):
         world.send_frame(
             "registry", _ip(family, src, server) + f" / UDP(sport=43000, dport=5353) / {text!r}"
         )
-    time.sleep(0.5)
+    wait_until(
+        lambda: marker + "-own" in [r["data"] for r in _udp_log(world)],
+        timeout=5,
+        what="the control datagram arrived",
+    )
     received = [r["data"] for r in _udp_log(world)]
-    assert marker + "-own" in received
     assert marker not in received
-    assert world.dropped("reverse_path") >= before + 1
+    wait_until(
+        lambda: world.dropped("reverse_path") >= before + 1,
+        timeout=5,
+        what="the spoofed datagram counted as dropped",
+    )
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -302,10 +310,11 @@ def test_tcp_behind_ah_from_a_pod_is_dropped(world: World, family: int) -> None:
         f" / TCP(sport=44000, dport={SERVER_PORT}, flags='S', chksum={checksum})"
     )
     world.send_frame("batch", packet)
-    time.sleep(0.5)
+    wait_until(
+        lambda: world.dropped("ah") >= before + 1, timeout=5, what="the SYN behind AH dropped"
+    )
     behind_ah = [p for p in world.packets_from(batch) if 51 in p["protocols"]]
     assert behind_ah == []
-    assert world.dropped("ah") >= before + 1
 
 
 def _udp_log(world: World) -> list[dict[str, str]]:

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.harness import Agent, Audit
 
 pytestmark = pytest.mark.netns
 
@@ -32,8 +32,8 @@ egress:
 default: deny
 """
 
-# Streams to the echoing sink for SECONDS while it is relayed, and verifies
-# every byte came back.
+# Streams to the echoing sink while it is relayed, until told to stop (and
+# at least 2 MB), and verifies every byte came back.
 STREAM = """
 import socket, threading, time
 s = socket.create_connection(("198.18.1.2", 9000), timeout=20)
@@ -46,21 +46,19 @@ reader = threading.Thread(target=read)
 reader.start()
 chunk = bytes(range(256)) * 256
 sent = 0
-end = time.time() + SECONDS
-while time.time() < end:
+while not stop.is_set() or sent < 2_000_000:
     s.sendall(chunk); sent += len(chunk)
-    time.sleep(0.02)
+    time.sleep(0.02)                     # a steady stream, not a flood
 s.shutdown(socket.SHUT_WR)
 reader.join()
 print(json.dumps({"sent": sent, "got": got}))
 """
 
-# Opens a new connection every 20 ms for SECONDS; counts what failed.
+# Opens a new connection every 20 ms until told to stop; counts what failed.
 PROBE = """
 import socket, time
 ok, failed, errors = 0, 0, []
-end = time.time() + SECONDS
-while time.time() < end:
+while not stop.is_set():
     try:
         with socket.create_connection(("198.18.1.2", 9000), timeout=5) as s:
             s.sendall(b"probe\\n")
@@ -74,12 +72,33 @@ print(json.dumps({"ok": ok, "failed": failed, "errors": errors[:5]}))
 """
 
 
-def _script(body: str, seconds: float) -> str:
-    return f"import json\nSECONDS = {seconds!r}\n" + textwrap.dedent(body)
+# The scripts run until a line on their stdin says stop: the test stops them
+# once what it waits for happened, however long an agent took to start.
+STOP_ON_STDIN = """
+import json, sys, threading
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+"""
 
 
-def _agent(lab: Lab, work: Path, name: str, *args: str) -> AgentProcess:
-    return AgentProcess(
+def _script(body: str) -> str:
+    return STOP_ON_STDIN + textwrap.dedent(body)
+
+
+def _popen(lab: Lab, body: str) -> subprocess.Popen[str]:
+    return lab.popen(
+        "pod", [sys.executable, "-c", _script(body)], stdin=-1, stdout=-1, stderr=-1, text=True
+    )
+
+
+def _probes_ended(audit: Audit, count: int) -> None:
+    """Wait until ``count`` more probe connections have ended (been recorded)."""
+    target = audit.mark() + count
+    audit.wait(target, timeout=60)
+
+
+def _agent(lab: Lab, work: Path, name: str, *args: str) -> Agent:
+    return Agent(
         lab,
         policy=work / "policy.yaml",
         audit=work / "audit.jsonl",
@@ -105,31 +124,28 @@ def test_a_new_agent_takes_over_without_refusing_or_cutting(
     old = _agent(lab, tmp_path, "old").start()
     ruleset = _ruleset(lab)
     new = _agent(lab, tmp_path, "new")
-    stream = lab.popen(
-        "pod", [sys.executable, "-c", _script(STREAM, 3.0)], stdout=-1, stderr=-1, text=True
-    )
-    probe = lab.popen(
-        "pod", [sys.executable, "-c", _script(PROBE, 3.0)], stdout=-1, stderr=-1, text=True
-    )
+    audit = Audit(tmp_path / "audit.jsonl")
+    stream = _popen(lab, STREAM)
+    probe = _popen(lab, PROBE)
     try:
-        time.sleep(0.8)
+        _probes_ended(audit, 10)  # both under way through the old agent
         new.start()
-        out, err = stream.communicate(timeout=30)
+        _probes_ended(audit, 50)  # and on through the new one
+        out, err = stream.communicate("stop\n", timeout=60)
         assert stream.returncode == 0, err
         moved = json.loads(out)
-        out, err = probe.communicate(timeout=30)
+        out, err = probe.communicate("stop\n", timeout=30)
         assert probe.returncode == 0, err
         probed = json.loads(out)
         # The old agent drained its last connection (the stream) and left.
         assert old.proc is not None and old.proc.wait(timeout=10) == 0
         assert _ruleset(lab) == ruleset
-        n = len((tmp_path / "audit.jsonl").read_text().splitlines())
+        n = len(audit.all())
         out = lab.run(
             "pod", [sys.executable, "-m", "egress_agent.lab.client", "198.18.1.2", "9000"]
         ).stdout
         assert json.loads(out)["ok"]
-        time.sleep(0.2)
-        assert len((tmp_path / "audit.jsonl").read_text().splitlines()) == n + 1  # still diverted
+        audit.wait(1, after=n)  # still diverted: recorded
     finally:
         for proc in (stream, probe):
             if proc.poll() is None:
@@ -184,13 +200,12 @@ def test_without_handover_a_second_agent_says_the_ports_are_taken(
         assert first.stop() == 0
 
 
-# One connection at a time, back to back, for SECONDS: how long each waited
+# One connection at a time, back to back, until told to stop: how long each waited
 # for the sink's answer, and whether the sink saw the pod itself (direct).
 LATENCY_PROBE = """
 import socket, time
 waits, failed, direct, errors = [], 0, 0, []
-end = time.time() + SECONDS
-while time.time() < end:
+while not stop.is_set():
     t0 = time.monotonic()
     try:
         with socket.create_connection(("198.18.1.2", 9000), timeout=15) as s:
@@ -226,13 +241,13 @@ def test_no_new_connection_waits_for_the_successor_to_start(
     args = ("--datapath", datapath, "--bpf-pin-dir", pins)
     old = _agent(lab, tmp_path, "old", *args).start(timeout=60)
     new = _agent(lab, tmp_path, "new", *args)
-    probe = lab.popen(
-        "pod", [sys.executable, "-c", _script(LATENCY_PROBE, 12.0)], stdout=-1, stderr=-1, text=True
-    )
+    audit = Audit(tmp_path / "audit.jsonl")
+    probe = _popen(lab, LATENCY_PROBE)
     try:
-        time.sleep(1.0)
+        _probes_ended(audit, 20)  # under way through the old agent
         new.start(timeout=60)
-        out, err = probe.communicate(timeout=60)
+        _probes_ended(audit, 81)  # and on through the new one (more than 100 in all)
+        out, err = probe.communicate("stop\n", timeout=60)
         assert probe.returncode == 0, err
         probed = json.loads(out)
         assert old.proc is not None and old.proc.wait(timeout=10) == 0
@@ -262,21 +277,19 @@ time.sleep(float(sys.argv[1]))
 """
 
 
-def _serves_on(
-    lab: Lab, tmp_path: Path, old: AgentProcess, doomed: AgentProcess
-) -> tuple[dict[str, Any], str]:
+def _serves_on(lab: Lab, tmp_path: Path, old: Agent, doomed: Agent) -> tuple[dict[str, Any], str]:
     """Start ``doomed`` against the running ``old`` while a pod connects
     continuously; the doomed start must fail and ``old`` must serve on with
     its kernel state, refusing, delaying and leaking nothing."""
     ruleset = _ruleset(lab)
-    probe = lab.popen(
-        "pod", [sys.executable, "-c", _script(LATENCY_PROBE, 8.0)], stdout=-1, stderr=-1, text=True
-    )
+    audit = Audit(tmp_path / "audit.jsonl")
+    probe = _popen(lab, LATENCY_PROBE)
     try:
-        time.sleep(0.5)
+        _probes_ended(audit, 10)  # under way
         with pytest.raises(RuntimeError, match="exited with"):
             doomed.start(timeout=60)
-        out, err = probe.communicate(timeout=60)
+        _probes_ended(audit, 20)  # and on after the failed start
+        out, err = probe.communicate("stop\n", timeout=60)
         assert probe.returncode == 0, err
         probed: dict[str, Any] = json.loads(out)
         assert old.proc is not None and old.proc.poll() is None  # still the agent
@@ -306,9 +319,10 @@ def test_a_successor_that_cannot_load_its_datapath_leaves_the_predecessor_alone(
     )
     _, old_log = _serves_on(lab, tmp_path, old, doomed)
     assert "listening sockets" not in old_log  # never asked for them
-    assert "the BPF pin folder /proc/egress-agent-no is not on bpffs" in (
-        tmp_path / "doomed.log"
-    ).read_text()
+    assert (
+        "the BPF pin folder /proc/egress-agent-no is not on bpffs"
+        in (tmp_path / "doomed.log").read_text()
+    )
 
 
 def test_a_successor_that_fails_after_taking_the_sockets_leaves_the_predecessor_serving(
@@ -324,7 +338,7 @@ def test_a_successor_that_fails_after_taking_the_sockets_leaves_the_predecessor_
     holder = lab.popen("node", [sys.executable, "-c", HOLD_PORT, "60"], stdout=-1, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        doomed = AgentProcess(
+        doomed = Agent(
             lab,
             policy=tmp_path / "doomed.yaml",
             audit=tmp_path / "audit.jsonl",

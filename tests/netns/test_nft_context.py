@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.harness import Agent, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -50,7 +50,7 @@ def test_the_drift_check_outlives_exhausted_file_descriptors(tmp_path: Path) -> 
         policy = tmp_path / "policy.yaml"
         policy.write_text(POLICY.format())
         log = tmp_path / "agent.log"
-        agent = AgentProcess(
+        agent = Agent(
             lab,
             policy=policy,
             audit=tmp_path / "audit.jsonl",
@@ -71,14 +71,18 @@ def test_the_drift_check_outlives_exhausted_file_descriptors(tmp_path: Path) -> 
             deadline = time.monotonic() + 8
             while time.monotonic() < deadline and "restoring" not in log.read_text():
                 time.sleep(0.2)
-            time.sleep(2.5)  # one more round
+            # One more round under the limit: no state says a round passed
+            # without finding anything (rounds are 2 s apart).
+            time.sleep(2.5)
             assert agent.proc.poll() is None, log.read_text()[-3000:]
             forward = lab.run("node", ["nft", "list", "chain", "inet", "egress_agent", "forward"])
             assert "AH from workloads" in forward.stdout, log.read_text()[-3000:]
         finally:
             if agent.proc.poll() is None:
                 resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
-        time.sleep(2.5)
-        status = _status(lab)
-        assert status["kernel_in_sync"] is True
+        wait_until(
+            lambda: _status(lab)["kernel_in_sync"] is True,
+            timeout=10,
+            what="the kernel in sync with the agent again",
+        )
         assert agent.stop() == 0

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.harness import Agent, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -84,8 +84,8 @@ def setup(pod_and_sink: Lab, tmp_path: Path) -> Setup:
     return Setup(lab=pod_and_sink, work=tmp_path)
 
 
-def _start(setup: Setup, policy: Path) -> AgentProcess:
-    return AgentProcess(
+def _start(setup: Setup, policy: Path) -> Agent:
+    return Agent(
         setup.lab, policy=policy, audit=setup.work / "audit.jsonl", log=setup.work / "agent.log"
     ).start()
 
@@ -128,6 +128,8 @@ def test_each_kind_of_edit_applies_within_a_second(setup: Setup) -> None:
         hidden.mkdir()
         os.link(policy, hidden / "policy-link.yaml")
         _in_place(hidden / "policy-link.yaml", policy_text(allow_9001=True, comment="sighup"))
+        # The wait is the point: half a second in which nothing may notice the
+        # write (an edit the agent sees applies within a second).
         time.sleep(0.5)
         assert not setup.reachable(9001)  # not noticed without the signal
         assert agent.proc is not None
@@ -175,15 +177,19 @@ def test_a_bad_edit_keeps_the_running_policy(setup: Setup) -> None:
     agent = _start(setup, policy)
     try:
         _rename_over(policy, good.replace("to: {ports: [9001]}", "to: {ports: [9001], hots: [x]}"))
-        time.sleep(0.6)
+        agent.wait_reloads("failed", above=0)
         assert setup.reachable(9001) and setup.reachable(9000)  # old behaviour kept
         _rename_over(policy, "version: 1\nworkloads: [\n")  # half-written file
-        time.sleep(0.6)
+        agent.wait_reloads("failed", above=1)
         policy.unlink()  # deleted file
-        time.sleep(0.6)
+        wait_until(
+            lambda: "no such file" in (setup.work / "agent.log").read_text(),
+            timeout=5,
+            what="the agent noticed the policy file is gone",
+        )
         assert setup.reachable(9001)
         policy.write_text(policy_text(allow_9001=True, comment="fixed"))
-        time.sleep(0.6)
+        agent.wait_generation(above=1)
         assert setup.reachable(9001)
     finally:
         assert agent.stop() == 0
@@ -200,7 +206,7 @@ def test_a_long_transfer_survives_ten_reloads(setup: Setup) -> None:
     policy.write_text(policy_text(allow_9001=False))
     agent = _start(setup, policy)
     code = """
-    import socket, threading, time
+    import socket, sys, threading, time
     s = socket.create_connection(("198.18.1.2", 9000), timeout=20)
     got = 0
     def read():                              # the server echoes: read while sending
@@ -211,10 +217,11 @@ def test_a_long_transfer_survives_ten_reloads(setup: Setup) -> None:
     reader.start()
     chunk = bytes(range(256)) * 256          # 64 KiB
     sent = 0
-    end = time.time() + 4.0
-    while time.time() < end:                 # keep streaming while reloads happen
+    done = threading.Event()                 # a line on stdin: the reloads are over
+    threading.Thread(target=lambda: (sys.stdin.readline(), done.set())).start()
+    while not done.is_set() or sent < 2_000_000:  # keep streaming while reloads happen
         s.sendall(chunk); sent += len(chunk)
-        time.sleep(0.02)
+        time.sleep(0.02)                     # a steady stream, not a flood
     s.shutdown(socket.SHUT_WR)
     reader.join()
     print(sent, got)
@@ -222,13 +229,23 @@ def test_a_long_transfer_survives_ten_reloads(setup: Setup) -> None:
     try:
         assert agent.proc is not None
         client = setup.lab.popen(
-            "pod", [sys.executable, "-c", textwrap.dedent(code)], stdout=-1, stderr=-1, text=True
+            "pod",
+            [sys.executable, "-c", textwrap.dedent(code)],
+            stdin=-1,
+            stdout=-1,
+            stderr=-1,
+            text=True,
         )
-        time.sleep(0.3)
+        wait_until(
+            lambda: agent.status()["connections_open"] >= 1,
+            timeout=10,
+            what="the stream is relayed",
+        )
         for i in range(10):
             _rename_over(policy, policy_text(allow_9001=i % 2 == 0, comment=f"reload {i}"))
-            time.sleep(0.3)
-        out, err = client.communicate(timeout=30)
+            agent.wait_generation(above=i + 1)
+        assert client.poll() is None, "the stream ended before the reloads did"
+        out, err = client.communicate("done\n", timeout=60)
     finally:
         assert agent.stop() == 0
     assert client.returncode == 0, err
@@ -275,10 +292,11 @@ def test_open_connections_the_new_policy_denies(setup: Setup, mode: str) -> None
         assert client.stdout is not None and client.stdin is not None
         assert client.stdout.readline().strip() == "connected"
         _rename_over(policy, header + policy_text(allow_9001=False))
-        deadline = time.time() + 3
-        while "generation 2" not in (setup.work / "agent.log").read_text():
-            assert time.time() < deadline, "reload did not happen"
-            time.sleep(0.05)
+        wait_until(
+            lambda: "generation 2" in (setup.work / "agent.log").read_text(),
+            timeout=3,
+            what="the reload (its connections handled) is logged",
+        )
         client.stdin.write("go\n")
         client.stdin.flush()
         outcome = client.stdout.readline().strip()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.harness import Agent
 
 pytestmark = pytest.mark.netns
 
@@ -67,7 +67,7 @@ def test_two_connections_from_one_port_are_audited_with_that_port(
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     audit = tmp_path / "audit.jsonl"
-    agent = AgentProcess(lab, policy=policy, audit=audit, log=tmp_path / "agent.log").start()
+    agent = Agent(lab, policy=policy, audit=audit, log=tmp_path / "agent.log").start()
     try:
         out = lab.run("pod", [sys.executable, "-c", textwrap.dedent(CLIENT), family], timeout=30)
         answers = json.loads(out.stdout)

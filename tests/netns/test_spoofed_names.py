@@ -29,10 +29,10 @@ from typing import Any
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import read_log, start_server, wait_ready
 from egress_agent.lab.tls import make_ca
+from tests.harness import Agent, client, wait_until
 from tests.lab.httpupstream import requests_seen, start_http_upstream
 
 pytestmark = pytest.mark.netns
@@ -123,7 +123,7 @@ class World:
     lab: Lab
     work: Path
     ca: Path
-    agent: AgentProcess
+    agent: Agent
 
     @property
     def audit(self) -> Path:
@@ -146,6 +146,22 @@ class World:
         while time.monotonic() < deadline and len(self.records()) < before + count:
             time.sleep(0.05)
         return self.records()[before:]
+
+    def new_at_elsewhere(self, seen: int) -> list[dict[str, Any]]:
+        """What reached the elsewhere host after its first ``seen`` connections,
+        once a barrier did: one connection from the node (never diverted),
+        made after whatever the test made, whose arrival is waited for."""
+        result = client(self.lab, "node", ELSEWHERE, 80)
+        assert result["ok"], result
+        barrier = result["reply"].split(" saw ", 1)[1]  # the client's ip:port
+        new = wait_until(
+            lambda: (
+                (n := self.seen("elsewhere")[seen:]) and any(r["peer"] == barrier for r in n) and n
+            ),
+            timeout=5,
+            what="the barrier connection reached the elsewhere host",
+        )
+        return [r for r in new if r["peer"] != barrier]
 
     def tls(self, target: str, port: int, sni: str) -> dict[str, Any]:
         argv = [sys.executable, "-m", "egress_agent.lab.client", target, str(port), "--tls"]
@@ -223,7 +239,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         _start_script(lab, "azure", WS_SERVER, AZURE)
         policy = work / "policy.yaml"
         policy.write_text(POLICY)
-        agent = AgentProcess(
+        agent = Agent(
             lab, policy=policy, audit=work / "audit.jsonl", log=work / "agent.log"
         ).start()
         try:
@@ -273,8 +289,7 @@ def test_an_allowed_sni_sent_to_another_address_never_reaches_it(
     result = world.tls(target, 443, sni)
     assert not result["ok"], result
     # The target's side: not even a TCP connection arrived.
-    time.sleep(0.3)
-    assert world.seen("elsewhere")[seen:] == []
+    assert world.new_at_elsewhere(seen) == []
     [record] = world.new_records(before)
     assert record["event"] == "denied" and record["rule"] == "default", record
     assert record["server_name"] == sni and record["bytes_up"] == 0
@@ -290,8 +305,7 @@ def test_an_allowed_host_header_sent_to_another_address_never_reaches_it(world: 
     before, seen = len(world.records()), len(world.seen("elsewhere"))
     reply = _raw_http(world, ELSEWHERE, 80, f"GET / HTTP/1.1\\r\\nHost: {BLOB}\\r\\n\\r\\n")
     assert "200 OK" not in reply
-    time.sleep(0.3)
-    assert world.seen("elsewhere")[seen:] == []
+    assert world.new_at_elsewhere(seen) == []
     [record] = world.new_records(before)
     assert record["event"] == "denied" and record["protocol"] == "http", record
     assert f"rule blob-http allows {BLOB} only at its own addresses" in record["error"]
@@ -492,7 +506,7 @@ def test_a_stopped_dns_server_fails_closed_after_the_stale_window(tmp_path: Path
         policy = tmp_path / "policy.yaml"
         policy.write_text(STALE_POLICY)
         audit = tmp_path / "audit.jsonl"
-        agent = AgentProcess(lab, policy=policy, audit=audit, log=tmp_path / "agent.log").start()
+        agent = Agent(lab, policy=policy, audit=audit, log=tmp_path / "agent.log").start()
         world = World(lab=lab, work=tmp_path, ca=ca.cert_path, agent=agent)
         try:
             assert world.tls(AZURE, 443, BLOB)["ok"]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.harness import Agent
 
 pytestmark = pytest.mark.netns
 
@@ -61,7 +61,7 @@ def test_spoofed_source_from_another_interface_is_not_diverted(tmp_path: Path) -
         )
         # The nftables datapath's own check (its selection rules count the
         # packets); test_bpf_datapath checks the classifier the same way.
-        agent = AgentProcess(
+        agent = Agent(
             lab,
             policy=policy,
             audit=tmp_path / "audit.jsonl",

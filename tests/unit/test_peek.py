@@ -941,9 +941,7 @@ def test_a_hello_trickled_in_1_byte_records_costs_work_linear_in_its_bytes() -> 
         return run
 
     sizes = (250, 500, 1000)
-    ours = [
-        _line_events(incremental(_trickled_hello(n)), peek_module.__file__) for n in sizes
-    ]
+    ours = [_line_events(incremental(_trickled_hello(n)), peek_module.__file__) for n in sizes]
     theirs = [
         _line_events(whole_buffer(_trickled_hello(n)), peek_reference.__file__) for n in sizes
     ]
