@@ -180,3 +180,25 @@ def test_mode_audit_on_an_allow_rule_says_what_to_do() -> None:
     (got,) = info.value.problems
     assert (got.line, got.path) == (8, "egress[0].mode")
     assert "deny rules only" in got.message and "remove it" in got.message
+
+
+def test_a_deny_rule_by_name_in_audit_mode_relays_raw() -> None:
+    text = textwrap.dedent(
+        """\
+        version: 1
+        workloads:
+          app: {cidrs: [10.1.0.5/32]}
+        egress:
+          - name: no-tracker
+            to: {hosts: ["*.tracker.example"]}
+            action: deny
+            mode: audit
+        default: deny
+        """
+    )
+    p = parse_policy(text)
+    v = verdict(p, "198.51.100.7", 80, "a.tracker.example")
+    assert (v.rule, v.label, v.action) == ("no-tracker", "audit-deny", Action.ALLOW)
+    # No per-request Host check, no re-targeting: the bytes go where they were headed.
+    assert not v.by_name and v.upstream is None and v.http is None
+    assert verdict(p, "198.51.100.7", 80, "tracker.example").label == "deny"
