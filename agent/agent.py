@@ -65,7 +65,16 @@ def summary(policy: Policy) -> str:
     return (
         f"{len(policy.workloads)} workloads, {len(policy.intercept)} intercept rules, "
         f"{len(policy.egress)} egress rules, default {policy.default.value}"
+        + _audit_summary(policy)
     )
+
+
+def _audit_summary(policy: Policy) -> str:
+    # Said on every load: a policy left in audit mode enforces nothing it audits.
+    if not policy.enforce:
+        return ", audit mode (enforce: false): denies are allowed and logged as audit-deny"
+    audited = policy.audited()
+    return f", audit mode for {', '.join(audited)}" if audited else ""
 
 
 class Agent:

@@ -106,7 +106,11 @@ def explain_command(args: argparse.Namespace) -> int:
         server_name=args.server_name,
         resolved=resolved,
     )
-    print(f"verdict:   {verdict.action.value} (rule {verdict.rule})")
+    print(f"mode:      {mode_of(policy)}")
+    if verdict.audit:
+        print(f"verdict:   would be denied (audit mode): allowed (rule {verdict.rule})")
+    else:
+        print(f"verdict:   {verdict.action.value} (rule {verdict.rule})")
     if verdict.reason:
         print(f"because:   {verdict.reason}")
     if verdict.upstream is not None:
@@ -119,6 +123,16 @@ def explain_command(args: argparse.Namespace) -> int:
     elif verdict.by_name and verdict.action is Action.ALLOW:
         print("http:      plain HTTP: every request's Host is checked the same way (else 421)")
     return EXIT_OK
+
+
+def mode_of(policy: Policy) -> str:
+    """The policy's mode in words: enforce, audit, or which denies are audited."""
+    if not policy.enforce:
+        return "audit (enforce: false): every deny is logged as audit-deny and allowed"
+    audited = policy.audited()
+    if audited:
+        return "enforce, except in audit mode (allowed, logged): " + ", ".join(audited)
+    return "enforce"
 
 
 def _given_addresses(items: Sequence[str]) -> dict[str, Resolution]:

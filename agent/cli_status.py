@@ -36,6 +36,16 @@ def status_command(args: argparse.Namespace) -> int:
         f"              {pol['workloads']} workloads, {pol['intercept_rules']} intercept rules, "
         f"{pol['egress_rules']} egress rules, default {pol['default']}"
     )
+    audited = pol.get("audited") or []
+    if pol.get("mode") == "audit":
+        print("mode:         audit (enforce: false): denies are allowed and logged as audit-deny")
+    elif audited:
+        print(
+            "mode:         enforce; audit mode (allowed, logged as audit-deny): "
+            + ", ".join(audited)
+        )
+    else:
+        print("mode:         enforce")
     if last is None:
         print("last reload:  none since start")
     elif last["error"]:

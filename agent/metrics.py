@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from egress_agent.agent.status import AgentState, snapshot
+from egress_agent.policy.model import AUDIT_DENY
 
 PREFIX = "egress_agent_"
 
@@ -154,6 +155,13 @@ def families(agent: AgentState) -> list[Metric]:
         " ('none': no decision was reached) and workload ('-': none).",
         ["rule", "verdict", "workload"],
         sorted(((r, v, w), n) for (w, r, v), n in agent.audit.by_rule.items()),
+    )
+    out.counter(
+        "audit_denies_total",
+        "Finished connections that a rule in audit mode (or enforce: false) would have"
+        " denied and let through, by that rule ('default': the default) and workload.",
+        ["rule", "workload"],
+        sorted(((r, w), n) for (w, r, v), n in agent.audit.by_rule.items() if v == AUDIT_DENY),
     )
     out.counter(
         "bytes_total",

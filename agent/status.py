@@ -197,6 +197,10 @@ def snapshot(agent: AgentState) -> dict[str, Any]:
             "intercept_rules": len(r.policy.intercept),
             "egress_rules": len(r.policy.egress),
             "default": r.policy.default.value,
+            # enforce, or audit (enforce: false); audited: the deny rules
+            # (and "default") whose denies are allowed and logged as audit-deny.
+            "mode": "enforce" if r.policy.enforce else "audit",
+            "audited": list(r.policy.audited()),
             # Intercept rules that drop their workloads' non-TCP traffic.
             "non_tcp_drop": [
                 f"intercept[{r.index}]" for r in r.policy.intercept if r.non_tcp is NonTcp.DROP

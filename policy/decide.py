@@ -162,28 +162,37 @@ def decide(
         if not _matches_without_name(rule, workload=workload, dst=dst, dst_port=dst_port):
             continue
         if not rule.hosts:
-            return _verdict(rule, workload, reason=reason)
+            return _verdict(policy, rule, workload, reason=reason)
         if name is not None:
             if not any(host_matches(p, name) for p in rule.hosts):
                 continue
             if rule.action is Action.DENY or rule.resolve is Resolve.NONE:
-                return _verdict(rule, workload, by_name=True, reason=reason)
+                return _verdict(policy, rule, workload, by_name=True, reason=reason)
             bound = _bind(rule, name, dst, known.get(name))
             if isinstance(bound, str):
                 reason = reason or bound
                 continue
-            return _verdict(rule, workload, by_name=True, upstream=bound[0])
+            return _verdict(policy, rule, workload, by_name=True, upstream=bound[0])
         if _binds_nameless(rule):
             for host in _literal_hosts(rule):
                 answer = known.get(host)
                 if answer is not None and dst in _owned(answer):
-                    return _verdict(rule, workload, by_name=True)
+                    return _verdict(policy, rule, workload, by_name=True)
                 if answer is None or (answer.error and not answer.addresses):
                     why = answer.error if answer is not None else "not resolved"
                     reason = reason or (
                         f"rule {rule.name}: {host} could not be resolved ({why}),"
                         f" so a flow without a server name to {dst} cannot be matched to it"
                     )
+    return default_verdict(policy, workload, reason=reason)
+
+
+def default_verdict(policy: Policy, workload: str | None, *, reason: str | None = None) -> Verdict:
+    """The verdict of the ``default`` action, audit mode applied."""
+    if policy.default is Action.DENY and policy.audits(None):
+        return Verdict(
+            action=Action.ALLOW, rule="default", workload=workload, reason=reason, audit=True
+        )
     return Verdict(action=policy.default, rule="default", workload=workload, reason=reason)
 
 
@@ -279,7 +288,13 @@ def _literal_hosts(rule: EgressRule) -> list[str]:
     return [h for h in rule.hosts if not h.startswith("*.")]
 
 
+def rule_verdict(policy: Policy, rule: EgressRule, workload: str | None) -> Verdict:
+    """The verdict of ``rule`` matched without a server name, audit mode applied."""
+    return _verdict(policy, rule, workload)
+
+
 def _verdict(
+    policy: Policy,
     rule: EgressRule,
     workload: str | None,
     *,
@@ -287,6 +302,12 @@ def _verdict(
     upstream: IPAddress | None = None,
     reason: str | None = None,
 ) -> Verdict:
+    if rule.action is Action.DENY and policy.audits(rule):
+        # Relayed raw to where the client was headed: no re-targeting, no
+        # per-request Host check, nothing a deny rule could carry.
+        return Verdict(
+            action=Action.ALLOW, rule=rule.name, workload=workload, reason=reason, audit=True
+        )
     return Verdict(
         action=rule.action,
         rule=rule.name,

@@ -21,6 +21,7 @@ import os
 
 from yaml.nodes import Node
 
+from egress_agent.policy import fields
 from egress_agent.policy.model import (
     Action,
     DnsSettings,
@@ -34,7 +35,7 @@ from egress_agent.policy.model import (
     cgroup_marks,
 )
 from egress_agent.policy.sections.connect import connect
-from egress_agent.policy.sections.egress import action, egress
+from egress_agent.policy.sections.egress import default_action, egress
 from egress_agent.policy.sections.intercept import intercept
 from egress_agent.policy.sections.settings import dns, fail, on_reload, proxy, reverse_path
 from egress_agent.policy.sections.workloads import workloads
@@ -58,6 +59,7 @@ _TOP_KEYS = (
     "intercept",
     "egress",
     "default",
+    "enforce",
     "on_reload",
     "fail",
     "connect",
@@ -67,7 +69,7 @@ _TOP_KEYS = (
 _REQUIRED = {
     "version": f"expected the integer {SUPPORTED_VERSION}",
     "workloads": "expected a mapping of workload name to {cidrs: [...]}",
-    "default": "expected allow or deny",
+    "default": "expected allow or deny (or {action: deny, mode: audit})",
 }
 
 
@@ -146,7 +148,10 @@ def _policy(r: Reader, root: Node) -> Policy:
     egress_rules: tuple[EgressRule, ...] = ()
     if "egress" in top:
         egress_rules = egress(r, top["egress"][1], "egress", known)
-    default = r.field(top, "", "default", action, default=Action.DENY)
+    default, default_audit = r.field(
+        top, "", "default", default_action, default=(Action.DENY, False)
+    )
+    enforce = r.field(top, "", "enforce", _enforce, default=True)
     close_denied = r.field(top, "", "on_reload", on_reload, default=False)
     fail_open = r.field(top, "", "fail", fail, default=False)
     connect_settings = None
@@ -160,6 +165,8 @@ def _policy(r: Reader, root: Node) -> Policy:
         intercept=intercept_rules,
         egress=egress_rules,
         default=default,
+        enforce=enforce,
+        default_audit=default_audit,
         close_denied_on_reload=close_denied,
         fail_open=fail_open,
         connect=connect_settings,
@@ -167,6 +174,11 @@ def _policy(r: Reader, root: Node) -> Policy:
         reverse_path=r.field(top, "", "reverse_path", reverse_path, default=ReversePath()),
         source_name=r.source_name,
     )
+
+
+def _enforce(r: Reader, node: Node, path: str) -> bool:
+    # ``enforce: false``: audit mode for every deny (see Policy.enforce).
+    return fields.boolean(r, node, path, default=True)
 
 
 def _version(r: Reader, node: Node) -> None:

@@ -217,6 +217,9 @@ class EgressRule:
     ports: tuple[PortRange, ...] = ()
     http: HttpRule | None = None  # only with action allow
     resolve: Resolve = Resolve.VERIFY  # only matters for allow rules with hosts
+    # ``mode: audit`` (deny rules only): what the rule would deny is allowed,
+    # and audited as ``audit-deny`` with this rule's name.
+    audit: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -323,6 +326,11 @@ class Policy:
     intercept: tuple[InterceptRule, ...]
     egress: tuple[EgressRule, ...]
     default: Action
+    # ``enforce: false``: every deny (a rule's or the default's) is audited
+    # as ``audit-deny`` and the flow allowed, as if each had ``mode: audit``.
+    enforce: bool = True
+    # ``default: {action: deny, mode: audit}``: the default's denies only.
+    default_audit: bool = False
     # On reload, close open connections the new policy would deny (else they
     # run until they end).
     close_denied_on_reload: bool = False
@@ -334,6 +342,19 @@ class Policy:
     dns: DnsSettings = DnsSettings()
     reverse_path: ReversePath = ReversePath()
     source_name: str = field(default="<policy>", compare=False)
+
+    def audited(self) -> tuple[str, ...]:
+        """The deny rules (and ``default``) whose denies are only audited."""
+        names = [r.name for r in self.egress if r.action is Action.DENY and self.audits(r)]
+        if self.default is Action.DENY and self.audits(None):
+            names.append("default")
+        return tuple(names)
+
+    def audits(self, rule: EgressRule | None) -> bool:
+        """Whether a deny by ``rule`` (None: the default) is only audited."""
+        if not self.enforce:
+            return True
+        return rule.audit if rule is not None else self.default_audit
 
     def reverse_path_interfaces(self) -> tuple[str, ...]:
         """Every interface (or ``name*`` pattern) the reverse-path check runs
@@ -410,3 +431,16 @@ class Verdict:
     # the destination, or could not be resolved): for the audit record of a
     # connection the rest of the policy then refused.
     reason: str | None = None
+    # Audit mode: ``rule`` would have denied the flow (``action`` is then
+    # allow, and the flow is relayed raw to its original destination).
+    audit: bool = False
+
+    @property
+    def label(self) -> str:
+        """The verdict as the audit record and metrics write it: allow, deny
+        or audit-deny."""
+        return AUDIT_DENY if self.audit else self.action.value
+
+
+# The verdict of a flow that audit mode let through instead of denying it.
+AUDIT_DENY = "audit-deny"

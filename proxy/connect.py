@@ -41,7 +41,7 @@ import logging
 import os
 import socket
 
-from egress_agent.policy.decide import host_matches, identify
+from egress_agent.policy.decide import default_verdict, host_matches, identify, rule_verdict
 from egress_agent.policy.model import Action, IPAddress, Policy, Resolution, Verdict
 from egress_agent.proxy.audit import AuditRecord
 from egress_agent.proxy.connect_auth import AuthResult, CredentialFiles
@@ -82,8 +82,8 @@ def decide_by_name(
             continue
         if rule.cidrs:
             return None
-        return Verdict(action=rule.action, rule=rule.name, workload=workload)
-    return Verdict(action=policy.default, rule="default", workload=workload)
+        return rule_verdict(policy, rule, workload)
+    return default_verdict(policy, workload)
 
 
 def names_match(connect_host: str, inner: str | None) -> bool:

@@ -454,7 +454,7 @@ class Connection:
             server_name=peeked.server_name if peeked else None,
             protocol=(peeked.protocol.value if peeked else Protocol.TCP.value),
             rule=verdict.rule if verdict else None,
-            verdict=verdict.action.value if verdict else None,
+            verdict=verdict.label if verdict else None,
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
             duration_ms=round((self.loop.time() - self.started_mono) * 1000, 3),

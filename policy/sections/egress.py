@@ -4,7 +4,7 @@ actions they and ``default`` take."""
 
 from __future__ import annotations
 
-from yaml.nodes import Node
+from yaml.nodes import MappingNode, Node
 
 from egress_agent.policy import fields
 from egress_agent.policy.model import Action, EgressRule, HttpRule, IPNetwork, PortRange, Resolve
@@ -12,7 +12,8 @@ from egress_agent.policy.sections.httprule import http_rule
 from egress_agent.policy.sections.workloads import Known, sources
 from egress_agent.policy.yamlnodes import Reader, join, line_of
 
-_EGRESS_KEYS = ("name", "from", "to", "action", "http")
+_EGRESS_KEYS = ("name", "from", "to", "action", "mode", "http")
+_DEFAULT_KEYS = ("action", "mode")
 _TO_KEYS = ("hosts", "cidrs", "ports", "resolve")
 _RESOLVE_CHOICES = {
     Resolve.VERIFY: "the original destination must be one of the name's addresses; the default",
@@ -22,6 +23,13 @@ _RESOLVE_CHOICES = {
 # ``allow`` or ``deny``: a rule's action, and the policy's default.
 action = fields.one_of(
     {a.value: a for a in Action}, what="allow or deny", expected="expected allow or deny,"
+)
+# ``mode: enforce | audit`` of a deny rule or of the default.
+mode = fields.one_of(
+    {"enforce": False, "audit": True},
+    what="enforce or audit",
+    expected="expected enforce (denies are denied; the default) or audit (denies are"
+    " allowed and audited as audit-deny);",
 )
 # ``to.resolve: verify | connect | none`` of an egress rule.
 _resolve = fields.one_of(
@@ -102,6 +110,19 @@ def egress(r: Reader, node: Node, path: str, known: Known) -> tuple[EgressRule, 
                 "resolve applies to allow rules only: a deny rule refuses what names its"
                 " hosts, wherever it goes (deny addresses with cidrs); remove it",
             )
+        audit = False
+        if "mode" in rule:
+            m_key, m_node = rule["mode"]
+            m_path = join(r_path, "mode")
+            audit = bool(mode(r, m_node, m_path))
+            if audit and "action" in rule and act is not Action.DENY:
+                r.problem(
+                    m_key,
+                    m_path,
+                    "mode: audit applies to deny rules only (an allow rule lets its flows"
+                    " through already): remove it, or make the rule deny",
+                )
+                audit = False
         http: HttpRule | None = None
         if "http" in rule:
             h_key, h_node = rule["http"]
@@ -124,6 +145,31 @@ def egress(r: Reader, node: Node, path: str, known: Known) -> tuple[EgressRule, 
                 ports=ports,
                 http=http,
                 resolve=resolve,
+                audit=audit,
             )
         )
     return tuple(rules)
+
+
+def default_action(r: Reader, node: Node, path: str) -> tuple[Action, bool] | None:
+    """``default: allow | deny``, or ``default: {action: deny, mode: audit}``:
+    the action for flows no rule matches, and whether its denies are only
+    audited."""
+    if not isinstance(node, MappingNode):
+        got = action(r, node, path)
+        return None if got is None else (got, False)
+    section = r.mapping(node, path, what="the default action", allowed=_DEFAULT_KEYS)
+    if section is None:
+        return None
+    r.require(node, path, section, {"action": "expected allow or deny"})
+    act = r.field(section, path, "action", action, default=Action.DENY)
+    audit = bool(r.field(section, path, "mode", mode, default=False))
+    if audit and act is not Action.DENY and "action" in section:
+        r.problem(
+            section["mode"][0],
+            join(path, "mode"),
+            "mode: audit applies to default: deny only (default: allow lets every flow"
+            " through already): remove it, or make the default deny",
+        )
+        audit = False
+    return act, audit

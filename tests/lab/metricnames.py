@@ -27,6 +27,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "egress_agent_connections_open": ("gauge", ()),
     "egress_agent_connections_total": ("counter", ("event", "verdict")),
     "egress_agent_rule_connections_total": ("counter", ("rule", "verdict", "workload")),
+    "egress_agent_audit_denies_total": ("counter", ("rule", "workload")),
     "egress_agent_bytes_total": ("counter", ("direction",)),
     "egress_agent_audit_write_errors_total": ("counter", ()),
     "egress_agent_connections_refused_total": ("counter", ("cap", "workload")),

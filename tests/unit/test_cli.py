@@ -176,3 +176,24 @@ def test_status_lines_for_counters() -> None:
         "                       3  intercept[0] from web non_tcp",
         "                       1  reverse-path check: source not routed back",
     ]
+
+
+def test_explain_shows_the_mode_and_what_audit_mode_lets_through(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["explain", "--policy", str(policy), "--from", "10.0.5.9", "--to", "198.51.100.7:443"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "mode:      enforce\n" in out and "verdict:   deny (rule default)" in out
+    policy.write_text(POLICY.replace("default: deny", "default: deny\nenforce: false"))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "mode:      audit (enforce: false)" in out
+    assert "verdict:   would be denied (audit mode): allowed (rule default)" in out
+    policy.write_text(POLICY.replace("default: deny", "default: {action: deny, mode: audit}"))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "mode:      enforce, except in audit mode (allowed, logged): default" in out
+    assert "would be denied (audit mode): allowed (rule default)" in out
+    assert main(["check", str(policy)]) == 0
+    assert "default deny, audit mode for default" in capsys.readouterr().err
