@@ -279,3 +279,35 @@ def test_something_else_on_the_status_address(capsys: pytest.CaptureFixture[str]
         assert main(["flows", "--status-address", address]) == 1
         thread.join()
     assert "answered /flows with HTTP 200 and no flows" in capsys.readouterr().err
+
+
+def test_the_status_server_serves_flows() -> None:
+    import asyncio
+    import http.client
+
+    from egress_agent.agent.status import StatusServer
+
+    answer = {"flows": [RAW_FLOW], "audit_log": "/var/log/audit.jsonl"}
+    address = f"127.0.0.1:{_free_port()}"
+
+    def get(path: str) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection(*address.split(":"), timeout=5)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+
+    async def run() -> list[tuple[int, Any]]:
+        server = StatusServer(
+            snapshot=lambda: {"ready": True, "not_ready_because": []},
+            address=address,
+            flows=lambda: answer,
+        )
+        await server.start()
+        try:
+            return [await asyncio.to_thread(get, p) for p in ("/flows", "/nope")]
+        finally:
+            await server.close()
+
+    (code, body), (missing, error) = asyncio.run(run())
+    assert (code, body) == (200, answer)
+    assert missing == 404 and "/flows" in error["error"]
