@@ -24,6 +24,7 @@ from egress_agent.agent.reconcile import CommitRefused, Reconciler
 from egress_agent.agent.reflector import PodWatcher
 from egress_agent.agent.saved import SavedState, write_saved
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS, ReloadResult
+from egress_agent.agent.status import flows as status_flows
 from egress_agent.agent.status import snapshot as status_snapshot
 from egress_agent.bpf.classifier import DEFAULT_PIN_DIR
 from egress_agent.policy.load import PolicyError, parse_policy, read_policy_text
@@ -226,6 +227,10 @@ class Agent:
     def snapshot(self) -> dict[str, Any]:
         """What ``egress-agent status`` shows."""
         return status_snapshot(self)
+
+    def flows(self) -> dict[str, Any]:
+        """What ``egress-agent flows`` shows: the connections open now."""
+        return status_flows(self)
 
     def metrics(self) -> str:
         """The agent's counters and gauges in the Prometheus text format."""

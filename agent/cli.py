@@ -6,7 +6,7 @@ Exit codes: 0 success, 1 a runtime failure (permissions, kernel refused),
 
 This module holds the arguments and ``run``; the other commands live beside
 it: ``check`` and ``bpf dump`` in ``cli_check``, ``status`` in ``cli_status``,
-``explain`` in ``cli_explain``.
+``flows`` in ``cli_flows``, ``explain`` in ``cli_explain``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from egress_agent.agent import bootguard, cleanup
+from egress_agent.agent import bootguard, cleanup, cli_flows
 from egress_agent.agent.cli_check import bpf_dump_command, check_command
 from egress_agent.agent.cli_explain import explain_command
 from egress_agent.agent.cli_status import status_command
@@ -136,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--status-address", default=DEFAULT_STATUS_ADDRESS)
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
+    cli_flows.add_parser(sub)
+
     check = sub.add_parser("check", help="validate a policy file; exit 2 when it is bad")
     check.add_argument("policy", help="policy file (YAML)")
     check.add_argument(
@@ -209,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return explain_command(args)
         if args.command == "status":
             return status_command(args)
+        if args.command == "flows":
+            return cli_flows.flows_command(args)
         if args.command == "bpf":
             return bpf_dump_command(args)
         if args.command == "boot-guard":

@@ -252,7 +252,10 @@ async def run_agent(options: RunOptions) -> int:
         loop.add_signal_handler(sig, stop.set)
     duties = Duties(agent, options)
     status = StatusServer(
-        snapshot=agent.snapshot, address=options.status_address, metrics=agent.metrics
+        snapshot=agent.snapshot,
+        address=options.status_address,
+        metrics=agent.metrics,
+        flows=agent.flows,
     )
     handover: HandoverServer | None = None
     abandoned = False

@@ -2,8 +2,9 @@
 and what it reports (:func:`snapshot`; ``metrics`` writes ``/metrics``).
 
 ``GET /status`` returns the agent's state as JSON (what ``egress-agent
-status`` prints); ``GET /metrics`` its counters as Prometheus text (the
-callable it is given);
+status`` prints); ``GET /flows`` the connections the proxy holds open now
+(what ``egress-agent flows`` prints, see :func:`flows`); ``GET /metrics``
+its counters as Prometheus text (the callable it is given);
 ``GET /healthz`` answers 200 while the event loop runs; ``GET /readyz``
 answers 200 only when the kernel holds the ruleset of the current policy and
 the proxy is listening, 503 otherwise. It binds to
@@ -31,12 +32,14 @@ from egress_agent.agent.reconcile import Reconciler
 from egress_agent.agent.reflector import PodWatcher
 from egress_agent.policy.model import NonTcp
 from egress_agent.proxy.audit import AuditLog
+from egress_agent.proxy.flows import open_flows
 from egress_agent.rules.apply import NftablesError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STATUS_ADDRESS = "127.0.0.1:15021"
 _MAX_REQUEST = 8192
+_ENDPOINTS = "/status, /flows, /metrics, /healthz, /readyz"
 _REASONS = {200: "OK", 404: "Not Found", 400: "Bad Request", 503: "Service Unavailable"}
 
 
@@ -54,8 +57,10 @@ class StatusServer:
         snapshot: Callable[[], dict[str, Any]],
         address: str,
         metrics: Callable[[], str] | None = None,
+        flows: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._snapshot = snapshot
+        self._flows = flows
         self._metrics = metrics
         self._host, self._port = parse_address(address)
         self._server: asyncio.Server | None = None
@@ -94,7 +99,7 @@ class StatusServer:
             content_type = "application/json"
             body: str | dict[str, Any]
             if len(parts) != 3 or parts[0] != "GET":
-                code, body = 400, {"error": "only GET /status, /metrics, /healthz, /readyz"}
+                code, body = 400, {"error": f"only GET {_ENDPOINTS}"}
             elif parts[1] == "/metrics" and self._metrics is not None:
                 code, body = 200, self._metrics()
                 content_type = "text/plain; version=0.0.4"
@@ -118,6 +123,8 @@ class StatusServer:
     def _route(self, path: str) -> tuple[int, dict[str, Any]]:
         if path == "/healthz":
             return 200, {"alive": True}
+        if path == "/flows" and self._flows is not None:
+            return 200, self._flows()
         snap = self._snapshot()
         if path == "/readyz":
             return (200 if snap["ready"] else 503), {
@@ -127,7 +134,7 @@ class StatusServer:
         if path == "/status":
             return 200, snap
         return 404, {
-            "error": f"no such endpoint {path!r}: try /status, /metrics, /healthz, /readyz"
+            "error": f"no such endpoint {path!r}: try {_ENDPOINTS}"
         }
 
 
@@ -239,6 +246,18 @@ def snapshot(agent: AgentState) -> dict[str, Any]:
         "uptime_s": round(time.time() - agent.started_at, 1),
         "ready": not reasons,
         "not_ready_because": reasons,
+    }
+
+
+def flows(agent: AgentState) -> dict[str, Any]:
+    """What ``egress-agent flows`` shows: the connections the proxy holds
+    open now (see ``proxy.flows``), and where the audit records of those
+    that end are written (None: stdout)."""
+    proxy = agent.reconciler.proxy
+    return {
+        "flows": open_flows(proxy.connections, now=proxy.loop.time()) if proxy else [],
+        "audit_log": agent.audit.path,
+        "policy_generation": agent.reconciler.generation,
     }
 
 

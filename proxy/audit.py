@@ -133,6 +133,11 @@ class AuditLog:
         # Records that could not be written.
         self.write_errors = 0
 
+    @property
+    def path(self) -> str | None:
+        """The file records go to; None for stdout."""
+        return None if self._path in (None, "-") else self._path
+
     def write(self, record: AuditRecord) -> None:
         outcome = (record.event, record.verdict or "none")
         self.by_outcome[outcome] = self.by_outcome.get(outcome, 0) + 1
