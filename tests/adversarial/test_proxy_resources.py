@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from egress_agent.lab.netns import Lab
-from tests.harness import Agent
+from tests.harness import Agent, Audit
 
 pytestmark = pytest.mark.netns
 
@@ -66,7 +66,7 @@ def _start_agent(lab: Lab, work: Path, policy: str) -> Agent:
 
 def _records(work: Path) -> list[dict[str, Any]]:
     path = work / "audit.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return Audit(path).all()
 
 
 def _metrics(lab: Lab) -> str:

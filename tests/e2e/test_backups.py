@@ -36,7 +36,7 @@ import pytest
 
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.tls import make_ca
-from tests.harness import Agent
+from tests.harness import Agent, Audit
 from tests.lab.azurite import Account, Azurite, account_sas, new_account, start_azurite
 from tests.lab.barman import BackupConfig, PodBackups
 from tests.lab.postgres import (
@@ -138,7 +138,7 @@ class Scenario:
     def audit_records(self) -> list[dict[str, Any]]:
         if not self.audit.exists():
             return []
-        return [json.loads(line) for line in self.audit.read_text().splitlines() if line]
+        return Audit(self.audit).all()
 
     def agent_log(self) -> str:
         return self.agent.log.read_text(errors="replace")

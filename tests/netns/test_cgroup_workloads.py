@@ -23,7 +23,7 @@ import pytest
 from egress_agent.bpf.cgroup import PROGRAM, attached_programs, default_root
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import start_server
-from tests.harness import Agent
+from tests.harness import Agent, Audit
 from tests.lab.fakekube import pod_object, start_fakekube, write_kubeconfig, write_state
 
 pytestmark = pytest.mark.netns
@@ -116,7 +116,7 @@ class Node:
         f = self.work / "audit.jsonl"
         if not f.exists():
             return []
-        return [json.loads(line) for line in f.read_text().splitlines() if line]
+        return Audit(f).all()
 
     def connect(self, *, in_cgroup: bool, to: str = "198.18.1.2") -> tuple[str, str]:
         """(client's own ip:port, the peer the server saw)."""

@@ -87,7 +87,7 @@ class World:
     def audit_records(self) -> list[dict[str, Any]]:
         if not self.audit.exists():
             return []
-        return [json.loads(line) for line in self.audit.read_text().splitlines() if line]
+        return Audit(self.audit).all()
 
     def new_audit(self, before: int, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout

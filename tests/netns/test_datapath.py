@@ -76,7 +76,7 @@ class World:
         record per request, which these tests do not look at)."""
         if not self.audit.exists():
             return []
-        records = [json.loads(line) for line in self.audit.read_text().splitlines() if line]
+        records = Audit(self.audit).all()
         return [r for r in records if r["event"] != "request"]
 
     def start_agent(self) -> Agent:

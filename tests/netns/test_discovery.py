@@ -25,6 +25,7 @@ import pytest
 
 from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.harness import Audit
 from tests.lab.fakekube import start_fakekube, write_kubeconfig, write_state
 
 pytestmark = pytest.mark.netns
@@ -147,7 +148,7 @@ class Scene:
     def audit(self) -> list[dict[str, Any]]:
         if not self.audit_path.exists():
             return []
-        return [json.loads(x) for x in self.audit_path.read_text().splitlines() if x]
+        return Audit(self.audit_path).all()
 
     def audit_for(self, local_port: int, timeout: float = 3.0) -> dict[str, Any] | None:
         """The audit record of the pod's connection from ``local_port`` (written

@@ -320,7 +320,7 @@ def test_a_successor_that_cannot_load_its_datapath_leaves_the_predecessor_alone(
     _, old_log = _serves_on(lab, tmp_path, old, doomed)
     assert "listening sockets" not in old_log  # never asked for them
     assert (
-        "the BPF pin folder /proc/egress-agent-no is not on bpffs"
+        "BPF pin folder /proc/egress-agent-no: not on bpffs"
         in (tmp_path / "doomed.log").read_text()
     )
 

@@ -25,7 +25,7 @@ import pytest
 
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.tls import make_ca
-from tests.harness import Agent, wait_until
+from tests.harness import Agent, Audit, wait_until
 from tests.lab.httpupstream import requests_seen, start_http_upstream
 
 pytestmark = pytest.mark.netns
@@ -54,7 +54,7 @@ class World:
         return self.work / "audit.jsonl"
 
     def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.audit.read_text().splitlines() if line]
+        return Audit(self.audit).all()
 
     def wait_records(self, pred: Any, timeout: float = 5.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout

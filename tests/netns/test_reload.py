@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from egress_agent.lab.netns import Lab
-from tests.harness import Agent, wait_until
+from tests.harness import Agent, Audit, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -92,7 +92,7 @@ def _start(setup: Setup, policy: Path) -> Agent:
 
 def _audit(setup: Setup) -> list[dict[str, Any]]:
     path = setup.work / "audit.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return Audit(path).all()
 
 
 def _in_place(path: Path, text: str) -> None:
