@@ -1,6 +1,6 @@
 """``egress-agent flows`` without an agent's namespaces: its filters, its
 table and record lines, following a rotated audit log, and the errors a
-user can cause (the live view is tested in tests/netns/test_flows.py)."""
+user can cause (the live view is tested in tests/netns/test_flows_live.py)."""
 
 from __future__ import annotations
 
