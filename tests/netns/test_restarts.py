@@ -173,6 +173,18 @@ def _report(what: str, counts: dict[str, Any]) -> None:
     )
 
 
+def _probe_around(
+    lab: Lab, work: Path, what: str, event: Callable[[], None], *, then_stop: AgentProcess
+) -> dict[str, Any]:
+    """Probe across ``event``, stop the agent left running, print the counts."""
+    try:
+        counts = _across(lab, work, event)
+    finally:
+        then_stop.stop()
+    _report(what, counts)
+    return counts
+
+
 def _never_direct(counts: dict[str, Any]) -> None:
     assert counts["direct"] == 0 and counts["sink_saw_pod"] == 0, counts
     assert counts["proxied"] > 20, counts
@@ -232,11 +244,7 @@ def test_a_crash_and_restart_never_sends_direct(pod_and_sink: Lab, work: Path) -
         time.sleep(1.0)  # systemd's RestartSec, shortened
         new.start()
 
-    try:
-        counts = _across(lab, work, crash)
-    finally:
-        new.stop()
-    _report("crash (SIGKILL) and start", counts)
+    counts = _probe_around(lab, work, "crash (SIGKILL) and start", crash, then_stop=new)
     _never_direct(counts)
     assert counts["refused"] > 0, counts  # the moment with no agent
 
@@ -251,11 +259,7 @@ def test_a_reload_neither_refuses_nor_sends_direct(pod_and_sink: Lab, work: Path
         assert agent.proc is not None
         agent.proc.send_signal(signal.SIGHUP)
 
-    try:
-        counts = _across(lab, work, reload)
-    finally:
-        agent.stop()
-    _report("reload (SIGHUP)", counts)
+    counts = _probe_around(lab, work, "reload (SIGHUP)", reload, then_stop=agent)
     _never_direct(counts)
     assert counts["refused"] == 0, counts
     assert "reloaded (" in (work / "agent.log").read_text()
@@ -278,11 +282,9 @@ def test_exec_stop_post_keeps_the_state_for_a_restart_and_removes_it_on_stop(
         assert _table(lab)
         new.start()
 
-    try:
-        counts = _across(lab, work, restart)
-    finally:
-        new.stop()
-    _report("restart with ExecStopPost (restart job)", counts)
+    counts = _probe_around(
+        lab, work, "restart with ExecStopPost (restart job)", restart, then_stop=new
+    )
     _never_direct(counts)
     assert "is not being stopped" in said[0], said
     assert _table(lab) and _proxy_addresses(lab)
@@ -344,11 +346,7 @@ def test_at_boot_the_guard_refuses_until_the_agent_has_started(
         time.sleep(2.0)  # the network comes up, workloads send, the agent is not there yet
         agent.start()
 
-    try:
-        counts = _across(lab, work, start)
-    finally:
-        agent.stop()
-    _report("boot: guard, then the agent", counts)
+    counts = _probe_around(lab, work, "boot: guard, then the agent", start, then_stop=agent)
     _never_direct(counts)
     assert counts["refused"] > 10, counts
     # The guard sees a table in place and leaves it.
