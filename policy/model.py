@@ -13,6 +13,8 @@ import enum
 import ipaddress
 from dataclasses import dataclass, field
 
+from egress_agent.policy.traffic import Breaker, Limits
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -220,6 +222,9 @@ class EgressRule:
     # ``mode: audit`` (deny rules only): what the rule would deny is allowed,
     # and audited as ``audit-deny`` with this rule's name.
     audit: bool = False
+    # Traffic controls (allow rules only): see ``policy.traffic``.
+    limits: Limits | None = None
+    breaker: Breaker | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
