@@ -70,6 +70,10 @@ class AuditRecord:
     # Where the proxy connected when that is not ``dst``: a name's own
     # address (a rule with ``resolve: connect``).
     upstream: str | None = None
+    # The rule's traffic control that refused or failed the flow fast
+    # (connections, rate, requests or breaker) and its setting.
+    limit: str | None = None
+    limit_value: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +96,10 @@ class RequestRecord:
     duration_ms: float
     error: str | None
     event: str = "request"
+    # The traffic control that refused the request (requests or breaker)
+    # and its setting.
+    limit: str | None = None
+    limit_value: str | None = None
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(AuditRecord))

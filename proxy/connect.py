@@ -43,6 +43,7 @@ import socket
 
 from egress_agent.policy.decide import default_verdict, host_matches, identify, rule_verdict
 from egress_agent.policy.model import Action, IPAddress, Policy, Resolution, Verdict
+from egress_agent.proxy import controls
 from egress_agent.proxy.audit import AuditRecord
 from egress_agent.proxy.connect_auth import AuthResult, CredentialFiles
 from egress_agent.proxy.connect_head import MAX_CONNECT_HEAD, ProxyRequest, parse_proxy_request
@@ -52,6 +53,7 @@ from egress_agent.proxy.original_dst import Endpoint, endpoint_of
 from egress_agent.proxy.peek import Peeked, Protocol
 from egress_agent.proxy.relay import start_relay, wire_downstream
 from egress_agent.proxy.server import ProxyServer
+from egress_agent.proxy.traffic import Refusal, retry_after_header
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +308,17 @@ class ConnectConnection(Connection):
                     event="failed",
                 )
                 return False
+            refusal = controls.admit_flow(self)
+            if refusal is not None:
+                self._refuse_limited(refusal, event="denied")
+                return False
             failure = await self.dial()
             if failure is None:
                 return True
             last = failure
-        if last.startswith("upstream connect timed out"):
+        if self.refusal is not None:
+            self._refuse_limited(self.refusal, event="failed")  # a breaker failed it fast
+        elif last.startswith("upstream connect timed out"):
             self.respond(504, "Gateway Timeout", last, event="failed")
         else:
             self.respond(502, "Bad Gateway", last, event="failed")
@@ -387,6 +395,21 @@ class ConnectConnection(Connection):
             event="denied",
             headers=f'Proxy-Authenticate: Basic realm="{REALM}", charset="UTF-8"\r\n',
         )
+
+    def _refuse_limited(self, refusal: Refusal, *, event: str) -> None:
+        """Answer a CONNECT that the rule's traffic controls refused: 429
+        (a limit) or 503 (an open breaker), with Retry-After."""
+        status, reason = (503, "Service Unavailable") if refusal.limit == "breaker" else (
+            429, "Too Many Requests",
+        )  # fmt: skip
+        retry = (
+            f"Retry-After: {retry_after_header(refusal.retry_after)}\r\n"
+            if refusal.retry_after is not None or status == 429
+            else ""
+        )
+        if event == "denied":
+            self.verdict = Verdict(action=Action.DENY, rule=refusal.rule, workload=self.workload)
+        self.respond(status, reason, refusal.message, event=event, headers=retry)
 
     def respond(
         self,

@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING
 
 from egress_agent.policy.decide import decide, identify, names_to_resolve, needs_server_name
 from egress_agent.policy.model import Action, IPAddress, Policy, Verdict
-from egress_agent.proxy import handoff, held
+from egress_agent.proxy import controls, handoff, held
 from egress_agent.proxy.audit import AuditRecord, Event, rfc3339
 from egress_agent.proxy.original_dst import Endpoint, NotDiverted, endpoint_of, original_dst
 from egress_agent.proxy.peek import Peeked, Protocol, Sniffer
 from egress_agent.proxy.relay import Half, describe, start_relay
 from egress_agent.proxy.sockdiag import socket_mark
+from egress_agent.proxy.traffic import Lease, Refusal, Ticket
 from egress_agent.proxy.upstream import connect_marked, upstream_socket
 
 if TYPE_CHECKING:
@@ -88,6 +89,11 @@ class Connection:
         self.upstream_address: IPAddress | None = None  # when not the original destination
         self.admitted = False  # counted against the connection caps
         self.counted_as: str | None = None  # the workload it was counted for
+        # The rule's traffic controls (see ``controls``): counted as open,
+        # a breaker's answer awaiting the result, what refused the flow.
+        self.lease: Lease | None = None
+        self.ticket: Ticket | None = None
+        self.refusal: Refusal | None = None
 
     # -- client side, before relaying -------------------------------------------------
 
@@ -227,6 +233,10 @@ class Connection:
             self.error = self.verdict.reason
             self.reset_client()
             return
+        refusal = controls.admit_flow(self)
+        if refusal is not None:
+            controls.refuse_flow(self, refusal)
+            return
         if self.verdict.http is not None:
             await handoff.serve_http(self, self.verdict.http)
             return
@@ -348,14 +358,21 @@ class Connection:
         """Connect upstream with the policy's mark and timeout (see
         ``_connect_upstream``); why it failed, or None."""
         settings = self.policy.proxy
+        assert self.dst is not None
+        fast = controls.breaker_gate(self, address or self.dst.address, self.dst.port)
+        if fast is not None:
+            return fast
         try:
             await self._connect_upstream(
                 settings.upstream_mark, settings.connect_timeout, address=address
             )
         except TimeoutError:
+            controls.breaker_result(self, False)
             return f"upstream connect timed out after {settings.connect_timeout:g}s"
         except OSError as exc:
+            controls.breaker_result(self, False)
             return f"upstream connect failed: {describe(exc)}"
+        controls.breaker_result(self, True)
         return None
 
     def client_left(self) -> bool:
@@ -440,6 +457,7 @@ class Connection:
         self.server.connections.discard(self)
         if self.admitted:
             self.server.release(self)
+        controls.release_flow(self)
         self.server.audit.write(self.record())
 
     def record(self) -> AuditRecord:
@@ -464,6 +482,8 @@ class Connection:
             id=self.id,
             requests=self.requests,
             upstream=_show(self.upstream_address, self.dst.port) if self.dst else None,
+            limit=self.refusal.limit if self.refusal else None,
+            limit_value=self.refusal.value if self.refusal else None,
         )
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from egress_agent.policy.decide import candidate_rule
 from egress_agent.policy.model import Action, HttpRule
-from egress_agent.proxy import httpmessage, httprelay
+from egress_agent.proxy import controls, httpmessage, httprelay
 from egress_agent.proxy.audit import RequestRecord, rfc3339
 from egress_agent.proxy.peek import Protocol
 from egress_agent.proxy.peek_http import HTTP_STARTS
@@ -111,7 +111,11 @@ async def serve_http(conn: Connection, rule: HttpRule, *, upstream: Half | None 
         audit=conn.server.audit,
         resources=conn.server.http,
         touch=conn.touch,
-    )
+        traffic=controls.RuleTraffic(
+            state=conn.server.traffic, rule=verdict.rule, workload=conn.workload,
+            by_name=verdict.by_name, http=rule is not PASS_THROUGH, now=conn.loop.time,
+        ),
+    )  # fmt: skip
     conn.event = "closed"
     conn.requests = 0
     initial = bytes(conn.buffer)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from egress_agent.policy.model import Action, Verdict
-from egress_agent.proxy import handoff
+from egress_agent.proxy import controls, handoff
 from egress_agent.proxy.audit import Event
 from egress_agent.proxy.peek import Peeked, Protocol
 from egress_agent.proxy.relay import start_relay, wire_downstream
@@ -33,6 +33,10 @@ async def connect_then_check(conn: Connection, nameless: Verdict) -> None:
     assert conn.dst is not None
     settings = conn.policy.proxy
     conn.verdict = nameless
+    limited = controls.admit_flow(conn)
+    if limited is not None:
+        controls.refuse_flow(conn, limited)
+        return
     conn.holding = True
     failure = await conn.dial()
     if failure is not None:

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from egress_agent.policy.model import HttpRule, IPAddress
-from egress_agent.proxy import credentials, httpmessage
+from egress_agent.proxy import controls, credentials, httpmessage
 from egress_agent.proxy.audit import AuditLog, RequestRecord, rfc3339
 from egress_agent.proxy.httpbody import (
     Broken,
@@ -54,6 +54,7 @@ from egress_agent.proxy.streams import (
     splice,
     take_over,
 )
+from egress_agent.proxy.traffic import Refusal, Ticket
 from egress_agent.proxy.upstream import connect_marked, upstream_socket
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class HttpConnection:
     audit: AuditLog
     resources: HttpResources
     touch: Callable[[], None]
+    # The rule's limits.requests and breaker (see ``controls``).
+    traffic: controls.RuleTraffic | None = None
     # Results.
     requests: int = 0
     bytes_up: int = 0
@@ -135,9 +138,19 @@ class _Exchange:
     response_started: bool = False  # some of a response reached the client
     must_close: bool = False  # the client connection ends after this response
     body_error: str | None = None  # why the request body stopped early
+    refusal: Refusal | None = None  # a traffic control refused it (429, 503)
+    keep: bool = False  # refused, the connection still serves the next request
 
     def response_starts(self) -> None:
         self.response_started = True
+
+
+class _Limited(Exception):
+    """A request the rule's traffic controls refuse (see ``controls``)."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
 
 
 class _Refused(Exception):
@@ -215,6 +228,7 @@ class _Session:
         self.target: IPAddress = conn.dst.address  # where the current request goes
         self.ubuf = bytearray()
         self.abort_client = False
+        self.ticket: Ticket | None = None  # the breaker let the request through
 
     # -- the request loop -------------------------------------------------------
 
@@ -256,12 +270,15 @@ class _Session:
         self.conn.requests += 1
         self.conn.bytes_up += head_bytes
         ex = _Exchange(head=head, up=head_bytes)
-        forward = await self._prepare(ex)
-        if forward is None:
-            self._record_exchange(ex)
-            return False
-        await self._transfer(ex, forward)
-        return await self._conclude(ex)
+        try:
+            forward = await self._prepare(ex)
+            if forward is None:
+                self._record_exchange(ex)
+                return ex.keep
+            await self._transfer(ex, forward)
+            return await self._conclude(ex)
+        finally:
+            self._breaker_result(None)  # ended before it said anything of the upstream
 
     async def _prepare(self, ex: _Exchange) -> bytes | None:
         """Decide the request's Host, rewrite its head, check the start of a
@@ -272,6 +289,7 @@ class _Session:
         try:
             await self._check_host(head)
             forward = self._rewrite(head)
+            self._check_traffic(head)
             if head.framing.chunked and not head.expect_continue:
                 # Check the first chunk line before anything goes upstream, so
                 # a malformed body start never reaches the server.
@@ -279,6 +297,15 @@ class _Session:
                     self.client, self.buf, httpmessage.parse_chunk_line, upstream=False
                 )
             await self._ensure_upstream(head)
+        except _Limited as exc:
+            ex.refusal = exc.refusal
+            ex.error = exc.refusal.message
+            # Nothing of a body has been read: the connection can only go on
+            # without one (RFC 9112 section 9.3).
+            ex.keep = head.keep_alive and not head.framing.has_body
+            ex.status, body = controls.refusal_response(exc.refusal, close=not ex.keep)
+            await self._send_own(body)
+            ex.down += len(body)
         except _Refused as exc:
             ex.status = exc.status
             ex.error = exc.message
@@ -360,6 +387,12 @@ class _Session:
         the connection goes on (switching to a byte relay after a 101)."""
         conn = self.conn
         body_error = ex.body_error
+        if ex.response is not None:
+            # A 5xx is the server failing, for an http: rule's breaker.
+            http = conn.traffic is not None and conn.traffic.http
+            self._breaker_result(not (http and ex.response.status >= 500))
+        elif not ex.response_started and not (ex.error or "").startswith("client"):
+            self._breaker_result(False)
         if ex.response is None:
             if body_error is not None and body_error.startswith("client"):
                 ex.error = body_error  # the client's failure is what broke the exchange
@@ -482,6 +515,7 @@ class _Session:
                 )
         except ssl.SSLCertVerificationError as exc:
             sock.close()
+            self._breaker_result(False)
             raise _Refused(
                 502,
                 f"rule {conn.rule}: upstream {conn.upstream_addr} certificate verification"
@@ -490,6 +524,7 @@ class _Session:
             ) from None
         except TimeoutError:
             sock.close()
+            self._breaker_result(False)
             raise _Refused(
                 502,
                 f"rule {conn.rule}: upstream {conn.upstream_addr} connect timed out after"
@@ -497,6 +532,7 @@ class _Session:
             ) from None
         except (OSError, ssl.SSLError) as exc:
             sock.close()
+            self._breaker_result(False)
             raise _Refused(
                 502, f"rule {conn.rule}: upstream {conn.upstream_addr}: {failure_reason(exc)}"
             ) from None
@@ -504,6 +540,29 @@ class _Session:
         self.upstream_name = server_name
         self.upstream_address = self.target
         self.ubuf.clear()
+
+    def _check_traffic(self, head: httpmessage.RequestHead) -> None:
+        """Take a token of the rule's ``limits.requests`` and ask its breaker
+        for the request's destination; raise :class:`_Limited` when refused."""
+        traffic = self.conn.traffic
+        if traffic is None:
+            return
+        refusal = traffic.request()
+        if refusal is None:
+            port = self.conn.http.upstream.port or self.conn.dst.port
+            got = traffic.enter(head.host, self.target, port)
+            if isinstance(got, Ticket):
+                self.ticket = got
+            refusal = got if isinstance(got, Refusal) else None
+        if refusal is not None:
+            raise _Limited(refusal)
+
+    def _breaker_result(self, ok: bool | None) -> None:
+        """Tell the breaker how the request it let through went (None: it
+        ended before reaching the upstream or failing there)."""
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None and self.conn.traffic is not None:
+            self.conn.traffic.report(ticket, ok)
 
     def close_upstream(self) -> None:
         if self.upstream is not None:
@@ -515,7 +574,7 @@ class _Session:
         self._record(
             started=ex.started, method=head.method, host=head.host, path=head.path,
             status=ex.status, up=ex.up, down=ex.down, error=ex.error,
-            duration_ms=round((time.monotonic() - ex.clock) * 1000, 3),
+            duration_ms=round((time.monotonic() - ex.clock) * 1000, 3), refusal=ex.refusal,
         )  # fmt: skip
 
     def _record(
@@ -530,6 +589,7 @@ class _Session:
         down: int,
         error: str | None,
         duration_ms: float = 0.0,
+        refusal: Refusal | None = None,
     ) -> None:
         conn = self.conn
         conn.audit.write_request(
@@ -549,5 +609,7 @@ class _Session:
                 bytes_down=down,
                 duration_ms=duration_ms,
                 error=error,
+                limit=refusal.limit if refusal else None,
+                limit_value=refusal.value if refusal else None,
             )
         )

@@ -42,6 +42,7 @@ from egress_agent.proxy.listener import SWEEP_INTERVAL, Listener, bind_listener,
 from egress_agent.proxy.original_dst import Endpoint
 from egress_agent.proxy.resolver import Resolver
 from egress_agent.proxy.tasks import TaskSet
+from egress_agent.proxy.traffic import LocalTraffic, TrafficState
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ class ProxyServer:
         self.refused: dict[tuple[str, str], int] = {}
         self._cap_warned = 0.0
         self._peak_open = 0  # most connections open since memory was last given back
+        # The egress rules' limits and breakers (see ``traffic``).
+        self.traffic: TrafficState = LocalTraffic()
+        self.traffic.configure(policy.egress, self.loop.time())
 
     async def start(self, inherited: Sequence[socket.socket] = ()) -> None:
         """Listen on the proxy's addresses: on ``inherited`` sockets that are
@@ -161,6 +165,7 @@ class ProxyServer:
         self.policy_hash = policy_hash
         self.resolver.configure(policy.dns)
         self.resolver.keep_warm(names_to_keep_warm(policy))
+        self.traffic.configure(policy.egress, self.loop.time())
         if not policy.close_denied_on_reload:
             return 0
         closed = 0
