@@ -74,7 +74,11 @@ def status_command(args: argparse.Namespace) -> int:
         f"kernel:       {'in sync' if snap['kernel_in_sync'] else 'DRIFTED'}, "
         f"{snap['drift_repairs']} repairs since start"
     )
-    for line in [*describe_counters(snap), *describe_dns(snap.get("dns"))]:
+    for line in [
+        *describe_counters(snap),
+        *describe_dns(snap.get("dns")),
+        *describe_traffic(snap.get("traffic")),
+    ]:
         print(line)
     print(
         f"connections:  {snap['connections_open']} open, "
@@ -145,4 +149,31 @@ def describe_counters(snap: dict[str, object]) -> list[str]:
             for row in drops["rules"]:
                 if row["packets"]:
                     lines.append(f"                {row['packets']:>8}  {row['rule']}")
+    return lines
+
+
+def describe_traffic(traffic: dict[str, Any] | None) -> list[str]:
+    """The egress rules' limits and circuit breakers, as `status` prints them."""
+    if not traffic or not (traffic["limits"] or traffic["breakers"]):
+        return []
+    lines = []
+    for rule, lim in traffic["limits"].items():
+        set_ = [
+            f"{key} {lim[key]}"
+            for key in ("connections", "rate", "requests")
+            if lim[key] is not None
+        ]
+        open_ = sum(lim["open"].values())
+        refused = sum(lim["refused"].values())
+        lines.append(
+            f"limits:       {rule}: {', '.join(set_)} per {lim['per']}; {open_} open,"
+            f" {refused} refused"
+        )
+    for b in traffic["breakers"]:
+        state = b["state"]
+        if state == "open":
+            state += f", probe in {b['probe_in_s']:g}s"
+        elif state == "closed":
+            state += f", {b['failures']} failures in a row"
+        lines.append(f"breaker:      {b['rule']} -> {b['destination']}: {state}")
     return lines

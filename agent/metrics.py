@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from egress_agent.agent.status import AgentState, snapshot
 from egress_agent.policy.model import AUDIT_DENY
+from egress_agent.proxy.breaker import State as BreakerState
 
 PREFIX = "egress_agent_"
 
@@ -34,6 +35,18 @@ class _Families:
     def gauge(self, name: str, help_: str, value: float) -> None:
         family = GaugeMetricFamily(PREFIX + name, help_)
         family.add_metric([], value)
+        self.families.append(family)
+
+    def gauges(
+        self,
+        name: str,
+        help_: str,
+        labels: Iterable[str],
+        samples: Iterable[tuple[Iterable[Any], float]],
+    ) -> None:
+        family = GaugeMetricFamily(PREFIX + name, help_, labels=list(labels))
+        for values, value in samples:
+            family.add_metric([str(v) for v in values], value)
         self.families.append(family)
 
     def counter(
@@ -227,6 +240,31 @@ def families(agent: AgentState) -> list[Metric]:
             [((k,), v) for k, v in sorted(resolver.lookups.items())],
         )
         out.gauge("dns_cache_names", "Names in the proxy's DNS cache.", len(resolver.cache))
+        traffic = r.proxy.traffic
+        out.counter(
+            "limited_total",
+            "Flows and HTTP requests an egress rule's traffic controls refused, by rule,"
+            " workload ('-': none) and limit (connections, rate, requests, breaker).",
+            ["limit", "rule", "workload"],
+            sorted(((lim, rule, w), n) for (rule, w, lim), n in traffic.limited.items()),
+        )
+        out.gauges(
+            "breaker_state",
+            "1 for the state each circuit breaker is in (closed, open, half-open), 0 for"
+            " the others, by rule and destination (name:port or address:port).",
+            ["destination", "rule", "state"],
+            [
+                ((dest, rule, st.value), 1 if st is state else 0)
+                for rule, dest, state in traffic.breaker_states()
+                for st in BreakerState
+            ],
+        )
+        out.counter(
+            "breaker_transitions_total",
+            "Circuit breaker transitions by rule, destination and the state moved to.",
+            ["destination", "rule", "to"],
+            sorted(((d, r_, to), n) for (r_, d, to), n in traffic.transitions.items()),
+        )
     return out.families
 
 

@@ -133,9 +133,7 @@ class StatusServer:
             }
         if path == "/status":
             return 200, snap
-        return 404, {
-            "error": f"no such endpoint {path!r}: try {_ENDPOINTS}"
-        }
+        return 404, {"error": f"no such endpoint {path!r}: try {_ENDPOINTS}"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,6 +240,9 @@ def snapshot(agent: AgentState) -> dict[str, Any]:
         }
         if r.proxy
         else None,
+        # Egress rules' limits (open counts, refusals) and the circuit
+        # breakers that are not closed and idle.
+        "traffic": r.proxy.traffic.status(r.proxy.loop.time()) if r.proxy else None,
         "audit_records_written": agent.audit.written,
         "uptime_s": round(time.time() - agent.started_at, 1),
         "ready": not reasons,

@@ -75,7 +75,13 @@ class Ticket:
 
 
 class TrafficState(Protocol):
-    """What the proxy asks of the traffic controls' state."""
+    """What the proxy asks of the traffic controls' state, and what status
+    and metrics read from it."""
+
+    # Refusals by (rule, workload, limit); breaker transitions by (rule,
+    # destination, state moved to).
+    limited: dict[tuple[str, str, str], int]
+    transitions: dict[tuple[str, str, str], int]
 
     def configure(self, rules: Iterable[EgressRule], now: float) -> None: ...
 
@@ -92,6 +98,10 @@ class TrafficState(Protocol):
     def report(self, ticket: Ticket, ok: bool | None, now: float) -> None: ...
 
     def has_breaker(self, rule: str) -> bool: ...
+
+    def status(self, now: float) -> dict[str, Any]: ...
+
+    def breaker_states(self) -> list[tuple[str, str, State]]: ...
 
 
 def describe_rate(rate: str, burst: int) -> str:

@@ -38,4 +38,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "egress_agent_dns_queries_total": ("counter", ("result",)),
     "egress_agent_dns_lookups_total": ("counter", ("result",)),
     "egress_agent_dns_cache_names": ("gauge", ()),
+    "egress_agent_limited_total": ("counter", ("limit", "rule", "workload")),
+    "egress_agent_breaker_state": ("gauge", ("destination", "rule", "state")),
+    "egress_agent_breaker_transitions_total": ("counter", ("destination", "rule", "to")),
 }

@@ -21,7 +21,9 @@ from egress_agent.agent.metrics import Metrics
 from egress_agent.agent.status import ReloadResult
 from egress_agent.bpf.datapath import ClassifierCounters, Traffic
 from egress_agent.bpf.layout import Reason
+from egress_agent.policy.load import parse_policy
 from egress_agent.proxy.audit import AuditLog, AuditRecord, RequestRecord
+from egress_agent.proxy.traffic import LocalTraffic, Ticket
 from tests.lab.metricnames import FAMILIES
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
@@ -92,6 +94,7 @@ def _agent(tmp_path: Path) -> SimpleNamespace:
         queries={"answer": 4}, lookups={"cached": 3, "queried": 1}, cache={"a": 1}
     )
     proxy = SimpleNamespace(
+        traffic=_traffic(),
         refused={("proxy.max_connections", "app"): 2},
         max_connections=100,
         listeners=[SimpleNamespace(restarts=1)],
@@ -104,6 +107,24 @@ def _agent(tmp_path: Path) -> SimpleNamespace:
         last_reload=ReloadResult(applied=False, generation=2, policy_hash="x", error="bad"),
         reloads={"applied": 1, "failed": 1},
     )
+
+
+def _traffic() -> LocalTraffic:
+    """Traffic controls with one refusal by a rate and one open breaker."""
+    policy = parse_policy(
+        "version: 1\nworkloads: {}\negress:\n  - name: api\n    action: allow\n"
+        '    limits: {rate: "1/s", burst: 1, per: workload}\n'
+        "    breaker: {consecutive_failures: 1, open_for: 30s}\ndefault: deny\n",
+        source_name="p.yaml",
+    )
+    traffic = LocalTraffic()
+    traffic.configure(policy.egress, 0.0)
+    traffic.open_flow("api", "app", 0.0)
+    traffic.open_flow("api", "app", 0.0)
+    ticket = traffic.enter("api", "app", "api.example.com:443", 0.0)
+    assert isinstance(ticket, Ticket)
+    traffic.report(ticket, False, 0.0)
+    return traffic
 
 
 SNAPSHOT = {
@@ -188,6 +209,11 @@ def test_the_exposition_has_the_values_the_agent_holds(
     assert v("connections_refused_total", cap="proxy.max_connections", workload="app") == 2
     assert v("dns_lookups_total", result="queried") == 1 and v("dns_cache_names") == 1
     assert v("audit_write_errors_total") == 0
+    assert v("limited_total", limit="rate", rule="api", workload="app") == 1
+    dest = "api.example.com:443"
+    assert v("breaker_state", rule="api", destination=dest, state="open") == 1
+    assert v("breaker_state", rule="api", destination=dest, state="closed") == 0
+    assert v("breaker_transitions_total", rule="api", destination=dest, to="open") == 1
 
 
 def test_an_audit_record_that_cannot_be_written_is_counted() -> None:

@@ -383,7 +383,8 @@ def test_limits_and_breaker_are_read_from_an_allow_rule() -> None:
 @pytest.mark.parametrize(
     ("extra", "http", "where", "says"),
     [
-        ('limits: {rate: "fast"}\n', False, "p.yaml:9:20: egress[0].limits.rate", "'fast' is not a rate"),
+        ('limits: {rate: "fast"}\n', False, "p.yaml:9:20: egress[0].limits.rate",
+         "'fast' is not a rate"),
         ("limits: {rate: 20}\n", False, "egress[0].limits.rate", 'say per what: "20/s"'),
         ('limits: {rate: "20/d"}\n', False, "egress[0].limits.rate", "unknown unit 'd'"),
         ('limits: {rate: "0/s"}\n', False, "egress[0].limits.rate", "out of range"),
