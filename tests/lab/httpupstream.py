@@ -18,6 +18,9 @@ response is sent::
      "body_sha256": hex}
 
 so a test sees exactly what reached the server (and that nothing did).
+With ``--status-file FILE``, a status code written in that file (``500``)
+replaces ``200`` in the responses that follow, until the file is emptied:
+a server that fails on demand.
 ``READY`` is printed once the listener is bound.
 """
 
@@ -45,8 +48,19 @@ IDLE = 30.0
 
 
 class _Server:
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, status_file: Path | None = None) -> None:
         self.log = open(log, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        self.status_file = status_file
+
+    def status(self) -> str:
+        """The status line's code and reason to answer with now."""
+        if self.status_file is None:
+            return "200 OK"
+        try:
+            code = self.status_file.read_text().strip()
+        except FileNotFoundError:
+            code = ""
+        return f"{int(code)} Failing On Demand" if code else "200 OK"
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = format_addr(writer.get_extra_info("peername"))
@@ -123,12 +137,13 @@ class _Server:
         }
         self.log.write(json.dumps(record) + "\n")
         body = json.dumps({"bytes": size, "sha256": digest.hexdigest()}).encode()
+        status = self.status()
         if target.startswith("/chunked"):
-            out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            out = f"HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
             if method != "HEAD":
                 out += f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
         else:
-            out = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n".encode()
+            out = f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n".encode()
             if target.startswith("/bye"):
                 out += b"Connection: close\r\n"
             out += b"Content-Type: application/json\r\n\r\n"
@@ -139,7 +154,9 @@ class _Server:
         return lower.get("connection", "").lower() != "close" and not target.startswith("/bye")
 
 
-async def _serve(listen: Sequence[str], tls: tuple[str, str] | None, log: Path) -> None:
+async def _serve(
+    listen: Sequence[str], tls: tuple[str, str] | None, log: Path, status_file: Path | None
+) -> None:
     ctx: ssl.SSLContext | None = None
     if tls is not None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -149,7 +166,7 @@ async def _serve(listen: Sequence[str], tls: tuple[str, str] | None, log: Path) 
             obj.sni = name  # type: ignore[attr-defined]
 
         ctx.sni_callback = remember_sni
-    server = _Server(log)
+    server = _Server(log, status_file)
     servers = []
     for item in listen:
         host, port = parse_listen(item)
@@ -163,9 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listen", action="append", required=True)
     parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
     parser.add_argument("--log", type=Path, required=True)
+    parser.add_argument("--status-file", type=Path)
     args = parser.parse_args(argv)
+    tls = tuple(args.tls) if args.tls else None
     try:
-        asyncio.run(_serve(args.listen, tuple(args.tls) if args.tls else None, args.log))
+        asyncio.run(_serve(args.listen, tls, args.log, args.status_file))
     except OSError as exc:
         print(f"cannot listen: {exc}", flush=True)
         return 1
@@ -180,9 +199,12 @@ def start_http_upstream(
     tls: tuple[os.PathLike[str] | str, os.PathLike[str] | str] | None,
     log: Path,
     timeout: float = 10.0,
+    status_file: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start the server in lab host ``host``; the lab stops it at teardown."""
     argv = [sys.executable, __file__, "--log", str(log)]
+    if status_file is not None:
+        argv += ["--status-file", str(status_file)]
     for item in listen:
         parse_listen(item)
         argv += ["--listen", item]
