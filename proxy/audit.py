@@ -22,6 +22,10 @@ client got (null if none), bytes of that request and response, and ``error``.
 Request records are written as each request ends, so they precede their
 connection's record.
 
+``limit`` and ``limit_value`` (connection and request records) name the
+rule's traffic control that refused the flow or request, or failed it fast
+(``connections``, ``rate``, ``requests``, ``breaker``), and its setting.
+
 ``policy_generation`` and ``policy_hash`` say which applied policy decided the
 connection: the generation counts successful (re)loads of this agent process.
 
