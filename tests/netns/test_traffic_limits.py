@@ -63,7 +63,9 @@ egress:
     action: allow
     breaker: {{consecutive_failures: 2, open_for: 3s}}
 default: deny
+connect: {{port: 3128}}
 """
+PROXY = "http://169.254.99.1:3128"
 
 
 @dataclass
@@ -74,6 +76,7 @@ class World:
     audit: Audit
     upstream_log: Path
     status_file: Path
+    policy: Path
 
     def seen(self, log: Path | None = None) -> list[str]:
         """The targets of the requests the server received."""
@@ -136,7 +139,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         try:
             yield World(
                 lab=lab, work=work, agent=agent, audit=Audit(audit), upstream_log=log,
-                status_file=status_file,
+                status_file=status_file, policy=policy,
             )  # fmt: skip
         finally:
             agent.stop()
@@ -195,6 +198,23 @@ def test_new_connections_over_the_rate_are_reset(world: World) -> None:
         assert (r["rule"], r["limit"], r["limit_value"]) == ("rated", "rate", "3/h, burst 3")
     metrics = world.agent.metrics()
     assert metrics['egress_agent_limited_total{limit="rate",rule="rated",workload="app"}'] == 2
+
+
+def test_a_connect_over_the_rate_gets_429_with_retry_after(world: World) -> None:
+    # The rate test above emptied the bucket of rule rated (3/h).
+    mark = world.audit.mark()
+    proc = world.lab.run(
+        "app",
+        ["curl", "-sS", "--max-time", "10", "-p", "--proxy", PROXY, "-o", "/dev/null",
+         "-D", "-", "-w", "%{http_connect}", f"http://{WEB}:8081/via-connect"],
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and proc.stdout.endswith("429"), (proc.stdout, proc.stderr)
+    retry = [ln for ln in proc.stdout.splitlines() if ln.lower().startswith("retry-after:")]
+    assert retry and int(retry[0].split(":")[1]) >= 1, proc.stdout
+    assert "/via-connect" not in world.seen()
+    record = world.audit.wait_for(lambda r: r.get("via") == "connect", after=mark)
+    assert (record["event"], record["rule"], record["limit"]) == ("denied", "rated", "rate")
 
 
 def test_requests_over_the_limit_get_429_and_the_connection_goes_on(world: World) -> None:
@@ -303,3 +323,22 @@ def test_a_tcp_breaker_opens_on_refused_connects_and_closes_when_the_server_is_b
         "node", [sys.executable, "-m", "egress_agent.agent.cli", "status"], check=False
     ).stdout
     assert "limits:       capped: connections 2 per workload" in shown, shown
+
+
+def test_a_reload_keeps_unchanged_limits_and_applies_changed_ones(world: World) -> None:
+    # The bucket of rule rated (3/h) is empty since the rate test.
+    generation = world.agent.generation()
+    world.policy.write_text(POLICY.replace("connections: 2, per", "connections: 3, per"))
+    world.agent.wait_generation(above=generation, timeout=30)
+    code, status = world.curl(f"http://{WEB}:8081/kept")
+    assert code != 0 and status == "000"  # reset: the bucket was kept, still empty
+    generation = world.agent.generation()
+    world.policy.write_text(POLICY.replace('rate: "3/h", burst: 3', 'rate: "20/s", burst: 1'))
+    world.agent.wait_generation(above=generation, timeout=30)
+    # What it held is kept (nothing), and it refills at the new rate.
+    assert wait_until(
+        lambda: world.curl(f"http://{WEB}:8081/changed") == (0, "200"),
+        timeout=10,
+        what="a connection through rule rated at its new rate",
+    )
+    assert "/kept" not in world.seen() and "/changed" in world.seen()
