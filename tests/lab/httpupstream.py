@@ -20,7 +20,8 @@ response is sent::
 so a test sees exactly what reached the server (and that nothing did).
 With ``--status-file FILE``, a status code written in that file (``500``)
 replaces ``200`` in the responses that follow, until the file is emptied:
-a server that fails on demand.
+a server that fails on demand. A target starting with ``/slow`` is answered
+after two seconds.
 ``READY`` is printed once the listener is bound.
 """
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 READ_SIZE = 64 * 1024
 IDLE = 30.0
+SLOW = 2.0  # seconds before answering /slow...
 
 
 class _Server:
@@ -137,6 +139,8 @@ class _Server:
         }
         self.log.write(json.dumps(record) + "\n")
         body = json.dumps({"bytes": size, "sha256": digest.hexdigest()}).encode()
+        if target.startswith("/slow"):
+            await asyncio.sleep(SLOW)
         status = self.status()
         if target.startswith("/chunked"):
             out = f"HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()

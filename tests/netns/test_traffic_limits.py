@@ -291,6 +291,42 @@ def test_an_http_breaker_opens_on_5xx_fails_fast_and_a_probe_closes_it(world: Wo
     assert metrics[state.format(NAME, "open")] == 0
 
 
+def test_a_half_open_breaker_lets_exactly_one_probe_through(world: World) -> None:
+    url = f"http://{NAME}:8082"
+    world.status_file.write_text("500")
+    try:
+        assert [world.curl(f"{url}/h{i}") for i in range(2)] == [(0, "500")] * 2
+        world.wait_probe_due("api-breaker")
+        world.status_file.write_text("")
+        # The probe takes two seconds to be answered; others meanwhile fail fast.
+        probe = world.lab.popen(
+            "app",
+            ["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}",
+             f"{url}/slow-probe"],
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            wait_until(
+                lambda: (b := world.breaker("api-breaker")) is not None
+                and b["state"] == "half-open",
+                timeout=10,
+                what="the probe under way",
+            )
+            during = [world.curl(f"{url}/during{i}") for i in range(3)]
+            out, _ = probe.communicate(timeout=20)
+        finally:
+            if probe.poll() is None:
+                probe.kill()
+                probe.wait()
+    finally:
+        world.status_file.write_text("")
+    assert during == [(0, "503")] * 3
+    assert out.decode() == "200"
+    assert world.curl(f"{url}/after") == (0, "200")  # the probe closed it
+    seen = [t for t in world.seen() if t.startswith(("/h", "/slow", "/during", "/after"))]
+    assert seen == ["/h0", "/h1", "/slow-probe", "/after"]
+
+
 def test_a_tcp_breaker_opens_on_refused_connects_and_closes_when_the_server_is_back(
     world: World,
 ) -> None:
