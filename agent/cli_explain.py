@@ -122,7 +122,33 @@ def explain_command(args: argparse.Namespace) -> int:
             print(f"http:      {line}")
     elif verdict.by_name and verdict.action is Action.ALLOW:
         print("http:      plain HTTP: every request's Host is checked the same way (else 421)")
+    if verdict.action is Action.ALLOW and not verdict.audit:
+        for line in describe_traffic(policy, verdict.rule):
+            print(line)
     return EXIT_OK
+
+
+def describe_traffic(policy: Policy, rule_name: str) -> list[str]:
+    """The ``limits:`` and ``breaker:`` lines for the allowing rule."""
+    rule = next((r for r in policy.egress if r.name == rule_name), None)
+    lines = []
+    if rule is not None and rule.limits is not None:
+        lim = rule.limits
+        parts = []
+        if lim.connections is not None:
+            parts.append(f"{lim.connections} connections open at once")
+        if lim.rate is not None:
+            parts.append(f"new connections {lim.rate} (burst {lim.connection_burst()})")
+        if lim.requests is not None:
+            parts.append(f"requests {lim.requests} (burst {lim.request_burst()})")
+        lines.append(f"limits:    {', '.join(parts)}, per {lim.per.value}; over them: reset or 429")
+    if rule is not None and rule.breaker is not None:
+        b = rule.breaker
+        lines.append(
+            f"breaker:   {b.consecutive_failures} failures in a row to a destination fail its"
+            f" flows fast for {b.open_for:g}s, then one probe decides"
+        )
+    return lines
 
 
 def mode_of(policy: Policy) -> str:

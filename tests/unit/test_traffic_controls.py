@@ -6,9 +6,11 @@ the policy file with located errors."""
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
+from egress_agent.agent.cli import main
 from egress_agent.policy.load import PolicyError, parse_policy
 from egress_agent.policy.model import Policy
 from egress_agent.policy.traffic import Breaker, Limits, Rate, Scope
@@ -444,3 +446,36 @@ def test_limits_and_breakers_belong_to_allow_rules() -> None:
 
 def test_admissions_carry_no_probe_number_for_ordinary_flows() -> None:
     assert Admission(allowed=True).probe == 0
+
+
+def test_explain_shows_the_allowing_rules_limits_and_breaker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        textwrap.dedent(
+            """\
+            version: 1
+            workloads:
+              vm: {cidrs: [10.0.5.0/24]}
+            intercept:
+              - from: [vm]
+            egress:
+              - name: api
+                to: {cidrs: [192.0.2.0/24], ports: [80]}
+                action: allow
+                http: {}
+                limits: {connections: 100, rate: "20/s", requests: "50/s", per: workload}
+                breaker: {consecutive_failures: 5, open_for: 30s}
+            default: deny
+            """
+        )
+    )
+    args = ["explain", "--policy", str(policy), "--from", "10.0.5.9", "--to", "192.0.2.1:80"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert (
+        "limits:    100 connections open at once, new connections 20/s (burst 20),"
+        " requests 50/s (burst 50), per workload; over them: reset or 429" in out
+    )
+    assert "breaker:   5 failures in a row to a destination fail its flows fast for 30s" in out
