@@ -9,10 +9,11 @@ from yaml.nodes import MappingNode, Node
 from egress_agent.policy import fields
 from egress_agent.policy.model import Action, EgressRule, HttpRule, IPNetwork, PortRange, Resolve
 from egress_agent.policy.sections.httprule import http_rule
+from egress_agent.policy.sections.route import route
 from egress_agent.policy.sections.workloads import Known, sources
 from egress_agent.policy.yamlnodes import Reader, join, line_of
 
-_EGRESS_KEYS = ("name", "from", "to", "action", "mode", "http")
+_EGRESS_KEYS = ("name", "from", "to", "action", "mode", "http", "source", "via")
 _DEFAULT_KEYS = ("action", "mode")
 _TO_KEYS = ("hosts", "cidrs", "ports", "resolve")
 _RESOLVE_CHOICES = {
@@ -135,6 +136,7 @@ def egress(r: Reader, node: Node, path: str, known: Known) -> tuple[EgressRule, 
                     "an http section only applies to action allow: a denied connection"
                     " carries no requests; remove it or make the rule allow",
                 )
+        source, via = route(r, rule, r_path, act if "action" in rule else None)
         rules.append(
             EgressRule(
                 name=name,
@@ -146,6 +148,8 @@ def egress(r: Reader, node: Node, path: str, known: Known) -> tuple[EgressRule, 
                 http=http,
                 resolve=resolve,
                 audit=audit,
+                source=source,
+                via=via,
             )
         )
     return tuple(rules)
