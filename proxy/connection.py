@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from egress_agent.policy.decide import decide, identify, names_to_resolve, needs_server_name
 from egress_agent.policy.model import Action, IPAddress, Policy, Verdict
-from egress_agent.proxy import handoff, held
+from egress_agent.proxy import gateway, handoff, held
 from egress_agent.proxy.audit import AuditRecord, Event, rfc3339
 from egress_agent.proxy.original_dst import Endpoint, NotDiverted, endpoint_of, original_dst
 from egress_agent.proxy.peek import Peeked, Protocol, Sniffer
@@ -88,6 +88,10 @@ class Connection:
         self.upstream_address: IPAddress | None = None  # when not the original destination
         self.admitted = False  # counted against the connection caps
         self.counted_as: str | None = None  # the workload it was counted for
+        # Set by proxy.gateway for a rule with source or via: the upstream
+        # socket's local address:port, and the gateway it went through.
+        self.route_source: str | None = None
+        self.route_gateway: str | None = None
 
     # -- client side, before relaying -------------------------------------------------
 
@@ -199,7 +203,7 @@ class Connection:
             policy, workload=self.workload, dst=self.dst.address, dst_port=self.dst.port
         ):
             nameless = await self.verdict_for(None)
-            if nameless.action is Action.ALLOW and nameless.http is None:
+            if nameless.action is Action.ALLOW and nameless.http is None and nameless.via is None:
                 # Allowed even without a name (the destination is a literal
                 # host's address, or a later rule allows it): connect now, so
                 # a server that speaks first is not kept waiting; the client's
@@ -222,6 +226,12 @@ class Connection:
             self.sniff_buf = bytearray(self.buffer)
         name = self.peeked.server_name if self.peeked else None
         self.verdict = await self.verdict_for(name)
+        if self.verdict.via is not None and self.sniff_buf is not None:
+            # A gateway's policy decides by name: learn it before the CONNECT.
+            failure = await gateway.learn_name(self)
+            if failure is not None:
+                self.fail(failure)
+                return
         if self.verdict.action is Action.DENY:
             self.event = "denied"
             self.error = self.verdict.reason
@@ -352,6 +362,8 @@ class Connection:
             await self._connect_upstream(
                 settings.upstream_mark, settings.connect_timeout, address=address
             )
+        except gateway.RouteError as exc:
+            return str(exc)
         except TimeoutError:
             return f"upstream connect timed out after {settings.connect_timeout:g}s"
         except OSError as exc:
@@ -376,6 +388,9 @@ class Connection:
         port (a name's own address, ``resolve: connect``)."""
         assert self.dst is not None
         dst = self.dst if address is None else Endpoint(address=address, port=self.dst.port)
+        if gateway.routed(self.verdict):
+            self.upstream = await gateway.connect_routed(self, dst, mark=mark, timeout=timeout)
+            return
         sock = upstream_socket(dst)
         self.server.upstreams += 1  # until the upstream half is lost
         half: Half | None = None
@@ -464,6 +479,8 @@ class Connection:
             id=self.id,
             requests=self.requests,
             upstream=_show(self.upstream_address, self.dst.port) if self.dst else None,
+            source=self.route_source,
+            gateway=self.route_gateway,
         )
 
 
