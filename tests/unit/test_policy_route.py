@@ -213,3 +213,24 @@ def test_the_host_check_names_unreadable_gateway_files(tmp_path: Path) -> None:
             " the gateway's",
         ),
     ]
+
+
+def test_the_readme_walk_through_policies_load() -> None:
+    """The gateway's policy and the node's rule, as a reader copies them."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("### One egress IP for a cluster") :]
+    section = section[: section.index("\n## ")]
+    gateway_yaml, node_yaml = (block.split("\n", 1)[1] for block in section.split("```yaml")[1:3])
+    gateway_yaml = gateway_yaml[: gateway_yaml.index("```")]
+    node_yaml = node_yaml[: node_yaml.index("```")]
+    gateway = parse_policy(gateway_yaml, source_name="gateway.yaml")
+    assert gateway.connect is not None and gateway.connect.port == 3128
+    [partners] = gateway.egress
+    assert partners.source is not None and len(partners.source.addresses) == 2
+    node = parse_policy(
+        "version: 1\nworkloads: {app: {cidrs: [10.0.1.0/24]}}\ndefault: deny\n" + node_yaml,
+        source_name="node.yaml",
+    )
+    [rule] = node.egress
+    assert rule.via is not None and str(rule.via) == "10.0.9.3:3128"
+    assert rule.via.auth is not None and rule.via.tls is None
