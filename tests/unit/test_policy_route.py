@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from egress_agent.agent.cli import main
 from egress_agent.agent.hostcheck import check_host
 from egress_agent.policy.decide import decide
 from egress_agent.policy.load import parse_policy
@@ -234,3 +235,42 @@ def test_the_readme_walk_through_policies_load() -> None:
     [rule] = node.egress
     assert rule.via is not None and str(rule.via) == "10.0.9.3:3128"
     assert rule.via.auth is not None and rule.via.tls is None
+
+
+def test_explain_says_where_a_flow_leaves_from_and_through_which_gateway(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            version: 1
+            workloads:
+              pods: {cidrs: [10.0.0.0/24]}
+            intercept: [{from: [pods], ports: [443, 444]}]
+            egress:
+              - name: out
+                to: {ports: [443]}
+                action: allow
+                source: {address: 203.0.113.7}
+                via: {connect: "gw.example:3128"}
+              - name: v4-only
+                to: {ports: [444]}
+                action: allow
+                source: {address: 203.0.113.7}
+            default: deny
+            """
+        )
+    )
+    args = ["explain", "--policy", str(path), "--from", "10.0.0.5"]
+    assert main([*args, "--to", "192.0.2.9:443", "--server-name", "api.example"]) == 0
+    out = capsys.readouterr().out
+    assert "leaves:    from 203.0.113.7 (the connection to the gateway)\n" in out
+    assert "through:   gateway gw.example:3128: CONNECT api.example:443\n" in out
+    assert main([*args, "--to", "192.0.2.9:444"]) == 0
+    assert "leaves:    from 203.0.113.7\n" in capsys.readouterr().out
+    assert main([*args, "--to", "[2001:db8::9]:444"]) == 0
+    assert (
+        "leaves:    refused: the rule's source (203.0.113.7) has no IPv6 address\n"
+        in capsys.readouterr().out
+    )
