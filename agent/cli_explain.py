@@ -118,12 +118,12 @@ def explain_command(args: argparse.Namespace) -> int:
             f"connects:  {verdict.upstream} port {port}, not {dst} (the rule has resolve: connect)"
         )
     if verdict.source is not None:
-        given = ", ".join(str(a) for a in verdict.source.addresses)
+        sources = ", ".join(str(a) for a in verdict.source.addresses)
         if verdict.via is not None:
-            print(f"leaves:    from {given} (the connection to the gateway)")
+            print(f"leaves:    from {sources} (the connection to the gateway)")
         elif verdict.source.for_version(dst.version) is None:
             print(
-                f"leaves:    refused: the rule's source ({given}) has no IPv{dst.version} address"
+                f"leaves:    refused: the rule's source ({sources}) has no IPv{dst.version} address"
             )
         else:
             print(f"leaves:    from {verdict.source.for_version(dst.version)}")
