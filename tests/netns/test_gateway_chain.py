@@ -56,7 +56,7 @@ workloads:
   app: {{cidrs: [198.19.1.2/32, "fd00:19:1::2/128"]}}
 intercept:
   - from: [app]
-    ports: [443, 8080, 8443, 8444, 9443, 9444, 9445, 9446]
+    ports: [443, 8080, 8443, 8444, 9443, 9444, 9445, 9446, 9447]
 egress:
   - name: via-agent-gateway
     from: [app]
@@ -93,6 +93,11 @@ egress:
     to: {{ports: [9446]}}
     action: allow
     via: {{connect: "{SQUID_LISTEN}:3128", tls: {{ca_file: {work / "ca" / "ca.crt"}}}}}
+  - name: from-either-family
+    from: [app]
+    to: {{ports: [9447]}}
+    action: allow
+    source: {{address: [198.18.1.1, "fd00:18:1::1"]}}
   - name: from-v4-only
     from: [app]
     to: {{ports: [9444]}}
@@ -242,7 +247,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "internet",
             name="internet",
             listen=[f"{SERVER_V4}:{p}" for p in (443, 8443, 8444, 9443, 9444)]
-            + ["[fd00:18:1::2]:9444"],
+            + ["[fd00:18:1::2]:9444", "[fd00:18:1::2]:9447"],
             tls=cert,
             log=work / "server.jsonl",
         )
@@ -556,3 +561,16 @@ def test_tls_to_a_gateway_that_does_not_speak_it_fails_closed(world: World) -> N
     assert record["event"] == "failed" and record["rule"] == "via-plain-port-with-tls"
     assert record["error"].startswith(f"gateway {SQUID_LISTEN}:3128: TLS failed: "), record
     assert world.server_log()[seen:] == []
+
+
+def test_a_source_per_family_is_used_for_ipv6(world: World) -> None:
+    node_audit = Audit(world.work / "node-audit.jsonl")
+    node_mark, seen = node_audit.mark(), len(world.server_log())
+
+    v6 = world.curl("https://[fd00:18:1::2]:9447/", "-k")
+
+    assert v6.stdout.endswith("\n200"), v6.stderr
+    server = read_log(world.work / "server.jsonl", at_least=seen + 1)[seen:]
+    assert [_peer_address(r) for r in server] == ["fd00:18:1::1"]
+    [record] = node_audit.wait(1, after=node_mark)
+    assert record["rule"] == "from-either-family" and record["source"] == server[0]["peer"]
