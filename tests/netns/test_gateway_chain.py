@@ -56,7 +56,7 @@ workloads:
   app: {{cidrs: [198.19.1.2/32, "fd00:19:1::2/128"]}}
 intercept:
   - from: [app]
-    ports: [443, 8080, 8443, 8444, 9443, 9444, 9445, 9446, 9447]
+    ports: [443, 8080, 8443, 8444, 9443, 9444, 9445, 9446, 9447, 9448]
 egress:
   - name: via-agent-gateway
     from: [app]
@@ -103,6 +103,15 @@ egress:
     to: {{ports: [9444]}}
     action: allow
     source: {{address: 198.18.1.1}}
+  - name: partner-through-gateway
+    from: [app]
+    to: {{hosts: ["*.example"], ports: [9448]}}   # a wildcard owns no address
+    action: allow
+    via: {{connect: "{GW_NAME}:3128"}}
+  - name: server-address-direct
+    from: [app]
+    to: {{cidrs: [{SERVER_V4}/32], ports: [9448]}}
+    action: allow
 default: deny
 """
 
@@ -247,7 +256,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "internet",
             name="internet",
             listen=[f"{SERVER_V4}:{p}" for p in (443, 8443, 8444, 9443, 9444)]
-            + ["[fd00:18:1::2]:9444", "[fd00:18:1::2]:9447"],
+            + [f"{SERVER_V4}:9448", "[fd00:18:1::2]:9444", "[fd00:18:1::2]:9447"],
             tls=cert,
             log=work / "server.jsonl",
         )
@@ -574,3 +583,24 @@ def test_a_source_per_family_is_used_for_ipv6(world: World) -> None:
     assert [_peer_address(r) for r in server] == ["fd00:18:1::1"]
     [record] = node_audit.wait(1, after=node_mark)
     assert record["rule"] == "from-either-family" and record["source"] == server[0]["peer"]
+
+
+def test_a_name_whose_rule_chains_never_rides_a_direct_connection(world: World) -> None:
+    """Connected early as a flow allowed without a name (a later rule allows
+    the address directly), a ClientHello that names a server whose rule goes
+    through the gateway is refused: not a byte of it reaches the server."""
+    node_audit = Audit(world.work / "node-audit.jsonl")
+    node_mark, seen = node_audit.mark(), len(world.server_log())
+
+    result = world.curl(f"https://{PARTNER}:9448/")
+
+    assert result.returncode in (35, 56), (result.returncode, result.stderr)
+    [record] = node_audit.wait(1, after=node_mark)
+    assert (record["event"], record["rule"]) == ("denied", "partner-through-gateway"), record
+    assert record["error"] == (
+        f"SNI {PARTNER} is allowed by rule partner-through-gateway only from its source or"
+        " through its gateway, but the connection was made as a flow without a name (rule"
+        " server-address-direct), which leaves another way"
+    )
+    server = read_log(world.work / "server.jsonl", at_least=seen + 1)[seen:]
+    assert [r["bytes_in"] for r in server] == [0]
