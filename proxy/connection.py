@@ -241,6 +241,9 @@ class Connection:
             await handoff.serve_http(self, self.verdict.http)
             return
         if self._check_every_request():
+            if gateway.routed(self.verdict):
+                gateway.refuse_plain_http_by_name(self)
+                return
             await handoff.serve_http(self, handoff.PASS_THROUGH)
             return
         self.upstream_address = self.verdict.upstream

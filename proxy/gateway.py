@@ -34,7 +34,7 @@ import socket
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from egress_agent.policy.model import Gateway, IPAddress, SourceBinding, Verdict
+from egress_agent.policy.model import Action, Gateway, IPAddress, SourceBinding, Verdict
 from egress_agent.proxy.original_dst import Endpoint
 from egress_agent.proxy.relay import Half, describe
 from egress_agent.proxy.secretfiles import SecretError
@@ -148,6 +148,24 @@ async def learn_name(conn: Connection) -> str | None:
             f" ({len(conn.buffer)} bytes received)"
         )
     return None
+
+
+def refuse_plain_http_by_name(conn: Connection) -> None:
+    """Refuse plain HTTP that a rule with ``source`` or ``via`` allows by its
+    hosts. Such a connection must have every request's Host decided (one
+    connection can carry requests for several hosts at one address), which
+    the HTTP relay does from the node's own address only: rather than send
+    it another way than the rule says, it is reset."""
+    assert conn.verdict is not None
+    rule = conn.verdict.rule
+    conn.verdict = Verdict(action=Action.DENY, rule=rule, workload=conn.workload)
+    conn.event = "denied"
+    conn.error = (
+        f"plain HTTP allowed by rule {rule}'s hosts needs each request's Host checked, which"
+        " the proxy does not do from a source address or through a gateway: use HTTPS, or"
+        " allow the destination by cidrs or ports in a rule without hosts"
+    )
+    conn.reset_client()
 
 
 async def _connect_via(

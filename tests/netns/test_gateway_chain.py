@@ -56,7 +56,7 @@ workloads:
   app: {{cidrs: [198.19.1.2/32, "fd00:19:1::2/128"]}}
 intercept:
   - from: [app]
-    ports: [443, 8080, 8443, 8444, 9443, 9444, 9445, 9446, 9447, 9448]
+    ports: [443, 8080, 8081, 8443, 8444, 9443, 9444, 9445, 9446, 9447, 9448]
 egress:
   - name: via-agent-gateway
     from: [app]
@@ -106,6 +106,11 @@ egress:
   - name: partner-through-gateway
     from: [app]
     to: {{hosts: ["*.example"], ports: [9448]}}   # a wildcard owns no address
+    action: allow
+    via: {{connect: "{GW_NAME}:3128"}}
+  - name: plain-by-name-through-gateway
+    from: [app]
+    to: {{hosts: [{PARTNER}], ports: [8081]}}
     action: allow
     via: {{connect: "{GW_NAME}:3128"}}
   - name: server-address-direct
@@ -264,7 +269,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             lab,
             "internet",
             name="internet-http",
-            listen=[f"{SERVER_V4}:8080"],
+            listen=[f"{SERVER_V4}:8080", f"{SERVER_V4}:8081"],
             tls=None,
             log=work / "server.jsonl",
         )
@@ -604,3 +609,19 @@ def test_a_name_whose_rule_chains_never_rides_a_direct_connection(world: World) 
     )
     server = read_log(world.work / "server.jsonl", at_least=seen + 1)[seen:]
     assert [r["bytes_in"] for r in server] == [0]
+
+
+def test_plain_http_by_name_through_a_gateway_is_refused(world: World) -> None:
+    """Plain HTTP allowed by a rule's hosts needs each request's Host checked,
+    which only a direct connection gets: through a gateway it is reset, never
+    sent direct."""
+    node_audit = Audit(world.work / "node-audit.jsonl")
+    node_mark, seen = node_audit.mark(), len(world.server_log())
+
+    result = world.curl(f"http://{PARTNER}:8081/")
+
+    assert result.returncode == 56, (result.returncode, result.stderr)
+    [record] = node_audit.wait(1, after=node_mark)
+    assert (record["event"], record["rule"]) == ("denied", "plain-by-name-through-gateway")
+    assert record["error"].startswith("plain HTTP allowed by rule plain-by-name-through-gateway")
+    assert world.server_log()[seen:] == []
