@@ -18,6 +18,7 @@ from egress_agent.agent.cgroups import marks_by_path
 from egress_agent.agent.desired import Desired, Observed, content_hash, desired_state
 from egress_agent.agent.discovery import pod_addresses, uses_pods
 from egress_agent.agent.handover import Inherited
+from egress_agent.agent.hostcheck import check_host
 from egress_agent.agent.metrics import Metrics
 from egress_agent.agent.pods import Snapshot
 from egress_agent.agent.reconcile import CommitRefused, Reconciler
@@ -93,9 +94,11 @@ class Agent:
         # computed from them and the file by desired_state().
         self.observed = Observed()
         self.watcher: PodWatcher | None = None
+        source = parse_policy(text, source_name=self.path)
+        check_host(source)  # an address or file the policy needs and this host lacks
         self.reconciler = Reconciler(
             desired_state(
-                parse_policy(text, source_name=self.path),
+                source,
                 policy_hash=content_hash(text),
                 observed=self.observed,
                 selection="nft",
@@ -259,6 +262,7 @@ class Agent:
             if digest == self.reconciler.desired.policy_hash:
                 return ReloadResult(applied=False, generation=generation, policy_hash=digest)
             source = parse_policy(text, source_name=self.path)
+            check_host(source)
             _check_restart_only_settings(self.reconciler.policy, source)
             desired = self._desired(source, digest)
         except PolicyError as exc:

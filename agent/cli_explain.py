@@ -117,6 +117,19 @@ def explain_command(args: argparse.Namespace) -> int:
         print(
             f"connects:  {verdict.upstream} port {port}, not {dst} (the rule has resolve: connect)"
         )
+    if verdict.source is not None:
+        sources = ", ".join(str(a) for a in verdict.source.addresses)
+        if verdict.via is not None:
+            print(f"leaves:    from {sources} (the connection to the gateway)")
+        elif verdict.source.for_version(dst.version) is None:
+            print(
+                f"leaves:    refused: the rule's source ({sources}) has no IPv{dst.version} address"
+            )
+        else:
+            print(f"leaves:    from {verdict.source.for_version(dst.version)}")
+    if verdict.via is not None:
+        name = args.server_name or (f"[{dst}]" if dst.version == 6 else str(dst))
+        print(f"through:   gateway {verdict.via}: CONNECT {name}:{port}")
     if verdict.http is not None:
         for line in describe_http(verdict.http, dst_port=port):
             print(f"http:      {line}")

@@ -316,6 +316,8 @@ def _verdict(
         by_name=by_name,
         upstream=upstream,
         reason=reason,
+        source=rule.source,
+        via=rule.via,
     )
 
 

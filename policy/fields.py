@@ -414,3 +414,11 @@ def _host_pattern(text: str) -> tuple[str | None, str]:
                 " (a host name, not a URL: no scheme, port or path)"
             )
     return host, ""
+
+
+def host_name_problem(text: str) -> str | None:
+    """Why ``text`` is not a host name (no wildcard), or None when it is one."""
+    host, why = _host_pattern(text)
+    if host is not None and host.startswith("*."):
+        return "a wildcard names no one server"
+    return None if host is not None else why

@@ -202,6 +202,79 @@ class Resolve(enum.Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Place:
+    """Where a value was written in the policy file: for the problems found
+    after loading, when the agent checks the policy against its host (an
+    address it does not have, a file it cannot read)."""
+
+    file: str
+    line: int  # 1-based
+    column: int  # 1-based
+    path: str  # the field path, like egress[2].source.address
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceBinding:
+    """``source:`` of an egress rule: the local addresses its upstream
+    connections leave from, at most one per address family. A connection
+    whose destination (or gateway) has a family with no address here is
+    refused, never sent from another address."""
+
+    addresses: tuple[IPAddress, ...]
+    places: tuple[Place, ...] = field(default=(), compare=False)  # one per address
+
+    def for_version(self, version: int) -> IPAddress | None:
+        return next((a for a in self.addresses if a.version == version), None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewayAuth:
+    """``via.auth``: Basic proxy credentials for the gateway, read from files
+    when a connection needs them (so they rotate without a reload)."""
+
+    username_file: str
+    password_file: str
+    places: tuple[Place, Place] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewayTls:
+    """``via.tls``: speak TLS to the gateway itself. ``ca_file`` (default: the
+    system's trust store) verifies its certificate for ``server_name``
+    (default: the gateway's host in ``connect``)."""
+
+    ca_file: str | None = None
+    server_name: str | None = None
+    ca_place: Place | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gateway:
+    """``via:`` of an egress rule: the upstream proxy its flows go through
+    (``CONNECT destination``) instead of being dialled directly."""
+
+    host: str  # a host name, or an IP address literal
+    port: int
+    auth: GatewayAuth | None = None
+    tls: GatewayTls | None = None
+    place: Place | None = field(default=None, compare=False)
+
+    @property
+    def address(self) -> IPAddress | None:
+        """``host`` as an address when it is a literal one, else None."""
+        try:
+            return ipaddress.ip_address(self.host)
+        except ValueError:
+            return None
+
+    def __str__(self) -> str:
+        address = self.address
+        if address is not None and address.version == 6:
+            return f"[{address}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class EgressRule:
     """What the proxy lets through; the first matching rule wins.
 
@@ -225,6 +298,10 @@ class EgressRule:
     # Traffic controls (allow rules only): see ``policy.traffic``.
     limits: Limits | None = None
     breaker: Breaker | None = None
+    # Allow rules only: where its upstream connections leave from, and the
+    # gateway proxy they go through (see proxy.gateway).
+    source: SourceBinding | None = None
+    via: Gateway | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -439,6 +516,9 @@ class Verdict:
     # Audit mode: ``rule`` would have denied the flow (``action`` is then
     # allow, and the flow is relayed raw to its original destination).
     audit: bool = False
+    # The allow rule's source binding and gateway, if it has them.
+    source: SourceBinding | None = None
+    via: Gateway | None = None
 
     @property
     def label(self) -> str:

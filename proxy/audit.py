@@ -13,7 +13,10 @@ record whose ``event`` is
 and a counter); ``requests`` counts the HTTP requests served on a connection
 an ``http:`` rule handled, or plain HTTP a rule's hosts allowed (null for
 others); ``upstream`` is where the proxy connected when that is not ``dst``
-(a rule with ``resolve: connect`` sends a name to its own address).
+(a rule with ``resolve: connect`` sends a name to its own address);
+``source`` is the local address and port an upstream connection left from
+(a rule with ``source:``) and ``gateway`` the proxy it went through (a rule
+with ``via:``), whose refusal the ``error`` quotes.
 
 Such connections also get one record per HTTP request, with ``event``
 ``request`` and the connection's ``id`` in ``connection``: method, Host, the
@@ -78,6 +81,10 @@ class AuditRecord:
     # (connections, rate, requests or breaker) and its setting.
     limit: str | None = None
     limit_value: str | None = None
+    # A rule with ``source``: the local address:port the upstream connection
+    # left from. A rule with ``via``: the gateway proxy it went through.
+    source: str | None = None
+    gateway: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from egress_agent.policy.decide import decide, identify, names_to_resolve, needs_server_name
 from egress_agent.policy.model import Action, IPAddress, Policy, Verdict
-from egress_agent.proxy import controls, handoff, held
+from egress_agent.proxy import controls, gateway, handoff, held
 from egress_agent.proxy.audit import AuditRecord, Event, rfc3339
 from egress_agent.proxy.original_dst import Endpoint, NotDiverted, endpoint_of, original_dst
 from egress_agent.proxy.peek import Peeked, Protocol, Sniffer
@@ -94,6 +94,10 @@ class Connection:
         self.lease: Lease | None = None
         self.ticket: Ticket | None = None
         self.refusal: Refusal | None = None
+        # Set by proxy.gateway for a rule with source or via: the upstream
+        # socket's local address:port, and the gateway it went through.
+        self.route_source: str | None = None
+        self.route_gateway: str | None = None
 
     # -- client side, before relaying -------------------------------------------------
 
@@ -205,7 +209,7 @@ class Connection:
             policy, workload=self.workload, dst=self.dst.address, dst_port=self.dst.port
         ):
             nameless = await self.verdict_for(None)
-            if nameless.action is Action.ALLOW and nameless.http is None:
+            if nameless.action is Action.ALLOW and nameless.http is None and nameless.via is None:
                 # Allowed even without a name (the destination is a literal
                 # host's address, or a later rule allows it): connect now, so
                 # a server that speaks first is not kept waiting; the client's
@@ -228,6 +232,12 @@ class Connection:
             self.sniff_buf = bytearray(self.buffer)
         name = self.peeked.server_name if self.peeked else None
         self.verdict = await self.verdict_for(name)
+        if self.verdict.via is not None and self.sniff_buf is not None:
+            # A gateway's policy decides by name: learn it before the CONNECT.
+            failure = await gateway.learn_name(self)
+            if failure is not None:
+                self.fail(failure)
+                return
         if self.verdict.action is Action.DENY:
             self.event = "denied"
             self.error = self.verdict.reason
@@ -241,6 +251,9 @@ class Connection:
             await handoff.serve_http(self, self.verdict.http)
             return
         if self._check_every_request():
+            if gateway.routed(self.verdict):
+                gateway.refuse_plain_http_by_name(self)
+                return
             await handoff.serve_http(self, handoff.PASS_THROUGH)
             return
         self.upstream_address = self.verdict.upstream
@@ -366,6 +379,11 @@ class Connection:
             await self._connect_upstream(
                 settings.upstream_mark, settings.connect_timeout, address=address
             )
+        except gateway.RouteError as exc:
+            # The gateway refused, failed or could not be reached: the flow
+            # failed to reach its upstream, as a failed connect does.
+            controls.breaker_result(self, False)
+            return str(exc)
         except TimeoutError:
             controls.breaker_result(self, False)
             return f"upstream connect timed out after {settings.connect_timeout:g}s"
@@ -393,6 +411,9 @@ class Connection:
         port (a name's own address, ``resolve: connect``)."""
         assert self.dst is not None
         dst = self.dst if address is None else Endpoint(address=address, port=self.dst.port)
+        if gateway.routed(self.verdict):
+            self.upstream = await gateway.connect_routed(self, dst, mark=mark, timeout=timeout)
+            return
         sock = upstream_socket(dst)
         self.server.upstreams += 1  # until the upstream half is lost
         half: Half | None = None
@@ -484,6 +505,8 @@ class Connection:
             upstream=_show(self.upstream_address, self.dst.port) if self.dst else None,
             limit=self.refusal.limit if self.refusal else None,
             limit_value=self.refusal.value if self.refusal else None,
+            source=self.route_source,
+            gateway=self.route_gateway,
         )
 
 

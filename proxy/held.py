@@ -119,6 +119,12 @@ def named_refusal(
             f"{what} {name} is served by rule {named.rule} (http:), but the connection"
             f" was made as a flow without a name (rule {nameless.rule})"
         )
+    if (named.via, named.source) != (nameless.via, nameless.source):
+        return (
+            f"{what} {name} is allowed by rule {named.rule} only from its source or through"
+            f" its gateway, but the connection was made as a flow without a name (rule"
+            f" {nameless.rule}), which leaves another way"
+        )
     return None
 
 

@@ -7,12 +7,14 @@
 #                                        would install under DIR and print the
 #                                        commands instead of running them
 #   PROVISION_ROOT=DIR provision.sh      the same as --dry-run --root DIR
+#   provision.sh --role gateway          the gateway role (EGRESS_AGENT_ROLE=gateway)
 #
 # Steps:
 #   1. the repository's own set-up, `run setup` (Debian packages, kernel
 #      headers for bcc, the .venv), exactly as README.md does it;
-#   2. the demo policy vagrant/policy.yaml as /etc/egress-agent/policy.yaml,
-#      only if that file does not exist: an edited policy is never replaced;
+#   2. the role's demo policy (node: vagrant/policy.yaml; gateway:
+#      vagrant/gateway-policy.yaml) as /etc/egress-agent/policy.yaml, only if
+#      that file does not exist: an edited policy is never replaced;
 #   3. `egress-agent check` on the policy in place: a bad one stops here, with
 #      every problem as file:line:col, before the service is touched;
 #   4. the units deploy/systemd/egress-agent.service and its boot guard
@@ -37,7 +39,7 @@ VM_REPO=/opt/egress-agent
 READY_TIMEOUT=${PROVISION_READY_TIMEOUT:-60}  # seconds
 
 usage() {
-    sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -48,6 +50,7 @@ else
 fi
 repo=${EGRESS_AGENT_REPO:-$default_repo}
 root=${PROVISION_ROOT:-/}
+role=${EGRESS_AGENT_ROLE:-node}
 dry_run=0
 [ "$root" != / ] && dry_run=1
 
@@ -58,11 +61,19 @@ while [ $# -gt 0 ]; do
         --root=*) root=${1#--root=} ;;
         --repo) repo=${2:?--repo needs a folder}; shift ;;
         --repo=*) repo=${1#--repo=} ;;
+        --role) role=${2:?--role needs node or gateway}; shift ;;
+        --role=*) role=${1#--role=} ;;
         -h|--help) usage; exit 0 ;;
         *) echo "provision: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
+
+case "$role" in
+    node) demo_policy=vagrant/policy.yaml ;;
+    gateway) demo_policy=vagrant/gateway-policy.yaml ;;
+    *) echo "provision: unknown role '$role': node (the default) or gateway" >&2; exit 2 ;;
+esac
 
 if [ "$dry_run" = 1 ]; then
     if [ "$root" = / ] || [ -z "$root" ]; then
@@ -151,7 +162,7 @@ wait_ready() {
 
 run "$repo/run" setup
 
-install_file "$repo/vagrant/policy.yaml" "$POLICY_PATH" 0644 keep
+install_file "$repo/$demo_policy" "$POLICY_PATH" 0644 keep
 if ! run "$repo/.venv/bin/egress-agent" check "$POLICY_PATH"; then
     echo "provision: $POLICY_PATH is not valid (problems above): fix it and provision again" >&2
     exit 2

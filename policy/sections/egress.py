@@ -9,11 +9,23 @@ from yaml.nodes import MappingNode, Node
 from egress_agent.policy import fields
 from egress_agent.policy.model import Action, EgressRule, HttpRule, IPNetwork, PortRange, Resolve
 from egress_agent.policy.sections.httprule import http_rule
+from egress_agent.policy.sections.route import route
 from egress_agent.policy.sections.traffic import traffic_controls
 from egress_agent.policy.sections.workloads import Known, sources
 from egress_agent.policy.yamlnodes import Reader, join, line_of
 
-_EGRESS_KEYS = ("name", "from", "to", "action", "mode", "http", "limits", "breaker")
+_EGRESS_KEYS = (
+    "name",
+    "from",
+    "to",
+    "action",
+    "mode",
+    "http",
+    "limits",
+    "breaker",
+    "source",
+    "via",
+)
 _DEFAULT_KEYS = ("action", "mode")
 _TO_KEYS = ("hosts", "cidrs", "ports", "resolve")
 _RESOLVE_CHOICES = {
@@ -137,6 +149,7 @@ def egress(r: Reader, node: Node, path: str, known: Known) -> tuple[EgressRule, 
                     " carries no requests; remove it or make the rule allow",
                 )
         limits, breaker = traffic_controls(r, rule, r_path, act if "action" in rule else None)
+        source, via = route(r, rule, r_path, act if "action" in rule else None)
         rules.append(
             EgressRule(
                 name=name,
@@ -150,6 +163,8 @@ def egress(r: Reader, node: Node, path: str, known: Known) -> tuple[EgressRule, 
                 audit=audit,
                 limits=limits,
                 breaker=breaker,
+                source=source,
+                via=via,
             )
         )
     return tuple(rules)

@@ -173,7 +173,8 @@ def test_readme_policy_example_with_connect_section_loads() -> None:
         users_file="/etc/egress-agent/connect-users"
     )
     section = next(b for b in blocks if b.startswith("connect:"))
-    connect = parse_policy(example.split("connect:")[0] + section).connect
+    # The top-level section (a rule's via: names a connect: of its own).
+    connect = parse_policy(example.split("\nconnect:")[0] + "\n" + section).connect
     assert connect is not None and connect.auth_for("registry") == ProxyAuth(
         username="mirror", password_file="/run/secrets/proxy-password"
     )

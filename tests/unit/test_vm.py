@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 VAGRANT_DIR = REPO / "vagrant"
 PROVISION = VAGRANT_DIR / "provision.sh"
 DEMO_POLICY = VAGRANT_DIR / "policy.yaml"
+GATEWAY_POLICY = VAGRANT_DIR / "gateway-policy.yaml"
 UNIT_SOURCE = REPO / "deploy" / "systemd" / "egress-agent.service"
 GUARD_SOURCE = REPO / "deploy" / "systemd" / "egress-agent-guard.service"
 
@@ -252,6 +253,21 @@ def test_vagrantfile_networks_are_the_policys_vm_workload() -> None:
     assert 'config.vm.box = "debian/bookworm64"' in text
 
 
+def test_vagrantfile_gateway_role_matches_the_gateway_policy() -> None:
+    """The gateway VM listens where the node's `via` points, and knows the
+    node VM as its workload."""
+    text = (VAGRANT_DIR / "Vagrantfile").read_text()
+    addresses = dict(re.findall(r'^([A-Z_]+) = "(192\.168\.[0-9.]+)"$', text, flags=re.MULTILINE))
+    policy = load_policy(str(GATEWAY_POLICY))
+    assert str(policy.proxy.address_v4) == addresses["GATEWAY_LISTENER"]
+    assert policy.connect is not None and policy.connect.port == 3128
+    [nodes] = policy.workloads
+    assert ipaddress.ip_address(addresses["NODE_ADDRESS"]) in nodes.cidrs[0]
+    assert ipaddress.ip_address(addresses["GATEWAY_ADDRESS"]) in nodes.cidrs[0]
+    assert '"EGRESS_AGENT_ROLE" => "gateway"' in text
+    assert f'via: {{connect: "{addresses["GATEWAY_LISTENER"]}:3128"}}' in text
+
+
 # --- provision.sh in dry-run mode ------------------------------------------------
 
 
@@ -387,3 +403,29 @@ def test_provision_root_alone_means_a_dry_run(tmp_path: Path, stub_bin: Path) ->
     run = _provision(root, stub_bin, env={"PROVISION_ROOT": str(root)})
     assert sorted(run.files()) == [POLICY_PATH, GUARD_PATH, UNIT_PATH]
     assert run.commands == FIRST_RUN_COMMANDS
+
+
+def test_dry_run_of_the_gateway_role_installs_the_gateway_policy(
+    tmp_path: Path, stub_bin: Path
+) -> None:
+    root = tmp_path / "root"
+    run = _provision(root, stub_bin, "--dry-run", "--root", str(root), "--role", "gateway")
+
+    files = run.files()
+    assert files[POLICY_PATH].read_bytes() == GATEWAY_POLICY.read_bytes()
+    assert run.commands == FIRST_RUN_COMMANDS
+    check = _agent_check(files[POLICY_PATH])
+    assert check.returncode == 0, check.stderr
+    assert "1 workloads, 0 intercept rules, 2 egress rules" in check.stderr
+
+
+def test_provision_refuses_an_unknown_role(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["bash", str(PROVISION), "--dry-run", "--root", str(tmp_path), "--role", "router"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "unknown role 'router': node (the default) or gateway" in result.stderr
