@@ -46,7 +46,12 @@ def test_quick_benchmark_measures_every_path_and_loses_nothing(
         assert r["rate"]["latency_ms"]["p50"] > 0, name
         assert r["idle"]["held"] == r["idle"]["attempts"] == 50, name
         assert all(count == 0 for count in r["lost"].values()), (name, r["lost"])
-        assert r["server"]["accepted"] == r["rate"]["attempts"] + 50, name
+        # TLS by name: every ClientHello reached the server (through a host
+        # rule on egress-agent, an SNI check on HAProxy).
+        assert r["tls_rate"]["ok"] > 0 and r["tls_rate"]["per_second"] > 0, name
+        assert r["server"]["hellos"] == r["tls_rate"]["ok"], name
+        made = r["rate"]["attempts"] + r["tls_rate"]["attempts"] + 50
+        assert r["server"]["accepted"] == made, name
     for name in ("haproxy", "egress-agent"):
         idle = doc["paths"][name]["idle"]
         assert idle["rss_kib_before"] > 0 and idle["rss_kib_held"] > 0, name
