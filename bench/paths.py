@@ -272,7 +272,7 @@ def egress_agent(lab: Lab, work: Path) -> Iterator[Running]:
     audit = work / "audit.jsonl"
     agent = AgentProcess(lab, policy=policy, audit=audit, log=work / "agent.log")
     try:
-        agent.start()
+        agent.start(timeout=300)  # compiling the classifier takes long on a busy machine
         assert agent.proc is not None
         yield Running(
             name="egress-agent",

@@ -28,7 +28,7 @@ _FRAME = re.compile(
     r'<title>(?P<title>[^<]*)</title><rect [^>]*?y="(?P<y>\d+)"[^>]*?'
     r'fg:x="(?P<x>\d+)" fg:w="(?P<w>\d+)"'
 )
-_NAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\) \(\d+ samples, [\d.]+%\)$")
+_NAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\) \([\d,]+ samples, [\d.]+%\)$")
 
 
 def py_spy() -> str:

@@ -237,6 +237,16 @@ def table(doc: dict[str, Any]) -> str:
             f" {maps.get('agent_pod_change_ms')} ms, table untouched:"
             f" {maps.get('agent_pod_change_same_table')}",
         ]
+        delta = maps.get("delta")
+        if delta is not None:
+            out.append(
+                f"  delta path, one pod workload among 10,000 ({delta['count']} changes):"
+                + "; ".join(
+                    f" {what} median {delta[what]['median_ms']} ms, slowest"
+                    f" {delta[what]['max_ms']} ms ({delta['entries'].get(what)} entries)"
+                    for what in ("add", "move", "remove")
+                )
+            )
         rates = [_dig(bpf, k, "gbit_s") or 0 for k in ("without", "with", "without_again")]
         cost = maps.get("ns_per_packet", {})
         out += [

@@ -64,6 +64,10 @@ def test_quick_benchmark_measures_every_path_and_loses_nothing(
     assert bpf["maps"]["full_entries"] == 30_002 and bpf["maps"]["verify_problems"] == []
     assert bpf["maps"]["one_change_entries"] == 2 and bpf["maps"]["one_change_ms"] > 0
     assert bpf["with"]["ok"] and bpf["without"]["ok"] and bpf["throughput_ratio"] > 0
+    # One pod workload through the delta path: its id and its address only.
+    delta = bpf["maps"]["delta"]
+    assert delta["entries"] == {"add": 2, "move": 2, "remove": 2}, delta
+    assert all(delta[what]["median_ms"] > 0 for what in ("add", "move", "remove"))
     # The test runs decide like the policy: only the matching port is diverted.
     cost = bpf["maps"]["ns_per_packet"]
     assert [k for k, v in cost.items() if v["diverted"]] == ["workload_diverted"]
