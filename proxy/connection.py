@@ -27,7 +27,13 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from egress_agent.policy.decide import decide, identify, names_to_resolve, needs_server_name
+from egress_agent.policy.decide import (
+    decide,
+    identify,
+    names_to_resolve,
+    needs_server_name,
+    source_index,
+)
 from egress_agent.policy.model import Action, IPAddress, Policy, Verdict
 from egress_agent.proxy import handoff, held
 from egress_agent.proxy.audit import AuditRecord, Event, rfc3339
@@ -102,7 +108,7 @@ class Connection:
             return
         self.src = self._original_source(sock, self.src)
         self.workload = identify(self.policy, self.src.address)
-        if self.workload is None and any(w.cgroups for w in self.policy.workloads):
+        if self.workload is None and source_index(self.policy).has_cgroups:
             self.workload = self._cgroup_workload(self.policy)
         if not self.admit():
             return
