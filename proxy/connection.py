@@ -301,7 +301,8 @@ class Connection:
                 raise TimeoutError
             self._data_event.clear()
             try:
-                await asyncio.wait_for(self._data_event.wait(), remaining)
+                async with asyncio.timeout(remaining):  # no Task per wait, unlike wait_for
+                    await self._data_event.wait()
             except TimeoutError:
                 if not self.buffer:
                     return None
@@ -334,7 +335,8 @@ class Connection:
             if remaining <= 0:
                 raise TimeoutError
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._data_event.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._data_event.wait()
 
     def _sniff_buffered(self, cap: int) -> Peeked | None:
         """Feed the sniffer what arrived since it was last fed (so a trickle
