@@ -193,10 +193,22 @@ class BpfDatapath:
         started = time.perf_counter()
         c = self.config
         added = sum(1 for w in upserts if w.name not in self.planner.ids)
+        problems = []
         if len(self.planner.ids) + added > c.max_workloads:
+            problems.append(
+                f"{len(self.planner.ids) + added} workloads (at most {c.max_workloads})"
+            )
+        # At most: a new CIDR another workload holds already takes no entry.
+        for version, name in ((4, layout.SRC_V4), (6, layout.SRC_V6)):
+            more = sum(1 for w in upserts for net in w.cidrs if net.version == version)
+            if self.planner.source_entries[name] + more > c.max_sources:
+                problems.append(
+                    f"{self.planner.source_entries[name] + more} IPv{version} workload CIDRs"
+                    f" (at most {c.max_sources})"
+                )
+        if problems:
             raise UnsupportedPolicy(
-                f"the BPF maps cannot hold {len(self.planner.ids) + added} workloads"
-                f" (at most {c.max_workloads}; use --datapath nft)"
+                "the BPF maps cannot hold " + ", ".join(problems) + " (use --datapath nft)"
             )
         gone = [self.planner.ids[n] for n in removals if n in self.planner.ids]
         change = self.planner.apply_delta(

@@ -126,6 +126,8 @@ class IncrementalMaps:
         self._parts: dict[str, tuple[object, Workload, MapContents]] = {}
         # Source prefix -> the workloads whose CIDRs hold it (usually one).
         self._claims: dict[tuple[str, bytes], set[str]] = {}
+        # Entries of each source map (prefixes claimed by some workload).
+        self.source_entries: dict[str, int] = {name: 0 for name in _SOURCE_MAPS}
         # Workload -> its place in the policy's order (gaps after removals).
         self._pos: dict[str, int] = {}
         self._next_pos = 0
@@ -247,7 +249,11 @@ class IncrementalMaps:
         if wname in parts:
             for name in _SOURCE_MAPS:
                 for k in parts[wname][2][name]:
-                    self._claims.setdefault((name, k), set()).add(wname)
+                    holders = self._claims.get((name, k))
+                    if holders is None:
+                        holders = self._claims[(name, k)] = set()
+                        self.source_entries[name] += 1
+                    holders.add(wname)
 
     def _unclaim(
         self, wname: str, parts: Mapping[str, tuple[object, Workload, MapContents]]
@@ -260,6 +266,7 @@ class IncrementalMaps:
                         holders.discard(wname)
                         if not holders:
                             del self._claims[(name, k)]
+                            self.source_entries[name] -= 1
 
     def _holder_value(self, key: tuple[str, bytes]) -> bytes | None:
         """What a source prefix maps to: the id of the first listed workload

@@ -381,6 +381,10 @@ def test_delta_updates_keep_the_maps_equal_to_the_whole_computation(seed: int) -
         want = desired_maps(now, ids=planner.ids, ifindexes=IFINDEX)
         assert kernel == want
         assert planner.contents() == want
+        # What the capacity check counts: the source maps' entries.
+        assert planner.source_entries == {
+            name: len(want[name]) for name in (layout.SRC_V4, layout.SRC_V6)
+        }
 
 
 def test_a_delta_names_each_workload_once() -> None:
