@@ -417,19 +417,23 @@ class Agent:
         # addresses still exist: the resets that tell the clients their
         # connections ended are sent from those addresses. Then the table and
         # the addresses; new connections arriving meanwhile are refused.
-        if self.connect is not None:
-            try:
-                await self.connect.close()
-            except Exception as exc:
-                log.error("teardown: could not close the CONNECT listener: %s", exc)
-        if self.reconciler.proxy is not None:
-            try:
-                await self.reconciler.proxy.close()
-            except Exception as exc:
-                log.error("teardown: could not close the proxy: %s", exc)
-        if teardown:
-            await self.reconciler.teardown()
-        self.audit.close()
+        try:
+            if self.connect is not None:
+                try:
+                    await self.connect.close()
+                except Exception as exc:
+                    log.error("teardown: could not close the CONNECT listener: %s", exc)
+            if self.reconciler.proxy is not None:
+                try:
+                    await self.reconciler.proxy.close()
+                except Exception as exc:
+                    log.error("teardown: could not close the proxy: %s", exc)
+            if teardown:
+                await self.reconciler.teardown()
+        finally:
+            # Records still queued (the connections just closed) are written
+            # now, whatever failed above.
+            self.audit.close()
 
 
 def _check_restart_only_settings(old: Policy, new: Policy) -> None:

@@ -5,8 +5,11 @@
 Loads the classifier, then times (a) writing the maps from scratch for N
 workloads and M except CIDRs (half IPv4, half IPv6), (b) a change of one
 workload's CIDR, (c) the same change through a full verify (reading every
-entry back from the kernel). Then it attaches the classifier to every
-interface and prints one JSON line; it keeps the classifier attached until
+entry back from the kernel), (d) one pod workload added, moved or removed
+through the delta path (``BpfDatapath.update_workloads``: no pass over the
+10,000 others), DELTAS times, with the median and the slowest. Then it
+attaches the classifier to every interface and prints one JSON line; it
+keeps the classifier attached until
 its stdin closes, so the caller can measure throughput with it in place
 (the bench client's address is a workload whose rules never match its port:
 every packet runs the whole lookup chain and none is diverted).
@@ -21,6 +24,7 @@ import json
 import struct
 import sys
 import time
+from typing import Any
 
 from egress_agent.bpf.classifier import BpfConfig
 from egress_agent.bpf.datapath import BpfDatapath, entry_counts
@@ -107,6 +111,43 @@ def pod_workloads(policy: Policy) -> Policy:
     )
 
 
+DELTAS = 300
+
+
+def delta_changes(dp: BpfDatapath, pods: Policy) -> dict[str, Any]:
+    """One pod workload at a time through the delta path, among the 10,000
+    pod workloads of ``pods`` (in force): added, its address moved, removed,
+    DELTAS times in turn. Times in ms: the median and the slowest of each."""
+    times: dict[str, list[float]] = {"add": [], "move": [], "remove": []}
+    entries: dict[str, int] = {}
+    selector = PodSelector(namespace="bench")
+    workloads = pods.workloads
+    for i in range(DELTAS // 3):
+        name = f"delta{i}"
+        steps = (
+            ("add", f"10.251.{i // 256}.{i % 256}/32"),
+            ("move", f"10.252.{i // 256}.{i % 256}/32"),
+            ("remove", None),
+        )
+        for what, cidr in steps:
+            if cidr is None:
+                upserts: tuple[Workload, ...] = ()
+                removals: tuple[str, ...] = (name,)
+                now = pods
+            else:
+                w = Workload(name=name, cidrs=(ipaddress.ip_network(cidr),), pods=selector)
+                upserts, removals = (w,), ()
+                now = dataclasses.replace(pods, workloads=(*workloads, w))
+            result = dp.update_workloads(now, upserts=upserts, removals=removals)
+            times[what].append(result.seconds * 1000)
+            entries[what] = result.changed_entries
+    out: dict[str, Any] = {"count": DELTAS, "entries": entries}
+    for what, ms in times.items():
+        ms.sort()
+        out[what] = {"median_ms": round(ms[len(ms) // 2], 3), "max_ms": round(ms[-1], 3)}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--workloads", type=int, default=10_000)
@@ -164,6 +205,7 @@ def main() -> int:
         same_table = render_ruleset(pod_change, selection="bpf") == doc
         pod_update = dp.update(pod_change)
         agent_pod_change_s = time.perf_counter() - t2
+        deltas = delta_changes(dp, pod_change)
         dp.update(policy)
         assert dp.classifier is not None
         fd = dp.classifier.prog_fd
@@ -195,6 +237,7 @@ def main() -> int:
                     "agent_pod_change_ms": round(agent_pod_change_s * 1000, 2),
                     "agent_pod_change_entries": pod_update.changed_entries,
                     "agent_pod_change_same_table": same_table,
+                    "delta": deltas,
                     "verify_s": round(verify_s, 3),
                     "verify_problems": problems,
                     "ns_per_packet": cost,

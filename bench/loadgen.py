@@ -1,6 +1,6 @@
 """The benchmark's clients, run inside the pod (uvloop, asyncio protocols).
 
-    python -m bench.loadgen rate HOST PORT --seconds S --workers N
+    python -m bench.loadgen rate HOST PORT --seconds S --workers N [--tls-name NAME]
     python -m bench.loadgen hold HOST PORT --count N
 
 ``rate``: ``--workers`` loops, each opening a connection, sending ``ping``,
@@ -8,7 +8,9 @@ reading ``pong`` and the server's close, then closing, until ``--seconds``
 have passed. Prints one JSON object: attempts, successes, failures by kind,
 connections per second and latency percentiles. Latency is measured from
 the start of ``connect()`` to the server's FIN after the reply (the whole
-life of a short connection as the client sees it).
+life of a short connection as the client sees it). With ``--tls-name`` each
+connection sends a TLS ClientHello naming NAME (SNI) instead of ``ping``: the
+TLS-by-name scenario, where the proxy decides by the name it peeks.
 
 ``hold``: opens ``--count`` connections (``--concurrency`` at a time), each
 sending ``hold`` and waiting for ``held`` -- so the path is established end
@@ -47,6 +49,33 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def client_hello(name: str) -> bytes:
+    """A TLS 1.3-shaped ClientHello record with ``name`` as its SNI: what a
+    proxy reads to decide by name (the sink answers it, no handshake follows)."""
+
+    def u16(n: int) -> bytes:
+        return n.to_bytes(2, "big")
+
+    host = name.encode("ascii")
+    sni = b"\x00" + u16(len(host)) + host  # host_name(0)
+    sni_ext = u16(0) + u16(len(sni) + 2) + u16(len(sni)) + sni
+    versions = u16(43) + u16(3) + b"\x02\x03\x04"  # supported_versions: TLS 1.3
+    groups = u16(10) + u16(4) + u16(2) + u16(0x001D)  # supported_groups: x25519
+    share = u16(0x001D) + u16(32) + bytes(32)
+    key_share = u16(51) + u16(len(share) + 2) + u16(len(share)) + share
+    extensions = sni_ext + versions + groups + key_share
+    body = (
+        b"\x03\x03"  # legacy_version TLS 1.2
+        + bytes(range(32))  # random
+        + b"\x20" + bytes(32)  # legacy_session_id
+        + u16(6) + u16(0x1301) + u16(0x1302) + u16(0x1303)  # cipher suites
+        + b"\x01\x00"  # compression: null
+        + u16(len(extensions)) + extensions
+    )  # fmt: skip
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + u16(len(handshake)) + handshake
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of a non-empty ascending list (``q`` in 0..100)."""
     rank = max(1, -(-len(sorted_values) * q // 100))  # ceil(n*q/100), at least 1
@@ -73,8 +102,11 @@ class Probe(asyncio.Protocol):
             self.done.set_exception(exc or EOFError("closed before the server's FIN"))
 
 
-async def rate(host: str, port: int, *, seconds: float, workers: int, timeout: float) -> Any:
+async def rate(
+    host: str, port: int, *, seconds: float, workers: int, timeout: float, tls_name: str | None
+) -> Any:
     loop = asyncio.get_running_loop()
+    request = client_hello(tls_name) if tls_name else b"ping\n"
     latencies: list[float] = []
     failures: Counter[str] = Counter()
     attempts = 0
@@ -90,7 +122,7 @@ async def rate(host: str, port: int, *, seconds: float, workers: int, timeout: f
             try:
                 async with asyncio.timeout(timeout):
                     transport, _ = await loop.create_connection(partial(Probe, done), host, port)
-                    transport.write(b"ping\n")
+                    transport.write(request)
                     reply = await done
             except FAILURES_ERRORS as exc:
                 failures[describe(exc)] += 1
@@ -115,6 +147,7 @@ async def rate(host: str, port: int, *, seconds: float, workers: int, timeout: f
         "seconds": elapsed,
         "per_second": len(latencies) / elapsed,
         "workers": workers,
+        "tls_name": tls_name,
         "latency_ms": (
             {
                 "p50": percentile(latencies, 50) * 1000,
@@ -251,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sp.add_argument("--timeout", type=float, default=5.0)
     r.add_argument("--seconds", type=float, default=5.0)
     r.add_argument("--workers", type=int, default=8)
+    r.add_argument("--tls-name", help="send a ClientHello with this SNI instead of ping")
     h.add_argument("--count", type=int, default=1000)
     h.add_argument("--concurrency", type=int, default=100)
     h.add_argument("--max-hold", type=float, default=60.0)
@@ -265,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seconds=args.seconds,
                 workers=args.workers,
                 timeout=args.timeout,
+                tls_name=args.tls_name,
             )
         )
         print(json.dumps(result), flush=True)

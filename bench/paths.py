@@ -39,6 +39,10 @@ CLIENT_V4, CLIENT_V6 = "198.19.1.2", "fd00:19:1::2"
 SERVER_V4, SERVER_V6 = "198.18.1.2", "fd00:18:1::2"
 IPERF_PORT = 5201
 SINK_PORT = 9000
+# The TLS-by-name scenario: a ClientHello naming SERVER_NAME to this port,
+# allowed by a host rule only (no CIDR rule covers it).
+TLS_PORT = 9443
+SERVER_NAME = "bench-server.test"
 
 AGENT_PROXY = "{port: 15001, idle_timeout: 120}"
 HAPROXY_PORT = 15002
@@ -57,8 +61,12 @@ workloads:
   client: {{cidrs: [{client_v4}/32, "{client_v6}/128"]}}
 intercept:
   - from: [client]
-    ports: [{iperf}, {sink}]
+    ports: [{iperf}, {sink}, {tls}]
 egress:
+  - name: bench-server-by-name
+    from: [client]
+    to: {{hosts: [{name}], ports: [{tls}]}}
+    action: allow
   - name: bench-server
     from: [client]
     to: {{cidrs: [{server_v4}/32, "{server_v6}/128"], ports: [{iperf}, {sink}]}}
@@ -86,6 +94,10 @@ defaults
 frontend diverted
     bind {v4}:{port}
     bind [{v6}]:{port} v6only
+    # The TLS-by-name scenario, decided like the agent's host rule: only a
+    # ClientHello naming the server goes on (the destination is the original one).
+    tcp-request inspect-delay 5s
+    tcp-request content reject if {{ dst_port {tls_port} }} !{{ req_ssl_sni -i {name} }}
     default_backend original_dst
 
 backend original_dst
@@ -120,6 +132,8 @@ def policy_text(proxy: str) -> str:
         server_v6=SERVER_V6,
         iperf=IPERF_PORT,
         sink=SINK_PORT,
+        tls=TLS_PORT,
+        name=SERVER_NAME,
     )
 
 
@@ -186,6 +200,8 @@ def haproxy(lab: Lab, work: Path) -> Iterator[Running]:
             v4=HAPROXY_V4,
             v6=HAPROXY_V6,
             port=HAPROXY_PORT,
+            tls_port=TLS_PORT,
+            name=SERVER_NAME,
         )
     )
     policy = work / "haproxy-policy.yaml"
@@ -214,7 +230,8 @@ def haproxy(lab: Lab, work: Path) -> Iterator[Running]:
             facts={
                 "what": f"{version.split(' - ')[0].removeprefix('HAProxy version ')}, mode tcp, "
                 f"nbthread {HAPROXY_THREADS} (like the agent's one event loop), "
-                "server 0.0.0.0:0, default buffers, no splice, a log line per connection",
+                "server 0.0.0.0:0, default buffers, no splice, a log line per connection, "
+                f"SNI checked on port {TLS_PORT} (req_ssl_sni)",
                 "nofile": open_files_limit(proc.pid),
                 "log": str(haproxy_log),
             },
@@ -255,7 +272,7 @@ def egress_agent(lab: Lab, work: Path) -> Iterator[Running]:
     audit = work / "audit.jsonl"
     agent = AgentProcess(lab, policy=policy, audit=audit, log=work / "agent.log")
     try:
-        agent.start()
+        agent.start(timeout=300)  # compiling the classifier takes long on a busy machine
         assert agent.proc is not None
         yield Running(
             name="egress-agent",

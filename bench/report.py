@@ -1,9 +1,18 @@
-"""The human-readable table of one benchmark run (the JSON document is the data).
+"""The human-readable report of one benchmark run (the JSON document is the data).
 
-Each line is one measurement on the three paths, absolute, with the ratio to
-the direct path in parentheses, e.g.::
+First one table, a row per path and a column per measurement: direct in
+absolute numbers, every other path as its ratio to direct (the absolute
+number after it), e.g.::
 
-    throughput 1 stream   direct 21.3 Gbit/s | haproxy 9.8 (0.46x) | egress-agent 6.1 (0.29x)
+    path                     1 stream          new conn/s       ...
+    direct                   21.3 Gbit/s       12,034           ...
+    HAProxy, 1 thread        0.46x (9.8)       0.55x (6,619)    ...
+
+Rows follow the paths measured (``bench.run.PATHS``), so a path added there
+(HAProxy with 2 threads, the agent with 2 workers) is a row more. Then the
+proxies' memory lines, one measurement on every path per line, e.g.::
+
+    proxy RSS, no connections   direct n/a | haproxy 8.1 MiB | egress-agent 40.2 MiB
 """
 
 from __future__ import annotations
@@ -55,6 +64,75 @@ def line(label: str, doc: dict[str, Any], get: Getter, unit: str, *, ratio: bool
     return f"{label:<32} " + " | ".join(cells)
 
 
+# Row labels for the paths' keys in the results (``bench.run.PATHS``).
+PATH_LABELS = {
+    "direct": "direct",
+    "haproxy": "HAProxy, 1 thread",
+    "egress-agent": "egress-agent, 1 worker",
+}
+
+# (column head, getter, unit)
+COLUMNS: list[tuple[str, Getter, str]] = [
+    ("1 stream", lambda r: _dig(r, "iperf_1", "gbit_s"), "Gbit/s"),
+    ("4 streams", lambda r: _dig(r, "iperf_4", "gbit_s"), "Gbit/s"),
+    ("new conn/s", lambda r: _dig(r, "rate", "per_second"), "conn/s"),
+    ("p99", lambda r: _dig(r, "rate", "latency_ms", "p99"), "ms"),
+    ("TLS by name conn/s", lambda r: _dig(r, "tls_rate", "per_second"), "conn/s"),
+    ("TLS p99", lambda r: _dig(r, "tls_rate", "latency_ms", "p99"), "ms"),
+    ("KiB per idle conn", lambda r: _dig(r, "idle", "rss_kib_per_connection"), "KiB"),
+]
+
+
+def paths_table(doc: dict[str, Any]) -> list[str]:
+    """A row per path, a column per measurement; ratios to direct."""
+    results = doc["paths"]
+    base = results.get("direct", {})
+    head = ["path"] + [c[0] for c in COLUMNS]
+    rows = [head]
+    for name, r in results.items():
+        row = [PATH_LABELS.get(name, name)]
+        for _, get, unit in COLUMNS:
+            value, ref = get(r), get(base)
+            if value is None:
+                row.append("-")
+            elif name == "direct" or not ref:
+                row.append(f"{_num(value, unit)} {unit}" if name == "direct" else _num(value, unit))
+            else:
+                row.append(f"{value / ref:.2f}x ({_num(value, unit)})")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    agent, peer = results.get("egress-agent"), results.get("haproxy")
+    if agent is not None and peer is not None:
+        cells = []
+        for label, get, _unit in COLUMNS[2:6]:
+            a, h = get(agent), get(peer)
+            if a is not None and h:
+                cells.append(f"{label} {a / h:.2f}x")
+        out.append("egress-agent / HAProxy: " + ", ".join(cells))
+    return out
+
+
+def profile_lines(doc: dict[str, Any]) -> list[str]:
+    out = []
+    for key, what in (("rate", "new connections"), ("tls_rate", "TLS by name")):
+        prof = _dig(doc["paths"], "egress-agent", key, "profile")
+        if prof is None:
+            continue
+        if "error" in prof:
+            out.append(f"  profile, {what}: {prof['error']}")
+            continue
+        own = ", ".join(f"{f['frame']} {f['percent']}%" for f in prof["self"][:8])
+        under = ", ".join(f"{f['frame']} {f['percent']}%" for f in prof["total"][:12])
+        out += [
+            f"egress-agent profile, {what} ({prof['samples']} samples, {prof['svg']}):",
+            f"  self:  {own}",
+            f"  total: {under}",
+        ]
+    return out
+
+
 def table(doc: dict[str, Any]) -> str:
     s = doc["settings"]
     m = doc["machine"]
@@ -71,9 +149,6 @@ def table(doc: dict[str, Any]) -> str:
         out.append(f"  {name + ':':<14} {facts.get('what', '')}{extra}")
     out.append("")
 
-    def gbit(key: str) -> Getter:
-        return lambda r: _dig(r, key, "gbit_s")
-
     def kib_to_mib(*keys: str) -> Getter:
         def get(r: dict[str, Any]) -> float | None:
             v = _dig(r, *keys)
@@ -82,22 +157,9 @@ def table(doc: dict[str, Any]) -> str:
         return get
 
     idle = s["idle"]
+    out += paths_table(doc)
+    out += ["", *profile_lines(doc)]
     out += [
-        line("throughput 1 stream", doc, gbit("iperf_1"), "Gbit/s"),
-        line("throughput 4 streams", doc, gbit("iperf_4"), "Gbit/s"),
-        line("new connections/s", doc, lambda r: _dig(r, "rate", "per_second"), "conn/s"),
-        line(
-            "connection latency p50",
-            doc,
-            lambda r: _dig(r, "rate", "latency_ms", "p50"),
-            "ms",
-        ),
-        line(
-            "connection latency p99",
-            doc,
-            lambda r: _dig(r, "rate", "latency_ms", "p99"),
-            "ms",
-        ),
         line(
             "proxy RSS, no connections",
             doc,
@@ -130,7 +192,7 @@ def table(doc: dict[str, Any]) -> str:
     ]
     cells = []
     for name, r in paths.items():
-        made = r["rate"]["attempts"] + r["idle"]["attempts"]
+        made = sum(r[k]["attempts"] for k in ("rate", "tls_rate", "idle") if k in r)
         lost = r["lost"]
         cells.append(
             f"{name} {lost['client_failures']} failed of {made}, "
@@ -140,7 +202,9 @@ def table(doc: dict[str, Any]) -> str:
         )
     out.append(f"{'lost connections':<32} " + " | ".join(cells))
     for name, r in paths.items():
-        fails = merge_counts(r["rate"].get("failures", {}), r["idle"].get("failures", {}))
+        fails = merge_counts(
+            *(r[k].get("failures", {}) for k in ("rate", "tls_rate", "idle") if k in r)
+        )
         if fails:
             out.append(f"  {name} failures: {fails}")
     audit = _dig(paths, "egress-agent", "audit")
@@ -173,6 +237,16 @@ def table(doc: dict[str, Any]) -> str:
             f" {maps.get('agent_pod_change_ms')} ms, table untouched:"
             f" {maps.get('agent_pod_change_same_table')}",
         ]
+        delta = maps.get("delta")
+        if delta is not None:
+            out.append(
+                f"  delta path, one pod workload among 10,000 ({delta['count']} changes):"
+                + "; ".join(
+                    f" {what} median {delta[what]['median_ms']} ms, slowest"
+                    f" {delta[what]['max_ms']} ms ({delta['entries'].get(what)} entries)"
+                    for what in ("add", "move", "remove")
+                )
+            )
         rates = [_dig(bpf, k, "gbit_s") or 0 for k in ("without", "with", "without_again")]
         cost = maps.get("ns_per_packet", {})
         out += [

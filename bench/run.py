@@ -8,9 +8,15 @@ measurements run on each path in turn, the proxy being the only difference:
 
 * iperf3, 1 and 4 streams (``sum_received``);
 * new connections per second and their latency (``bench.loadgen rate``
-  against ``bench.sink``);
+  against ``bench.sink``), plain (``ping``, allowed by address) and TLS by
+  name (a ClientHello whose SNI a host rule allows, and HAProxy checks with
+  ``req_ssl_sni``);
 * the proxy's RSS before and with N idle connections held through it
   (``bench.loadgen hold``), and per connection.
+
+``--profile`` also records a py-spy flame graph of egress-agent during each
+connection-rate run (SVG next to the JSON) and puts its top frames in the
+JSON and the report.
 
 Checks, any of which makes the exit status 1: no client-side failure on any
 path, the server saw every connection the client made, and egress-agent's
@@ -40,15 +46,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import paths, report
+from bench import paths, profile, report
 from bench.paths import (
     CLIENT_V4,
     CLIENT_V6,
     IPERF_PORT,
     ROOT,
+    SERVER_NAME,
     SERVER_V4,
     SERVER_V6,
     SINK_PORT,
+    TLS_PORT,
     Running,
 )
 from egress_agent.lab.netns import Lab
@@ -69,6 +77,7 @@ class Settings:
     workers: int  # concurrent connection-rate workers
     idle: int  # idle connections held for the memory measurement
     quick: bool
+    profile: bool = False  # py-spy flame graphs of egress-agent's connection-rate runs
 
 
 class BenchError(RuntimeError):
@@ -128,7 +137,15 @@ def python_in(lab: Lab, host: str, module: str, args: Sequence[str], timeout: fl
 def start_sink(lab: Lab) -> subprocess.Popen[bytes]:
     proc = lab.popen(
         SERVER,
-        [sys.executable, "-m", "bench.sink", "--listen", f"{SERVER_V4}:{SINK_PORT}"],
+        [
+            sys.executable,
+            "-m",
+            "bench.sink",
+            "--listen",
+            f"{SERVER_V4}:{SINK_PORT}",
+            "--also-port",
+            str(TLS_PORT),
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
     )
@@ -178,17 +195,37 @@ def iperf(lab: Lab, *, streams: int, seconds: int) -> dict[str, Any]:
         paths.stop_process(server, timeout=3.0)
 
 
-def connection_rate(lab: Lab, settings: Settings) -> dict[str, Any]:
+def connection_rate(
+    lab: Lab, settings: Settings, *, tls: bool = False, profile_to: Path | None = None,
+    pid: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Short connections for ``settings.seconds``: ``ping`` to the sink's
+    port, or with ``tls`` a ClientHello naming the server to its TLS port.
+    With ``profile_to`` (and the proxy's ``pid``), py-spy records the proxy
+    meanwhile into that SVG and the result gets its top frames."""
     args = [
         "rate",
         SERVER_V4,
-        str(SINK_PORT),
+        str(TLS_PORT if tls else SINK_PORT),
         "--seconds",
         str(settings.seconds),
         "--workers",
         str(settings.workers),
     ]
-    result: dict[str, Any] = python_in(lab, CLIENT, "bench.loadgen", args, settings.seconds + 60)
+    if tls:
+        args += ["--tls-name", SERVER_NAME]
+    spy = None
+    if profile_to is not None and pid is not None:
+        spy = profile.start(pid, profile_to, seconds=settings.seconds)
+    try:
+        result: dict[str, Any] = python_in(
+            lab, CLIENT, "bench.loadgen", args, settings.seconds + 60
+        )
+    finally:
+        if spy is not None:
+            profile.finish(spy)
+    if spy is not None and profile_to is not None:
+        result["profile"] = {"svg": str(profile_to), **profile.summary(profile_to)}
     return result
 
 
@@ -259,7 +296,9 @@ def audit_check(audit: Path, expected: int, timeout: float = 15.0) -> dict[str, 
     }
 
 
-def measure(lab: Lab, work: Path, settings: Settings, factory: PathFactory) -> dict[str, Any]:
+def measure(
+    lab: Lab, work: Path, settings: Settings, factory: PathFactory, profile_dir: Path
+) -> dict[str, Any]:
     path_dir = work / factory.__name__
     path_dir.mkdir()
     with factory(lab, path_dir) as running:
@@ -272,13 +311,23 @@ def measure(lab: Lab, work: Path, settings: Settings, factory: PathFactory) -> d
             result["idle"] = idle_memory(lab, settings, running.pid)
             result["iperf_1"] = iperf(lab, streams=1, seconds=settings.seconds)
             result["iperf_4"] = iperf(lab, streams=4, seconds=settings.seconds)
-            result["rate"] = connection_rate(lab, settings)
+            spy = settings.profile and running.name == "egress-agent"
+            for key, tls in (("rate", False), ("tls_rate", True)):
+                result[key] = connection_rate(
+                    lab,
+                    settings,
+                    tls=tls,
+                    profile_to=profile_dir / f"profile-{key.replace('_', '-')}.svg"
+                    if spy
+                    else None,
+                    pid=running.pid,
+                )
         finally:
             result["server"] = stop_sink(sink)
-        made = result["rate"]["attempts"] + result["idle"]["attempts"]
+        made = sum(result[k]["attempts"] for k in ("rate", "tls_rate", "idle"))
         iperf_conns = sum(result[k].get("connections", 0) for k in ("iperf_1", "iperf_4"))
         result["lost"] = {
-            "client_failures": result["rate"]["failed"] + result["idle"]["failed"],
+            "client_failures": sum(result[k]["failed"] for k in ("rate", "tls_rate", "idle")),
             "iperf_failures": sum(not result[k]["ok"] for k in ("iperf_1", "iperf_4")),
             "server_missing": made - result["server"]["accepted"],
             "server_resets": result["server"]["resets"],
@@ -353,15 +402,20 @@ def run_all(
     """One topology, every path measured in turn; returns the results and the
     lab's namespace prefix. The lab is gone when this returns or raises."""
     results: dict[str, dict[str, Any]] = {}
+    profile_dir = results_dir / f"{stamp_of(started)}-profile"
+    if settings.profile:
+        profile_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="egress-bench-") as tmp, Lab() as lab:
         work = Path(tmp)
         os.chmod(work, 0o755)
         lab.add_pod(CLIENT, CLIENT_V4, CLIENT_V6)
-        lab.add_external(SERVER, SERVER_V4, SERVER_V6)
+        lab.add_external(SERVER, SERVER_V4, SERVER_V6, hostnames=[SERVER_NAME])
         complete = False
         try:
             for factory in PATHS:
-                results[factory.__name__.replace("_", "-")] = measure(lab, work, settings, factory)
+                results[factory.__name__.replace("_", "-")] = measure(
+                    lab, work, settings, factory, profile_dir
+                )
             bpf_result = bpf_scale(lab, settings)
             complete = True
         finally:
@@ -399,6 +453,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=8, help="connection-rate workers (8)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--keep-logs", action="store_true", help="keep policies, logs and the audit log")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy flame graphs of egress-agent during the connection-rate runs",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -413,6 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         idle=args.idle or (50 if args.quick else 1000),
         quick=args.quick,
+        profile=args.profile,
     )
     signal.signal(signal.SIGTERM, _interrupt)  # tear the lab down on SIGTERM too
     nofile = raise_nofile()

@@ -181,6 +181,12 @@ class Classifier:
         for bit in bits:
             m.zero_per_cpu(layout.u32(bit), layout.RULE_COUNTER.size, self._cpus)
 
+    def forget_ids(self, ids: Iterable[int]) -> None:
+        """Drop the counters of these workload ids (gone from the policy)."""
+        m = self.maps[layout.COUNTERS]
+        for wid in ids:
+            m.delete(layout.u32(wid))  # none there (it never counted) is fine
+
     def forget_workloads(self, ids: Mapping[str, int]) -> None:
         """Drop counters of workload ids no longer in use."""
         live = set(ids.values())

@@ -7,6 +7,8 @@ Blocking calls (bcc, netlink): the agent runs them in a worker thread.
   the pin folder), loads and pins the classifier, writes the maps, attaches.
 * ``update`` changes maps by diff against what the kernel holds: the program
   and the tc filters stay; new connections see the change at once.
+* ``update_workloads`` does the same for a few workloads that changed (a pod
+  started or gone), touching only them: no pass over the other workloads.
 * ``sync_links`` attaches to interfaces that appeared (a new pod veth) and
   refreshes interface bindings (ifindexes change when a veth is re-made).
 * ``verify``/``repair`` find and fix a removed filter or edited map entries.
@@ -18,14 +20,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from egress_agent.bpf import attach, layout
 from egress_agent.bpf.classifier import BpfConfig, Classifier, program_error
 from egress_agent.bpf.maps import IncrementalMaps, MapContents, UnsupportedPolicy, diff
-from egress_agent.policy.model import Policy
+from egress_agent.policy.model import Policy, Workload
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +180,43 @@ class BpfDatapath:
         self.policy = policy
         if change.deletes.get(layout.WORKLOADS):
             self.classifier.forget_workloads(self.ids)
+        return UpdateResult(changed_entries=change.size, seconds=time.perf_counter() - started)
+
+    def update_workloads(
+        self, policy: Policy, *, upserts: Sequence[Workload] = (), removals: Sequence[str] = ()
+    ) -> UpdateResult:
+        """Make the maps hold ``policy``, which differs from the policy in
+        force only in the workloads ``upserts`` (in place, or new and last)
+        and ``removals`` (see ``IncrementalMaps.apply_delta``): the cost is
+        that of the entries they touch, whatever the number of workloads."""
+        assert self.classifier is not None and self.policy is not None
+        started = time.perf_counter()
+        c = self.config
+        added = sum(1 for w in upserts if w.name not in self.planner.ids)
+        problems = []
+        if len(self.planner.ids) + added > c.max_workloads:
+            problems.append(
+                f"{len(self.planner.ids) + added} workloads (at most {c.max_workloads})"
+            )
+        # At most: a new CIDR another workload holds already takes no entry.
+        for version, name in ((4, layout.SRC_V4), (6, layout.SRC_V6)):
+            more = sum(1 for w in upserts for net in w.cidrs if net.version == version)
+            if self.planner.source_entries[name] + more > c.max_sources:
+                problems.append(
+                    f"{self.planner.source_entries[name] + more} IPv{version} workload CIDRs"
+                    f" (at most {c.max_sources})"
+                )
+        if problems:
+            raise UnsupportedPolicy(
+                "the BPF maps cannot hold " + ", ".join(problems) + " (use --datapath nft)"
+            )
+        gone = [self.planner.ids[n] for n in removals if n in self.planner.ids]
+        change = self.planner.apply_delta(
+            upserts=upserts, removals=removals, ifindexes=self.ifindexes
+        )
+        self.classifier.apply(change)
+        self.classifier.forget_ids(gone)
+        self.policy = policy
         return UpdateResult(changed_entries=change.size, seconds=time.perf_counter() - started)
 
     def sync_links(self) -> list[str]:

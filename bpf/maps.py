@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import heapq
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from egress_agent.bpf import layout
@@ -111,6 +112,10 @@ class IncrementalMaps:
     Should a changed workload share a source prefix with an unchanged one
     (possible for pod addresses; "first listed keeps it" then depends on
     every workload), the diff is computed from the whole contents instead.
+
+    ``apply_delta`` is the path for a few workloads changing among many (a
+    pod started or gone): it is told which workloads changed, so it touches
+    only those, with no pass over the others (see there).
     """
 
     def __init__(self) -> None:
@@ -119,8 +124,17 @@ class IncrementalMaps:
         self._shared: MapContents = {name: {} for name in SHARED_MAPS}
         self._rules_of: dict[str, int] = {}
         self._parts: dict[str, tuple[object, Workload, MapContents]] = {}
-        self._claims: dict[tuple[str, bytes], int] = {}
-        self._order: tuple[str, ...] = ()
+        # Source prefix -> the workloads whose CIDRs hold it (usually one).
+        self._claims: dict[tuple[str, bytes], set[str]] = {}
+        # Entries of each source map (prefixes claimed by some workload).
+        self.source_entries: dict[str, int] = {name: 0 for name in _SOURCE_MAPS}
+        # Workload -> its place in the policy's order (gaps after removals).
+        self._pos: dict[str, int] = {}
+        self._next_pos = 0
+        self._order: tuple[str, ...] | None = ()
+        # Ids free below ``_next_id`` (a heap: the lowest is taken first).
+        self._free_ids: list[int] = []
+        self._next_id = 1
         self._workloads: tuple[Workload, ...] | None = None
         self._ifx: dict[str, int] = {}
         self._dst_bits: dict[DstKey, tuple[int, int]] | None = None
@@ -134,12 +148,17 @@ class IncrementalMaps:
             sum(map(len, part[2].values())) for part in self._parts.values()
         )
 
+    def _current_order(self) -> tuple[str, ...]:
+        if self._order is None:
+            self._order = tuple(sorted(self._parts, key=self._pos.__getitem__))
+        return self._order
+
     def contents(self) -> MapContents:
         """Everything as one mapping (what the kernel should hold)."""
         out: MapContents = {name: dict(entries) for name, entries in self._shared.items()}
         for name in WORKLOAD_MAPS:
             out[name] = {}
-        for wname in self._order:
+        for wname in self._current_order():
             for name, entries in self._parts[wname][2].items():
                 target = out[name]
                 for k, v in entries.items():
@@ -174,7 +193,8 @@ class IncrementalMaps:
             return MapDiff(upserts=upserts, deletes=deletes)
         self._workloads, self._ifx = policy.workloads, ifx_now
         order = tuple(w.name for w in policy.workloads)
-        ids = self.ids if order == self._order else assign_ids(policy, self.ids)
+        same_order = order == self._current_order()
+        ids = self.ids if same_order else assign_ids(policy, self.ids)
         new_parts: dict[str, tuple[object, Workload, MapContents]] = {}
         touched: list[str] = []
         rules_of, old_parts = self._rules_of, self._parts
@@ -199,21 +219,19 @@ class IncrementalMaps:
                     for name, entries in parts[wname][2].items():
                         side[name].update(entries)
         if self._shares_sources(touched, new_parts) or (
-            order != self._order and self._any_shared_source()
+            not same_order and self._any_shared_source()
         ):
             before_full = self.contents()
         # Bookkeeping: claims of source prefixes by workloads.
         for wname in touched:
-            for parts, step in ((self._parts, -1), (new_parts, 1)):
-                if wname in parts:
-                    for name in _SOURCE_MAPS:
-                        for k in parts[wname][2][name]:
-                            count = self._claims.get((name, k), 0) + step
-                            if count:
-                                self._claims[(name, k)] = count
-                            else:
-                                self._claims.pop((name, k), None)
+            self._unclaim(wname, self._parts)
+            self._claim(wname, new_parts)
         self._parts, self.ids, self._order = new_parts, ids, order
+        if not same_order:
+            self._pos = {name: at for at, name in enumerate(order)}
+            self._next_pos = len(order)
+            self._next_id = max(ids.values(), default=0) + 1
+            self._free_ids = sorted(set(range(1, self._next_id)) - set(ids.values()))
         if before_full is not None:
             whole = diff(before_full, self.contents())
             for name in WORKLOAD_MAPS:
@@ -227,6 +245,121 @@ class IncrementalMaps:
         deletes.update(change.deletes)
         return MapDiff(upserts=upserts, deletes=deletes)
 
+    def _claim(self, wname: str, parts: Mapping[str, tuple[object, Workload, MapContents]]) -> None:
+        if wname in parts:
+            for name in _SOURCE_MAPS:
+                for k in parts[wname][2][name]:
+                    holders = self._claims.get((name, k))
+                    if holders is None:
+                        holders = self._claims[(name, k)] = set()
+                        self.source_entries[name] += 1
+                    holders.add(wname)
+
+    def _unclaim(
+        self, wname: str, parts: Mapping[str, tuple[object, Workload, MapContents]]
+    ) -> None:
+        if wname in parts:
+            for name in _SOURCE_MAPS:
+                for k in parts[wname][2][name]:
+                    holders = self._claims.get((name, k))
+                    if holders is not None:
+                        holders.discard(wname)
+                        if not holders:
+                            del self._claims[(name, k)]
+                            self.source_entries[name] -= 1
+
+    def _holder_value(self, key: tuple[str, bytes]) -> bytes | None:
+        """What a source prefix maps to: the id of the first listed workload
+        holding it (as in ``desired_maps``), or None when none does."""
+        holders = self._claims.get(key)
+        if not holders:
+            return None
+        first = min(holders, key=self._pos.__getitem__)
+        return self._parts[first][2][key[0]][key[1]]
+
+    def apply_delta(
+        self,
+        *,
+        upserts: Sequence[Workload] = (),
+        removals: Sequence[str] = (),
+        ifindexes: Mapping[str, int],
+    ) -> MapDiff:
+        """The diff for a few workloads changing, costing what they touch.
+
+        The result is the state ``update`` would reach for the policy whose
+        workloads are the previous ones with each of ``upserts`` put in
+        place of the workload of its name (a new name goes last) and the
+        workloads named in ``removals`` left out; the intercept rules stay.
+        Nothing here walks the other workloads: ids come from a free list,
+        a shared source prefix goes to its first listed holder by position.
+        """
+        if self._intercept is None:
+            raise ValueError("apply_delta needs a first update() with the whole policy")
+        names = [w.name for w in upserts] + list(removals)
+        if len(set(names)) != len(names):
+            raise ValueError(f"a workload is named twice in one delta: {sorted(names)}")
+        upserts_diff: dict[str, dict[bytes, bytes]] = {}
+        deletes_diff: dict[str, list[bytes]] = {}
+        # Source prefixes whose holder may change: read them before and after.
+        affected: set[tuple[str, bytes]] = set()
+        for wname in names:
+            if wname in self._parts:
+                for name in _SOURCE_MAPS:
+                    affected.update((name, k) for k in self._parts[wname][2][name])
+        new_parts: dict[str, tuple[object, Workload, MapContents]] = {}
+        new_ids: dict[str, int] = {}
+        for w in upserts:
+            wid = self.ids.get(w.name)
+            if wid is None:
+                wid = heapq.heappop(self._free_ids) if self._free_ids else self._next_id
+                self._next_id = max(self._next_id, wid + 1)
+            rules = self._rules_of.get(w.name, 0)
+            ifx = tuple(ifindexes.get(i) for i in w.interfaces) if w.interfaces else ()
+            part = _workload_part(w, wid, rules, ifindexes)
+            new_parts[w.name] = ((wid, rules, ifx), w, part)
+            new_ids[w.name] = wid
+            for name in _SOURCE_MAPS:
+                affected.update((name, k) for k in part[name])
+        before = {key: self._holder_value(key) for key in affected}
+        old_side: MapContents = {name: {} for name in (layout.WORKLOADS, layout.BIND)}
+        new_side: MapContents = {name: {} for name in (layout.WORKLOADS, layout.BIND)}
+        for wname in names:
+            old = self._parts.get(wname)
+            if old is not None:
+                for name in old_side:
+                    old_side[name].update(old[2][name])
+            self._unclaim(wname, self._parts)
+            if wname in new_parts:
+                for name in new_side:
+                    new_side[name].update(new_parts[wname][2][name])
+                if wname not in self._pos:
+                    self._pos[wname] = self._next_pos
+                    self._next_pos += 1
+                    self._order = None
+                self._parts[wname] = new_parts[wname]
+                self.ids[wname] = new_ids[wname]
+                self._claim(wname, self._parts)
+            elif old is not None:
+                del self._parts[wname]
+                del self._pos[wname]
+                wid = self.ids.pop(wname)
+                heapq.heappush(self._free_ids, wid)
+                self._order = None
+        self._workloads = None  # the next update() compares workload by workload
+        for (name, k), was in before.items():
+            now = self._holder_value((name, k))
+            if now is None:
+                if was is not None:
+                    deletes_diff.setdefault(name, []).append(k)
+            elif now != was:
+                upserts_diff.setdefault(name, {})[k] = now
+        change = diff(old_side, new_side)
+        for name, entries in change.upserts.items():
+            upserts_diff.setdefault(name, {}).update(entries)
+        for name, keys in change.deletes.items():
+            deletes_diff.setdefault(name, []).extend(keys)
+        return MapDiff(upserts=upserts_diff, deletes=deletes_diff)
+
     def _shares_sources(
         self, touched: list[str], new_parts: Mapping[str, tuple[object, Workload, MapContents]]
     ) -> bool:
@@ -238,7 +371,7 @@ class IncrementalMaps:
                         for k in parts[wname][2][name]:
                             mine[(name, k)] = mine.get((name, k), 0) + step
         for key, own_old_claims in mine.items():
-            others = self._claims.get(key, 0) - own_old_claims
+            others = len(self._claims.get(key, ())) - own_old_claims
             if others > 0:
                 return True
         # Two touched workloads claiming one prefix between them, before or
@@ -319,7 +452,7 @@ class IncrementalMaps:
         return MapDiff(upserts=upserts, deletes=deletes)
 
     def _any_shared_source(self) -> bool:
-        return any(count > 1 for count in self._claims.values())
+        return any(len(holders) > 1 for holders in self._claims.values())
 
 
 DstKey = tuple[int, int, int]  # (IP version, prefix length, address as int)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from egress_agent.policy.model import (
     Action,
@@ -47,30 +48,70 @@ from egress_agent.policy.model import (
 _SHOWN_ADDRESSES = 6
 
 
+@dataclass(frozen=True, kw_only=True)
+class SourceIndex:
+    """The workloads' CIDRs by prefix length, for :func:`identify`: made once
+    per policy (a proxy identifies every connection; scanning every workload's
+    CIDRs each time cost in proportion to the workloads, with ipaddress
+    objects at that)."""
+
+    # (IP version, prefix length) -> network address as int -> (name, interfaces),
+    # lengths longest first.
+    tables: tuple[tuple[int, int, dict[int, tuple[str, tuple[str, ...]]]], ...]
+    has_cgroups: bool  # some workload is identified by cgroup, not address
+
+
+_INDEXES: dict[int, tuple[Policy, SourceIndex]] = {}
+_INDEXES_KEPT = 4  # the policy in force and the one being swapped in, with room
+
+
+def source_index(policy: Policy) -> SourceIndex:
+    """``policy``'s :class:`SourceIndex`, made on first use and kept while the
+    policy object is among the last few asked about."""
+    hit = _INDEXES.get(id(policy))
+    if hit is not None and hit[0] is policy:
+        return hit[1]
+    tables: dict[tuple[int, int], dict[int, tuple[str, tuple[str, ...]]]] = {}
+    for w in policy.workloads:
+        for net in w.cidrs:
+            table = tables.setdefault((net.version, net.prefixlen), {})
+            # Equal prefixes in two workloads: the first listed keeps it.
+            table.setdefault(int(net.network_address), (w.name, w.interfaces))
+    index = SourceIndex(
+        tables=tuple(
+            (version, plen, tables[(version, plen)])
+            for version, plen in sorted(tables, key=lambda k: -k[1])
+        ),
+        has_cgroups=any(w.cgroups for w in policy.workloads),
+    )
+    if len(_INDEXES) >= _INDEXES_KEPT:
+        del _INDEXES[next(iter(_INDEXES))]
+    _INDEXES[id(policy)] = (policy, index)
+    return index
+
+
 def identify(policy: Policy, src: IPAddress, *, interface: str | None = None) -> str | None:
-    """The workload name that source address ``src`` belongs to, or None.
+    """The workload name that source address ``src`` belongs to, or None:
+    the workload with the longest prefix holding it (the first listed of
+    equal ones).
 
     ``interface`` is the ingress interface when known (the kernel knows it; the
     proxy does not, and passes None: it only ever sees flows the kernel already
     attributed, so the address alone identifies them).
     """
     src = _unmap(src)
-    best: tuple[int, str] | None = None
-    bound: tuple[str, ...] = ()
-    for w in policy.workloads:
-        for net in w.cidrs:
-            if (
-                net.version == src.version
-                and src in net
-                and (best is None or net.prefixlen > best[0])
-            ):
-                best = (net.prefixlen, w.name)
-                bound = w.interfaces
-    if best is None:
-        return None
-    if interface is not None and bound and interface not in bound:
-        return None
-    return best[1]
+    version, value = src.version, int(src)
+    width = 32 if version == 4 else 128
+    for table_version, plen, table in source_index(policy).tables:
+        if table_version != version:
+            continue
+        found = table.get(value >> (width - plen) << (width - plen))
+        if found is not None:
+            name, bound = found
+            if interface is not None and bound and interface not in bound:
+                return None
+            return name
+    return None
 
 
 def spoofed(policy: Policy, src: IPAddress, *, interface: str) -> bool:

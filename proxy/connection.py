@@ -27,7 +27,13 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from egress_agent.policy.decide import decide, identify, names_to_resolve, needs_server_name
+from egress_agent.policy.decide import (
+    decide,
+    identify,
+    names_to_resolve,
+    needs_server_name,
+    source_index,
+)
 from egress_agent.policy.model import Action, IPAddress, Policy, Verdict
 from egress_agent.proxy import controls, gateway, handoff, held
 from egress_agent.proxy.audit import AuditRecord, Event, rfc3339
@@ -112,7 +118,7 @@ class Connection:
             return
         self.src = self._original_source(sock, self.src)
         self.workload = identify(self.policy, self.src.address)
-        if self.workload is None and any(w.cgroups for w in self.policy.workloads):
+        if self.workload is None and source_index(self.policy).has_cgroups:
             self.workload = self._cgroup_workload(self.policy)
         if not self.admit():
             return
@@ -318,7 +324,8 @@ class Connection:
                 raise TimeoutError
             self._data_event.clear()
             try:
-                await asyncio.wait_for(self._data_event.wait(), remaining)
+                async with asyncio.timeout(remaining):  # no Task per wait, unlike wait_for
+                    await self._data_event.wait()
             except TimeoutError:
                 if not self.buffer:
                     return None
@@ -351,7 +358,8 @@ class Connection:
             if remaining <= 0:
                 raise TimeoutError
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._data_event.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._data_event.wait()
 
     def _sniff_buffered(self, cap: int) -> Peeked | None:
         """Feed the sniffer what arrived since it was last fed (so a trickle

@@ -46,7 +46,12 @@ def test_quick_benchmark_measures_every_path_and_loses_nothing(
         assert r["rate"]["latency_ms"]["p50"] > 0, name
         assert r["idle"]["held"] == r["idle"]["attempts"] == 50, name
         assert all(count == 0 for count in r["lost"].values()), (name, r["lost"])
-        assert r["server"]["accepted"] == r["rate"]["attempts"] + 50, name
+        # TLS by name: every ClientHello reached the server (through a host
+        # rule on egress-agent, an SNI check on HAProxy).
+        assert r["tls_rate"]["ok"] > 0 and r["tls_rate"]["per_second"] > 0, name
+        assert r["server"]["hellos"] == r["tls_rate"]["ok"], name
+        made = r["rate"]["attempts"] + r["tls_rate"]["attempts"] + 50
+        assert r["server"]["accepted"] == made, name
     for name in ("haproxy", "egress-agent"):
         idle = doc["paths"][name]["idle"]
         assert idle["rss_kib_before"] > 0 and idle["rss_kib_held"] > 0, name
@@ -59,6 +64,10 @@ def test_quick_benchmark_measures_every_path_and_loses_nothing(
     assert bpf["maps"]["full_entries"] == 30_002 and bpf["maps"]["verify_problems"] == []
     assert bpf["maps"]["one_change_entries"] == 2 and bpf["maps"]["one_change_ms"] > 0
     assert bpf["with"]["ok"] and bpf["without"]["ok"] and bpf["throughput_ratio"] > 0
+    # One pod workload through the delta path: its id and its address only.
+    delta = bpf["maps"]["delta"]
+    assert delta["entries"] == {"add": 2, "move": 2, "remove": 2}, delta
+    assert all(delta[what]["median_ms"] > 0 for what in ("add", "move", "remove"))
     # The test runs decide like the policy: only the matching port is diverted.
     cost = bpf["maps"]["ns_per_packet"]
     assert [k for k, v in cost.items() if v["diverted"]] == ["workload_diverted"]

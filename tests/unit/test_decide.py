@@ -4,6 +4,7 @@ can depend on the server name. Every datapath must agree with these tables."""
 from __future__ import annotations
 
 import ipaddress
+import random
 import textwrap
 from dataclasses import replace
 
@@ -33,6 +34,7 @@ from egress_agent.policy.model import (
     Resolution,
     Workload,
 )
+from tests.lab import policygen
 
 ALLOW, DENY = Action.ALLOW, Action.DENY
 
@@ -667,3 +669,53 @@ def test_non_tcp_drop_covers_what_the_drop_rules_would_intercept(
 )
 def test_spoofed(src: str, interface: str, expected: bool) -> None:
     assert spoofed(POLICY, ip(src), interface=interface) is expected
+
+
+def _identify_by_scan(policy: Policy, src: IPAddress, interface: str | None) -> str | None:
+    """Identification as the policy states it: every workload CIDR holding
+    ``src``, the longest wins, the first listed among equals."""
+    if isinstance(src, ipaddress.IPv6Address) and src.ipv4_mapped is not None:
+        src = src.ipv4_mapped
+    best: tuple[int, str, tuple[str, ...]] | None = None
+    for w in policy.workloads:
+        for net in w.cidrs:
+            holds = net.version == src.version and src in net
+            if holds and (best is None or net.prefixlen > best[0]):
+                best = (net.prefixlen, w.name, w.interfaces)
+    if best is None:
+        return None
+    if interface is not None and best[2] and interface not in best[2]:
+        return None
+    return best[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=2**32))
+def test_the_source_index_identifies_like_a_scan_of_every_workload(seed: int) -> None:
+    # The proxy identifies each connection through an index made once per
+    # policy; it must name the workload a scan of every CIDR names.
+    rng = random.Random(seed)
+    policy = policygen.random_policy(rng)
+    if rng.random() < 0.5:  # equal and nested prefixes in two workloads (discovered pods)
+        extra = Workload(name="late", cidrs=tuple(rng.sample(policygen.SOURCE_POOL, 3)))
+        policy = replace(policy, workloads=(*policy.workloads, extra))
+    interfaces = [None, *(policygen.pod_ifname(i, p[0]) for i, p in enumerate(policygen.PODS))]
+    addresses = [a for _, v4, v6 in policygen.PODS for a in (v4, v6)]
+    addresses += ["198.19.1.77", "198.19.200.1", "10.0.0.1", "fd00:19:1::99", "::ffff:198.19.1.2"]
+    for text in addresses:
+        src = ipaddress.ip_address(text)
+        for interface in interfaces:
+            assert identify(policy, src, interface=interface) == _identify_by_scan(
+                policy, src, interface
+            ), (text, interface)
+
+
+def test_the_source_index_follows_the_policy_object() -> None:
+    # A new policy (a reload, a pod discovered) is identified by its own
+    # workloads, never by an index kept from the previous one.
+    first = parse_policy("version: 1\nworkloads: {a: {cidrs: [10.0.0.0/24]}}\ndefault: deny\n")
+    second = parse_policy("version: 1\nworkloads: {b: {cidrs: [10.0.0.0/24]}}\ndefault: deny\n")
+    src = ipaddress.ip_address("10.0.0.5")
+    assert identify(first, src) == "a"
+    assert identify(second, src) == "b"
+    assert identify(first, src) == "a"
