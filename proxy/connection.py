@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from egress_agent.policy.decide import decide, identify, names_to_resolve, needs_server_name
 from egress_agent.policy.model import Action, IPAddress, Policy, Verdict
-from egress_agent.proxy import handoff, held
+from egress_agent.proxy import handoff, held, kernel_relay
 from egress_agent.proxy.audit import AuditRecord, Event, rfc3339
 from egress_agent.proxy.original_dst import Endpoint, NotDiverted, endpoint_of, original_dst
 from egress_agent.proxy.peek import Peeked, Protocol, Sniffer
@@ -88,6 +88,9 @@ class Connection:
         self.upstream_address: IPAddress | None = None  # when not the original destination
         self.admitted = False  # counted against the connection caps
         self.counted_as: str | None = None  # the workload it was counted for
+        # Set when the relay starts (``relaying``) and the kernel may move its bytes.
+        self.relaying = False
+        self.kernel: kernel_relay.KernelRelay | None = None
 
     # -- client side, before relaying -------------------------------------------------
 
@@ -180,6 +183,8 @@ class Connection:
         if peeked is not None or self.sniffed >= cap:
             self.peeked = peeked
             self.sniff_buf = None
+            if self.kernel is not None:
+                self.kernel.sniffed()
 
     async def run(self) -> None:
         try:
@@ -394,6 +399,11 @@ class Connection:
     def touch(self) -> None:
         self.last_activity = self.loop.time()
 
+    def relay_started(self) -> None:
+        """The relay is wired (``relay.start_relay``): the kernel may take it over."""
+        self.relaying = True
+        kernel_relay.start(self, self.server.relays)
+
     # -- ending --------------------------------------------------------------------------
 
     def fail(self, reason: str) -> None:
@@ -413,6 +423,8 @@ class Connection:
         transport.abort()
 
     def close_both(self) -> None:
+        if self.kernel is not None:
+            self.kernel.stop()
         for half in (self.client, self.upstream):
             if half is not None and half.transport is not None and not half.transport.is_closing():
                 half.transport.close()
@@ -420,6 +432,8 @@ class Connection:
     def abort_both(self, reason: str) -> None:
         if self.error is None:
             self.error = reason
+        if self.kernel is not None:
+            self.kernel.stop()
         for half in (self.client, self.upstream):
             if half is not None and half.transport is not None:
                 half.transport.abort()

@@ -100,6 +100,8 @@ class Half(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self.conn.kernel is not None:
+            self.conn.kernel.stop()
         self.reset = exc is not None
         if self.upstream:
             self.conn.server.upstreams -= 1
@@ -136,6 +138,9 @@ class Half(asyncio.Protocol):
             source.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        kernel = self.conn.kernel
+        if kernel is not None and kernel.drained(self):
+            return  # the kernel moves this direction now: its source stays paused
         source = self._source()
         if source is not None and source.transport is not None:
             source.transport.resume_reading()
@@ -176,7 +181,13 @@ def start_relay(conn: Connection) -> None:
     """Wire the two sides together and replay what each side sent while
     the connection was decided: data first (both ways), then ends of
     stream, then a loss. A server that spoke first (a greeting) and even
-    closed already still gets its bytes to the client."""
+    closed already still gets its bytes to the client. Then the kernel
+    may take the relay over (see ``kernel_relay``)."""
+    _wire(conn)
+    conn.relay_started()
+
+
+def _wire(conn: Connection) -> None:
     client, upstream = conn.client, conn.upstream
     assert upstream is not None and upstream.transport is not None
     assert client.transport is not None

@@ -22,6 +22,7 @@ from egress_agent.agent.status import ReloadResult
 from egress_agent.bpf.datapath import ClassifierCounters, Traffic
 from egress_agent.bpf.layout import Reason
 from egress_agent.proxy.audit import AuditLog, AuditRecord, RequestRecord
+from egress_agent.proxy.kernel_relay import RelayStats
 from tests.lab.metricnames import FAMILIES
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
@@ -96,6 +97,7 @@ def _agent(tmp_path: Path) -> SimpleNamespace:
         max_connections=100,
         listeners=[SimpleNamespace(restarts=1)],
         resolver=resolver,
+        relays=RelayStats(started=5, kernel=4, open=1, fallbacks={"EINVAL": 1}),
     )
     reconciler = SimpleNamespace(generation=2, in_sync=True, repairs=1, bpf=bpf, proxy=proxy)
     return SimpleNamespace(
@@ -188,6 +190,9 @@ def test_the_exposition_has_the_values_the_agent_holds(
     assert v("connections_refused_total", cap="proxy.max_connections", workload="app") == 2
     assert v("dns_lookups_total", result="queried") == 1 and v("dns_cache_names") == 1
     assert v("audit_write_errors_total") == 0
+    assert v("relay_connections_total", relay="kernel") == 4
+    assert v("relay_connections_total", relay="userspace") == 1
+    assert v("relay_fallbacks_total", reason="EINVAL") == 1 and v("relay_kernel_open") == 1
 
 
 def test_an_audit_record_that_cannot_be_written_is_counted() -> None:
