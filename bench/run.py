@@ -1,6 +1,6 @@
 """Build the topology, measure each path, check nothing was lost, report.
 
-    python -m bench [--quick] [--results-dir DIR] [--seconds S] [--idle N]
+    python -m bench [--quick] [--results-dir DIR] [--seconds S] [--idle N] [--userspace-relay]
 
 Topology (``lab.netns.Lab``): the node, a pod ``client`` (198.19.1.2,
 fd00:19:1::2) and an external host ``server`` (198.18.1.2). The same
@@ -61,6 +61,9 @@ RESULTS_DIR = ROOT / "bench" / "results"
 
 PathFactory = Callable[[Lab, Path], AbstractContextManager[Running]]
 PATHS: list[PathFactory] = [paths.direct, paths.haproxy, paths.egress_agent]
+# --userspace-relay: the agent once more with the proxy copying the bytes
+# itself (proxy.relay: userspace), to compare with the kernel relay in one run.
+USERSPACE_RELAY: PathFactory = paths.egress_agent_userspace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +72,7 @@ class Settings:
     workers: int  # concurrent connection-rate workers
     idle: int  # idle connections held for the memory measurement
     quick: bool
+    userspace_relay: bool = False  # also measure the agent with proxy.relay: userspace
 
 
 class BenchError(RuntimeError):
@@ -360,7 +364,7 @@ def run_all(
         lab.add_external(SERVER, SERVER_V4, SERVER_V6)
         complete = False
         try:
-            for factory in PATHS:
+            for factory in [*PATHS, *([USERSPACE_RELAY] if settings.userspace_relay else [])]:
                 results[factory.__name__.replace("_", "-")] = measure(lab, work, settings, factory)
             bpf_result = bpf_scale(lab, settings)
             complete = True
@@ -399,6 +403,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=8, help="connection-rate workers (8)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--keep-logs", action="store_true", help="keep policies, logs and the audit log")
+    p.add_argument(
+        "--userspace-relay",
+        action="store_true",
+        help="also measure the agent with proxy.relay: userspace (the proxy copies the bytes)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -413,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         idle=args.idle or (50 if args.quick else 1000),
         quick=args.quick,
+        userspace_relay=args.userspace_relay,
     )
     signal.signal(signal.SIGTERM, _interrupt)  # tear the lab down on SIGTERM too
     nofile = raise_nofile()

@@ -59,6 +59,11 @@ PIPE_SIZE = WRITE_HIGH_WATER
 # Moves per readiness callback before the loop serves others.
 ROUNDS = 16
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+# Descriptors a kernel-relayed connection holds besides the two sockets the
+# proxy's caps count (see proxy.limits): two socket duplicates, two pipes.
+EXTRA_FDS = 6
+# A fallback for want of descriptors, by this name.
+NO_DESCRIPTORS = "descriptors"
 # The splice call itself: a seam that tests replace to force the fallback.
 splice = os.splice
 
@@ -72,7 +77,7 @@ class RelayStats:
 
     started: int = 0
     kernel: int = 0
-    open: int = 0  # kernel relays running now
+    open: int = 0  # kernel relays running now (holding their pipes)
     fallbacks: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -113,7 +118,8 @@ class KernelRelay:
         self.up: _Direction = _Direction(self, conn.client, conn.upstream, up=True)
         self.down: _Direction = _Direction(self, conn.upstream, conn.client, up=False)
         self._socks: dict[bool, socket.socket] = {}  # by "is upstream"
-        self.counted = False
+        self.counted = False  # in stats.kernel: the kernel moved bytes or an end
+        self.holding = False  # in stats.open: pipes and duplicates made
         self.stopped = False
 
     def sock(self, half: Half) -> socket.socket:
@@ -151,11 +157,18 @@ class KernelRelay:
             return direction.in_kernel
         return direction.in_kernel
 
+    def fds_left(self) -> bool:
+        """Whether the descriptors a kernel relay adds fit below the limit
+        the proxy's caps leave for relayed connections (the caps count two
+        per connection, see ``ProxyServer.admit``)."""
+        server = self.conn.server
+        in_use = server.admitted + server.upstreams + EXTRA_FDS * self.stats.open
+        return in_use + EXTRA_FDS <= server.fd_room
+
     def took_over(self) -> None:
         if not self.counted:
             self.counted = True
             self.stats.kernel += 1
-            self.stats.open += 1
 
     def stop(self) -> None:
         """Stop moving bytes and let go of the pipes and duplicates (what
@@ -169,7 +182,7 @@ class KernelRelay:
         for dup in self._socks.values():
             dup.close()
         self._socks.clear()
-        if self.counted:
+        if self.holding:
             self.stats.open -= 1
 
     def ended(self) -> None:
@@ -248,6 +261,9 @@ class _Direction:
         if relay.stopped or src.lost or dst.lost:
             self.state = _DONE
             return
+        if not relay.holding and not relay.fds_left():
+            self._give_back(None)
+            return
         try:
             self.src_fd = relay.sock(src).fileno()
             self.dst_fd = relay.sock(dst).fileno()
@@ -261,6 +277,9 @@ class _Direction:
             # Above fs.pipe-max-size or the user's pipe pages: keep the default.
             self.capacity = fcntl.fcntl(self.pipe[1], fcntl.F_GETPIPE_SZ)
         self.state = _KERNEL
+        if not relay.holding:
+            relay.holding = True
+            relay.stats.open += 1
         self._want_read(True)
 
     def _want_read(self, on: bool) -> None:
@@ -364,13 +383,21 @@ class _Direction:
         if self.state in (_KERNEL, _DRAINING):
             self.state = _DONE
 
-    def _give_back(self, exc: OSError) -> None:
-        """The kernel cannot move this direction: the proxy relay does,
-        starting with what the pipe holds."""
+    def _give_back(self, exc: OSError | None) -> None:
+        """The kernel cannot move this direction (``exc``; None: no
+        descriptors to spare): the proxy relay does, starting with what the
+        pipe holds."""
         relay, src, dst = self.relay, self.src, self.dst
-        reason = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        if exc is None:
+            reason = NO_DESCRIPTORS
+        else:
+            reason = errno.errorcode.get(exc.errno or 0, str(exc.errno))
         relay.stats.fallbacks[reason] = relay.stats.fallbacks.get(reason, 0) + 1
-        log.debug("kernel relay not used for %s: %s", relay.conn.id, describe(exc))
+        log.debug(
+            "kernel relay not used for %s: %s",
+            relay.conn.id,
+            "no descriptors to spare" if exc is None else describe(exc),
+        )
         held = bytearray()
         if self.pipe is not None:
             while self.in_pipe:

@@ -109,7 +109,9 @@ def _pattern(n: int, seed: int) -> bytes:
     return (block * (n // len(block) + 1))[:n]
 
 
-async def _exchange(tmp: Path, up: int, down: int, relay: str) -> tuple[Run, dict[str, bytes]]:
+async def _exchange(
+    tmp: Path, up: int, down: int, relay: str, *, fd_room: int | None = None
+) -> tuple[Run, dict[str, bytes]]:
     """The client sends ``up`` bytes and ends; the server reads them all,
     then sends ``down`` bytes and ends (after the client's end: both
     half-closes pass)."""
@@ -123,6 +125,8 @@ async def _exchange(tmp: Path, up: int, down: int, relay: str) -> tuple[Run, dic
         writer.close()
 
     async with Run(tmp, serve, relay=relay) as run:
+        if fd_room is not None:
+            run.proxy.fd_room = fd_room
         reader, writer = await asyncio.open_connection("127.0.0.1", run.port)
         writer.write(_pattern(up, 1))
         await writer.drain()
@@ -181,6 +185,19 @@ def test_splice_refused_falls_back_to_the_proxy_relay(
     stats = run.proxy.relays
     assert (stats.kernel, stats.userspace) == (0, 1)
     assert stats.fallbacks == {"EINVAL": 2}  # one per direction
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_no_descriptors_to_spare_falls_back(require_root: None, tmp_path: Path, loop: str) -> None:
+    """The descriptor limit leaves room for the connection's two sockets
+    (and a few), not for the kernel relay's six more: the proxy relays it."""
+    run, seen = LOOPS[loop](_exchange(tmp_path, 1 << 20, 1 << 20, "kernel", fd_room=7))
+    assert seen["server"] == _pattern(1 << 20, 1) and seen["client"] == _pattern(1 << 20, 3)
+    [record] = run.records()
+    assert (record["bytes_up"], record["bytes_down"]) == (1 << 20, 1 << 20), record
+    stats = run.proxy.relays
+    assert (stats.kernel, stats.userspace) == (0, 1)
+    assert stats.fallbacks == {kernel_relay.NO_DESCRIPTORS: 2}
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
