@@ -404,6 +404,10 @@ class Connection:
         self.relaying = True
         kernel_relay.start(self, self.server.relays)
 
+    def to_kernel(self, source: Half) -> None:
+        """``source`` has sent enough for its direction to go to the kernel."""
+        kernel_relay.want(self, source, self.server.relays)
+
     # -- ending --------------------------------------------------------------------------
 
     def fail(self, reason: str) -> None:

@@ -53,6 +53,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METHOD = "splice"
+# Bytes a direction moves through the proxy relay before the kernel takes it
+# over. Handing a connection over costs a few system calls (duplicates, a
+# pipe, their registration and closing): for a short request and answer that
+# is more than the copying it saves, and it would cut the rate of new
+# connections; a bulk transfer crosses this in its first moments.
+KERNEL_AFTER = 64 * 1024
 # Bytes one direction holds in the kernel at most (its pipe's size): the
 # back-pressure bound, as the proxy relay's write high-water mark is.
 PIPE_SIZE = WRITE_HIGH_WATER
@@ -96,14 +102,29 @@ class RelayStats:
 
 def start(conn: Connection, stats: RelayStats) -> None:
     """The proxy relay of ``conn`` is wired: hand each direction to the
-    kernel as soon as nothing of it is left in the proxy."""
+    kernel once it has moved :data:`KERNEL_AFTER` bytes (counting what was
+    replayed) and nothing of it is left in the proxy."""
     stats.started += 1
     if conn.policy.proxy.relay != RELAY_KERNEL:
         return
-    relay = KernelRelay(conn, stats)
-    conn.kernel = relay
-    relay.down.try_take_over()
-    relay.up.try_take_over()
+    upstream = conn.upstream
+    assert upstream is not None
+    for source, sent in ((upstream, conn.bytes_down), (conn.client, conn.bytes_up)):
+        if sent >= KERNEL_AFTER:
+            want(conn, source, stats)
+        else:
+            source.kernel_after = KERNEL_AFTER
+
+
+def want(conn: Connection, source: Half, stats: RelayStats) -> None:
+    """Hand ``source``'s direction to the kernel as soon as nothing of it is
+    left in the proxy."""
+    relay = conn.kernel
+    if relay is None:
+        relay = conn.kernel = KernelRelay(conn, stats)
+    direction = relay.down if source.upstream else relay.up
+    direction.wanted = True
+    direction.try_take_over()
 
 
 class KernelRelay:
@@ -146,7 +167,8 @@ class KernelRelay:
     def sniffed(self) -> None:
         """The client's first bytes are known: its direction may go (once
         the proxy relay has written them, hence not now)."""
-        self.loop.call_soon(self.up.try_take_over)
+        if self.up.wanted:
+            self.loop.call_soon(self.up.try_take_over)
 
     def drained(self, half: Half) -> bool:
         """``half``'s transport has written all it held; True when the
@@ -223,6 +245,7 @@ class _Direction:
         self.reading = False
         self.writing = False
         self.src_eof = False
+        self.wanted = False  # the source has sent enough (see KERNEL_AFTER)
         self.used = False  # the kernel moved bytes or an end of stream
 
     @property

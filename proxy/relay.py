@@ -25,6 +25,10 @@ WRITE_HIGH_WATER = 256 * 1024
 
 
 class Half(asyncio.Protocol):
+    # Bytes this side has sent after which the kernel takes its direction
+    # over (see ``kernel_relay``); None: the proxy relays it to the end.
+    kernel_after: int | None = None
+
     """One side of a relayed connection; forwards what it reads to its peer.
 
     Until the relay is wired (``peer`` set), nothing is forwarded: the client
@@ -66,11 +70,16 @@ class Half(asyncio.Protocol):
             return
         if self.upstream:
             self.conn.bytes_down += len(data)
+            sent = self.conn.bytes_down
         else:
             self.conn.bytes_up += len(data)
+            sent = self.conn.bytes_up
             if self.conn.sniff_buf is not None:
                 self.conn.sniff_more(data)
         peer.transport.write(data)
+        if self.kernel_after is not None and sent >= self.kernel_after:
+            self.kernel_after = None
+            self.conn.to_kernel(self)
 
     def _keep_early(self, data: bytes) -> None:
         self.early += data

@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 import uvloop
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from egress_agent.policy.load import parse_policy
 from egress_agent.proxy import connection as proxy_connection
@@ -34,6 +36,8 @@ from egress_agent.proxy import server as proxy_server
 from egress_agent.proxy.audit import AuditLog
 from egress_agent.proxy.flows import open_flows
 from egress_agent.proxy.original_dst import Endpoint
+from tests.netns import test_relay_interleavings as interleavings
+from tests.netns.test_relay_interleavings import wiring  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.netns
 
@@ -137,12 +141,19 @@ async def _exchange(
     return run, seen
 
 
+@pytest.fixture
+def at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel takes each direction over as soon as the relay is wired,
+    not after its first KERNEL_AFTER bytes: every byte goes through it."""
+    monkeypatch.setattr(kernel_relay, "KERNEL_AFTER", 0)
+
+
 @pytest.mark.parametrize("loop", sorted(LOOPS))
 @pytest.mark.parametrize(
     ("up", "down"), [(1, 1), (65536, 65536), (16 << 20, 1), (1, 16 << 20)], ids=str
 )
 def test_exact_bytes_and_counts(
-    require_root: None, tmp_path: Path, loop: str, up: int, down: int
+    require_root: None, at_once: None, tmp_path: Path, loop: str, up: int, down: int
 ) -> None:
     run, seen = LOOPS[loop](_exchange(tmp_path, up, down, "kernel"))
     assert seen["server"] == _pattern(up, 1)
@@ -152,6 +163,22 @@ def test_exact_bytes_and_counts(
     assert record["event"] == "closed" and record["error"] is None, record
     stats = run.proxy.relays
     assert (stats.kernel, stats.userspace, stats.open, stats.fallbacks) == (1, 0, 0, {})
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+@pytest.mark.parametrize(("up", "down", "kernel"), [(1000, 5000, 0), (3000, 16 << 20, 1)], ids=str)
+def test_short_exchanges_stay_with_the_proxy_relay(
+    require_root: None, tmp_path: Path, loop: str, up: int, down: int, kernel: int
+) -> None:
+    """A direction goes to the kernel after its first KERNEL_AFTER bytes: a
+    short exchange never pays for the handover, a bulk one does, and the
+    counts are exact either way."""
+    run, seen = LOOPS[loop](_exchange(tmp_path, up, down, "kernel"))
+    assert seen["server"] == _pattern(up, 1) and seen["client"] == _pattern(down, 3)
+    [record] = run.records()
+    assert (record["bytes_up"], record["bytes_down"]) == (up, down), record
+    stats = run.proxy.relays
+    assert (stats.kernel, stats.userspace, stats.open) == (kernel, 1 - kernel, 0)
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
@@ -385,10 +412,44 @@ async def _reset(tmp: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
-def test_a_reset_ends_both_sides(require_root: None, tmp_path: Path, loop: str) -> None:
+def test_a_reset_ends_both_sides(
+    require_root: None, at_once: None, tmp_path: Path, loop: str
+) -> None:
     got = LOOPS[loop](_reset(tmp_path))
     assert got["kernel"] == 1
     assert got["received"] == 5000 and got["ended"] in ("eof", "reset")
     record = got["record"]
     assert record["error"] == "upstream: ECONNRESET (Connection reset by peer)", record
     assert (record["bytes_up"], record["bytes_down"]) == (1000, 5000), record
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("policy_kind", ["cidr", "name"])
+@given(
+    client_script=interleavings.scripts(speaks_first=False),
+    server_script=interleavings.scripts(speaks_first=True),
+    delay=st.sampled_from([0.0, 0.005, 0.05]),
+)
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+def test_every_interleaving_through_the_kernel_at_once(
+    require_root: None,
+    at_once: None,
+    wiring: interleavings.Wiring,  # noqa: F811 (the fixture imported above)
+    tmp_path: Path,
+    policy_kind: str,
+    client_script: interleavings.Script,
+    server_script: interleavings.Script,
+    delay: float,
+) -> None:
+    """The relay interleavings (whoever speaks first, early greetings,
+    half-close, close, reset, wiring delays), with the kernel taking each
+    direction over the moment nothing of it is left in the proxy."""
+    wiring.delay = delay
+    client, server, records = uvloop.run(
+        interleavings._scenario(tmp_path, policy_kind, client_script, server_script, wiring)
+    )
+    interleavings._check(client, server, records, client_script, server_script)
