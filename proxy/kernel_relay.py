@@ -320,7 +320,10 @@ class _Direction:
         self.writing = on
 
     def _readable(self) -> None:
-        assert self.pipe is not None
+        if self.pipe is None:
+            # Released while this call was due: the descriptor numbers may
+            # belong to another connection already.
+            return
         for _ in range(ROUNDS):
             try:
                 n = splice(self.src_fd, self.pipe[1], self.capacity, flags=_FLAGS)
@@ -332,6 +335,7 @@ class _Direction:
                 else:
                     self.relay.failed(self.src, exc)
                 return
+            assert self.pipe is not None
             if n == 0:
                 self.src_eof = True
                 self._want_read(False)
@@ -342,6 +346,8 @@ class _Direction:
                 return
 
     def _writable(self) -> None:
+        if self.pipe is None:
+            return  # released while this call was due (see _readable)
         if self._flush() and self.state == _KERNEL and not self.src_eof:
             self._readable()
 
