@@ -80,6 +80,9 @@ def status_command(args: argparse.Namespace) -> int:
         *describe_traffic(snap.get("traffic")),
     ]:
         print(line)
+    relay = snap.get("relay")
+    if relay:
+        print(describe_relay(relay))
     print(
         f"connections:  {snap['connections_open']} open, "
         f"{snap['audit_records_written']} audit records written"
@@ -88,6 +91,22 @@ def status_command(args: argparse.Namespace) -> int:
         f"ready:        {'yes' if snap['ready'] else 'no: ' + '; '.join(snap['not_ready_because'])}"
     )
     return EXIT_OK if snap["ready"] else EXIT_FAILURE
+
+
+def describe_relay(relay: dict[str, Any]) -> str:
+    """The ``relay:`` line of ``status``: who moves relayed bytes."""
+    counts = relay["connections"]
+    if relay["mode"] == "kernel":
+        head = (
+            f"relay:        kernel ({relay['method']}), {relay['kernel_open']} open in the kernel"
+        )
+    else:
+        head = "relay:        userspace (proxy.relay: userspace)"
+    line = f"{head}; relayed so far: {counts['kernel']} kernel, {counts['userspace']} userspace"
+    fallbacks = relay.get("fallbacks") or {}
+    if fallbacks:
+        line += "; fallbacks: " + ", ".join(f"{k} {v}" for k, v in fallbacks.items())
+    return line
 
 
 # Cache entries `status` prints (all of them are in `status --json`).

@@ -203,6 +203,23 @@ def families(agent: AgentState) -> list[Metric]:
             " file descriptor limit).",
             r.proxy.max_connections,
         )
+        relays = r.proxy.relays
+        out.counter(
+            "relay_connections_total",
+            "Relayed connections by who moved their bytes: kernel (splice(2), at least one"
+            " direction) or userspace (the proxy copied them).",
+            ["relay"],
+            [(("kernel",), relays.kernel), (("userspace",), relays.userspace)],
+        )
+        out.counter(
+            "relay_fallbacks_total",
+            "Directions of relayed connections that the kernel relay gave back to the"
+            " proxy, by the error that made it (EINVAL: splice does not support the"
+            " socket; EMFILE: no descriptors left for its pipes).",
+            ["reason"],
+            [((k,), v) for k, v in sorted(relays.fallbacks.items())],
+        )
+        out.gauge("relay_kernel_open", "Connections the kernel relays now.", relays.open)
         out.counter(
             "listener_restarts_total",
             "Times a listening socket was served again after the event loop stopped"

@@ -243,6 +243,9 @@ def snapshot(agent: AgentState) -> dict[str, Any]:
         # Egress rules' limits (open counts, refusals) and the circuit
         # breakers that are not closed and idle.
         "traffic": r.proxy.traffic.status(r.proxy.loop.time()) if r.proxy else None,
+        # Who moved the relayed connections' bytes: the kernel (splice) or
+        # the proxy, and why the kernel relay fell back (see proxy.kernel_relay).
+        "relay": r.proxy.relays.snapshot(mode=r.policy.proxy.relay) if r.proxy else None,
         "audit_records_written": agent.audit.written,
         "uptime_s": round(time.time() - agent.started_at, 1),
         "ready": not reasons,

@@ -264,11 +264,25 @@ def haproxy_log_summary(path: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def egress_agent(lab: Lab, work: Path) -> Iterator[Running]:
+    """The agent as deployed: bytes of decided connections move in the kernel (splice)."""
+    with _agent(lab, work / "kernel-relay", relay="kernel") as running:
+        yield running
+
+
+@contextlib.contextmanager
+def egress_agent_userspace(lab: Lab, work: Path) -> Iterator[Running]:
+    """The agent with ``proxy.relay: userspace``: the proxy copies every byte."""
+    with _agent(lab, work / "userspace-relay", relay="userspace") as running:
+        yield running
+
+
+@contextlib.contextmanager
+def _agent(lab: Lab, work: Path, *, relay: str) -> Iterator[Running]:
     # The agent watches its policy's folder for edits (inotify): the audit log,
     # written once per connection, lives elsewhere, as it would on a real node.
-    (work / "policy").mkdir()
+    (work / "policy").mkdir(parents=True)
     policy = work / "policy" / "agent-policy.yaml"
-    policy.write_text(policy_text(AGENT_PROXY))
+    policy.write_text(policy_text(AGENT_PROXY.replace("}", f", relay: {relay}}}")))
     audit = work / "audit.jsonl"
     agent = AgentProcess(lab, policy=policy, audit=audit, log=work / "agent.log")
     try:
@@ -280,7 +294,7 @@ def egress_agent(lab: Lab, work: Path) -> Iterator[Running]:
             facts={
                 "what": "egress-agent run (uvloop, one event loop, datapath "
                 + ("bpf" if "BPF datapath:" in (work / "agent.log").read_text() else "nft")
-                + "), an audit record per connection",
+                + f", {relay} relay), an audit record per connection",
                 "nofile": open_files_limit(agent.proc.pid),
                 "audit": str(audit),
             },

@@ -1,6 +1,6 @@
 """Build the topology, measure each path, check nothing was lost, report.
 
-    python -m bench [--quick] [--results-dir DIR] [--seconds S] [--idle N]
+    python -m bench [--quick] [--results-dir DIR] [--seconds S] [--idle N] [--userspace-relay]
 
 Topology (``lab.netns.Lab``): the node, a pod ``client`` (198.19.1.2,
 fd00:19:1::2) and an external host ``server`` (198.18.1.2). The same
@@ -69,6 +69,9 @@ RESULTS_DIR = ROOT / "bench" / "results"
 
 PathFactory = Callable[[Lab, Path], AbstractContextManager[Running]]
 PATHS: list[PathFactory] = [paths.direct, paths.haproxy, paths.egress_agent]
+# --userspace-relay: the agent once more with the proxy copying the bytes
+# itself (proxy.relay: userspace), to compare with the kernel relay in one run.
+USERSPACE_RELAY: PathFactory = paths.egress_agent_userspace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +81,7 @@ class Settings:
     idle: int  # idle connections held for the memory measurement
     quick: bool
     profile: bool = False  # py-spy flame graphs of egress-agent's connection-rate runs
+    userspace_relay: bool = False  # also measure the agent with proxy.relay: userspace
 
 
 class BenchError(RuntimeError):
@@ -412,7 +416,7 @@ def run_all(
         lab.add_external(SERVER, SERVER_V4, SERVER_V6, hostnames=[SERVER_NAME])
         complete = False
         try:
-            for factory in PATHS:
+            for factory in [*PATHS, *([USERSPACE_RELAY] if settings.userspace_relay else [])]:
                 results[factory.__name__.replace("_", "-")] = measure(
                     lab, work, settings, factory, profile_dir
                 )
@@ -458,6 +462,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="py-spy flame graphs of egress-agent during the connection-rate runs",
     )
+    p.add_argument(
+        "--userspace-relay",
+        action="store_true",
+        help="also measure the agent with proxy.relay: userspace (the proxy copies the bytes)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -473,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle=args.idle or (50 if args.quick else 1000),
         quick=args.quick,
         profile=args.profile,
+        userspace_relay=args.userspace_relay,
     )
     signal.signal(signal.SIGTERM, _interrupt)  # tear the lab down on SIGTERM too
     nofile = raise_nofile()

@@ -304,6 +304,11 @@ class EgressRule:
     via: Gateway | None = None
 
 
+# The values of ``proxy.relay``.
+RELAY_KERNEL = "kernel"
+RELAY_USERSPACE = "userspace"
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProxySettings:
     port: int = DEFAULT_PROXY_PORT
@@ -325,6 +330,10 @@ class ProxySettings:
     # total further when the process's descriptor limit is smaller.
     max_connections: int = 20000
     max_connections_per_workload: int = 5000
+    # Who moves a plain relayed connection's bytes once it is decided: the
+    # kernel (splice(2), see proxy.kernel_relay; the proxy falls back to its
+    # own relay where the kernel cannot) or the proxy itself (``userspace``).
+    relay: str = RELAY_KERNEL
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -35,7 +35,7 @@ from egress_agent.policy.decide import (
     source_index,
 )
 from egress_agent.policy.model import Action, IPAddress, Policy, Verdict
-from egress_agent.proxy import controls, gateway, handoff, held
+from egress_agent.proxy import controls, gateway, handoff, held, kernel_relay
 from egress_agent.proxy.audit import AuditRecord, Event, rfc3339
 from egress_agent.proxy.original_dst import Endpoint, NotDiverted, endpoint_of, original_dst
 from egress_agent.proxy.peek import Peeked, Protocol, Sniffer
@@ -104,6 +104,9 @@ class Connection:
         # socket's local address:port, and the gateway it went through.
         self.route_source: str | None = None
         self.route_gateway: str | None = None
+        # Set when the relay starts (``relaying``) and the kernel may move its bytes.
+        self.relaying = False
+        self.kernel: kernel_relay.KernelRelay | None = None
 
     # -- client side, before relaying -------------------------------------------------
 
@@ -196,6 +199,8 @@ class Connection:
         if peeked is not None or self.sniffed >= cap:
             self.peeked = peeked
             self.sniff_buf = None
+            if self.kernel is not None:
+                self.kernel.sniffed()
 
     async def run(self) -> None:
         try:
@@ -440,6 +445,15 @@ class Connection:
     def touch(self) -> None:
         self.last_activity = self.loop.time()
 
+    def relay_started(self) -> None:
+        """The relay is wired (``relay.start_relay``): the kernel may take it over."""
+        self.relaying = True
+        kernel_relay.start(self, self.server.relays)
+
+    def to_kernel(self, source: Half) -> None:
+        """``source`` has sent enough for its direction to go to the kernel."""
+        kernel_relay.want(self, source, self.server.relays)
+
     # -- ending --------------------------------------------------------------------------
 
     def fail(self, reason: str) -> None:
@@ -459,6 +473,8 @@ class Connection:
         transport.abort()
 
     def close_both(self) -> None:
+        if self.kernel is not None:
+            self.kernel.stop()
         for half in (self.client, self.upstream):
             if half is not None and half.transport is not None and not half.transport.is_closing():
                 half.transport.close()
@@ -466,6 +482,8 @@ class Connection:
     def abort_both(self, reason: str) -> None:
         if self.error is None:
             self.error = reason
+        if self.kernel is not None:
+            self.kernel.stop()
         for half in (self.client, self.upstream):
             if half is not None and half.transport is not None:
                 half.transport.abort()

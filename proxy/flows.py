@@ -6,7 +6,10 @@ Each flow is the audit record the connection would write if it ended now
 (so its fields mean the same as there: workload, src, dst, server_name,
 rule, verdict, bytes each way) without ``event``, ``error`` and
 ``duration_ms``, plus ``state`` (``deciding``: not yet decided; ``open``:
-relayed), ``age_s`` and ``idle_s``. Bytes are the relay's counters.
+relayed), ``age_s``, ``idle_s`` and ``relay`` (who moves the bytes: ``kernel``,
+``userspace``, or the kernel one way only; null while deciding and for
+connections an ``http`` rule serves). Bytes are the relay's counters, kept
+by the kernel relay too as it delivers.
 """
 
 from __future__ import annotations
@@ -35,5 +38,10 @@ def open_flows(connections: Iterable[Connection], *, now: float) -> list[dict[st
         flow["state"] = "deciding" if conn.verdict is None else "open"
         flow["age_s"] = round(now - conn.started_mono, 3)
         flow["idle_s"] = round(now - conn.last_activity, 3)
+        flow["relay"] = (
+            conn.kernel.kind
+            if conn.kernel is not None
+            else ("userspace" if conn.relaying else None)
+        )
         flows.append(flow)
     return flows

@@ -25,6 +25,10 @@ WRITE_HIGH_WATER = 256 * 1024
 
 
 class Half(asyncio.Protocol):
+    # Bytes this side has sent after which the kernel takes its direction
+    # over (see ``kernel_relay``); None: the proxy relays it to the end.
+    kernel_after: int | None = None
+
     """One side of a relayed connection; forwards what it reads to its peer.
 
     Until the relay is wired (``peer`` set), nothing is forwarded: the client
@@ -66,11 +70,16 @@ class Half(asyncio.Protocol):
             return
         if self.upstream:
             self.conn.bytes_down += len(data)
+            sent = self.conn.bytes_down
         else:
             self.conn.bytes_up += len(data)
+            sent = self.conn.bytes_up
             if self.conn.sniff_buf is not None:
                 self.conn.sniff_more(data)
         peer.transport.write(data)
+        if self.kernel_after is not None and sent >= self.kernel_after:
+            self.kernel_after = None
+            self.conn.to_kernel(self)
 
     def _keep_early(self, data: bytes) -> None:
         self.early += data
@@ -100,6 +109,8 @@ class Half(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self.conn.kernel is not None:
+            self.conn.kernel.stop()
         self.reset = exc is not None
         if self.upstream:
             self.conn.server.upstreams -= 1
@@ -136,6 +147,9 @@ class Half(asyncio.Protocol):
             source.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        kernel = self.conn.kernel
+        if kernel is not None and kernel.drained(self):
+            return  # the kernel moves this direction now: its source stays paused
         source = self._source()
         if source is not None and source.transport is not None:
             source.transport.resume_reading()
@@ -176,7 +190,13 @@ def start_relay(conn: Connection) -> None:
     """Wire the two sides together and replay what each side sent while
     the connection was decided: data first (both ways), then ends of
     stream, then a loss. A server that spoke first (a greeting) and even
-    closed already still gets its bytes to the client."""
+    closed already still gets its bytes to the client. Then the kernel
+    may take the relay over (see ``kernel_relay``)."""
+    _wire(conn)
+    conn.relay_started()
+
+
+def _wire(conn: Connection) -> None:
     client, upstream = conn.client, conn.upstream
     assert upstream is not None and upstream.transport is not None
     assert client.transport is not None

@@ -29,6 +29,7 @@ from egress_agent.proxy import httprelay
 from egress_agent.proxy.audit import AuditLog
 from egress_agent.proxy.connection import Connection
 from egress_agent.proxy.conntrack import Conntrack
+from egress_agent.proxy.kernel_relay import RelayStats
 from egress_agent.proxy.limits import (
     CAP_TOTAL,
     CAP_WARNING_INTERVAL,
@@ -84,6 +85,7 @@ class ProxyServer:
         self.fd_room = descriptor_room()
         self.admitted = 0
         self.upstreams = 0  # upstream sockets open (the other descriptor of a relay)
+        self.relays = RelayStats()  # who moved the relayed connections' bytes
         self.open_by_workload: dict[str | None, int] = {}
         self.refused: dict[tuple[str, str], int] = {}
         self._cap_warned = 0.0

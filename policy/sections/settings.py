@@ -7,7 +7,13 @@ from __future__ import annotations
 from yaml.nodes import Node, ScalarNode
 
 from egress_agent.policy import fields
-from egress_agent.policy.model import DnsSettings, ProxySettings, ReversePath
+from egress_agent.policy.model import (
+    RELAY_KERNEL,
+    RELAY_USERSPACE,
+    DnsSettings,
+    ProxySettings,
+    ReversePath,
+)
 from egress_agent.policy.yamlnodes import Read, Reader, join
 
 _PROXY_KEYS = (
@@ -23,6 +29,7 @@ _PROXY_KEYS = (
     "idle_timeout",
     "max_connections",
     "max_connections_per_workload",
+    "relay",
 )
 _DNS_KEYS = ("min_ttl", "max_ttl", "serve_stale", "timeout", "cache_size")
 _ON_RELOAD_KEYS = ("denied_connections",)
@@ -87,6 +94,7 @@ def proxy(r: Reader, node: Node, path: str) -> ProxySettings:
         idle_timeout=seconds("idle_timeout", 86400, defaults.idle_timeout),
         max_connections=max_connections,
         max_connections_per_workload=min(per_workload, max_connections),
+        relay=r.field(settings, path, "relay", _relay, defaults.relay),
     )
 
 
@@ -153,6 +161,13 @@ _denied_connections = fields.one_of(
     what="keep or close",
     expected="expected keep (open connections run until they end) or close (connections"
     " the new policy denies are closed),",
+)
+# ``proxy.relay``: who moves a relayed connection's bytes once it is decided.
+_relay = fields.one_of(
+    {RELAY_KERNEL: RELAY_KERNEL, RELAY_USERSPACE: RELAY_USERSPACE},
+    what="kernel or userspace",
+    expected="expected kernel (bytes move socket to socket in the kernel, with splice(2);"
+    " the default) or userspace (the proxy copies them itself),",
 )
 # ``fail: closed | open``; True means open.
 fail = fields.one_of(

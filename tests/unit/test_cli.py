@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from egress_agent.agent.cli import main
+from egress_agent.agent.cli_status import describe_relay
+from egress_agent.proxy.kernel_relay import RelayStats
 
 POLICY = """
 version: 1
@@ -197,3 +199,16 @@ def test_explain_shows_the_mode_and_what_audit_mode_lets_through(
     assert "would be denied (audit mode): allowed (rule default)" in out
     assert main(["check", str(policy)]) == 0
     assert "default deny, audit mode for default" in capsys.readouterr().err
+
+
+def test_status_says_which_relay_moves_the_bytes() -> None:
+    stats = RelayStats(started=12, kernel=9, open=2, fallbacks={"EINVAL": 1})
+    assert describe_relay(stats.snapshot(mode="kernel")) == (
+        "relay:        kernel (splice), 2 open in the kernel; relayed so far: 9 kernel,"
+        " 3 userspace; fallbacks: EINVAL 1"
+    )
+    off = RelayStats(started=4).snapshot(mode="userspace")
+    assert off["method"] is None
+    assert describe_relay(off) == (
+        "relay:        userspace (proxy.relay: userspace); relayed so far: 0 kernel, 4 userspace"
+    )

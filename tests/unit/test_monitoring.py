@@ -24,6 +24,7 @@ from egress_agent.bpf.layout import Reason
 from egress_agent.policy.load import parse_policy
 from egress_agent.proxy.audit import AuditLog, AuditRecord, RequestRecord
 from egress_agent.proxy.traffic import LocalTraffic, Ticket
+from egress_agent.proxy.kernel_relay import RelayStats
 from tests.lab.metricnames import FAMILIES
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
@@ -99,6 +100,7 @@ def _agent(tmp_path: Path) -> SimpleNamespace:
         max_connections=100,
         listeners=[SimpleNamespace(restarts=1)],
         resolver=resolver,
+        relays=RelayStats(started=5, kernel=4, open=1, fallbacks={"EINVAL": 1}),
     )
     reconciler = SimpleNamespace(generation=2, in_sync=True, repairs=1, bpf=bpf, proxy=proxy)
     return SimpleNamespace(
@@ -214,6 +216,9 @@ def test_the_exposition_has_the_values_the_agent_holds(
     assert v("breaker_state", rule="api", destination=dest, state="open") == 1
     assert v("breaker_state", rule="api", destination=dest, state="closed") == 0
     assert v("breaker_transitions_total", rule="api", destination=dest, to="open") == 1
+    assert v("relay_connections_total", relay="kernel") == 4
+    assert v("relay_connections_total", relay="userspace") == 1
+    assert v("relay_fallbacks_total", reason="EINVAL") == 1 and v("relay_kernel_open") == 1
 
 
 def test_an_audit_record_that_cannot_be_written_is_counted() -> None:

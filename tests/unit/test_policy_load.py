@@ -497,6 +497,13 @@ BAD = [
         "proxy.idle_timeout",
         ".inf is out of range",
     ),
+    Bad(
+        "relay-unknown",
+        BASE + "proxy:\n  relay: sockmap\n",
+        7,
+        "proxy.relay",
+        "expected kernel (bytes move socket to socket in the kernel",
+    ),
     # workloads
     Bad(
         "workloads-list",
@@ -1401,6 +1408,7 @@ def policy_documents(draw: st.DrawFn) -> tuple[dict[str, Any], Policy]:
         idle_timeout=draw(seconds),
         max_connections=(total := draw(st.integers(1, 1_000_000))),
         max_connections_per_workload=draw(st.integers(1, total)),
+        relay=draw(st.sampled_from(["kernel", "userspace"])),
     )
     policy = Policy(
         version=1,
@@ -1427,6 +1435,7 @@ def policy_documents(draw: st.DrawFn) -> tuple[dict[str, Any], Policy]:
             "idle_timeout": proxy.idle_timeout,
             "max_connections": proxy.max_connections,
             "max_connections_per_workload": proxy.max_connections_per_workload,
+            "relay": proxy.relay,
         },
         "workloads": {
             w.name: {"cidrs": [str(n) for n in w.cidrs]}
