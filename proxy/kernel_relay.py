@@ -70,6 +70,10 @@ _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 EXTRA_FDS = 6
 # A fallback for want of descriptors, by this name.
 NO_DESCRIPTORS = "descriptors"
+# A connection one of whose sides is a TLS session the proxy holds (a
+# gateway reached over TLS): its socket carries records, not the relayed
+# bytes, and splicing it would move bytes past the encryption.
+TLS_SIDE = "tls"
 # The splice call itself: a seam that tests replace to force the fallback.
 splice = os.splice
 
@@ -109,6 +113,9 @@ def start(conn: Connection, stats: RelayStats) -> None:
         return
     upstream = conn.upstream
     assert upstream is not None
+    if not (_plain(conn.client) and _plain(upstream)):
+        stats.fallbacks[TLS_SIDE] = stats.fallbacks.get(TLS_SIDE, 0) + 1
+        return
     for source, sent in ((upstream, conn.bytes_down), (conn.client, conn.bytes_up)):
         if sent >= KERNEL_AFTER:
             want(conn, source, stats)
@@ -116,9 +123,18 @@ def start(conn: Connection, stats: RelayStats) -> None:
             source.kernel_after = KERNEL_AFTER
 
 
+def _plain(half: Half) -> bool:
+    """Whether ``half``'s transport writes its bytes to its socket as they
+    are (not through a TLS session of the proxy's own)."""
+    transport = half.transport
+    return transport is not None and transport.get_extra_info("sslcontext") is None
+
+
 def want(conn: Connection, source: Half, stats: RelayStats) -> None:
     """Hand ``source``'s direction to the kernel as soon as nothing of it is
     left in the proxy."""
+    if not (_plain(conn.client) and conn.upstream is not None and _plain(conn.upstream)):
+        return
     relay = conn.kernel
     if relay is None:
         relay = conn.kernel = KernelRelay(conn, stats)

@@ -101,8 +101,14 @@ class Half(asyncio.Protocol):
         """Our end of stream, to the peer: half-close its sending side."""
         peer = self.peer
         assert peer is not None and peer.transport is not None
-        if peer.transport.can_write_eof() and not peer.transport.is_closing():
-            peer.transport.write_eof()
+        if not peer.transport.is_closing():
+            if peer.transport.can_write_eof():
+                peer.transport.write_eof()
+            else:
+                # A TLS session of the proxy's own (a gateway reached over
+                # TLS) carries no half-close: end it once what it holds is
+                # sent, or both ends would wait for each other.
+                peer.transport.close()
         if peer.eof and not self.conn.holding:
             # Both ways are done; not while the client's bytes are still held.
             self.conn.close_both()

@@ -625,3 +625,45 @@ def test_plain_http_by_name_through_a_gateway_is_refused(world: World) -> None:
     assert (record["event"], record["rule"]) == ("denied", "plain-by-name-through-gateway")
     assert record["error"].startswith("plain HTTP allowed by rule plain-by-name-through-gateway")
     assert world.server_log()[seen:] == []
+
+
+def test_a_bulk_transfer_through_a_tls_gateway_arrives_intact(world: World) -> None:
+    """Megabytes each way through Squid over TLS: the proxy's side of the
+    tunnel is a TLS session, so its bytes must never be moved by the
+    kernel relay (which would splice them past the encryption); the client
+    gets back exactly what it sent, and the server counted it."""
+    node_audit = Audit(world.work / "node-audit.jsonl")
+    node_mark, seen = node_audit.mark(), len(world.server_log())
+    code = f"""
+    import hashlib, os, socket, ssl
+    ctx = ssl.create_default_context(cafile="{world.ca}")
+    raw = socket.create_connection(("{PARTNER}", 8443), timeout=30)
+    s = ctx.wrap_socket(raw, server_hostname="{PARTNER}")
+    s.sendall(b"bulk\\n")
+    line = b""
+    while not line.endswith(b"\\n"):
+        line += s.recv(1)
+    payload = os.urandom(3 * 1024 * 1024)
+    back = bytearray()
+    for i in range(0, len(payload), 256 * 1024):
+        s.sendall(payload[i : i + 256 * 1024])
+        while len(back) < min(i + 256 * 1024, len(payload)):
+            more = s.recv(65536)
+            if not more:
+                break
+            back += more
+    print(len(payload), len(back), hashlib.sha256(payload).hexdigest() == hashlib.sha256(back).hexdigest())
+    """
+    out = world.lab.run("app", [sys.executable, "-c", textwrap.dedent(code)], check=False)
+    assert out.stdout.split() == [str(3 * 1024 * 1024), str(3 * 1024 * 1024), "True"], (
+        out.stdout,
+        out.stderr,
+    )
+    [record] = node_audit.wait(1, after=node_mark, timeout=15)
+    assert record["event"] == "closed" and record["rule"] == "via-squid", record
+    assert record["bytes_up"] > 3 * 1024 * 1024 and record["bytes_down"] > 3 * 1024 * 1024
+    [server] = read_log(world.work / "server.jsonl", at_least=seen + 1)[seen:]
+    assert _peer_address(server) == SQUID_PUBLIC and server["error"] is None, server
+    assert server["bytes_in"] == record["bytes_up"], (server, record)
+    # The proxy relayed it, and says why the kernel did not.
+    assert world.node.status()["relay"]["fallbacks"].get("tls", 0) >= 1

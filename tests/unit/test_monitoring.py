@@ -23,8 +23,8 @@ from egress_agent.bpf.datapath import ClassifierCounters, Traffic
 from egress_agent.bpf.layout import Reason
 from egress_agent.policy.load import parse_policy
 from egress_agent.proxy.audit import AuditLog, AuditRecord, RequestRecord
-from egress_agent.proxy.traffic import LocalTraffic, Ticket
 from egress_agent.proxy.kernel_relay import RelayStats
+from egress_agent.proxy.traffic import LocalTraffic, Ticket
 from tests.lab.metricnames import FAMILIES
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
