@@ -93,6 +93,7 @@ class Run:
         """Until the proxy has written the record of every connection."""
         for _ in range(1000):
             if not self.proxy.connections:
+                self.audit.flush()  # records are written in groups, per loop turn
                 return
             await asyncio.sleep(0.01)
         raise AssertionError(f"{len(self.proxy.connections)} connections still open")
