@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,15 +53,16 @@ class World:
         return self.work / "audit.jsonl"
 
     def records(self) -> list[dict[str, Any]]:
+        """Every record, the requests' too."""
         return Audit(self.audit).all()
 
     def wait_records(self, pred: Any, timeout: float = 5.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [r for r in self.records() if pred(r)]
-            if found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.05)
+        """The records ``pred`` picks, once there is one."""
+        return wait_until(
+            lambda: [r for r in self.records() if pred(r)],
+            timeout=timeout,
+            what="a matching audit record",
+        )
 
     def seen(self) -> list[dict[str, Any]]:
         return requests_seen(self.upstream_log)
@@ -609,10 +609,11 @@ def test_upstream_closing_after_a_response_is_replaced(world: World) -> None:
 
 
 def _wait_log(world: World, text: str) -> None:
-    deadline = time.monotonic() + 5
-    while text not in (world.work / "agent.log").read_text():
-        assert time.monotonic() < deadline, f"agent log never said {text!r}"
-        time.sleep(0.05)
+    wait_until(
+        lambda: text in (world.work / "agent.log").read_text(),
+        timeout=5,
+        what=f"the agent log saying {text!r}",
+    )
 
 
 def test_a_reload_that_denies_closes_open_http_connections(world: World) -> None:
