@@ -24,7 +24,8 @@ import pytest
 
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.tls import make_ca
-from tests.harness import Agent, Audit, wait_until
+from tests import harness
+from tests.harness import Agent, wait_until
 from tests.lab.httpupstream import requests_seen, start_http_upstream
 
 pytestmark = pytest.mark.netns
@@ -41,20 +42,14 @@ MiB = 1024 * 1024
 
 
 @dataclass
-class World:
-    lab: Lab
-    work: Path
+class World(harness.World):
     ca: Path
     agent: Agent
     upstream_log: Path
 
-    @property
-    def audit(self) -> Path:
-        return self.work / "audit.jsonl"
-
     def records(self) -> list[dict[str, Any]]:
         """Every record, the requests' too."""
-        return Audit(self.audit).all()
+        return self.audit_log.all()
 
     def wait_records(self, pred: Any, timeout: float = 5.0) -> list[dict[str, Any]]:
         """The records ``pred`` picks, once there is one."""
@@ -68,11 +63,7 @@ class World:
         return requests_seen(self.upstream_log)
 
     def pod(self, code: str, timeout: float = 120) -> Any:
-        proc = self.lab.run(
-            "pg", [sys.executable, "-c", textwrap.dedent(code)], check=False, timeout=timeout
-        )
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)
+        return json.loads(self.python("pg", code, timeout=timeout))
 
     def raw(self, port: int, payload: bytes) -> bytes:
         """Send ``payload`` from the pod to BLOB:port and read until the proxy closes."""
