@@ -365,7 +365,9 @@ def test_a_host_network_pod_is_found_by_its_cgroup(
         # later): found by the drift round's scan.
         for rel in ("kubepods.slice", qos, pod_dir):
             Path(cgroup_root, base, rel).mkdir()
-        wait_until(node.ours_attached, timeout=6, what="the pod's cgroup attached")
+        # Drift rounds are 2 s apart; under load a round, or the pod's listing
+        # before it, can take several times that.
+        wait_until(node.ours_attached, timeout=20, what="the pod's cgroup attached")
         local, seen = node.connect(in_cgroup=True)
         assert seen != local
         [record] = node.log.wait(1)
