@@ -152,7 +152,7 @@ def _marked(lab: Lab) -> int:
     return int(bpf["reasons"]["marked"])
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # an agent compiling its classifier on a loaded machine takes minutes
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("how", ["linear", "non-linear"])
 def test_a_pre_seed_cannot_take_a_connection_around_the_proxy(
