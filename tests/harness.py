@@ -50,6 +50,19 @@ def wait_until(
         time.sleep(interval)
 
 
+def status_page(lab: Lab, path: str, *, host: str = "node") -> str:
+    """The body of GET ``path`` on the status address of whichever agent
+    runs in ``host`` (an error's body too)."""
+    code = (
+        "import sys, urllib.request, urllib.error\n"
+        "try:\n"
+        "    print(urllib.request.urlopen(sys.argv[1]).read().decode())\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.read().decode())\n"
+    )
+    return lab.run(host, [sys.executable, "-c", code, STATUS_URL + path]).stdout
+
+
 # Every pin folder an agent of this process was given; what a killed agent
 # left there is removed at the end of the session (conftest).
 PIN_DIRS: set[str] = set()
@@ -93,14 +106,7 @@ class Agent(AgentProcess):
 
     def get(self, path: str) -> str:
         """The body of GET ``path`` on the agent's status address."""
-        code = (
-            "import sys, urllib.request, urllib.error\n"
-            "try:\n"
-            "    print(urllib.request.urlopen(sys.argv[1]).read().decode())\n"
-            "except urllib.error.HTTPError as e:\n"
-            "    print(e.read().decode())\n"
-        )
-        return self.lab.run(self.host, [sys.executable, "-c", code, STATUS_URL + path]).stdout
+        return status_page(self.lab, path, host=self.host)
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.get("/status"))

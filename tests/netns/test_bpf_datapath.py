@@ -31,7 +31,8 @@ from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import start_server
 from egress_agent.policy.decide import should_divert, spoofed
 from egress_agent.policy.load import parse_policy
-from tests.harness import Agent, wait_until
+from tests import harness
+from tests.harness import Agent, status_page, wait_until
 from tests.lab import policygen
 
 pytestmark = pytest.mark.netns
@@ -56,10 +57,7 @@ with ThreadPoolExecutor(16) as pool:
 
 
 @dataclass
-class BpfWorld:
-    lab: Lab
-    work: Path
-
+class BpfWorld(harness.World):
     def agent(
         self, datapath: str, policy: Path, name: str = "agent", pin_dir: Path | None = None
     ) -> Agent:
@@ -105,15 +103,10 @@ class BpfWorld:
         return seen
 
     def http_text(self, path: str) -> str:
-        code = (
-            "import sys, urllib.request;"
-            "print(urllib.request.urlopen('http://127.0.0.1:15021' + sys.argv[1]).read().decode())"
-        )
-        return self.lab.run("node", [sys.executable, "-c", code, path]).stdout
+        return status_page(self.lab, path)
 
     def status(self) -> dict[str, Any]:
-        code = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:15021/status').read().decode())"
-        return json.loads(self.lab.run("node", [sys.executable, "-c", code]).stdout)
+        return json.loads(status_page(self.lab, "/status"))
 
     def nft(self, *args: str) -> Any:
         return json.loads(self.lab.run("node", ["nft", "-j", *args]).stdout)

@@ -33,7 +33,7 @@ import pytest
 
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import start_server
-from tests.harness import Agent, Audit, wait_until
+from tests.harness import Agent, Audit, status_page, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -138,11 +138,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 
 def _status(lab: Lab) -> dict[str, object]:
-    code = (
-        "import urllib.request;"
-        "print(urllib.request.urlopen('http://127.0.0.1:15021/status').read().decode())"
-    )
-    status: dict[str, object] = json.loads(lab.run("node", [sys.executable, "-c", code]).stdout)
+    status: dict[str, object] = json.loads(status_page(lab, "/status"))
     return status
 
 
