@@ -126,16 +126,12 @@ def _across(
     counts: dict[str, Any] = json.loads(out)
     # The sink logs a connection when it ends: wait for every answered one.
     answered = before + counts["direct"] + counts["proxied"]
-
-    def all_logged() -> list[dict[str, Any]] | None:
-        records = read_log(sink_log, timeout=0)
-        return records if len(records) >= answered else None
-
-    sink = wait_until(
-        all_logged,
+    wait_until(
+        lambda: len(read_log(sink_log, timeout=0)) >= answered,
         timeout=10,
         what=f"the sink's records of the {answered - before} answered probe connections",
     )
+    sink = read_log(sink_log, timeout=0)
     counts["sink_saw_pod"] = sum(1 for r in sink if str(r.get("peer", "")).startswith(POD + ":"))
     return counts
 
