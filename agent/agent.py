@@ -50,6 +50,9 @@ class RunOptions:
     after_handover: str = "exit"
     datapath: str = "auto"  # nft | bpf | auto
     bpf_pin_dir: str = DEFAULT_PIN_DIR
+    # Compiled BPF programs are kept here for the next start (bpf.cache);
+    # None: $EGRESS_AGENT_BPF_CACHE_DIR or the default; "none": no cache.
+    bpf_cache_dir: str | None = None
     bpf_exclude_interfaces: tuple[str, ...] = ()
     # cgroup2 mount for cgroup workloads; None: found in /proc/self/mountinfo.
     cgroup_root: str | None = None
@@ -99,6 +102,7 @@ class Agent:
             ),
             datapath=options.datapath,
             bpf_pin_dir=options.bpf_pin_dir,
+            bpf_cache_dir=options.bpf_cache_dir,
             bpf_exclude_interfaces=options.bpf_exclude_interfaces,
             cgroup_root=options.cgroup_root,
         )

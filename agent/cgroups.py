@@ -49,8 +49,11 @@ def workload_of_path(policy: Policy) -> dict[str, str]:
 class CgroupWorkloads:
     """The marker, loaded when the first policy with cgroup workloads needs it."""
 
-    def __init__(self, *, root: str | None, bpf_pin_dir: str) -> None:
+    def __init__(
+        self, *, root: str | None, bpf_pin_dir: str, bpf_cache_dir: str | None = None
+    ) -> None:
         self.root_option = root
+        self.cache_dir = bpf_cache_dir
         # A folder of its own next to the classifier's: the classifier's start
         # removes its own folder whole.
         self.pin_dir = str(Path(bpf_pin_dir).with_name(Path(bpf_pin_dir).name + "-cgroup"))
@@ -83,7 +86,11 @@ class CgroupWorkloads:
                 # Compile and load first (a second or two), then swap a
                 # previous run's attachments for ours (below).
                 self.marker = CgroupMarker(
-                    CgroupMarkConfig(mark_mask=policy.proxy.cgroup_mark_mask, pin_dir=self.pin_dir),
+                    CgroupMarkConfig(
+                        mark_mask=policy.proxy.cgroup_mark_mask,
+                        pin_dir=self.pin_dir,
+                        cache_dir=self.cache_dir,
+                    ),
                     root,
                 )
                 fresh = list(paths)

@@ -23,6 +23,7 @@ from egress_agent.agent.cli_status import status_command
 from egress_agent.agent.exitcodes import EXIT_BAD_INPUT, EXIT_FAILURE
 from egress_agent.agent.logformat import LOG_FORMATS, configure_logging
 from egress_agent.agent.status import DEFAULT_STATUS_ADDRESS
+from egress_agent.bpf.cache import CACHE_ENV, DEFAULT_CACHE_DIR
 from egress_agent.bpf.classifier import DEFAULT_PIN_DIR
 from egress_agent.policy.load import PolicyError
 
@@ -90,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_PIN_DIR,
         help=f"bpffs folder of the agent's own for its pinned program and maps"
         f" (default {DEFAULT_PIN_DIR}); removed at stop, and at start if a crash left it",
+    )
+    run.add_argument(
+        "--bpf-cache-dir",
+        default=None,
+        metavar="DIR",
+        help=f"folder for compiled BPF programs, so that the next start skips the compiler"
+        f" (default ${CACHE_ENV} or {DEFAULT_CACHE_DIR}; 'none' to compile every time);"
+        " owned by the agent's user and writable by no one else, or it is not used",
     )
     run.add_argument(
         "--cgroup-root",
@@ -266,6 +275,7 @@ def _run(args: argparse.Namespace) -> int:
         after_handover=args.after_handover,
         datapath=args.datapath,
         bpf_pin_dir=args.bpf_pin_dir,
+        bpf_cache_dir=args.bpf_cache_dir,
         bpf_exclude_interfaces=tuple(args.bpf_exclude_interface),
         cgroup_root=args.cgroup_root,
         on_stop=args.on_stop,

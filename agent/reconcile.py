@@ -33,6 +33,7 @@ from egress_agent.agent.cgroups import CgroupWorkloads
 from egress_agent.agent.counters import RuleCounters
 from egress_agent.agent.desired import Desired, desired_state
 from egress_agent.bpf import attach as bpf_attach
+from egress_agent.bpf.cache import cache_dir_from
 from egress_agent.bpf.classifier import BpfConfig, program_error
 from egress_agent.bpf.datapath import BpfDatapath
 from egress_agent.bpf.libbpf import BpfError
@@ -97,6 +98,7 @@ class Reconciler:
         *,
         datapath: str,
         bpf_pin_dir: str,
+        bpf_cache_dir: str | None = None,
         bpf_exclude_interfaces: tuple[str, ...],
         cgroup_root: str | None,
     ) -> None:
@@ -107,11 +109,15 @@ class Reconciler:
         self.selection: Selection = desired.selection
         self.datapath = datapath  # requested: nft | bpf | auto
         self.bpf_pin_dir = bpf_pin_dir
+        cache_dir = cache_dir_from(bpf_cache_dir)
+        self.bpf_cache_dir = str(cache_dir) if cache_dir is not None else None
         self.bpf_exclude_interfaces = bpf_exclude_interfaces
         self.bpf: BpfDatapath | None = None
         self.bpf_fallback: str | None = None
         self.datapath_ready = False  # loaded by load_datapath(), before start()
-        self.cgroups = CgroupWorkloads(root=cgroup_root, bpf_pin_dir=bpf_pin_dir)
+        self.cgroups = CgroupWorkloads(
+            root=cgroup_root, bpf_pin_dir=bpf_pin_dir, bpf_cache_dir=self.bpf_cache_dir
+        )
         # The one libnftables context, made now while file descriptors are
         # plentiful (see rules.apply): no later call makes another.
         nft_context()
@@ -147,6 +153,7 @@ class Reconciler:
             proxy_v4=proxy.address_v4,
             proxy_v6=proxy.address_v6,
             pin_dir=self.bpf_pin_dir,
+            cache_dir=self.bpf_cache_dir,
         )
 
     async def load_datapath(self) -> None:

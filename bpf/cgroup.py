@@ -58,6 +58,7 @@ _KEY = struct.Struct("=Q")
 class CgroupMarkConfig:
     mark_mask: int
     pin_dir: str  # a folder of its own on bpffs, removed after loading
+    cache_dir: str | None = None  # the compile cache (bpf.cache); None: always compile
     max_cgroups: int = 4096
 
 
@@ -246,7 +247,12 @@ class CgroupMarker:
                 f"{root} is not a cgroup v2 mount (no cgroup.controllers there): give the"
                 " cgroup2 mount point with --cgroup-root",
             )
-        loaded = load(program(config), Path(config.pin_dir), keep_pins=False)
+        loaded = load(
+            program(config),
+            Path(config.pin_dir),
+            keep_pins=False,
+            cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+        )
         self.prog_fd = loaded.prog_fd
         self.map = loaded.maps[MAP]
         self.attached: dict[str, _Attached] = {}

@@ -33,6 +33,7 @@ class BpfConfig:
     proxy_v4: ipaddress.IPv4Address
     proxy_v6: ipaddress.IPv6Address
     pin_dir: str = DEFAULT_PIN_DIR
+    cache_dir: str | None = None  # the compile cache (bpf.cache); None: always compile
     max_sources: int = 65536
     max_destinations: int = 65536
     max_workloads: int = 16384
@@ -92,7 +93,12 @@ class Classifier:
     def __init__(self, config: BpfConfig) -> None:
         self.config = config
         pin_dir = Path(config.pin_dir)
-        loaded = load(program(config), pin_dir, keep_pins=True)
+        loaded = load(
+            program(config),
+            pin_dir,
+            keep_pins=True,
+            cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+        )
         self.pinned = [pin_dir / name for name in (PROGRAM, *loaded.maps)]
         self.prog_fd = loaded.prog_fd
         self.prog_id = loaded.prog_id

@@ -33,7 +33,41 @@ class BpfError(Exception):
         self.reason = reason
 
 
+class MapCreateOpts(ct.Structure):
+    """The head of libbpf's ``struct bpf_map_create_opts``, up to
+    ``map_flags``; ``sz`` tells libbpf how much of it the caller knows."""
+
+    _fields_ = [  # noqa: RUF012
+        ("sz", ct.c_size_t),
+        ("btf_fd", ct.c_uint32),
+        ("btf_key_type_id", ct.c_uint32),
+        ("btf_value_type_id", ct.c_uint32),
+        ("btf_vmlinux_value_type_id", ct.c_uint32),
+        ("inner_map_fd", ct.c_uint32),
+        ("map_flags", ct.c_uint32),
+    ]
+
+
+class ProgLoadOpts(ct.Structure):
+    """The head of libbpf's ``struct bpf_prog_load_opts``, up to
+    ``expected_attach_type``."""
+
+    _fields_ = [  # noqa: RUF012
+        ("sz", ct.c_size_t),
+        ("attempts", ct.c_int),
+        ("expected_attach_type", ct.c_uint32),
+    ]
+
+
 _SIGNATURES: tuple[tuple[str, list[Any]], ...] = (
+    (
+        "bpf_map_create",
+        [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32, ct.POINTER(MapCreateOpts)],
+    ),
+    (
+        "bpf_prog_load",
+        [ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_void_p, ct.c_size_t, ct.POINTER(ProgLoadOpts)],
+    ),
     ("bpf_map_update_elem", [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]),
     ("bpf_map_lookup_elem", [ct.c_int, ct.c_void_p, ct.c_void_p]),
     ("bpf_map_delete_elem", [ct.c_int, ct.c_void_p]),

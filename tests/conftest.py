@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from egress_agent.bpf.cache import CACHE_ENV
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import start_server
 from tests import harness
@@ -34,6 +36,25 @@ SERIAL = (
     "tests/netns/test_server_first.py",
     "tests/netns/test_soak.py",
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bpf_compile_cache() -> Iterator[None]:
+    """The agents the tests start share one compile cache of their own (the
+    agent reads the folder from the environment), so that only the first
+    start of each program compiles; removed at the end. The compile path
+    itself is tested on its own (test_bpf_cache) and by the tests that load
+    the classifier directly."""
+    if CACHE_ENV in os.environ:
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="egress-agent-bpf-cache-")
+    os.environ[CACHE_ENV] = folder
+    try:
+        yield
+    finally:
+        os.environ.pop(CACHE_ENV, None)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

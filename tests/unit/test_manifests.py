@@ -39,6 +39,7 @@ import yaml
 from egress_agent.agent.cli import _parser
 from egress_agent.agent.handover import DRAIN_GRACE
 from egress_agent.agent.status import parse_address
+from egress_agent.bpf.cache import DEFAULT_CACHE_DIR
 from egress_agent.policy.load import parse_policy
 from egress_agent.rules.render import render_ruleset
 
@@ -330,8 +331,8 @@ def test_policy_is_mounted_as_a_directory_for_live_reload() -> None:
 
 
 def test_every_path_the_agent_writes_is_a_writable_mount() -> None:
-    """The root file system is read-only: the audit log's folder, bpffs and
-    /tmp must be mounts."""
+    """The root file system is read-only: the audit log's folder, bpffs,
+    /tmp and the BPF compile cache's folder must be mounts."""
     audit = mount_at(posixpath.dirname(agent_args().audit_log))
     assert not audit.get("readOnly")
     assert volume(audit["name"])["hostPath"] == {
@@ -340,6 +341,9 @@ def test_every_path_the_agent_writes_is_a_writable_mount() -> None:
     }
     tmp = mount_at("/tmp")
     assert not tmp.get("readOnly") and "emptyDir" in volume(tmp["name"])
+    assert agent_args().bpf_cache_dir is None  # the default, below:
+    cache = mount_at(posixpath.dirname(DEFAULT_CACHE_DIR))
+    assert not cache.get("readOnly") and "emptyDir" in volume(cache["name"])
 
 
 def test_host_mounts_for_bcc() -> None:
