@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from egress_agent.lab.servers import read_log
 
 T = TypeVar("T")
 
@@ -45,6 +48,19 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout}s: {what}")
         time.sleep(interval)
+
+
+def status_page(lab: Lab, path: str, *, host: str = "node") -> str:
+    """The body of GET ``path`` on the status address of whichever agent
+    runs in ``host`` (an error's body too)."""
+    code = (
+        "import sys, urllib.request, urllib.error\n"
+        "try:\n"
+        "    print(urllib.request.urlopen(sys.argv[1]).read().decode())\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.read().decode())\n"
+    )
+    return lab.run(host, [sys.executable, "-c", code, STATUS_URL + path]).stdout
 
 
 # Every pin folder an agent of this process was given; what a killed agent
@@ -90,14 +106,7 @@ class Agent(AgentProcess):
 
     def get(self, path: str) -> str:
         """The body of GET ``path`` on the agent's status address."""
-        code = (
-            "import sys, urllib.request, urllib.error\n"
-            "try:\n"
-            "    print(urllib.request.urlopen(sys.argv[1]).read().decode())\n"
-            "except urllib.error.HTTPError as e:\n"
-            "    print(e.read().decode())\n"
-        )
-        return self.lab.run(self.host, [sys.executable, "-c", code, STATUS_URL + path]).stdout
+        return status_page(self.lab, path, host=self.host)
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.get("/status"))
@@ -206,3 +215,48 @@ def client(
     argv = [sys.executable, "-m", "egress_agent.lab.client", target, str(port), *args]
     result: dict[str, Any] = json.loads(lab.run(host, argv, check=False).stdout)
     return result
+
+
+@dataclass(kw_only=True)
+class World:
+    """What the tests of one module share: the lab (its hosts are
+    ``lab.hosts``), a work folder holding the policy, the servers' logs and
+    the agent's audit log, and the helpers every such module needs. A module
+    adds its own fields and helpers in a dataclass of its own on top
+    (``@dataclass class World(harness.World)``), usually with the agent
+    (``Agent``) it started; its fixture builds the lab and always tears it
+    down."""
+
+    lab: Lab
+    work: Path
+
+    @property
+    def audit(self) -> Path:
+        """Where the agent writes its audit log (give it as ``audit=``)."""
+        return self.work / "audit.jsonl"
+
+    @property
+    def audit_log(self) -> Audit:
+        return Audit(self.audit)
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        """The connection records so far (see ``Audit.records``)."""
+        return self.audit_log.records()
+
+    def server_log(self, name: str) -> list[dict[str, Any]]:
+        """The connections a lab server started with ``log=work/NAME.jsonl`` logged."""
+        return read_log(self.work / f"{name}.jsonl")
+
+    def python(self, host: str, code: str, *args: str, timeout: float = 60) -> str:
+        """Run ``code`` (dedented) in ``host`` with the tests' Python; its
+        output. It must succeed."""
+        argv = [sys.executable, "-c", textwrap.dedent(code), *args]
+        proc = self.lab.run(host, argv, check=False, timeout=timeout)
+        assert proc.returncode == 0, f"a script in {host} failed: {proc.stderr}"
+        return proc.stdout
+
+    def client(
+        self, host: str, target: str, port: int, *, args: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """The lab's test client (see ``client``)."""
+        return client(self.lab, host, target, port, args=args)

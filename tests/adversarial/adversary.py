@@ -51,7 +51,7 @@ from scapy.all import IP, TCP, Dot1AD, Dot1Q, Ether, IPv6, Packet, Raw, conf
 
 from egress_agent.lab.netns import Host, Lab
 from egress_agent.lab.servers import start_server
-from tests.harness import Agent
+from tests.harness import Agent, wait_until
 
 conf.verb = 0
 
@@ -68,7 +68,6 @@ PROXY_V4 = "169.254.99.1"
 PROXY_V6 = "fd65:6772:6573::1"
 CONNECT_TIMEOUT = 3.0
 MTU = 9001
-SETTLE = 0.3  # what the network still delivers after an attempt ends
 
 POLICY = """\
 version: 1
@@ -263,7 +262,7 @@ class Range:
                 "--bpf-pin-dir",
                 f"/sys/fs/bpf/egress-{self.lab.prefix.rstrip('-')}",
             ),
-        ).start(timeout=60)
+        ).start()  # the harness bound: compiling the classifier under load takes a while
         self.datapath = datapath
         return self.agent
 
@@ -398,17 +397,23 @@ class Range:
         first packets, which no host here accepts) do not count; for a seed
         sent by a pod that is under no policy, whose own packets go anywhere."""
         pod = pod or self.pa
+        try:
+            self.barrier(family)
+        except AssertionError as exc:
+            left = self._attempt(mark, family, pod, real, src_port, ignore_seeds)
+            raise AssertionError(f"{exc}; what the attempt left: {left.evidence()}") from None
+        return self._attempt(mark, family, pod, real, src_port, ignore_seeds)
+
+    def _attempt(
+        self,
+        mark: Mark,
+        family: str,
+        pod: Host,
+        real: dict[str, Any] | None,
+        src_port: int | None,
+        ignore_seeds: bool,
+    ) -> Attempt:
         address = self.addr(pod, family)
-        time.sleep(SETTLE)
-        if real is not None and real.get("outcome") == "replied" and real.get("local"):
-            # The server logs a connection when it ends: give it a moment.
-            peer = endpoint(real["local"][0], real["local"][1])
-            deadline = time.monotonic() + 2
-            while time.monotonic() < deadline and not any(
-                r["peer"] == peer
-                for r in _lines(self.server_log, mark.server)  # type: ignore[arg-type]
-            ):
-                time.sleep(0.05)
         audit = []
         if src_port is not None:
             want = endpoint(address, src_port)
@@ -430,6 +435,51 @@ class Range:
             drops=drop_total(self.metrics()) - drop_total(mark.metrics),
         )
 
+    def barrier(self, family: str) -> dict[str, Any]:
+        """After an attempt, what it left is all written down once one more
+        legitimate diverted connection of pa is: make one and wait for its
+        audit record, for the target server's record of it and for the
+        sniffer's record of its last packet. The proxy, the server and the
+        sniffer each write in the order things reach them, and stragglers
+        of the attempt were sent before the barrier began. Returns the
+        barrier's audit record (a test that counts records since a mark
+        counts it too)."""
+        assert self.agent is not None and self.server_log is not None
+        audit, server, sniffed = self.agent.audit, self.server_log, self.sniff_logs["inet"]
+        start = (_size(audit), _size(server), _size(sniffed))
+        result = self.connect(family, ALLOWED_PORT)
+        node = self.node_addr(family)
+        src = endpoint(*result["local"]) if result.get("local") else "?"
+        if result["outcome"] != "replied" or seen_peer(result["reply"]) != node:
+            raise AssertionError(
+                f"after the attempt a legitimate connection of pa ({src}) to "
+                f"{self.addr(self.inet, family)}:{ALLOWED_PORT} did not reach the target "
+                f"through the proxy (from {node}): {result}"
+            )
+        upstream = result["reply"].split(" saw ", 1)[1].strip()  # the proxy's socket
+        upstream_port = int(upstream.rsplit(":", 1)[1])
+        record = wait_until(
+            lambda: next((r for r in _lines(audit, start[0]) if r.get("src") == src), None),
+            timeout=10,
+            what=f"the audit record of the barrier connection from {src}",
+        )
+        wait_until(
+            lambda: any(r["peer"] == upstream for r in _lines(server, start[1])),
+            timeout=10,
+            what=f"the target server's record of the barrier connection from {upstream}",
+        )
+        wait_until(
+            lambda: any(
+                p.get("src") == node
+                and p.get("sport") == upstream_port
+                and p.get("flags", 0) & 0x5  # FIN or RST
+                for p in _lines(sniffed, start[2])
+            ),
+            timeout=10,
+            what=f"the sniffer's record of the barrier connection's FIN or RST from {upstream}",
+        )
+        return record
+
     def assert_still_serving(self, family: str) -> None:
         """The agent is alive and still diverts and relays a legitimate
         connection of the pod (the target sees the node's address), and
@@ -450,14 +500,13 @@ class Range:
             f"through the proxy (from {node}): {result}"
         )
         src = endpoint(result["local"][0], result["local"][1])
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            if any(r.get("src") == src for r in self.audit_since(mark)):
-                break
-            time.sleep(0.05)
-        records = [r for r in self.audit_since(mark) if r.get("src") == src]
-        assert records and records[0]["verdict"] == "allow", (
-            f"no allow audit record for the legitimate connection from {src}: {records}"
+        record = wait_until(
+            lambda: next((r for r in self.audit_since(mark) if r.get("src") == src), None),
+            timeout=10,
+            what=f"an audit record for the legitimate connection from {src}",
+        )
+        assert record["verdict"] == "allow", (
+            f"no allow audit record for the legitimate connection from {src}: {record}"
         )
 
 

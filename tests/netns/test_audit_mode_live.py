@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import read_log
+from tests.harness import Agent, Audit, client, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -49,14 +48,13 @@ def _send(lab: Lab, port: int, text: str) -> dict[str, Any]:
 
 
 def _records(path: Path, dst: str, *, at_least: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """The audit records of connections to ``dst``, waiting for ``at_least``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        lines = path.read_text().splitlines() if path.exists() else []
-        got = [r for r in map(json.loads, lines) if r.get("dst") == dst and "event" in r]
-        if len(got) >= at_least or time.monotonic() > deadline:
-            return got
-        time.sleep(0.05)
+    """The audit records of connections to ``dst``, once there are ``at_least``."""
+
+    def enough() -> list[dict[str, Any]] | None:
+        got = [r for r in Audit(path).all() if r.get("dst") == dst and "event" in r]
+        return got if len(got) >= at_least else None
+
+    return wait_until(enough, timeout=timeout, what=f"{at_least} audit record(s) to {dst}")
 
 
 def _lab_run_json(lab: Lab, argv: list[str]) -> dict[str, Any]:
@@ -85,7 +83,7 @@ def test_audit_mode_lets_denied_flows_through_until_enforced(
     server_log = tmp_path / "server.jsonl"
     status = [sys.executable, "-m", "egress_agent.agent.cli", "status", "--json"]
     run = f"audit-{uuid.uuid4().hex[:8]}"
-    agent = AgentProcess(lab, policy=policy, audit=audit, log=log).start(timeout=90)
+    agent = Agent(lab, policy=policy, audit=audit, log=log).start(timeout=90)
     try:
         assert _lab_run_json(lab, status)["policy"]["mode"] == "audit"
         # Denied by a rule, then by the default: both reach the server.
@@ -112,10 +110,7 @@ def test_audit_mode_lets_denied_flows_through_until_enforced(
         served = len(read_log(server_log))
         # An ordinary reload switches to enforce.
         policy.write_text(POLICY)
-        deadline = time.monotonic() + 5
-        while "generation 2" not in log.read_text():
-            assert time.monotonic() < deadline, "the reload to enforce was not applied"
-            time.sleep(0.05)
+        agent.wait_generation(1, timeout=10)
         assert _lab_run_json(lab, status)["policy"]["mode"] == "enforce"
         refused_rule = _send(lab, 9000, f"{run} enforced-rule")
         refused_default = _send(lab, 9001, f"{run} enforced-default")
@@ -131,6 +126,17 @@ def test_audit_mode_lets_denied_flows_through_until_enforced(
         assert _audit_denies(lab) == {("no-9000", "pod"): 1.0, ("default", "pod"): 1.0}
     finally:
         assert agent.stop() == 0
-    time.sleep(0.3)  # the server logs a connection when it ends
-    after = read_log(server_log)[served:]
+    # A barrier: one connection from the node (never diverted) once the
+    # others ended. When the server has logged it, it has logged theirs.
+    barrier = client(lab, "node", EXT, 9000)
+    assert barrier["ok"], barrier
+    peer = barrier["reply"].split(" saw ", 1)[1]
+    new = wait_until(
+        lambda: (n := read_log(server_log, timeout=0)[served:])
+        and any(r["peer"] == peer for r in n)
+        and n,
+        timeout=10,
+        what=f"the server's record of the barrier connection from {peer}",
+    )
+    after = [r for r in new if r["peer"] != peer]
     assert after == [], f"connections reached the server after the reload to enforce: {after}"

@@ -31,7 +31,8 @@ from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import start_server
 from egress_agent.policy.decide import should_divert, spoofed
 from egress_agent.policy.load import parse_policy
-from tests.harness import Agent
+from tests import harness
+from tests.harness import Agent, status_page, wait_until
 from tests.lab import policygen
 
 pytestmark = pytest.mark.netns
@@ -56,10 +57,7 @@ with ThreadPoolExecutor(16) as pool:
 
 
 @dataclass
-class BpfWorld:
-    lab: Lab
-    work: Path
-
+class BpfWorld(harness.World):
     def agent(
         self, datapath: str, policy: Path, name: str = "agent", pin_dir: Path | None = None
     ) -> Agent:
@@ -105,15 +103,10 @@ class BpfWorld:
         return seen
 
     def http_text(self, path: str) -> str:
-        code = (
-            "import sys, urllib.request;"
-            "print(urllib.request.urlopen('http://127.0.0.1:15021' + sys.argv[1]).read().decode())"
-        )
-        return self.lab.run("node", [sys.executable, "-c", code, path]).stdout
+        return status_page(self.lab, path)
 
     def status(self) -> dict[str, Any]:
-        code = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:15021/status').read().decode())"
-        return json.loads(self.lab.run("node", [sys.executable, "-c", code]).stdout)
+        return json.loads(status_page(self.lab, "/status"))
 
     def nft(self, *args: str) -> Any:
         return json.loads(self.lab.run("node", ["nft", "-j", *args]).stdout)
@@ -155,23 +148,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BpfWorld]:
         yield BpfWorld(lab=lab, work=work)
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.05)
-
-
 def _reload(world: BpfWorld, agent: Agent, policy: Path, text: str) -> None:
     generation = world.status()["policy"]["generation"]
     policy.write_text(text)
     assert agent.proc is not None
     agent.proc.send_signal(signal.SIGHUP)
-    _wait(
+    wait_until(
         lambda: world.status()["policy"]["generation"] > generation,
-        5,
-        "the agent applied the new policy",
+        timeout=5,
+        what="the agent applied the new policy",
     )
 
 
@@ -286,10 +271,10 @@ def test_workload_changes_apply_within_a_second_without_touching_the_table(
         policy.write_text(LIVE.format(cidrs='"fd00:19:1::2/128", 198.19.1.2/32'))
         assert agent.proc is not None
         agent.proc.send_signal(signal.SIGHUP)
-        _wait(
+        wait_until(
             lambda: world.seen_by_server("pa", [target])[target] == "198.18.1.1",
-            3,
-            "pa's new connections diverted",
+            timeout=3,
+            what="pa's new connections diverted",
         )
         took = time.monotonic() - started
         assert took < 1.0, f"{took:.2f} s"  # about 0.3 s here, 0.2 s of it the debounce
@@ -311,10 +296,10 @@ def test_workload_changes_apply_within_a_second_without_touching_the_table(
         # Removing the CIDR again: direct within a second, same table.
         policy.write_text(LIVE.format(cidrs='"fd00:19:1::2/128"'))
         agent.proc.send_signal(signal.SIGHUP)
-        _wait(
+        wait_until(
             lambda: world.seen_by_server("pa", [target])[target] == "198.19.1.2",
-            3,
-            "pa's new connections direct again",
+            timeout=3,
+            what="pa's new connections direct again",
         )
         assert world.table_handle() == handle
         counters = world.status()["bpf"]
@@ -436,8 +421,8 @@ def _drift_and_cleanup(world: BpfWorld, pin_dir: Path) -> None:
     # Someone removes the filter: back within 5 s, reported as a repair.
     ifname = policygen.pod_ifname(0, "pa")
     world.tc("filter", "del", "dev", ifname, "ingress")
-    _wait(lambda: ifname in _our_filters(world), 5, "the classifier re-attached")
-    _wait(lambda: world.status()["drift_repairs"] >= 1, 3, "the repair reported")
+    wait_until(lambda: ifname in _our_filters(world), timeout=5, what="the classifier re-attached")
+    wait_until(lambda: world.status()["drift_repairs"] >= 1, timeout=3, what="the repair reported")
     assert world.status()["ready"]
     # Someone deletes a map entry: restored within 5 s.
     code = textwrap.dedent(
@@ -454,12 +439,16 @@ def _drift_and_cleanup(world: BpfWorld, pin_dir: Path) -> None:
     )
     repairs = world.status()["drift_repairs"]
     world.lab.run("node", [sys.executable, "-c", code])
-    _wait(lambda: world.status()["drift_repairs"] > repairs, 5, "the map entry restored")
+    wait_until(
+        lambda: world.status()["drift_repairs"] > repairs, timeout=5, what="the map entry restored"
+    )
     assert world.status()["bpf"]["in_sync"]
     assert "BPF maps differ from the policy in 1 entries" in (world.work / "drift.log").read_text()
     # A pod that appears later gets the classifier at once.
     late = world.lab.add_pod("late", "198.19.9.2", "fd00:19:9::2")
-    _wait(lambda: late.node_ifname in _our_filters(world), 2, "the new veth attached")
+    wait_until(
+        lambda: late.node_ifname in _our_filters(world), timeout=2, what="the new veth attached"
+    )
 
     # Crash: filters and pins stay (fail closed); the next start removes them first.
     agent.kill()
@@ -546,7 +535,11 @@ def test_a_reload_the_maps_cannot_hold_keeps_the_running_policy(world: BpfWorld)
         policy.write_text(_many_rules_policy())
         assert agent.proc is not None
         agent.proc.send_signal(signal.SIGHUP)
-        _wait(lambda: world.status()["last_reload"] is not None, 5, "the reload attempted")
+        wait_until(
+            lambda: world.status()["last_reload"] is not None,
+            timeout=5,
+            what="the reload attempted",
+        )
         snap = world.status()
         assert snap["policy"]["generation"] == 1 and "at most 64" in snap["last_reload"]["error"]
         assert snap["bpf"]["in_sync"] and snap["kernel_in_sync"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 from egress_agent.bpf.cgroup import PROGRAM, attached_programs, default_root
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import start_server
-from tests.harness import Agent, Audit
+from tests.harness import Agent, Audit, wait_until
 from tests.lab.fakekube import pod_object, start_fakekube, write_kubeconfig, write_state
 
 pytestmark = pytest.mark.netns
@@ -79,13 +78,14 @@ def make_cgroup(cgroup_root: str) -> Iterator[list[str]]:
 
 def _rmdir(path: Path) -> None:
     # A client that just exited may still be counted in the cgroup briefly.
-    for _ in range(50):
+    def removed() -> bool:
         try:
             path.rmdir()
-            return
         except OSError:
-            time.sleep(0.1)
-    path.rmdir()
+            return False
+        return True
+
+    wait_until(removed, timeout=5, what=f"{path} empty and removed")
 
 
 def _new_name() -> str:
@@ -96,6 +96,7 @@ class Node:
     def __init__(self, lab: Lab, work: Path, root: str, path: str, datapath: str) -> None:
         self.lab, self.work, self.root, self.path = lab, work, root, path
         (work / "policy.yaml").write_text(POLICY.format(path=path))
+        self.log = Audit(work / "audit.jsonl")
         # The agent's view of the test's cgroup2 mount (see the module docstring).
         self.agent = Agent(
             lab,
@@ -112,12 +113,6 @@ class Node:
             ),
         )
 
-    def audit(self) -> list[dict[str, object]]:
-        f = self.work / "audit.jsonl"
-        if not f.exists():
-            return []
-        return Audit(f).all()
-
     def connect(self, *, in_cgroup: bool, to: str = "198.18.1.2") -> tuple[str, str]:
         """(client's own ip:port, the peer the server saw)."""
         procs = f"/proc/{os.getpid()}/root{self.root}/{self.path}/cgroup.procs"
@@ -130,13 +125,6 @@ class Node:
 
     def ours_attached(self) -> list[int]:
         return [i for i, name in attached_programs(self.root, self.path) if name == PROGRAM]
-
-
-def _wait_for_record(node: Node, count: int) -> list[dict[str, object]]:
-    deadline = time.monotonic() + 3
-    while len(records := node.audit()) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return records
 
 
 def test_a_node_process_in_the_cgroup_is_diverted_and_named(
@@ -160,14 +148,14 @@ def test_a_node_process_in_the_cgroup_is_diverted_and_named(
 
         local, seen = node.connect(in_cgroup=True)
         assert seen != local  # the server saw the proxy's upstream socket
-        [record] = _wait_for_record(node, 1)
+        [record] = node.log.wait(1)
         assert record["workload"] == "backup" and record["verdict"] == "allow"
         assert record["rule"] == "backup-sink" and record["src"] == local
         assert record["dst"] == "198.18.1.2:9000"
 
         local, seen = node.connect(in_cgroup=True, to="fd00:18:1::2")
         assert seen != local
-        record = _wait_for_record(node, 2)[-1]
+        record = node.log.wait(2)[-1]
         assert record["workload"] == "backup" and record["src"] == local
 
         local, seen = node.connect(in_cgroup=False)
@@ -175,7 +163,7 @@ def test_a_node_process_in_the_cgroup_is_diverted_and_named(
         # A barrier: one more diverted connection. Once its record is there,
         # a record of the direct one would be too; there is none.
         barrier, _ = node.connect(in_cgroup=True)
-        assert [r["src"] for r in _wait_for_record(node, 3)[2:]] == [barrier]
+        assert [r["src"] for r in node.log.wait(3)[2:]] == [barrier]
     finally:
         assert node.agent.stop() == 0
     assert node.ours_attached() == []
@@ -197,24 +185,18 @@ def test_a_cgroup_made_later_is_attached_and_a_crash_leaves_nothing_after_restar
         ).stdout
         assert f"cgroups:      socket marker on none; not there yet: {name}" in status
         Path(cgroup_root, name).mkdir()
-        t0 = time.monotonic()
-        while not node.ours_attached():
-            assert time.monotonic() - t0 < 5, "the new cgroup was not attached within 5 s"
-            time.sleep(0.1)
+        wait_until(node.ours_attached, timeout=5, what="the new cgroup attached")
         local, seen = node.connect(in_cgroup=True)
         assert seen != local
-        assert _wait_for_record(node, 1)[0]["workload"] == "backup"
+        assert node.log.wait(1)[0]["workload"] == "backup"
 
         # A restarted service's cgroup is a new cgroup (new id, no programs).
         _rmdir(Path(cgroup_root, name))
         Path(cgroup_root, name).mkdir()
-        t0 = time.monotonic()
-        while not node.ours_attached():
-            assert time.monotonic() - t0 < 5, "the re-made cgroup was not attached within 5 s"
-            time.sleep(0.1)
+        wait_until(node.ours_attached, timeout=5, what="the re-made cgroup attached")
         local, seen = node.connect(in_cgroup=True)
         assert seen != local
-        assert _wait_for_record(node, 2)[-1]["workload"] == "backup"
+        assert node.log.wait(2)[-1]["workload"] == "backup"
 
         node.agent.kill()
         # An attachment outlives the process that made it: still there.
@@ -226,7 +208,7 @@ def test_a_cgroup_made_later_is_attached_and_a_crash_leaves_nothing_after_restar
         assert len(restarted) == 1 and restarted != crashed
         local, seen = node.connect(in_cgroup=True)
         assert seen != local
-        assert _wait_for_record(node, 3)[-1]["workload"] == "backup"
+        assert node.log.wait(3)[-1]["workload"] == "backup"
     finally:
         node.agent.stop()
     assert node.ours_attached() == []
@@ -267,7 +249,7 @@ def test_without_cgroup2_the_cgroup_workloads_are_refused_and_the_rest_runs(
         # The pod is still diverted; the cgroup's processes go direct.
         client = [sys.executable, "-m", "egress_agent.lab.client", "198.18.1.2", "9000"]
         assert json.loads(pod_and_sink.run("pod", client).stdout)["ok"]
-        assert [r["workload"] for r in _wait_for_record(node, 1)] == ["pod"]
+        assert [r["workload"] for r in node.log.wait(1)] == ["pod"]
         local, seen = node.connect(in_cgroup=True)
         assert seen == local
         assert node.ours_attached() == []
@@ -292,19 +274,22 @@ def test_reloads_add_and_remove_a_cgroup_workload(
         assert seen == local
 
         def reload_to(text: str, attached: int) -> None:
+            generation = node.agent.generation()
             (tmp_path / "policy.yaml").write_text(text)
-            t0 = time.monotonic()
-            while len(node.ours_attached()) != attached:
-                assert time.monotonic() - t0 < 10, f"not {attached} attachments after reload"
-                time.sleep(0.1)
+            # The new policy in force (its table committed), then the cgroup
+            # attachments, which come after the table in the same commit.
+            node.agent.wait_generation(generation, timeout=10)
+            wait_until(
+                lambda: len(node.ours_attached()) == attached,
+                timeout=10,
+                what=f"{attached} attachment(s) after the reload",
+            )
 
         reload_to(with_cgroup, 1)
         # The output rules come with the same reload: new sockets are diverted.
-        t0 = time.monotonic()
-        while (result := node.connect(in_cgroup=True))[0] == result[1]:
-            assert time.monotonic() - t0 < 5, "not diverted after the reload"
-            time.sleep(0.1)
-        assert _wait_for_record(node, 1)[-1]["workload"] == "backup"
+        local, seen = node.connect(in_cgroup=True)
+        assert seen != local, "not diverted after the reload"
+        assert node.log.wait(1)[-1]["workload"] == "backup"
 
         reload_to(without, 0)
         local, seen = node.connect(in_cgroup=True)
@@ -380,13 +365,12 @@ def test_a_host_network_pod_is_found_by_its_cgroup(
         # later): found by the drift round's scan.
         for rel in ("kubepods.slice", qos, pod_dir):
             Path(cgroup_root, base, rel).mkdir()
-        t0 = time.monotonic()
-        while not node.ours_attached():
-            assert time.monotonic() - t0 < 6, "the pod's cgroup was not attached within 6 s"
-            time.sleep(0.1)
+        # Drift rounds are 2 s apart; under load a round, or the pod's listing
+        # before it, can take several times that.
+        wait_until(node.ours_attached, timeout=20, what="the pod's cgroup attached")
         local, seen = node.connect(in_cgroup=True)
         assert seen != local
-        [record] = _wait_for_record(node, 1)
+        [record] = node.log.wait(1)
         assert record["workload"] == "exporter" and record["src"] == local
         local, seen = node.connect(in_cgroup=False)
         assert seen == local
@@ -421,7 +405,7 @@ def test_a_handover_leaves_the_successors_marker_alone_on_the_cgroup(
         node.agent = new
         local, seen = node.connect(in_cgroup=True)
         assert seen != local
-        assert _wait_for_record(node, 1)[-1]["workload"] == "backup"
+        assert node.log.wait(1)[-1]["workload"] == "backup"
     finally:
         if new.proc is not None:
             new.stop()

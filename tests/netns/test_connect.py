@@ -14,7 +14,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ import pytest
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import read_log, start_server
 from egress_agent.lab.tls import make_ca
-from tests.harness import Agent, Audit
+from tests import harness
+from tests.harness import Agent, Audit, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -72,32 +73,57 @@ connect:
 """
 
 
+# A tunnel that must be recorded: CONNECT to the TCP sink, one line each way.
+BARRIER = """
+import socket
+s = socket.create_connection(("169.254.99.1", 3128), timeout=10)
+s.sendall(b"CONNECT 198.18.1.2:9000 HTTP/1.1\\r\\n\\r\\n")
+data = b""
+while b"\\r\\n\\r\\n" not in data:
+    chunk = s.recv(4096)
+    assert chunk, data
+    data += chunk
+head, _, data = data.partition(b"\\r\\n\\r\\n")
+assert head.startswith(b"HTTP/1.1 200"), head
+s.sendall(b"barrier\\n")
+while b"\\n" not in data:
+    chunk = s.recv(4096)
+    assert chunk, data
+    data += chunk
+print("%s:%d" % s.getsockname()[:2])
+s.close()
+"""
+
+
 @dataclass
-class World:
-    lab: Lab
-    work: Path
+class World(harness.World):
     ca: Path
     users: Path
     agent: Agent
-
-    @property
-    def audit(self) -> Path:
-        return self.work / "audit.jsonl"
-
-    def audit_records(self) -> list[dict[str, Any]]:
-        if not self.audit.exists():
-            return []
-        return Audit(self.audit).all()
+    barriers: set[str] = field(default_factory=set)  # the barrier tunnels' sources
 
     def new_audit(self, before: int, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            recs = self.audit_records()[before:]
-            if len(recs) >= count:
-                break
-            time.sleep(0.05)
-        time.sleep(0.2)  # and nothing more than that
-        return self.audit_records()[before:]
+        """The records after the first ``before``, once there are ``count``
+        and nothing more than that: a barrier tunnel's record follows the
+        last of them (and is left out, as earlier barriers' are)."""
+
+        def new() -> list[dict[str, Any]]:
+            return [r for r in self.audit_records()[before:] if r.get("src") not in self.barriers]
+
+        wait_until(
+            lambda: len(new()) >= count,
+            timeout=timeout,
+            what=f"{count} audit record(s) after the first {before}",
+        )
+        self.barrier()
+        return new()
+
+    def barrier(self) -> None:
+        """One tunnel of app to the TCP sink, and its audit record: the
+        records of connections that ended before it began are written by then."""
+        src = self.python("app", BARRIER).strip()
+        self.barriers.add(src)
+        self.audit_log.wait_for(lambda r: r.get("src") == src, timeout=10)
 
     def curl(self, host: str, url: str, *args: str, env: dict[str, str] | None = None) -> Any:
         argv = [
@@ -107,14 +133,6 @@ class World:
         if env is not None:
             argv = ["env", *[f"{k}={v}" for k, v in env.items()], *argv]
         return self.lab.run(host, argv, check=False)
-
-    def python(self, host: str, code: str) -> str:
-        proc = self.lab.run(host, [sys.executable, "-c", textwrap.dedent(code)], check=False)
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
-    def server_log(self) -> list[dict[str, Any]]:
-        return read_log(self.work / "azure.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +198,7 @@ def _node_address_towards(world: World, ip: str) -> str:
 
 @pytest.mark.parametrize("how", ["--proxy", "https_proxy"])
 def test_allowed_name_is_tunnelled_and_audited(world: World, how: str) -> None:
-    n_seen, n_audit = len(world.server_log()), len(world.audit_records())
+    n_seen, n_audit = len(world.server_log("azure")), len(world.audit_records())
     if how == "--proxy":
         proc = world.curl("app", f"https://{BLOB}/", "--proxy", PROXY)
     else:
@@ -190,7 +208,7 @@ def test_allowed_name_is_tunnelled_and_audited(world: World, how: str) -> None:
     assert f"azure-tls 198.18.1.2:443 saw {_node_address_towards(world, '198.18.1.2')}" in (
         proc.stdout
     )
-    seen = world.server_log()[n_seen:]
+    seen = world.server_log("azure")[n_seen:]
     assert len(seen) == 1 and seen[0]["sni"] == BLOB
     (rec,) = world.new_audit(n_audit)
     assert rec["via"] == "connect" and rec["connect_host"] == f"{BLOB}:443"
@@ -244,7 +262,7 @@ def test_a_rule_with_http_handling_is_not_tunnelled(world: World) -> None:
 
 
 def test_sni_other_than_the_connect_host_is_refused(world: World) -> None:
-    n_seen, n_audit = len(world.server_log()), len(world.audit_records())
+    n_seen, n_audit = len(world.server_log("azure")), len(world.audit_records())
     out = world.python(
         "app",
         f"""
@@ -271,7 +289,7 @@ def test_sni_other_than_the_connect_host_is_refused(world: World) -> None:
     assert rec["bytes_up"] == 0  # the ClientHello never went upstream
     # The upstream connection was opened (the tunnel is set up before the
     # client speaks) but the server never received a byte.
-    assert all(r["bytes_in"] == 0 for r in world.server_log()[n_seen:])
+    assert all(r["bytes_in"] == 0 for r in world.server_log("azure")[n_seen:])
 
 
 def test_late_client_hello_is_still_checked(world: World) -> None:
@@ -404,7 +422,7 @@ def test_source_that_is_no_workload_is_refused_by_the_kernel(world: World) -> No
     proc = world.curl("stranger", f"https://{BLOB}/", "--proxy", PROXY)
     assert proc.returncode == 7, proc.stderr  # couldn't connect: reset by the input chain
     assert _reject_counter(world) > before
-    assert world.new_audit(n_audit, 0, timeout=0.3) == []
+    assert world.new_audit(n_audit, 0) == []
 
 
 def test_malformed_request_gets_400_and_plain_http_gets_501(world: World) -> None:
@@ -511,12 +529,11 @@ def _reload(world: World, text: str, expect: str, timeout: float = 10.0) -> None
     log = world.work / "agent.log"
     offset = log.stat().st_size
     world.work.joinpath("policy.yaml").write_text(text)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if expect in log.read_bytes()[offset:].decode(errors="replace"):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no {expect!r} in the agent log:\n{log.read_text()}")
+    wait_until(
+        lambda: expect in log.read_bytes()[offset:].decode(errors="replace"),
+        timeout=timeout,
+        what=f"{expect!r} in the agent log {log}",
+    )
 
 
 def test_reload_changes_auth_live_but_not_the_port(world: World) -> None:

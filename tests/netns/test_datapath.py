@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +17,10 @@ from typing import Any
 import pytest
 
 from egress_agent.lab.netns import Lab
-from egress_agent.lab.servers import read_log, start_server
+from egress_agent.lab.servers import start_server
 from egress_agent.lab.tls import make_ca
-from tests.harness import Agent, Audit
+from tests import harness
+from tests.harness import Agent
 
 pytestmark = pytest.mark.netns
 
@@ -59,25 +58,10 @@ default: deny
 
 
 @dataclass
-class World:
-    lab: Lab
-    work: Path
+class World(harness.World):
     ca: Path
     policy: Path
-    logs: dict[str, Path]
     agent: Agent | None = None
-
-    @property
-    def audit(self) -> Path:
-        return self.work / "audit.jsonl"
-
-    def audit_records(self) -> list[dict[str, Any]]:
-        """The connection records (plain HTTP allowed by a name also gets a
-        record per request, which these tests do not look at)."""
-        if not self.audit.exists():
-            return []
-        records = Audit(self.audit).all()
-        return [r for r in records if r["event"] != "request"]
 
     def start_agent(self) -> Agent:
         self.agent = Agent(
@@ -95,35 +79,26 @@ class World:
         sni: str | None = None,
         send: str = "hello\n",
     ) -> dict[str, Any]:
-        argv = [sys.executable, "-m", "egress_agent.lab.client", target, str(port), "--send", send]
+        args = ["--send", send]
         if tls:
-            argv += ["--tls", "--ca", str(self.ca)]
+            args += ["--tls", "--ca", str(self.ca)]
         if sni:
-            argv += ["--sni", sni]
-        out = self.lab.run(host, argv, check=False).stdout
-        result: dict[str, Any] = json.loads(out)
-        return result
+            args += ["--sni", sni]
+        return super().client(host, target, port, args=args)
 
     def after_barrier(self, n_audit: int) -> list[dict[str, Any]]:
         """The connection records after the first ``n_audit``, once one more
         diverted connection (pg-primary to :9000) was made and its record
         written: whatever the test's own flows were to leave is there by then.
         The barrier's record is left out."""
-        return Audit(self.audit).barrier(
+        return self.audit_log.barrier(
             lambda: self.client("pg-primary", "198.18.1.2", 9000)["ok"] or None,
             lambda r: r["src"].startswith("198.19.1.2:") and r["dst"] == "198.18.1.2:9000",
             after=n_audit,
         )
 
-    def python(self, host: str, code: str, timeout: float = 30) -> str:
-        proc = self.lab.run(
-            host, [sys.executable, "-c", textwrap.dedent(code)], check=False, timeout=timeout
-        )
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
     def seen(self, server: str) -> list[dict[str, Any]]:
-        return read_log(self.logs[server])
+        return self.server_log(server)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +164,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         )
         policy = work / "policy.yaml"
         policy.write_text(POLICY)
-        w = World(lab=lab, work=work, ca=ca.cert_path, policy=policy, logs=logs)
+        w = World(lab=lab, work=work, ca=ca.cert_path, policy=policy)
         try:
             yield w
         finally:
@@ -208,16 +183,6 @@ def _peer_ip(rec: dict[str, Any]) -> str:
     return str(rec["peer"]).rsplit(":", 1)[0].strip("[]")
 
 
-def _wait_for_audit(world: World, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        recs = world.audit_records()
-        if len(recs) >= count:
-            return recs
-        time.sleep(0.05)
-    return world.audit_records()
-
-
 def _node_address_towards(world: World, ip: str) -> str:
     out = world.lab.run("node", ["ip", "-j", "route", "get", ip]).stdout
     return str(json.loads(out)[0]["prefsrc"])
@@ -232,7 +197,7 @@ def test_allowed_tls_flow_is_relayed_by_the_proxy(world: World, agent: Agent) ->
     assert len(seen) == 1 and seen[0]["sni"] == BLOB
     # The server saw the node (the proxy's upstream), not the pod.
     assert _peer_ip(seen[0]) == _node_address_towards(world, "198.18.1.2")
-    recs = _wait_for_audit(world, n_audit + 1)[n_audit:]
+    recs = world.audit_log.wait(1, after=n_audit)
     assert len(recs) == 1
     rec = recs[0]
     assert rec["event"] == "closed" and rec["verdict"] == "allow" and rec["rule"] == "azure-backups"
@@ -251,7 +216,7 @@ def test_allowed_tls_flow_over_ipv6(world: World, agent: Agent) -> None:
     seen = world.seen("azure")[n_seen:]
     assert len(seen) == 1 and ":" in _peer_ip(seen[0])
     assert _peer_ip(seen[0]) != "fd00:19:1::2"
-    rec = _wait_for_audit(world, n_audit + 1)[n_audit]
+    rec = world.audit_log.wait(1, after=n_audit)[0]
     assert rec["dst"] == "[fd00:18:1::2]:443" and rec["src"].startswith("[fd00:19:1::2]:")
     assert rec["rule"] == "azure-backups" and rec["event"] == "closed"
 
@@ -262,7 +227,7 @@ def test_denied_host_is_reset_and_never_reaches_the_server(world: World, agent: 
     assert not result["ok"]
     assert "Reset" in result["error"] or "EOF" in result["error"], result
     assert world.seen("elsewhere")[n_seen:] == []
-    rec = _wait_for_audit(world, n_audit + 1)[n_audit]
+    rec = world.audit_log.wait(1, after=n_audit)[0]
     assert rec["event"] == "denied" and rec["verdict"] == "deny" and rec["rule"] == "default"
     assert rec["server_name"] == OTHER and rec["dst"] == "198.18.2.2:443"
     assert rec["bytes_up"] == 0 and rec["bytes_down"] == 0
@@ -298,7 +263,7 @@ def test_original_destination_is_reached_exactly(world: World, agent: Agent) -> 
         result = world.client("pg-primary", ip, port)
         assert result["ok"], result
         assert result["reply"].startswith(f"{name} {ip}:{port} saw"), result
-    recs = _wait_for_audit(world, n_audit + 3)[n_audit:]
+    recs = world.audit_log.wait(3, after=n_audit)
     assert [(r["dst"], r["rule"], r["protocol"]) for r in recs] == [
         (f"{ip}:{port}", "tcp-sinks", "tcp") for ip, port, _ in targets
     ]
@@ -322,7 +287,7 @@ def test_half_close_and_large_transfer_both_ways(world: World, agent: Agent) -> 
     )
     sent, received = out.split()
     assert int(sent) == 4 * 1024 * 1024
-    rec = _wait_for_audit(world, n_audit + 1)[n_audit]
+    rec = world.audit_log.wait(1, after=n_audit)[0]
     assert rec["bytes_up"] == int(sent)
     assert rec["bytes_down"] == int(received)
     assert int(received) >= int(
@@ -390,7 +355,7 @@ def test_bad_first_bytes_close_one_connection_and_the_proxy_stays_up(
     assert res["garbage_tls"] == "reset" and res["bad_http"] == "reset"
     assert res["slowloris"] == "reset" and res["oversized"] == "reset"
     assert res["good"] == "data"
-    recs = _wait_for_audit(world, n_audit + 5)[n_audit:]
+    recs = world.audit_log.wait(5, after=n_audit)
     assert [r["event"] for r in recs] == ["failed", "failed", "failed", "failed", "closed"]
     assert "malformed" in recs[0]["error"] and "malformed" in recs[1]["error"]
     assert "incomplete after 1.5s" in recs[2]["error"]
@@ -522,7 +487,7 @@ def test_real_clients_curl_and_openssl(world: World, agent: Agent) -> None:
         timeout=10,
     )
     assert "Verification: OK" in ossl.stderr, ossl.stderr
-    recs = _wait_for_audit(world, n_audit + 4)[n_audit:]
+    recs = world.audit_log.wait(4, after=n_audit)
     assert [(r["event"], r["protocol"], r["server_name"], r["rule"]) for r in recs] == [
         ("closed", "tls", BLOB, "azure-backups"),
         ("closed", "http", "echo.test", "named-echo"),
@@ -551,7 +516,7 @@ def test_upstream_refused_and_connect_timeout_are_reset_and_audited(
     finally:
         world.lab.run("elsewhere", ["nft", "delete", "table", "inet", "blackhole"])
     assert not refused["ok"] and not timed_out["ok"]
-    recs = _wait_for_audit(world, n_audit + 2)[n_audit:]
+    recs = world.audit_log.wait(2, after=n_audit)
     assert recs[0]["event"] == "failed" and "ECONNREFUSED" in recs[0]["error"]
     assert recs[1]["event"] == "failed" and "timed out after 1s" in recs[1]["error"]
     assert recs[1]["verdict"] == "allow" and recs[1]["rule"] == "tcp-sinks"

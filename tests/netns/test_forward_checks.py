@@ -14,17 +14,15 @@ interface is named under ``reverse_path``.
 
 from __future__ import annotations
 
-import sys
-import textwrap
-import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from egress_agent.lab.netns import Host, Lab
-from egress_agent.lab.servers import read_log, start_server
+from egress_agent.lab.servers import start_server
+from tests import harness
 from tests.harness import Agent, wait_until
 from tests.lab.sniff import read_packets, start_sniffer
 from tests.lab.udp import start_udp_server
@@ -32,6 +30,7 @@ from tests.lab.udp import start_udp_server
 pytestmark = pytest.mark.netns
 
 SERVER_PORT = 9000
+BARRIER_PORT = 43001  # the source port of the barrier datagrams
 
 POLICY = """
 version: 1
@@ -52,9 +51,7 @@ default: deny
 
 
 @dataclass
-class World:
-    lab: Lab
-    work: Path
+class World(harness.World):
     datapath: str
     hosts: dict[str, Host]
     agent: Agent
@@ -63,37 +60,65 @@ class World:
     def ext(self) -> Host:
         return self.hosts["ext"]
 
-    def python(self, host: str, code: str, *, timeout: float = 60) -> str:
-        proc = self.lab.run(
-            host, [sys.executable, "-c", textwrap.dedent(code)], check=False, timeout=timeout
-        )
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
     def gateway_mac(self, pod: str) -> str:
         ifname = self.hosts[pod].node_ifname
         return self.lab.run("node", ["cat", f"/sys/class/net/{ifname}/address"]).stdout.strip()
 
-    def send_frame(self, pod: str, packet: str) -> None:
-        """Send a scapy packet expression from the pod's eth0 as one frame to
-        the node (a layer-3 send would route a packet to the pod's own
-        address back into the pod)."""
+    def send_frame(self, pod: str, packet: str, *more: str) -> None:
+        """Send scapy packet expressions from the pod's eth0, each as one
+        frame to the node, in order (a layer-3 send would route a packet to
+        the pod's own address back into the pod)."""
+        mac = self.gateway_mac(pod)
+        frames = ", ".join(f"Ether(dst={mac!r}) / ({p})" for p in (packet, *more))
         self.python(
             pod,
             f"""
             from scapy.all import AH, IP, UDP, Ether, IPv6, TCP, conf, sendp
             from scapy.all import in4_chksum, in6_chksum, raw
             conf.verb = 0
-            sendp(Ether(dst={self.gateway_mac(pod)!r}) / ({packet}), iface="eth0")
+            sendp([{frames}], iface="eth0")
             """,
         )
 
+    def send_then_barrier(self, pod: str, family: int, packet: str) -> None:
+        """Send ``packet`` from ``pod``, then a datagram from the pod's own
+        address to the external host right behind it, and wait until that
+        datagram arrived: the node handled the frames of one interface in
+        order, so ``packet`` has been through its checks (and conntrack) by
+        then."""
+        marker = f"barrier-{uuid.uuid4().hex[:12]}"
+        own, ext = _addr(self.hosts[pod], family), _addr(self.ext, family)
+        udp = _ip(family, own, ext) + f" / UDP(sport={BARRIER_PORT}, dport=5353) / {marker!r}"
+        self.send_frame(pod, packet, udp)
+        self.wait_datagram(marker)
+
+    def wait_datagram(self, marker: str) -> None:
+        wait_until(
+            lambda: marker in [r["data"] for r in _udp_log(self)],
+            timeout=10,
+            what=f"the datagram {marker!r} at the external host",
+        )
+
     def connect_from(self, pod: str, family: int, sport: int) -> str:
-        """A kernel TCP connect() from the pod on a chosen source port."""
+        """A kernel TCP connect() from the pod on a chosen source port; then,
+        from the same script, a datagram of the pod's own to the external
+        host, whose arrival in the UDP server's log and in the packet log is
+        waited for: what the connection sent has arrived by then, or never
+        will."""
         src = _addr(self.hosts[pod], family)
         dst = _addr(self.ext, family)
         af = "socket.AF_INET" if family == 4 else "socket.AF_INET6"
-        return self.python(
+        marker = f"barrier-{uuid.uuid4().hex[:12]}"
+
+        def logged() -> int:
+            return sum(
+                1
+                for p in self.packets_from(src)
+                if p.get("sport") == BARRIER_PORT and p.get("dport") == 5353
+            )
+
+        before = logged()
+        result = self.python(
             pod,
             f"""
             import socket
@@ -108,13 +133,22 @@ class World:
                 print("connected", s.recv(100))
             except OSError as exc:
                 print("failed", exc)
+            s.close()
+            u = socket.socket({af}, socket.SOCK_DGRAM)
+            u.bind(({src!r}, {BARRIER_PORT}))
+            u.sendto({marker!r}.encode(), ({dst!r}, 5353))
             """,
         ).strip()
+        self.wait_datagram(marker)
+        wait_until(
+            lambda: logged() > before,
+            timeout=10,
+            what=f"the packet log's record of {pod}'s barrier datagram",
+        )
+        return result
 
     def server_peers(self) -> list[str]:
-        return [
-            r["peer"].rsplit(":", 1)[0].strip("[]") for r in read_log(self.work / "server.jsonl")
-        ]
+        return [r["peer"].rsplit(":", 1)[0].strip("[]") for r in self.server_log("server")]
 
     def packets_from(self, address: str) -> list[dict[str, object]]:
         return [p for p in read_packets(self.work / "packets.jsonl") if p["src"] == address]
@@ -122,20 +156,15 @@ class World:
     def dropped(self, reason: str) -> float:
         """Packets dropped for ``reason`` (in the BPF datapath the classifier
         drops some packets before nftables sees them: its reason counts too)."""
-        code = (
-            "import urllib.request;"
-            "print(urllib.request.urlopen('http://127.0.0.1:15021/metrics').read().decode())"
-        )
         reasons = {reason}
         if self.datapath == "bpf":
             reasons.add(_CLASSIFIER_REASON.get(reason, reason))
-        total = 0.0
-        for line in self.python("node", code).splitlines():
-            if line.startswith("egress_agent_dropped_packets_total{") and any(
-                f'reason="{r}"' in line for r in reasons
-            ):
-                total += float(line.rpartition(" ")[2])
-        return total
+        return sum(
+            value
+            for name, value in self.agent.metrics().items()
+            if name.startswith("egress_agent_dropped_packets_total{")
+            and any(f'reason="{r}"' in name for r in reasons)
+        )
 
 
 # The classifier's reason for what nftables would drop later.
@@ -225,10 +254,15 @@ def test_reply_direction_preseed_never_lets_the_pod_reach_the_server(
         f" / TCP(sport={SERVER_PORT}, dport={sport}, flags='S', seq=1000,"
         " options=[('MD5', b'\\x00' * 16)])"
     )
-    world.send_frame(pod, forged)
-    time.sleep(0.2)
+    seen = len(world.server_peers())
+    world.send_then_barrier(pod, family, forged)
     result = world.connect_from(pod, family, sport)
-    time.sleep(0.3)
+    if result.startswith("connected"):  # the server logs a connection when it ends
+        wait_until(
+            lambda: len(world.server_peers()) > seen,
+            timeout=10,
+            what="the server's record of the connection",
+        )
     assert pod_addr not in world.server_peers(), result
     syns = [p for p in world.packets_from(pod_addr) if p.get("dport") == SERVER_PORT]
     assert syns == [], f"{result}; the server's interface saw {syns}"
@@ -254,10 +288,15 @@ def test_neighbour_preseed_in_the_original_direction_is_not_forwarded(
         f" / TCP(sport={sport}, dport={SERVER_PORT}, flags='S', seq=5000,"
         " options=[('MD5', b'\\x00' * 16)])"
     )
-    world.send_frame("intruder", forged)
-    time.sleep(0.2)
+    seen = len(world.server_peers())
+    world.send_then_barrier("intruder", family, forged)
     result = world.connect_from("app", family, sport)
-    time.sleep(0.3)
+    if result.startswith("connected"):  # the server logs a connection when it ends
+        wait_until(
+            lambda: len(world.server_peers()) > seen,
+            timeout=10,
+            what="the server's record of the connection",
+        )
     assert app not in world.server_peers(), result
     assert result.startswith("connected"), result
     if world.datapath == "nft":

@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,8 @@ import pytest
 
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.tls import make_ca
-from tests.harness import Agent, Audit, wait_until
+from tests import harness
+from tests.harness import Agent, wait_until
 from tests.lab.httpupstream import requests_seen, start_http_upstream
 
 pytestmark = pytest.mark.netns
@@ -42,37 +42,28 @@ MiB = 1024 * 1024
 
 
 @dataclass
-class World:
-    lab: Lab
-    work: Path
+class World(harness.World):
     ca: Path
     agent: Agent
     upstream_log: Path
 
-    @property
-    def audit(self) -> Path:
-        return self.work / "audit.jsonl"
-
     def records(self) -> list[dict[str, Any]]:
-        return Audit(self.audit).all()
+        """Every record, the requests' too."""
+        return self.audit_log.all()
 
     def wait_records(self, pred: Any, timeout: float = 5.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [r for r in self.records() if pred(r)]
-            if found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.05)
+        """The records ``pred`` picks, once there is one."""
+        return wait_until(
+            lambda: [r for r in self.records() if pred(r)],
+            timeout=timeout,
+            what="a matching audit record",
+        )
 
     def seen(self) -> list[dict[str, Any]]:
         return requests_seen(self.upstream_log)
 
     def pod(self, code: str, timeout: float = 120) -> Any:
-        proc = self.lab.run(
-            "pg", [sys.executable, "-c", textwrap.dedent(code)], check=False, timeout=timeout
-        )
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)
+        return json.loads(self.python("pg", code, timeout=timeout))
 
     def raw(self, port: int, payload: bytes) -> bytes:
         """Send ``payload`` from the pod to BLOB:port and read until the proxy closes."""
@@ -609,10 +600,11 @@ def test_upstream_closing_after_a_response_is_replaced(world: World) -> None:
 
 
 def _wait_log(world: World, text: str) -> None:
-    deadline = time.monotonic() + 5
-    while text not in (world.work / "agent.log").read_text():
-        assert time.monotonic() < deadline, f"agent log never said {text!r}"
-        time.sleep(0.05)
+    wait_until(
+        lambda: text in (world.work / "agent.log").read_text(),
+        timeout=5,
+        what=f"the agent log saying {text!r}",
+    )
 
 
 def test_a_reload_that_denies_closes_open_http_connections(world: World) -> None:

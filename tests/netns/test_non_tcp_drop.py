@@ -12,9 +12,6 @@ runs on the external host ``dns``, which the rule excepts.
 from __future__ import annotations
 
 import json
-import sys
-import textwrap
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +21,7 @@ import pytest
 
 from egress_agent.lab.netns import Host, Lab
 from egress_agent.lab.servers import start_server
+from tests import harness
 from tests.harness import Agent, wait_until
 from tests.lab.sniff import read_packets, start_sniffer
 from tests.lab.udp import start_udp_server
@@ -35,9 +33,7 @@ DNS_ANSWER = "198.18.1.2"
 
 
 @dataclass
-class World:
-    lab: Lab
-    work: Path
+class World(harness.World):
     datapath: str
     app: Host
     batch: Host
@@ -52,17 +48,6 @@ class World:
     @property
     def packet_log(self) -> Path:
         return self.work / "packets.jsonl"
-
-    def python(self, host: str, code: str, *, timeout: float = 30) -> str:
-        proc = self.lab.run(
-            host, [sys.executable, "-c", textwrap.dedent(code)], check=False, timeout=timeout
-        )
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
-    def metrics(self) -> str:
-        code = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:15021/metrics').read().decode())"
-        return self.python("node", code)
 
 
 def _addr(host: Host, family: int) -> str:
@@ -89,15 +74,14 @@ def _start_resolver(lab: Lab, host: Host, work: Path) -> None:
         f"--host-record={DNS_NAME},{DNS_ANSWER}",
     ]
     proc = lab.popen(host.name, argv)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def listening() -> bool:
         probe = lab.run(host.name, ["ss", "-Hlun", "sport", "= :53"], check=False).stdout
-        if str(host.ipv4) in probe and str(host.ipv6) in probe:
-            return
         if proc.poll() is not None:
             raise RuntimeError(f"dnsmasq exited with {proc.returncode}")
-        time.sleep(0.05)
-    raise RuntimeError("dnsmasq is not listening after 10 s")
+        return str(host.ipv4) in probe and str(host.ipv6) in probe
+
+    wait_until(listening, timeout=10, what="dnsmasq listening on both addresses")
 
 
 POLICY = """
@@ -192,12 +176,11 @@ def _send_udp(world: World, pod: Host, family: int, port: int, text: str, count:
 
 
 def _metric_lines(world: World, name: str) -> dict[str, float]:
-    out = {}
-    for line in world.metrics().splitlines():
-        if line.startswith(f"egress_agent_{name}{{") or line.startswith(f"egress_agent_{name} "):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+    return {
+        key: value
+        for key, value in world.agent.metrics().items()
+        if key.startswith(f"egress_agent_{name}{{") or key == f"egress_agent_{name}"
+    }
 
 
 def _non_tcp_drops(world: World) -> float:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from tests.harness import Agent, Audit, wait_until
 from tests.lab.metricnames import FAMILIES
 
 pytestmark = pytest.mark.netns
@@ -45,7 +44,7 @@ def test_metrics_parse_and_logs_are_json_lines(pod_and_sink: Lab, tmp_path: Path
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     log = tmp_path / "agent.log"
-    agent = AgentProcess(
+    agent = Agent(
         lab,
         policy=policy,
         audit=tmp_path / "audit.jsonl",
@@ -56,13 +55,16 @@ def test_metrics_parse_and_logs_are_json_lines(pod_and_sink: Lab, tmp_path: Path
     try:
         _connect(lab, 9000)  # allowed by "sink"
         _connect(lab, 9001)  # denied by the default
-        time.sleep(0.3)
+        Audit(tmp_path / "audit.jsonl").wait(2, timeout=10)  # both decided and counted
+        failed = agent.reloads("failed")
         policy.write_text(POLICY.replace("action: allow", "action: alow"))  # refused
-        deadline = time.monotonic() + 5
-        while "the new file is not valid" not in log.read_text():
-            assert time.monotonic() < deadline, "the bad edit was not logged"
-            time.sleep(0.1)
-        text = lab.run("node", ["curl", "-sS", "http://127.0.0.1:15021/metrics"]).stdout
+        agent.wait_reloads("failed", failed, timeout=10)
+        wait_until(
+            lambda: "the new file is not valid" in log.read_text(),
+            timeout=5,
+            what="the bad edit logged",
+        )
+        text = agent.get("/metrics")
     finally:
         assert agent.stop() == 0
 

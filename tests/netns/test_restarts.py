@@ -31,6 +31,8 @@ import pytest
 from egress_agent.bpf.cgroup import PROGRAM, attached_programs, default_root
 from egress_agent.lab.agentproc import AgentProcess
 from egress_agent.lab.netns import Lab
+from egress_agent.lab.servers import read_log
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -107,6 +109,8 @@ def _across(
     end; the counts, and the sink's connections from the pod itself."""
     stop = work / "probe-stop"
     stop.unlink(missing_ok=True)
+    sink_log = work / "server.jsonl"
+    before = len(read_log(sink_log))
     script = f"STOP = {str(stop)!r}\n" + textwrap.dedent(PROBE).replace("POD", POD)
     probe = lab.popen("pod", [sys.executable, "-c", script], stdout=-1, stderr=-1, text=True)
     try:
@@ -120,8 +124,14 @@ def _across(
         if probe.poll() is None:
             probe.kill()
     counts: dict[str, Any] = json.loads(out)
-    time.sleep(0.3)  # the sink logs a connection when it ends
-    sink = [json.loads(line) for line in (work / "server.jsonl").read_text().splitlines()]
+    # The sink logs a connection when it ends: wait for every answered one.
+    answered = before + counts["direct"] + counts["proxied"]
+    wait_until(
+        lambda: len(read_log(sink_log, timeout=0)) >= answered,
+        timeout=10,
+        what=f"the sink's records of the {answered - before} answered probe connections",
+    )
+    sink = read_log(sink_log, timeout=0)
     counts["sink_saw_pod"] = sum(1 for r in sink if str(r.get("peer", "")).startswith(POD + ":"))
     return counts
 

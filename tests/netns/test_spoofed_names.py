@@ -32,6 +32,7 @@ import pytest
 from egress_agent.lab.netns import Lab
 from egress_agent.lab.servers import read_log, start_server, wait_ready
 from egress_agent.lab.tls import make_ca
+from tests import harness
 from tests.harness import Agent, client, wait_until
 from tests.lab.httpupstream import requests_seen, start_http_upstream
 
@@ -119,33 +120,15 @@ asyncio.run(main())
 
 
 @dataclass
-class World:
-    lab: Lab
-    work: Path
+class World(harness.World):
     ca: Path
     agent: Agent
 
-    @property
-    def audit(self) -> Path:
-        return self.work / "audit.jsonl"
-
-    def records(self) -> list[dict[str, Any]]:
-        if not self.audit.exists():
-            return []
-        lines = self.audit.read_text().splitlines()
-        return [r for r in map(json.loads, lines) if r.get("event") != "request"]
-
     def requests(self) -> list[dict[str, Any]]:
-        if not self.audit.exists():
-            return []
-        lines = self.audit.read_text().splitlines()
-        return [r for r in map(json.loads, lines) if r.get("event") == "request"]
+        return [r for r in self.audit_log.all() if r.get("event") == "request"]
 
     def new_records(self, before: int, count: int = 1) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and len(self.records()) < before + count:
-            time.sleep(0.05)
-        return self.records()[before:]
+        return self.audit_log.wait(count, after=before)
 
     def new_at_elsewhere(self, seen: int) -> list[dict[str, Any]]:
         """What reached the elsewhere host after its first ``seen`` connections,
@@ -156,7 +139,9 @@ class World:
         barrier = result["reply"].split(" saw ", 1)[1]  # the client's ip:port
         new = wait_until(
             lambda: (
-                (n := self.seen("elsewhere")[seen:]) and any(r["peer"] == barrier for r in n) and n
+                (n := self.server_log("elsewhere")[seen:])
+                and any(r["peer"] == barrier for r in n)
+                and n
             ),
             timeout=5,
             what="the barrier connection reached the elsewhere host",
@@ -168,17 +153,6 @@ class World:
         argv += ["--ca", str(self.ca), "--sni", sni, "--timeout", "5"]
         result: dict[str, Any] = json.loads(self.lab.run("pg", argv, check=False).stdout)
         return result
-
-    def python(self, code: str, *args: str, timeout: float = 30) -> str:
-        proc = self.lab.run(
-            "pg", [sys.executable, "-c", textwrap.dedent(code), *args], check=False,
-            timeout=timeout,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
-    def seen(self, name: str) -> list[dict[str, Any]]:
-        return read_log(self.work / f"{name}.jsonl")
 
 
 def _raw_http(world: World, target: str, port: int, payload: str) -> str:
@@ -199,7 +173,7 @@ def _raw_http(world: World, target: str, port: int, payload: str) -> str:
         out = f"ERROR {type(exc).__name__}".encode()
     print(out.decode(errors="replace"))
     """
-    return world.python(code, target, str(port), payload)
+    return world.python("pg", code, target, str(port), payload)
 
 
 def _start_script(lab: Lab, host: str, code: str, *args: str) -> subprocess.Popen[bytes]:
@@ -262,10 +236,10 @@ def _peer(record: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize(("target", "sni"), [(AZURE, BLOB), (AZURE6, BLOB), (AZURE, WEB)])
 def test_a_name_at_its_own_address_is_allowed(world: World, target: str, sni: str) -> None:
-    before, seen = len(world.records()), len(world.seen("azure"))
+    before, seen = len(world.audit_records()), len(world.server_log("azure"))
     result = world.tls(target, 443, sni)
     assert result["ok"], result
-    assert [s["sni"] for s in world.seen("azure")[seen:]] == [sni]
+    assert [s["sni"] for s in world.server_log("azure")[seen:]] == [sni]
     [record] = world.new_records(before)
     assert record["event"] == "closed" and record["verdict"] == "allow", record
     assert record["upstream"] is None
@@ -285,7 +259,7 @@ def test_a_name_at_its_own_address_is_allowed(world: World, target: str, sni: st
 def test_an_allowed_sni_sent_to_another_address_never_reaches_it(
     world: World, target: str, sni: str, rule: str
 ) -> None:
-    before, seen = len(world.records()), len(world.seen("elsewhere"))
+    before, seen = len(world.audit_records()), len(world.server_log("elsewhere"))
     result = world.tls(target, 443, sni)
     assert not result["ok"], result
     # The target's side: not even a TCP connection arrived.
@@ -302,7 +276,7 @@ def test_an_allowed_sni_sent_to_another_address_never_reaches_it(
 
 
 def test_an_allowed_host_header_sent_to_another_address_never_reaches_it(world: World) -> None:
-    before, seen = len(world.records()), len(world.seen("elsewhere"))
+    before, seen = len(world.audit_records()), len(world.server_log("elsewhere"))
     reply = _raw_http(world, ELSEWHERE, 80, f"GET / HTTP/1.1\\r\\nHost: {BLOB}\\r\\n\\r\\n")
     assert "200 OK" not in reply
     assert world.new_at_elsewhere(seen) == []
@@ -316,7 +290,7 @@ def test_a_pipelined_request_for_another_host_gets_421_and_never_reaches_it(
     world: World,
 ) -> None:
     log = world.work / "azure-http.jsonl"
-    before, seen = len(world.records()), len(requests_seen(log))
+    before, seen = len(world.audit_records()), len(requests_seen(log))
     reply = _raw_http(
         world,
         AZURE,
@@ -362,8 +336,8 @@ def test_a_websocket_upgrade_switches_to_a_byte_relay(world: World) -> None:
         print(ws.recv())
     ws.close()
     """
-    before = len(world.records())
-    out = world.python(code, BLOB)
+    before = len(world.audit_records())
+    out = world.python("pg", code, BLOB)
     proxy = _proxy_address(world, AZURE)
     assert out.splitlines() == [f"echo one from {proxy}", f"echo two from {proxy}"], out
     [record] = world.new_records(before)
@@ -376,13 +350,13 @@ def test_a_websocket_upgrade_switches_to_a_byte_relay(world: World) -> None:
 
 
 def test_resolve_connect_goes_to_the_names_own_address(world: World) -> None:
-    before = len(world.records())
-    seen_azure, seen_other = len(world.seen("azure")), len(world.seen("elsewhere"))
+    before = len(world.audit_records())
+    seen_azure, seen_other = len(world.server_log("azure")), len(world.server_log("elsewhere"))
     result = world.tls(ELSEWHERE, 8443, CDN)  # dialled the wrong host on purpose
     assert result["ok"], result
     assert "azure-tls" in result["reply"]
-    assert [s["sni"] for s in world.seen("azure")[seen_azure:]] == [CDN]
-    assert world.seen("elsewhere")[seen_other:] == []
+    assert [s["sni"] for s in world.server_log("azure")[seen_azure:]] == [CDN]
+    assert world.server_log("elsewhere")[seen_other:] == []
     [record] = world.new_records(before)
     assert record["rule"] == "cdn" and record["event"] == "closed", record
     assert record["dst"] == f"{ELSEWHERE}:8443" and record["upstream"] == f"{AZURE}:8443"
@@ -400,8 +374,8 @@ def test_smtp_by_hosts_rule_works_without_the_peek_delay(world: World) -> None:
         smtp.sendmail("backup@pg", ["ops@example.test"], "Subject: done\\r\\n\\r\\nok\\r\\n")
     print(greeted, time.monotonic() - started)
     """
-    before = len(world.records())
-    greeted, total = map(float, world.python(code, MAIL).split())
+    before = len(world.audit_records())
+    greeted, total = map(float, world.python("pg", code, MAIL).split())
     # The proxy's peek_timeout is 5 s: the greeting must not wait for it.
     assert greeted < 1.0 and total < 2.0, (greeted, total)
     got = read_log(world.work / "mail.jsonl")
@@ -413,7 +387,7 @@ def test_smtp_by_hosts_rule_works_without_the_peek_delay(world: World) -> None:
 
 
 def test_a_nameless_flow_to_an_address_no_host_owns_is_refused(world: World) -> None:
-    before, seen = len(world.records()), len(world.seen("elsewhere"))
+    before, seen = len(world.audit_records()), len(world.server_log("elsewhere"))
     code = """
     import smtplib, sys
     try:
@@ -422,8 +396,8 @@ def test_a_nameless_flow_to_an_address_no_host_owns_is_refused(world: World) -> 
     except (OSError, smtplib.SMTPException) as exc:
         print(type(exc).__name__)
     """
-    assert world.python(code, ELSEWHERE).strip() != "connected"
-    assert world.seen("elsewhere")[seen:] == []
+    assert world.python("pg", code, ELSEWHERE).strip() != "connected"
+    assert world.server_log("elsewhere")[seen:] == []
     [record] = world.new_records(before)
     assert record["event"] == "denied" and record["rule"] == "default", record
 
@@ -432,7 +406,7 @@ def test_a_forged_name_on_a_connection_made_early_resets_both_sides(world: World
     """The SMTP relay's address is allowed without a name, so the proxy
     connects at once; a ClientHello naming a host the policy denies then
     resets both sides, and none of the client's bytes reach the server."""
-    before = len(world.records())
+    before = len(world.audit_records())
     result = world.tls(MAIL, 587, OTHER)
     assert not result["ok"], result
     [record] = world.new_records(before)
@@ -518,7 +492,7 @@ def test_a_stopped_dns_server_fails_closed_after_the_stale_window(tmp_path: Path
             time.sleep(max(0.0, stopped + 3.5 - time.monotonic()))
             assert world.tls(AZURE, 443, BLOB)["ok"]
             time.sleep(max(0.0, stopped + 7.5 - time.monotonic()))
-            before = len(world.records())
+            before = len(world.audit_records())
             result = world.tls(AZURE, 443, BLOB)
             assert not result["ok"], result
             [record] = world.new_records(before)
