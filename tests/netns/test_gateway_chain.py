@@ -652,7 +652,8 @@ def test_a_bulk_transfer_through_a_tls_gateway_arrives_intact(world: World) -> N
             if not more:
                 break
             back += more
-    print(len(payload), len(back), hashlib.sha256(payload).hexdigest() == hashlib.sha256(back).hexdigest())
+    same = hashlib.sha256(payload).digest() == hashlib.sha256(bytes(back)).digest()
+    print(len(payload), len(back), same)
     """
     out = world.lab.run("app", [sys.executable, "-c", textwrap.dedent(code)], check=False)
     assert out.stdout.split() == [str(3 * 1024 * 1024), str(3 * 1024 * 1024), "True"], (
