@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
@@ -194,7 +195,13 @@ def test_flows_lists_open_connections_and_follows_their_records(lab: Lab, tmp_pa
         assert (closed_tls["event"], closed_tls["dst"]) == ("closed", f"{EXT}:443")
         assert (closed_tls["server_name"], closed_tls["rule"]) == (NAME, "blobs")
         follow.send_signal(signal.SIGINT)
-        assert follow.wait(10) == 0
+        try:
+            code = follow.wait(30)
+        except subprocess.TimeoutExpired:
+            follow.kill()
+            _, err = follow.communicate()
+            raise AssertionError(f"flows --follow did not stop on SIGINT: {err}") from None
+        assert code == 0
         assert _flows(lab) == []
     finally:
         for proc in (holder, follow):

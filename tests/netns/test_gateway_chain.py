@@ -359,6 +359,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             shutil.rmtree(squid_dir, ignore_errors=True)
 
 
+def _records_of(
+    audit: Audit, mark: int, *rules: str, count: int = 1
+) -> list[dict[str, Any]]:
+    """This test's records after ``mark``: those of ``rules`` (the record of
+    an earlier test's last connection may be written after the mark)."""
+    return wait_until(
+        lambda: (got := [r for r in audit.since(mark) if r.get("rule") in rules])
+        and len(got) >= count
+        and got,
+        timeout=15,
+        what=f"{count} audit record(s) of {', '.join(rules)}",
+    )
+
+
 def _peer_address(record: dict[str, Any]) -> str:
     return str(record["peer"]).rsplit(":", 1)[0].strip("[]")
 
@@ -379,7 +393,7 @@ def test_the_server_sees_only_the_gateways_public_address(world: World) -> None:
     assert {r["local"] for r in server} == {f"{SERVER_V4}:443", f"{SERVER_V4}:8080"}
     assert all(r["error"] is None for r in server), server
 
-    node_records = node_audit.wait(2, after=node_mark)
+    node_records = _records_of(node_audit, node_mark, "via-agent-gateway", count=2)
     for record in node_records:
         assert record["event"] == "closed" and record["rule"] == "via-agent-gateway"
         assert record["gateway"] == f"{GW_NAME}:3128"
@@ -407,7 +421,7 @@ def test_a_name_the_gateway_refuses_resets_the_client_and_never_leaves(world: Wo
     result = world.curl(f"https://{OTHER}/")
 
     assert result.returncode in (35, 56), (result.returncode, result.stderr)
-    [record] = node_audit.wait(1, after=node_mark)
+    [record] = _records_of(node_audit, node_mark, "via-agent-gateway")
     assert record["event"] == "failed" and record["rule"] == "via-agent-gateway"
     assert record["server_name"] == OTHER
     assert record["error"] == (f"gateway {GW_NAME}:3128 answered CONNECT: 'HTTP/1.1 403 Forbidden'")
@@ -430,7 +444,7 @@ def test_squid_as_the_gateway(world: World) -> None:
     assert refused.returncode in (35, 56), (refused.returncode, refused.stderr)
     server = read_log(world.work / "server.jsonl", at_least=seen + 1)[seen:]
     assert [(_peer_address(r), r["local"]) for r in server] == [(SQUID_PUBLIC, f"{SERVER_V4}:8443")]
-    records = node_audit.wait(2, after=node_mark)
+    records = _records_of(node_audit, node_mark, "via-squid", "via-squid-wrong-password", count=2)
     by_rule = {r["rule"]: r for r in records}
     good = by_rule["via-squid"]
     assert good["event"] == "closed" and good["gateway"] == f"{SQUID_LISTEN}:3129"
@@ -456,7 +470,7 @@ def test_a_gateway_that_is_down_fails_closed(world: World) -> None:
     result = world.curl(f"https://{PARTNER}:9443/")
 
     assert result.returncode in (7, 35, 56), (result.returncode, result.stderr)
-    [record] = node_audit.wait(1, after=node_mark)
+    [record] = _records_of(node_audit, node_mark, "via-gateway-down")
     assert record["event"] == "failed" and record["rule"] == "via-gateway-down"
     assert record["gateway"] == f"{GW_LISTEN}:3999"
     assert record["error"].startswith(f"gateway {GW_LISTEN}:3999: connect failed: ECONNREFUSED")
@@ -479,7 +493,7 @@ def test_a_source_of_another_family_refuses_the_flow(world: World) -> None:
     assert v6.returncode in (7, 35, 56), (v6.returncode, v6.stderr)
     server = read_log(world.work / "server.jsonl", at_least=seen + 1)[seen:]
     assert [_peer_address(r) for r in server] == ["198.18.1.1"]
-    records = node_audit.wait(2, after=node_mark)
+    records = _records_of(node_audit, node_mark, "from-v4-only", count=2)
     [ok] = [r for r in records if r["event"] == "closed"]
     assert ok["source"] == server[0]["peer"]
     [refused] = [r for r in records if r["event"] == "failed"]
@@ -558,7 +572,7 @@ def test_bytes_the_gateway_sends_with_its_answer_reach_the_client(world: World) 
     assert out == repr((b"banner from the tunnel\n", b"echo ping through the tunnel\n"))
     logged = (world.work / "banner.log").read_text()
     assert logged == f"CONNECT {SERVER_V4}:9445 HTTP/1.1 | ping through the tunnel\n"
-    [record] = node_audit.wait(1, after=node_mark)
+    [record] = _records_of(node_audit, node_mark, "via-banner-gateway")
     assert record["event"] == "closed" and record["rule"] == "via-banner-gateway"
     assert record["bytes_down"] == len(b"banner from the tunnel\necho ping through the tunnel\n")
     assert record["bytes_up"] == len(b"ping through the tunnel\n")
@@ -571,7 +585,7 @@ def test_tls_to_a_gateway_that_does_not_speak_it_fails_closed(world: World) -> N
     result = world.curl(f"https://{PARTNER}:9446/")
 
     assert result.returncode in (35, 56), (result.returncode, result.stderr)
-    [record] = node_audit.wait(1, after=node_mark)
+    [record] = _records_of(node_audit, node_mark, "via-plain-port-with-tls")
     assert record["event"] == "failed" and record["rule"] == "via-plain-port-with-tls"
     assert record["error"].startswith(f"gateway {SQUID_LISTEN}:3128: TLS failed: "), record
     assert world.server_log()[seen:] == []
@@ -586,7 +600,7 @@ def test_a_source_per_family_is_used_for_ipv6(world: World) -> None:
     assert v6.stdout.endswith("\n200"), v6.stderr
     server = read_log(world.work / "server.jsonl", at_least=seen + 1)[seen:]
     assert [_peer_address(r) for r in server] == ["fd00:18:1::1"]
-    [record] = node_audit.wait(1, after=node_mark)
+    [record] = _records_of(node_audit, node_mark, "from-either-family")
     assert record["rule"] == "from-either-family" and record["source"] == server[0]["peer"]
 
 
@@ -600,7 +614,7 @@ def test_a_name_whose_rule_chains_never_rides_a_direct_connection(world: World) 
     result = world.curl(f"https://{PARTNER}:9448/")
 
     assert result.returncode in (35, 56), (result.returncode, result.stderr)
-    [record] = node_audit.wait(1, after=node_mark)
+    [record] = _records_of(node_audit, node_mark, "partner-through-gateway")
     assert (record["event"], record["rule"]) == ("denied", "partner-through-gateway"), record
     assert record["error"] == (
         f"SNI {PARTNER} is allowed by rule partner-through-gateway only from its source or"
@@ -621,7 +635,7 @@ def test_plain_http_by_name_through_a_gateway_is_refused(world: World) -> None:
     result = world.curl(f"http://{PARTNER}:8081/")
 
     assert result.returncode == 56, (result.returncode, result.stderr)
-    [record] = node_audit.wait(1, after=node_mark)
+    [record] = _records_of(node_audit, node_mark, "plain-by-name-through-gateway")
     assert (record["event"], record["rule"]) == ("denied", "plain-by-name-through-gateway")
     assert record["error"].startswith("plain HTTP allowed by rule plain-by-name-through-gateway")
     assert world.server_log()[seen:] == []
@@ -660,7 +674,7 @@ def test_a_bulk_transfer_through_a_tls_gateway_arrives_intact(world: World) -> N
         out.stdout,
         out.stderr,
     )
-    [record] = node_audit.wait(1, after=node_mark, timeout=15)
+    [record] = _records_of(node_audit, node_mark, "via-squid")
     assert record["event"] == "closed" and record["rule"] == "via-squid", record
     assert record["bytes_up"] > 3 * 1024 * 1024 and record["bytes_down"] > 3 * 1024 * 1024
     [server] = read_log(world.work / "server.jsonl", at_least=seen + 1)[seen:]
