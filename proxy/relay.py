@@ -25,10 +25,6 @@ WRITE_HIGH_WATER = 256 * 1024
 
 
 class Half(asyncio.Protocol):
-    # Bytes this side has sent after which the kernel takes its direction
-    # over (see ``kernel_relay``); None: the proxy relays it to the end.
-    kernel_after: int | None = None
-
     """One side of a relayed connection; forwards what it reads to its peer.
 
     Until the relay is wired (``peer`` set), nothing is forwarded: the client
@@ -38,6 +34,10 @@ class Half(asyncio.Protocol):
     proxy has finished connecting; they must reach the client, never go back
     upstream. :func:`start_relay` replays what was kept, in order.
     """
+
+    # Bytes this side has sent after which the kernel takes its direction
+    # over (see ``kernel_relay``); None: the proxy relays it to the end.
+    kernel_after: int | None = None
 
     def __init__(self, conn: Connection, *, upstream: bool) -> None:
         self.conn = conn
